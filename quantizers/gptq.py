@@ -1,0 +1,136 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one at a time, compensating each column's
+rounding error in the not-yet-quantized columns through the inverse input Hessian.
+
+For a linear layer with inputs X, the layer-wise objective is ||W X - Q X||^2 with Hessian
+H = 2 X X^T / n. Quantizing column i with error e_i = (w_i - q_i) / [H^-1]_ii and updating the
+remaining columns by -e_i [H^-1]_{i, i:} is the optimal brain surgeon step; GPTQ takes the rows
+of the upper Cholesky factor of H^-1 for [H^-1]_{i, i:} and applies updates lazily in blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
+from quantizers.grid import GridSpec, fit_minmax, quantize_codes
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping if H is singular."""
+    h = hessian.double()
+    mean_diag = torch.diag(h).mean().clamp_min(1e-12)
+    identity = torch.eye(h.shape[0], dtype=h.dtype)
+    damp = damp_ratio
+    for _ in range(8):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * identity)
+        if info.item() == 0:
+            inverse = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inverse, upper=True).float()
+        damp *= 10
+    raise ValueError("Hessian is not positive definite even with heavy damping")
+
+
+class GPTQQuantizer(Quantizer):
+    """GPTQ onto the same uniform grid (and stored form) as RTN.
+
+    Args:
+        bits: code width.
+        group_size: columns per scale/zero group (None: one group per row).
+        symmetric: symmetric grid without stored zero points.
+        damp_ratio: diagonal damping as a fraction of mean(diag H) (the paper's 1%).
+        block_size: columns per lazy-update block.
+        act_order: process columns by decreasing diag(H). Group parameters are then fitted on the
+            original weights of each natural column group ("static groups"), so the stored form
+            needs no per-column group index.
+    """
+
+    name = "gptq"
+    uses_hessian = True
+
+    def __init__(
+        self,
+        bits: int,
+        group_size: int | None = 128,
+        symmetric: bool = False,
+        damp_ratio: float = 0.01,
+        block_size: int = 128,
+        act_order: bool = False,
+    ) -> None:
+        self.spec = GridSpec(bits, symmetric)
+        self.group_size = group_size
+        self.damp_ratio = damp_ratio
+        self.block_size = block_size
+        self.act_order = act_order
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
+        if hessian is None:
+            raise ValueError("GPTQ needs the layer's input Hessian")
+        w = weight.detach().float().clone()
+        rows, cols = w.shape
+        layout = GroupLayout(cols, self.group_size)
+        h = hessian.detach().float().clone()
+        dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
+        h[dead, dead] = 1
+        w[:, dead] = 0
+
+        scales = torch.empty(rows, layout.count)
+        zeros = torch.empty(rows, layout.count)
+        column_group = layout.column_groups()
+        if self.act_order:
+            for g in range(layout.count):
+                start, stop = layout.bounds(g)
+                scales[:, g], zeros[:, g] = fit_minmax(w[:, start:stop], self.spec)
+            order = torch.argsort(torch.diag(h), descending=True)
+        else:
+            order = torch.arange(cols)
+        w = w[:, order]
+        h = h[order][:, order]
+        hinv = inverse_hessian_cholesky(h, self.damp_ratio)
+
+        codes = torch.zeros_like(w)
+        for block_start in range(0, cols, self.block_size):
+            block_stop = min(block_start + self.block_size, cols)
+            block = w[:, block_start:block_stop].clone()
+            block_err = torch.zeros_like(block)
+            block_hinv = hinv[block_start:block_stop, block_start:block_stop]
+            for i in range(block_stop - block_start):
+                col = block_start + i
+                group = int(column_group[order[col]])
+                if not self.act_order and col == layout.bounds(group)[0]:
+                    # Fit the group on its current (already error-compensated) weights.
+                    stop = layout.bounds(group)[1]
+                    current = torch.cat([block[:, i:], w[:, block_stop:]], dim=1)[:, : stop - col]
+                    scales[:, group], zeros[:, group] = fit_minmax(current, self.spec)
+                scale, zero = scales[:, group], zeros[:, group]
+                column = block[:, i]
+                q = quantize_codes(column[:, None], scale, zero, self.spec)[:, 0]
+                codes[:, col] = q
+                dequant = (q - zero) * scale
+                err = (column - dequant) / block_hinv[i, i]
+                block[:, i:] -= err[:, None] * block_hinv[i, i:][None, :]
+                block_err[:, i] = err
+            w[:, block_stop:] -= block_err @ hinv[block_start:block_stop, block_stop:]
+
+        inverse_order = torch.argsort(order)
+        return encode_uniform_grid(codes[:, inverse_order], scales, zeros, self.spec, layout)
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        return uniform_grid_storage_bits((out_features, in_features), self.spec, GroupLayout(in_features, self.group_size))
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "quantizer": self.name,
+            "bits": self.spec.bits,
+            "group_size": self.group_size,
+            "symmetric": self.spec.symmetric,
+            "damp_ratio": self.damp_ratio,
+            "block_size": self.block_size,
+            "act_order": self.act_order,
+        }
+
+    def label(self) -> str:
+        group = "" if self.group_size is None else f"g{self.group_size}"
+        return f"gptq-w{self.spec.bits}{group}{'-sym' if self.spec.symmetric else ''}{'-act' if self.act_order else ''}"
