@@ -41,7 +41,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
 
 
+_COMMIT_AT_START = git_commit()  # the code that ran, even if HEAD moves while a benchmark runs
+
+
 def provenance() -> str:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"- command: `{command}`\n- date: {today}\n- commit: {git_commit()}\n- machine: {machine()}\n"
+    return f"- command: `{command}`\n- date: {today}\n- commit: {_COMMIT_AT_START}\n- machine: {machine()}\n"
