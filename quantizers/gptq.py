@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, single_threaded
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import GridSpec, fit_minmax, quantize_codes
 
@@ -68,6 +68,10 @@ class GPTQQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         if hessian is None:
             raise ValueError("GPTQ needs the layer's input Hessian")
+        with single_threaded():
+            return self._quantize(weight, hessian)
+
+    def _quantize(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
         w = weight.detach().float().clone()
         rows, cols = w.shape
         layout = GroupLayout(cols, self.group_size)
