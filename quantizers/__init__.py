@@ -5,13 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.billm import BiLLMQuantizer
+from quantizers.dyngroup import DynGroupQuantizer
 from quantizers.formats import decode
 from quantizers.gptq import GPTQQuantizer
+from quantizers.pbllm import PBLLMQuantizer
 from quantizers.rtn import RTNQuantizer
+from quantizers.w1p1 import W1P1Quantizer
+from quantizers.xnor import XNORQuantizer
 
 QUANTIZERS: dict[str, type[Quantizer]] = {
     RTNQuantizer.name: RTNQuantizer,
     GPTQQuantizer.name: GPTQQuantizer,
+    XNORQuantizer.name: XNORQuantizer,
+    BiLLMQuantizer.name: BiLLMQuantizer,
+    PBLLMQuantizer.name: PBLLMQuantizer,
+    DynGroupQuantizer.name: DynGroupQuantizer,
+    W1P1Quantizer.name: W1P1Quantizer,
 }
 
 
@@ -22,4 +32,18 @@ def build_quantizer(name: str, **settings: Any) -> Quantizer:
     return QUANTIZERS[name](**settings)
 
 
-__all__ = ["GroupLayout", "QuantizedTensor", "Quantizer", "QUANTIZERS", "build_quantizer", "decode", "GPTQQuantizer", "RTNQuantizer"]
+__all__ = [
+    "GroupLayout",
+    "QuantizedTensor",
+    "Quantizer",
+    "QUANTIZERS",
+    "build_quantizer",
+    "decode",
+    "BiLLMQuantizer",
+    "DynGroupQuantizer",
+    "GPTQQuantizer",
+    "PBLLMQuantizer",
+    "RTNQuantizer",
+    "W1P1Quantizer",
+    "XNORQuantizer",
+]

@@ -1,7 +1,9 @@
 """Stored forms of quantized weights and their decoders (format constants live here).
 
 Each format turns ``QuantizedTensor.stored`` + ``meta`` back into the float weight. Adding a
-quantizer with a new storage layout means adding its decoder to :data:`DECODERS`.
+quantizer with a new storage layout means adding its decoder to :data:`DECODERS`, the single
+registry (layouts too large to live here, like the 1-bit family's in
+:mod:`quantizers.binary_formats`, are imported and registered here).
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ from typing import Any, Callable
 import torch
 
 from quantizers.base import GroupLayout, QuantizedTensor
+from quantizers.binary_formats import (
+    BILLM,
+    DYNGROUP,
+    PBLLM,
+    W1P1,
+    decode_billm,
+    decode_dyngroup,
+    decode_pbllm,
+    decode_w1p1,
+)
 from quantizers.grid import SCALE_DTYPE, GridSpec
 from quantizers.packing import pack_codes, packed_nbytes, unpack_codes
 
@@ -66,6 +78,11 @@ def decode_uniform_grid(stored: dict[str, torch.Tensor], meta: dict[str, Any], s
 
 DECODERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any], tuple[int, int]], torch.Tensor]] = {
     UNIFORM_GRID: decode_uniform_grid,
+    # The 1-bit family (layouts in quantizers.binary_formats; XNOR uses the uniform grid).
+    BILLM: decode_billm,
+    PBLLM: decode_pbllm,
+    DYNGROUP: decode_dyngroup,
+    W1P1: decode_w1p1,
 }
 
 
