@@ -1,0 +1,54 @@
+"""Solvers: (sensitivity table, budget, constraints) -> bit map, one module per method.
+
+Every solver module exposes ``solve(table, budget, constraints=Constraints(), **settings) -> BitMap``;
+:func:`solve` dispatches by name. See :mod:`allocator.solvers.base` for the shared model.
+
+- ``ilp``: exact, HiGHS through scipy.optimize.milp (the default);
+- ``ilp-cvxpy``: the same model through cvxpy + HiGHS;
+- ``convex``: LP relaxation + rounding + greedy repair (reports the LP lower bound);
+- ``baq``: closed-form reverse water-filling on a fitted ``a 2^(-2b)`` loss model + rounding + repair;
+- ``dp``: dynamic programming over a discretized budget (exact when bits are multiples of the step);
+- ``greedy``: from the widest options down, least loss increase per saved bit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from allocator.bitmap import BitMap
+from allocator.errors import BitallocError
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers import baq, convex, dp, greedy, ilp, ilp_cvxpy
+from allocator.solvers.base import Budget, Constraints, Problem, build_problem
+
+SOLVERS: dict[str, Callable[..., BitMap]] = {
+    ilp.NAME: ilp.solve,
+    ilp_cvxpy.NAME: ilp_cvxpy.solve,
+    convex.NAME: convex.solve,
+    baq.NAME: baq.solve,
+    dp.NAME: dp.solve,
+    greedy.NAME: greedy.solve,
+}
+DEFAULT_SOLVER = ilp.NAME
+
+
+def solve(
+    table: SensitivityTable,
+    budget: Budget,
+    constraints: Constraints = Constraints(),
+    solver: str = DEFAULT_SOLVER,
+    **settings: Any,
+) -> BitMap:
+    """Allocate options to the layers of ``table`` under ``budget`` with the named solver."""
+    if solver not in SOLVERS:
+        raise BitallocError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+    function = SOLVERS[solver]
+    known = set(inspect.signature(function).parameters) - {"table", "budget", "constraints"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise BitallocError(f"solver {solver} has no setting {unknown[0]!r}; it takes {', '.join(sorted(known)) or 'none'}")
+    return function(table, budget, constraints, **settings)
+
+
+__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "build_problem", "solve"]
