@@ -22,11 +22,12 @@ def test_smollm2_loads_as_llama_with_30_blocks(smollm2) -> None:
 
 
 def test_gptq_beats_rtn_at_3_bits_on_real_text(smollm2) -> None:
-    settings = EvalSettings(seqlen=256, tokens=2048, samples=8)
+    # GPTQ needs a few thousand calibration tokens per Hessian (down_proj's is 1536 x 1536).
+    settings = EvalSettings(seqlen=512, tokens=2048, samples=16)
     variants = {"rtn": RTNQuantizer(3, 128), "gptq": GPTQQuantizer(3, 128)}
     reference, rtn, gptq = compare_variants(smollm2, load_corpus("enwiki"), variants, settings, progress=False)
     assert 5 < reference.perplexity < 40  # a 135M model on Wikipedia prose
-    assert reference.eval_tokens == 8 * 255
+    assert reference.eval_tokens == 4 * 511
     # width 576 = 4 groups of 128 + 1 of 64 per row: 3 + 5 * (16 + 3) / 576 bits, down_proj (1536) fewer
     assert 3.14 < rtn.bpw == gptq.bpw < 3.17
     assert rtn.ppl_ratio > 2  # plain 3-bit RTN hurts this small model badly
