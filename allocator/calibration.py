@@ -3,7 +3,8 @@
 :func:`capture_block_inputs` runs the embedding part of the model on every calibration sample
 and keeps what enters the first decoder block, plus the keyword arguments (masks, rotary
 embeddings) each block receives; blocks are then run one by one on those tensors.
-:class:`HessianAccumulator` sums ``X^T X`` of a linear layer's inputs for GPTQ-style methods.
+:class:`HessianAccumulator` sums ``X^T X`` of a linear layer's inputs for GPTQ-style methods;
+:class:`InputStatistics` adds the per-channel absolute maximum the profile's features need.
 """
 
 from __future__ import annotations
@@ -103,3 +104,24 @@ class HessianAccumulator:
 
     def hessian(self) -> torch.Tensor:
         return (2.0 * self.sum / max(self.rows, 1)).float()
+
+
+class InputStatistics:
+    """What profiling keeps of a linear layer's inputs: the Hessian sum and each channel's max ``|x|``.
+
+    The per-channel mean square is ``diag(H) / 2``, so the Hessian also gives the activation RMS.
+    """
+
+    def __init__(self, in_features: int) -> None:
+        self.hessian = HessianAccumulator(in_features)
+        self.absmax = torch.zeros(in_features)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        self.hessian.add(inputs)
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+
+    @property
+    def rows(self) -> int:
+        """Input rows (tokens) seen."""
+        return self.hessian.rows

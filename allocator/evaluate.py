@@ -50,13 +50,13 @@ def evaluate(
         ids = window[None]
         targets = ids[0, 1:]
         start = time.perf_counter()
-        ref_logprobs = _logprobs(model, ids)
+        ref_logprobs = next_token_logprobs(model, ids)
         seconds[REFERENCE] += time.perf_counter() - start
         nll[REFERENCE] += _nll_sum(ref_logprobs, targets)
         for name, overlay in variants.items():
             start = time.perf_counter()
             with swapped_weights(model, overlay):
-                logprobs = _logprobs(model, ids)
+                logprobs = next_token_logprobs(model, ids)
             seconds[name] += time.perf_counter() - start
             nll[name] += _nll_sum(logprobs, targets)
             kl[name] += F.kl_div(logprobs, ref_logprobs, log_target=True, reduction="sum").item()
@@ -68,7 +68,7 @@ def evaluate(
     }
 
 
-def _logprobs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+def next_token_logprobs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities at every position but the last (seqlen-1 x vocab, float32)."""
     logits = model(ids, use_cache=False).logits[0, :-1]
     return torch.log_softmax(logits.float(), dim=-1)

@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Mapping
 
+import torch
+
 from allocator.accounting import model_size_bytes
 from allocator.apply import QuantizedModel, quantize_model
 from allocator.corpus import Corpus
@@ -44,6 +46,28 @@ class VariantRow:
         return asdict(self)
 
 
+def calibration_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
+    """The seeded calibration samples of ``settings`` (``samples`` x ``seqlen`` token ids)."""
+    return calibration_samples(loaded.tokenizer, corpus.calibration, settings.samples, settings.seqlen, loaded.add_bos, settings.seed)
+
+
+def evaluation_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
+    """The evaluation windows of ``settings`` (``tokens // seqlen`` x ``seqlen`` token ids)."""
+    return evaluation_windows(loaded.tokenizer, corpus.evaluation, settings.seqlen, settings.tokens, loaded.add_bos)
+
+
+def quantize_assignment(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    assignment: Mapping[str, Quantizer],
+    settings: EvalSettings = EvalSettings(),
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize the modules of ``assignment`` (calibrating on ``corpus`` when a quantizer needs it)."""
+    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in assignment.values()) else None
+    return quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
+
+
 def compare_variants(
     loaded: LoadedModel,
     corpus: Corpus,
@@ -53,27 +77,38 @@ def compare_variants(
 ) -> list[VariantRow]:
     """Quantize all decoder linears with each quantizer and evaluate every variant against the
     float reference on the same windows. The first row is the reference."""
-    model = loaded.model
-    windows = evaluation_windows(loaded.tokenizer, corpus.evaluation, settings.seqlen, settings.tokens, loaded.add_bos)
-    samples = None
-    if any(q.uses_hessian for q in variants.values()):
-        samples = calibration_samples(
-            loaded.tokenizer, corpus.calibration, settings.samples, settings.seqlen, loaded.add_bos, settings.seed
-        )
-    linears = list(quantizable_linears(model))
+    windows = evaluation_tokens(loaded, corpus, settings)  # first: bad settings fail before quantizing
+    linears = list(quantizable_linears(loaded.model))
     quantized: dict[str, QuantizedModel] = {}
     quantize_seconds: dict[str, float] = {}
     for name, quantizer in variants.items():
         start = time.perf_counter()
-        quantized[name] = quantize_model(
-            model, {layer: quantizer for layer in linears}, samples, settings.true_sequential, progress
-        )
+        quantized[name] = quantize_assignment(loaded, corpus, {layer: quantizer for layer in linears}, settings, progress)
         quantize_seconds[name] = time.perf_counter() - start
+    return compare_quantized(loaded, corpus, quantized, settings, quantize_seconds, progress, windows)
+
+
+def compare_quantized(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    quantized: Mapping[str, QuantizedModel],
+    settings: EvalSettings = EvalSettings(),
+    quantize_seconds: Mapping[str, float] | None = None,
+    progress: bool = True,
+    windows: torch.Tensor | None = None,
+) -> list[VariantRow]:
+    """Evaluate already quantized variants (module name -> quantized tensor, any subset of the
+    linears) against the float reference on the same windows (default: :func:`evaluation_tokens`).
+    The first row is the reference."""
+    model = loaded.model
+    if windows is None:
+        windows = evaluation_tokens(loaded, corpus, settings)
     results = evaluate(model, windows, {n: q.dequantized_weights() for n, q in quantized.items()}, progress)
     reference = results[REFERENCE]
     rows = [_row(REFERENCE, None, model_size_bytes(model), reference, reference.perplexity, 0.0)]
     for name, qm in quantized.items():
-        rows.append(_row(name, qm.bits_per_weight, model_size_bytes(model, qm), results[name], reference.perplexity, quantize_seconds[name]))
+        seconds = (quantize_seconds or {}).get(name, 0.0)
+        rows.append(_row(name, qm.bits_per_weight, model_size_bytes(model, qm), results[name], reference.perplexity, seconds))
     return rows
 
 

@@ -19,7 +19,7 @@ loss is finite (:meth:`SensitivityTable.available`).
 
 On disk a table is one ``.npz`` file (no pickles): the arrays, plus a JSON header stored as a
 uint8 array under ``header`` with the schema version, names, options, loss names, feature schema,
-the :class:`TableKey` (model, corpus, samples, seqlen, code version) and free metadata. It is
+the :class:`TableKey` (model, corpus, samples, seqlen, code version, seed) and free metadata. It is
 written atomically.
 """
 
@@ -103,6 +103,8 @@ class TableKey:
     samples: int = 0
     seqlen: int = 0
     code_version: str = __version__
+    seed: int = 0
+    """Seed of the calibration sample draw."""
 
     def digest(self) -> str:
         """Short stable hash of the key (for cache file names)."""
