@@ -9,7 +9,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from allocator.sensitivity import SensitivityTable
 
 EXIT_BAD_INPUT = 2
 
@@ -38,29 +41,85 @@ def _group_size(text: str) -> int | None:
     return _positive_int(text)
 
 
+class _NotGiven:
+    """Default of flags whose absence matters (``--group-size none`` is a real value)."""
+
+    def __repr__(self) -> str:
+        return "default"
+
+
+NOT_GIVEN = _NotGiven()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from allocator.corpus import DEFAULT_CORPUS
     from allocator.models import DEFAULT_MODEL
     from allocator.pipeline import EvalSettings
+    from allocator.profile import DEFAULT_KL_SAMPLES
+    from quantizers import QUANTIZERS
 
     defaults = EvalSettings()
     parser = _Parser(prog="bitalloc", description="Per-layer low-bit allocation, quantization and evaluation of LLMs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_help = f"built-in name, .gguf path, HF directory or hub id (default {DEFAULT_MODEL})"
+    corpus_help = "enwiki (built in), wikitext2 (online) or a text file"
 
-    ev = commands.add_parser("eval", help="quantize every decoder linear uniformly and compare with the float reference")
-    ev.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, .gguf path, HF directory or hub id")
-    ev.add_argument("--quantizer", default="gptq", choices=["none", "rtn", "gptq"], help="'none' evaluates the reference only")
-    ev.add_argument("--bits", type=int, default=3, help="code bits per weight, 1-8")
-    ev.add_argument("--group-size", type=_group_size, default=128, help="columns per scale group, or 'none' for per-row")
-    ev.add_argument("--sym", action="store_true", help="symmetric grid (no stored zero points)")
+    ev = commands.add_parser("eval", help="quantize the decoder linears (uniformly, or by a bit map) and compare with the float reference")
+    ev.add_argument("--model", help=model_help + "; with --bitmap/--quantized the model they were made for")
+    ev.add_argument("--quantizer", choices=["none", *QUANTIZERS],
+                    help="quantize every linear with this (default gptq unless --bitmap/--quantized); 'none' evaluates the reference only")
+    ev.add_argument("--bits", type=int, help="rtn/gptq code bits per weight, 1-8 (default 3)")
+    ev.add_argument("--group-size", type=_group_size, default=NOT_GIVEN,
+                    help="columns per scale group, or 'none' for per-row (rtn/gptq default 128; also xnor, pbllm, w1p1)")
+    ev.add_argument("--sym", action="store_true", help="rtn/gptq: symmetric grid (no stored zero points)")
     ev.add_argument("--act-order", action="store_true", help="GPTQ: process columns by decreasing Hessian diagonal")
-    ev.add_argument("--corpus", default=DEFAULT_CORPUS, help="enwiki (built in), wikitext2 (online) or a text file")
+    ev.add_argument("--bitmap", type=Path, help="also evaluate this bit map (quantized in memory)")
+    ev.add_argument("--quantized", type=Path, help="also evaluate this packed model directory (from bitalloc quantize)")
+    ev.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
     ev.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
     ev.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help="evaluation tokens")
     ev.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
     ev.add_argument("--seed", type=int, default=defaults.seed)
     ev.add_argument("--json", type=Path, help="also write the rows as JSON here")
     ev.add_argument("--no-progress", action="store_true")
+
+    pr = commands.add_parser("profile", help="measure every (layer, option): exact bits, loss estimates and features -> sensitivity table")
+    pr.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    pr.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
+    pr.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
+    pr.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
+    pr.add_argument("--seed", type=int, default=defaults.seed)
+    pr.add_argument("--options", nargs="+", default=["default"], metavar="SPEC",
+                    help="candidate options: default, binary, gptq, gptqN, rtnN, keep8, a quantizer name or a label, "
+                         "each optionally with :key=value,... (default: the 1-bit family and gptq 2/3/4 bits g128)")
+    pr.add_argument("--measure-kl", action="store_true", help="also measure the KL of every (layer, option) (a forward pass each)")
+    pr.add_argument("--kl-samples", type=_positive_int, default=DEFAULT_KL_SAMPLES, help="calibration windows the KL is measured on")
+    pr.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
+    pr.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
+    pr.add_argument("--no-progress", action="store_true")
+
+    so = commands.add_parser("solve", help="allocate options to layers under a size budget -> bit map")
+    so.add_argument("--profile", type=Path, required=True, help="sensitivity table (.npz from bitalloc profile)")
+    budget = so.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", type=float, help="average stored bits per weight of the quantized linears")
+    budget.add_argument("--bytes", type=int, help="stored bytes of the quantized linears")
+    budget.add_argument("--model-bytes", type=int, help="whole-model bytes (other tensors at float16 taken off)")
+    so.add_argument("--solver", default="ilp", help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
+    so.add_argument("--loss", help="loss to minimize: hessian_err (default), weight_err, kl (if profiled)")
+    so.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different options")
+    so.add_argument("--out", type=Path, help="write the result here (default: print it)")
+    so.add_argument("--format", choices=["json", "tensor-type", "gptqmodel"], default="json",
+                    help="json: the bit map; tensor-type: llama-quantize --tensor-type lines; gptqmodel: its dynamic config")
+
+    qu = commands.add_parser("quantize", help="quantize a model by a bit map and save the packed result")
+    qu.add_argument("--bitmap", type=Path, required=True, help="bit map JSON (from bitalloc solve)")
+    qu.add_argument("--model", help="default: the model the bit map was made for")
+    qu.add_argument("--out", type=Path, required=True, help="output directory (quantized.safetensors + quantization_config.json)")
+    qu.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
+    qu.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
+    qu.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
+    qu.add_argument("--seed", type=int, default=defaults.seed)
+    qu.add_argument("--no-progress", action="store_true")
 
     commands.add_parser("models", help="list the built-in models")
     return parser
@@ -71,18 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "quantize": _cmd_quantize}
     try:
         if args.command == "models":
             return _cmd_models()
-        if args.command == "eval":
-            return _cmd_eval(args)
+        return commands[args.command](args)
     except BitallocError as exc:
         print(f"bitalloc: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("bitalloc: interrupted", file=sys.stderr)
         return 130
-    return EXIT_BAD_INPUT
 
 
 def _quiet_libraries() -> None:
@@ -102,35 +160,196 @@ def _cmd_models() -> int:
     return 0
 
 
+def _check_json_target(path: Path | None, flag: str) -> None:
+    from allocator.errors import BitallocError
+
+    if path is not None and not path.parent.is_dir():
+        raise BitallocError(f"{flag}: directory {path.parent} does not exist")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from allocator.bitmap import BitMap
     from allocator.corpus import load_corpus
     from allocator.errors import BitallocError
     from allocator.layers import quantizable_linears
-    from allocator.models import load_model
-    from allocator.pipeline import EvalSettings, compare_variants
+    from allocator.models import DEFAULT_MODEL, load_model
+    from allocator.options import assignment_from_settings, quantizer_from_flags
+    from allocator.packed import check_matches, load_quantized
+    from allocator.pipeline import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
     from allocator.report import print_rows, rows_to_json
     from allocator.validation import validate_group_size
-    from quantizers import build_quantizer
 
-    if args.quantizer != "none" and not 1 <= args.bits <= 8:
-        raise BitallocError(f"--bits must be between 1 and 8, got {args.bits}")
-    if args.json is not None and not args.json.parent.is_dir():
-        raise BitallocError(f"--json: directory {args.json.parent} does not exist")
+    _check_json_target(args.json, "--json")
+    group_given = args.group_size is not NOT_GIVEN
+    quantizer_name = args.quantizer
+    if quantizer_name is None and args.bitmap is None and args.quantized is None:
+        quantizer_name = "gptq"
+    if quantizer_name in (None, "none"):
+        flags = [f for f, given in (("--bits", args.bits is not None), ("--group-size", group_given), ("--sym", args.sym), ("--act-order", args.act_order)) if given]
+        if flags:
+            raise BitallocError(f"{flags[0]} sets up --quantizer; give --quantizer rtn, gptq, ... with it")
+    quantizer = None
+    if quantizer_name not in (None, "none"):
+        quantizer = quantizer_from_flags(quantizer_name, args.bits, None if not group_given else args.group_size, group_given, args.sym, args.act_order)
+    start = time.perf_counter()
+    bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
+    packed = load_quantized(args.quantized) if args.quantized is not None else None
+    model_spec = args.model or (bitmap.model if bitmap else None) or (packed.model if packed else None) or DEFAULT_MODEL
+    for made_for, what in ((bitmap.model if bitmap else None, "bit map"), (packed.model if packed else None, "packed model")):
+        if made_for and made_for != model_spec:
+            logging.getLogger("bitalloc").warning("the %s was made for %s; evaluating on %s", what, made_for, model_spec)
+    loaded = load_model(model_spec)
+    linears = quantizable_linears(loaded.model)
+    if quantizer is not None:
+        validate_group_size(getattr(quantizer, "group_size", None), linears)
+    corpus = load_corpus(args.corpus)
+    settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
+    windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any quantization
+    progress = not args.no_progress
+    quantized, seconds = {}, {}
+    if quantizer is not None:
+        tick = time.perf_counter()
+        quantized[quantizer.label()] = quantize_assignment(loaded, corpus, {name: quantizer for name in linears}, settings, progress)
+        seconds[quantizer.label()] = time.perf_counter() - tick
+    if bitmap is not None:
+        name = f"bitmap:{args.bitmap.stem}"
+        tick = time.perf_counter()
+        quantized[name] = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress)
+        seconds[name] = time.perf_counter() - tick
+    if packed is not None:
+        check_matches(packed.quantized, linears, str(args.quantized))
+        quantized[f"packed:{args.quantized.name}"] = packed.quantized
+    rows = compare_quantized(loaded, corpus, quantized, settings, seconds, progress, windows)
+    print_rows(rows, title=f"{model_spec} - {windows.numel()} eval tokens")
+    if args.json is not None:
+        context = {"model": model_spec, "corpus": args.corpus, "settings": vars(settings), "wall_seconds": time.perf_counter() - start}
+        if args.bitmap is not None:
+            context["bitmap"] = str(args.bitmap)
+        if args.quantized is not None:
+            context["quantized"] = str(args.quantized)
+        rows_to_json(args.json, rows, context)
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from allocator.corpus import load_corpus
+    from allocator.models import load_model
+    from allocator.options import parse_options
+    from allocator.profile import cached_table_path, profile_model, save_table
+
+    options = parse_options(args.options)  # bad specs fail before the model loads
+    if args.out is not None:
+        _check_json_target(args.out, "--out")
     start = time.perf_counter()
     loaded = load_model(args.model)
-    variants = {}
-    if args.quantizer != "none":
-        validate_group_size(args.group_size, quantizable_linears(loaded.model))
-        settings = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.sym}
-        if args.quantizer == "gptq":
-            settings["act_order"] = args.act_order
-        quantizer = build_quantizer(args.quantizer, **settings)
-        variants[quantizer.label()] = quantizer
-    eval_settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
-    rows = compare_variants(loaded, load_corpus(args.corpus), variants, eval_settings, progress=not args.no_progress)
-    print_rows(rows, title=f"{args.model} - {eval_settings.tokens // eval_settings.seqlen * eval_settings.seqlen} eval tokens")
-    if args.json is not None:
-        rows_to_json(args.json, rows, {"model": args.model, "corpus": args.corpus, "settings": vars(eval_settings), "wall_seconds": time.perf_counter() - start})
+    corpus = load_corpus(args.corpus)
+    try:
+        table = profile_model(
+            loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+            measure_kl=args.measure_kl, kl_samples=args.kl_samples, recompute=args.recompute, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
+        return 130
+    path = cached_table_path(table)
+    if args.out is not None:
+        path = save_table(table, args.out)
+    bpw = table.bits.sum(axis=0) / table.total_numel
+    print(f"{table.num_layers} layers x {table.num_options} options, losses {', '.join(table.loss_names)}, "
+          f"{table.features.shape[1]} features ({table.feature_schema}); {time.perf_counter() - start:.1f} s "
+          f"({table.metadata.get('layer_seconds', 0.0):.1f} s of layer work in total)")
+    for label, value in zip(table.labels, bpw):
+        print(f"  {label:24s} {value:7.3f} bpw")
+    print(path)
+    return 0
+
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from allocator.bitmap import gptqmodel_dynamic, llama_cpp_tensor_types
+    from allocator.sensitivity import SensitivityTable
+    from allocator.solvers import Budget, Constraints, solve
+    from allocator.storage import atomic_path
+
+    table = SensitivityTable.load(args.profile)
+    if args.bpw is not None:
+        budget = Budget.bpw(args.bpw)
+    elif args.bytes is not None:
+        budget = Budget.bytes(args.bytes)
+    else:
+        budget = Budget.bytes(args.model_bytes, other_bytes=_other_bytes(table))
+    constraints = Constraints(loss=args.loss, tie=not args.no_tie)
+    table.loss(args.loss)  # an unknown loss name fails here, in one line
+    bitmap = solve(table, budget, constraints, solver=args.solver)
+    if args.format == "json":
+        text = json.dumps(bitmap.to_json(), indent=2) + "\n"
+    elif args.format == "tensor-type":
+        text = "".join(line + "\n" for line in llama_cpp_tensor_types(bitmap))
+    else:
+        text = json.dumps(gptqmodel_dynamic(bitmap), indent=2) + "\n"
+    summary = (f"{bitmap.solver.name}: {bitmap.predicted_bpw:.4f} bpw, {bitmap.total_bytes} bytes of {len(bitmap.modules)} modules "
+               f"(budget {budget}), predicted {bitmap.loss_name} {bitmap.predicted_loss:.6g}, {bitmap.solver.seconds * 1000:.1f} ms")
+    if args.out is None:
+        sys.stdout.write(text)
+        print(summary, file=sys.stderr)
+        return 0
+    if not args.out.parent.is_dir():
+        from allocator.errors import BitallocError
+
+        raise BitallocError(f"--out: directory {args.out.parent} does not exist")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    print(summary)
+    print(args.out)
+    return 0
+
+
+def _other_bytes(table: SensitivityTable) -> int:
+    from allocator.errors import BitallocError
+
+    other = table.metadata.get("other_bytes")
+    if not isinstance(other, int):
+        raise BitallocError("this table does not record the size of the other tensors; use --bytes or --bpw")
+    return other
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from allocator.accounting import model_size_bytes
+    from allocator.bitmap import BitMap
+    from allocator.corpus import load_corpus
+    from allocator.models import load_model
+    from allocator.options import assignment_from_settings
+    from allocator.packed import save_quantized
+    from allocator.pipeline import EvalSettings, quantize_assignment
+
+    bitmap = BitMap.load(args.bitmap)
+    assignment = assignment_from_settings(bitmap.assignment())
+    if args.out.exists() and not args.out.is_dir():
+        from allocator.errors import BitallocError
+
+        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    start = time.perf_counter()
+    loaded = load_model(args.model or bitmap.model)
+    corpus = load_corpus(args.corpus)
+    settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
+    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress)
+    log = logging.getLogger("bitalloc")
+    for name, entry in bitmap.modules.items():
+        if quantized.tensors[name].storage_bits != entry.storage_bits:
+            log.warning("%s stores %d bits, the bit map predicted %d", name, quantized.tensors[name].storage_bits, entry.storage_bits)
+    source = {
+        "bitmap": str(args.bitmap),
+        "solver": bitmap.solver.name,
+        "budget": bitmap.budget,
+        "loss_name": bitmap.loss_name,
+        "predicted_loss": bitmap.predicted_loss,
+        "table_key": bitmap.table_key,
+        "calibration": {"corpus": args.corpus, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
+    }
+    model_bytes = model_size_bytes(loaded.model, quantized)
+    save_quantized(args.out, args.model or bitmap.model, quantized, bitmap.assignment(), bitmap.options(), model_bytes, source)
+    print(f"{len(quantized.tensors)} modules, {quantized.bits_per_weight:.4f} bpw, {-(-quantized.storage_bits // 8)} bytes of "
+          f"linears, {model_bytes / 1e6:.2f} MB whole model; {time.perf_counter() - start:.1f} s")
+    print(args.out)
     return 0
 
 

@@ -1,0 +1,187 @@
+"""profile -> solve -> quantize -> eval through the CLI on the tiny model, the packed format, and
+the one-line errors of the allocation commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from allocator.apply import quantize_model
+from allocator.bitmap import BitMap
+from allocator.cli import main
+from allocator.errors import BitallocError
+from allocator.evaluate import REFERENCE, evaluate
+from allocator.layers import quantizable_linears
+from allocator.options import quantizer_from_settings
+from allocator.packed import CONFIG_FILE, TENSORS_FILE, load_quantized, save_quantized
+from allocator.sensitivity import SensitivityTable
+from tests.conftest import WORDS, tiny_llama
+
+CALIBRATION = ["--samples", "4", "--seqlen", "32"]
+
+
+def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """Run the CLI in this process: (exit code, stdout, stderr)."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, message: str) -> None:
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("bitalloc: error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def profiled(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> Path:
+    """A profile of the tiny model (xnor, gptq 2/3/4) written to tmp_path/table.npz."""
+    out = tmp_path / "table.npz"
+    code, stdout, _ = run(capsys, "profile", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
+                          "--options", "xnor:group_size=128", "gptq", "--out", str(out), "--no-progress")
+    assert code == 0 and stdout.strip().endswith(str(out)) and out.is_file()
+    return out
+
+
+def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    table = SensitivityTable.load(profiled)
+    assert len(list((isolated_cache / "profiles").glob("*.npz"))) == 1  # cached as well as written to --out
+    # solve
+    bitmap_path = tmp_path / "bitmap.json"
+    code, stdout, _ = run(capsys, "solve", "--profile", str(profiled), "--bpw", "3.0", "--out", str(bitmap_path))
+    assert code == 0 and stdout.strip().endswith(str(bitmap_path))
+    bitmap = BitMap.load(bitmap_path)
+    assert set(bitmap.modules) == set(table.names) and bitmap.predicted_bpw <= 3.0
+    assert len({e.option for e in bitmap.modules.values()}) > 1  # 3.0 bpw needs a real mix here
+    # quantize
+    packed_dir = tmp_path / "packed"
+    code, stdout, _ = run(capsys, "quantize", "--bitmap", str(bitmap_path), "--out", str(packed_dir),
+                          "--corpus", str(text_file), *CALIBRATION, "--no-progress")
+    assert code == 0 and (packed_dir / TENSORS_FILE).is_file() and (packed_dir / CONFIG_FILE).is_file()
+    config = json.loads((packed_dir / CONFIG_FILE).read_text())
+    assert config["schema_version"] == 1 and config["model"] == str(tiny_model_dir)
+    assert config["total_bits"] == bitmap.total_bits and config["bpw"] == pytest.approx(bitmap.predicted_bpw)
+    assert config["modules"]["model.layers.0.mlp.down_proj"]["quantizer"] == bitmap.modules["model.layers.0.mlp.down_proj"].settings
+    # eval: the bit map quantized in memory and the packed model read back, side by side
+    rows_path = tmp_path / "rows.json"
+    code, _, _ = run(capsys, "eval", "--bitmap", str(bitmap_path), "--quantized", str(packed_dir), "--corpus", str(text_file),
+                     *CALIBRATION, "--tokens", "128", "--json", str(rows_path), "--no-progress")
+    assert code == 0
+    reference, in_memory, reloaded = json.loads(rows_path.read_text())["rows"]
+    assert reference["name"] == "reference"
+    assert in_memory["name"] == "bitmap:bitmap" and reloaded["name"] == "packed:packed"
+    assert in_memory["bpw"] == reloaded["bpw"] <= 3.0
+    assert in_memory["perplexity"] == reloaded["perplexity"] and in_memory["kl"] == reloaded["kl"] > 0
+
+
+def test_solve_renders_other_formats_and_budgets(profiled, tmp_path, capsys) -> None:
+    code, stdout, err = run(capsys, "solve", "--profile", str(profiled), "--bpw", "2.5", "--format", "tensor-type")
+    lines = stdout.strip().splitlines()
+    assert code == 0 and len(lines) == 14 and lines[0].startswith("blk\\.0\\.attn_q\\.weight=") and "bpw" in err
+    code, stdout, _ = run(capsys, "solve", "--profile", str(profiled), "--bytes", "80000", "--no-tie", "--solver", "greedy")
+    data = json.loads(stdout)
+    assert code == 0 and data["total_bytes"] <= 80000 and data["solver"]["name"] == "greedy"
+    table = SensitivityTable.load(profiled)
+    other = table.metadata["other_bytes"]
+    code, stdout, _ = run(capsys, "solve", "--profile", str(profiled), "--model-bytes", str(other + 60000), "--loss", "weight_err")
+    data = json.loads(stdout)
+    assert code == 0 and data["total_bytes"] <= 60000 and data["loss_name"] == "weight_err"
+    out = tmp_path / "dynamic.json"
+    code, _, _ = run(capsys, "solve", "--profile", str(profiled), "--bpw", "4.3", "--format", "gptqmodel", "--out", str(out))
+    assert code == 0 and all(v["bits"] == 4 for v in json.loads(out.read_text()).values())
+
+
+def test_solve_bad_input_is_one_line_and_exit_2(profiled, tmp_path, capsys) -> None:
+    table = str(profiled)
+    cases = [
+        (["--profile", str(tmp_path / "missing.npz"), "--bpw", "3"], "no sensitivity table"),
+        (["--profile", table, "--bpw", "0.5"], "is infeasible"),
+        (["--profile", table, "--bpw", "3", "--bytes", "1000"], "not allowed with argument"),
+        (["--profile", table], "one of the arguments --bpw --bytes --model-bytes is required"),
+        (["--profile", table, "--bpw", "3", "--solver", "magic"], "unknown solver 'magic'"),
+        (["--profile", table, "--bpw", "3", "--loss", "kl"], "no loss 'kl'"),
+        (["--profile", table, "--bpw", "-1"], "must be positive"),
+        (["--profile", table, "--bpw", "1.5", "--format", "gptqmodel"], "GPTQModel cannot store"),
+        (["--profile", table, "--bpw", "3", "--out", str(tmp_path / "no" / "b.json")], "does not exist"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, "solve", *args)
+        assert_one_line_error(code, err, message)
+    (tmp_path / "junk.npz").write_bytes(b"not a table")
+    code, _, err = run(capsys, "solve", "--profile", str(tmp_path / "junk.npz"), "--bpw", "3")
+    assert_one_line_error(code, err, "cannot read sensitivity table")
+
+
+def test_quantize_profile_and_eval_bad_input(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    model = ["--model", str(tiny_model_dir), "--corpus", str(text_file)]
+    cases = [
+        (["quantize", "--bitmap", str(tmp_path / "none.json"), "--out", str(tmp_path / "q")], "no bit map"),
+        (["eval", *model, "--quantized", str(tmp_path / "none")], "no packed quantized model"),
+        (["eval", *model, "--bitmap", str(tmp_path / "none.json")], "no bit map"),
+        (["eval", *model, "--quantizer", "billm", "--bits", "2"], "--bits does not apply to billm"),
+        (["eval", *model, "--quantizer", "dyngroup", "--group-size", "32"], "--group-size does not apply to dyngroup"),
+        (["eval", *model, "--quantizer", "rtn", "--act-order"], "--act-order applies to gptq only"),
+        (["eval", *model, "--bitmap", str(tmp_path / "b.json"), "--bits", "3"], "--bits sets up --quantizer"),
+        (["profile", *model, "--options", "magic"], "unknown option 'magic'"),
+        (["profile", *model, "--options", "gptq3:bits"], "bad option setting"),
+    ]
+    for args, message in cases:
+        code, _, err = run(capsys, *args)
+        assert_one_line_error(code, err, message)
+
+
+def test_infeasible_budget_through_the_installed_entry_point(profiled) -> None:
+    result = subprocess.run([sys.executable, "-m", "allocator.cli", "solve", "--profile", str(profiled), "--bpw", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "infeasible" in result.stderr
+    assert "feasible range is 1.1667 to 4.2083 bpw" in result.stderr and result.stdout == ""
+
+
+def test_packed_format_round_trips_every_quantizer(tmp_path) -> None:
+    model = tiny_llama()
+    linears = list(quantizable_linears(model))
+    settings = [
+        {"quantizer": "xnor", "group_size": 32},
+        {"quantizer": "billm"},
+        {"quantizer": "pbllm"},
+        {"quantizer": "dyngroup", "structure": "row"},
+        {"quantizer": "w1p1", "group_size": 64},
+        {"quantizer": "gptq", "bits": 3, "group_size": 64},
+        {"quantizer": "rtn", "bits": 4, "group_size": None, "symmetric": True},
+    ]
+    assignment = {name: quantizer_from_settings(settings[i % len(settings)]) for i, name in enumerate(linears)}
+    samples = torch.randint(2, len(WORDS) + 2, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantized = quantize_model(model, assignment, samples, progress=False)
+    target = tmp_path / "packed"
+    save_quantized(target, "tiny", quantized, {n: q.settings() for n, q in assignment.items()}, model_bytes=123)
+    packed = load_quantized(target)
+    assert packed.model == "tiny" and packed.config["model_bytes"] == 123
+    assert list(packed.quantized.tensors) == linears
+    for name, qt in quantized.tensors.items():
+        back = packed.quantized.tensors[name]
+        assert back.format == qt.format and back.storage_bits == qt.storage_bits and back.meta == qt.meta
+        assert torch.equal(back.dequantized, qt.dequantized), name
+    windows = torch.randint(2, len(WORDS) + 2, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = evaluate(model, windows, {"memory": quantized.dequantized_weights(), "disk": packed.quantized.dequantized_weights()}, progress=False)
+    assert results["memory"].perplexity == results["disk"].perplexity != results[REFERENCE].perplexity
+    # saving again replaces the packed directory; a foreign non-empty directory is never overwritten
+    save_quantized(target, "tiny", quantized, {n: q.settings() for n, q in assignment.items()})
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BitallocError, match="not overwriting"):
+        save_quantized(foreign, "tiny", quantized, {n: q.settings() for n, q in assignment.items()})
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    (target / CONFIG_FILE).write_text(json.dumps({**packed.config, "total_bits": 1}))
+    with pytest.raises(BitallocError, match="total_bits"):
+        load_quantized(target)
+    assert np.isfinite(packed.quantized.bits_per_weight)
