@@ -21,11 +21,9 @@ from quantizers import build_quantizer
 MODELS = ("smollm2-135m", "gemma3-270m")
 
 
-def variants(model_name: str):
-    configs = [("rtn", b, 128) for b in (2, 3, 4)] + [("gptq", b, 128) for b in (2, 3, 4)]
-    if model_name == "smollm2-135m":
-        # 4-bit g32 shows how close a quantizer gets to the Q4_1 (g32) grid SmolLM2 was shipped on.
-        configs += [("rtn", 4, 32), ("gptq", 4, 32)]
+def variants():
+    configs = [("rtn", b, 128) for b in (2, 3, 4)] + [("rtn", 4, 32)]
+    configs += [("gptq", b, 128) for b in (2, 3, 4)] + [("gptq", 4, 32)]
     quantizers = [build_quantizer(name, bits=bits, group_size=group) for name, bits, group in configs]
     return {q.label(): q for q in quantizers}
 
@@ -38,8 +36,7 @@ Notes
   is not a multiple of 128: each row has four groups of 128 and one of 64 (as in the GPTQ reference
   implementation), which the bpw counts.
 - The SmolLM2 reference is itself dequantized from a Q4_1 GGUF (a 4-bit grid on blocks of 32), so 4-bit g32
-  on SmolLM2 can look near-lossless: it nearly re-finds the grid the weights already lie on (g32 rows are run
-  on SmolLM2 only, to show this). Gemma3's
+  on SmolLM2 can look near-lossless: it nearly re-finds the grid the weights already lie on. Gemma3's
   reference comes from Q4_K_M (mixed 4/6-bit super-blocks of 256), so the same caveat applies more weakly.
 - GPTQ: Hessian from calibration windows of the enwiki calibration split (never overlapping the evaluation
   split), 1% damping, block size 128, true-sequential within each decoder block, no act-order.
@@ -64,7 +61,7 @@ def main() -> None:
         if data is None or data["settings"] != vars(settings):
             start = time.perf_counter()
             loaded = load_model(model_name)
-            rows = compare_variants(loaded, corpus, variants(model_name), settings)
+            rows = compare_variants(loaded, corpus, variants(), settings)
             rows_to_json(saved, rows, {"model": model_name, "settings": vars(settings), "wall_seconds": time.perf_counter() - start, "provenance": provenance()})
             data = json.loads(saved.read_text())
         rows = [VariantRow(**row) for row in data["rows"]]
