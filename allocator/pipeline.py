@@ -78,12 +78,15 @@ def compare_variants(
     """Quantize all decoder linears with each quantizer and evaluate every variant against the
     float reference on the same windows. The first row is the reference."""
     windows = evaluation_tokens(loaded, corpus, settings)  # first: bad settings fail before quantizing
+    # Tokenize the calibration text once for all variants, not once per variant.
+    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in variants.values()) else None
     linears = list(quantizable_linears(loaded.model))
     quantized: dict[str, QuantizedModel] = {}
     quantize_seconds: dict[str, float] = {}
     for name, quantizer in variants.items():
         start = time.perf_counter()
-        quantized[name] = quantize_assignment(loaded, corpus, {layer: quantizer for layer in linears}, settings, progress)
+        assignment = {layer: quantizer for layer in linears}
+        quantized[name] = quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
         quantize_seconds[name] = time.perf_counter() - start
     return compare_quantized(loaded, corpus, quantized, settings, quantize_seconds, progress, windows)
 
