@@ -135,6 +135,10 @@ class PBLLMQuantizer(Quantizer):
             salient, signs, binary_scales, salient_values[salient], salient_scales if int8 else None, layout
         )
         meta["salient_format"] = self.salient_format
+        # The paper's count: 1 bit for binarized weights, 8 (or 16) for salient ones; positions and
+        # scales left out.
+        high_bits = 8 if int8 else 16
+        meta["paper_bpw"] = 1 + (high_bits - 1) * int(salient.sum()) / (rows * cols)
         qt = QuantizedTensor(PBLLM, (rows, cols), stored, meta, dequantized=torch.empty(0))
         qt.dequantized = decode_pbllm(qt.stored, qt.meta, qt.shape)
         return qt

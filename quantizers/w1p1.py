@@ -157,6 +157,7 @@ class W1P1Quantizer(Quantizer):
                 quantize_column(col, w[:, col])
 
         stored, meta = encode_w1p1(signs, members, scales, layout)
+        meta["paper_bpw"] = 2.0  # "W(1+1)": sign + membership bit, scales left out
         qt = QuantizedTensor(W1P1, (rows, cols), stored, meta, dequantized=torch.empty(0))
         qt.dequantized = decode_w1p1(qt.stored, qt.meta, qt.shape)
         return qt
