@@ -87,8 +87,6 @@ def measure_batch(loaded, corpus, batch, settings, samples, windows) -> list[dic
             qm = quantize_model(loaded.model, {layer: quantizer for layer in linears}, samples, settings.true_sequential, progress=True)
         seconds[label] = time.perf_counter() - start
         claimed[label] = paper_bpw(qm.tensors)
-        for qt in qm.tensors.values():  # keep only what evaluation needs
-            qt.stored = {}
         quantized[label] = qm
         print(f"{label}: {qm.bits_per_weight:.3f} bpw, {seconds[label]:.0f} s", flush=True)
     rows = compare_quantized(loaded, corpus, quantized, settings, seconds, True, windows)
