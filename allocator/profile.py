@@ -50,6 +50,7 @@ from allocator.evaluate import next_token_logprobs
 from allocator.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
 from allocator.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
 from allocator.models import LoadedModel
+from allocator.option_weights import OptionWeights
 from allocator.options import default_options, quantizer_from_settings
 from allocator.sensitivity import Option, SensitivityTable, TableKey, tie_groups
 from allocator.storage import cache_dir, write_json
@@ -138,8 +139,10 @@ def profile_layer(
     block: int,
     num_blocks: int,
     kl_probe: KLProbe | None = None,
+    kept: dict[str, torch.Tensor] | None = None,
 ) -> LayerResult:
-    """Measure one layer and quantize it alone with every quantizer (see the module doc)."""
+    """Measure one layer and quantize it alone with every quantizer (see the module doc); with
+    ``kept``, each quantizer's dequantized weight is put there under its index ("0", "1", ...)."""
     start = time.perf_counter()
     hessian = stats.hessian.hessian()
     measurements = measure_layer(name, weight, hessian, stats.absmax, block, num_blocks)
@@ -149,8 +152,10 @@ def profile_layer(
     losses: dict[str, list[float]] = {HESSIAN_ERR: [], WEIGHT_ERR: []}
     if kl_probe is not None:
         losses[KL] = []
-    for quantizer in quantizers:
+    for index, quantizer in enumerate(quantizers):
         qt = quantizer.quantize(w, hessian)
+        if kept is not None:
+            kept[str(index)] = qt.dequantized
         error = (w - qt.dequantized).double()
         bits.append(qt.storage_bits)
         losses[HESSIAN_ERR].append(float(((error @ h) * error).sum()))
@@ -319,12 +324,15 @@ def profile_model(
     cache: bool = True,
     recompute: bool = False,
     progress: bool = True,
+    keep_weights: bool = True,
 ) -> SensitivityTable:
     """The sensitivity table of ``loaded`` for ``options`` (default: :func:`allocator.options.default_options`).
 
     With ``cache`` a table made before with the same settings is loaded instead of recomputed
     (``recompute`` forces a fresh one), and finished layers of an interrupted run are reused.
-    The table's path in the cache is :func:`cached_table_path`.
+    The table's path in the cache is :func:`cached_table_path`. With ``keep_weights`` (and
+    ``cache``) every (layer, option) weight is kept beside it (:mod:`allocator.option_weights`);
+    a cached table whose weights are missing is completed.
     """
     options = list(options) if options is not None else default_options()
     if not options:
@@ -341,18 +349,26 @@ def profile_model(
     fingerprint = model_fingerprint(model)
     cache_id = profile_cache_id(key, options, fingerprint, measure_kl, kl_samples)
     path = profile_cache_path(loaded.name, cache_id)
+    labels = [o.label for o in options]
+    kept = OptionWeights.beside(path, labels) if cache and keep_weights else None
     if cache and not recompute and path.is_file():
         try:
             table = SensitivityTable.load(path)
-            if table.key == key and table.labels == [o.label for o in options] and table.names == names:
-                log.info("using the cached profile %s", path)
-                return table
+            if table.key == key and table.labels == labels and table.names == names:
+                if kept is None or not kept.missing(names):
+                    log.info("using the cached profile %s", path)
+                    return table
+                log.info("completing the kept weights of the cached profile %s", path)
         except BitallocError as exc:
             log.warning("recomputing: %s", exc)
-    partial = PartialProfile(path.with_suffix(".partial"), cache_id, [o.label for o in options])
+    partial = PartialProfile(path.with_suffix(".partial"), cache_id, labels)
     if recompute:
         partial.remove()
+        if kept is not None:
+            shutil.rmtree(kept.directory, ignore_errors=True)
     done = partial.load() if cache else {}
+    if kept is not None:  # a layer counts as done only with its weights kept
+        done = {name: result for name, result in done.items() if kept.has(name)}
     if done:
         log.info("resuming the profile: %d of %d layers done", len(done), len(names))
     total_numel = sum(m.weight.numel() for m in linears.values())
@@ -370,7 +386,7 @@ def profile_model(
     if len(done) < len(names):
         tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
         log.info("profiling %d layers x %d options on %d x %d calibration tokens", len(names) - len(done), len(options), samples, seqlen)
-        _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress)
+        _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept)
     table = _build_table(key, names, options, done, metadata)
     if cache:
         table.save(path)
@@ -389,6 +405,7 @@ def _profile_layers(
     measure_kl: bool,
     kl_samples: int,
     progress: bool,
+    kept: OptionWeights | None = None,
 ) -> None:
     """Profile every layer not in ``done`` (adding it there, and to ``partial`` at once)."""
     kl_probe = KLProbe(model, tokens[:kl_samples]) if measure_kl else None
@@ -410,7 +427,10 @@ def _profile_layers(
                 if local not in stats:  # never called on the calibration samples (an unused expert, ...)
                     log.warning("%s saw no calibration input; its Hessian is zero", name)
                     stats[local] = InputStatistics(modules[local].in_features)
-                result = profile_layer(name, modules[local].weight, stats[local], quantizers, index, len(layers), kl_probe)
+                weights: dict[str, torch.Tensor] | None = {} if kept is not None else None
+                result = profile_layer(name, modules[local].weight, stats[local], quantizers, index, len(layers), kl_probe, weights)
+                if kept is not None and weights is not None:
+                    kept.save(name, {kept.labels[int(i)]: w for i, w in weights.items()})
                 done[name] = result
                 if partial is not None:
                     partial.save(result)

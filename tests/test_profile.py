@@ -204,3 +204,29 @@ def test_interrupted_profile_resumes_where_it_stopped(loaded, corpus, isolated_c
     for name in reference.loss_names:
         assert np.allclose(resumed.loss(name), reference.loss(name), rtol=1e-12, atol=0)
     assert np.allclose(resumed.features, reference.features)
+
+
+def test_profile_keeps_every_option_weight(loaded, corpus, isolated_cache) -> None:
+    """The kept weights are the ones the losses describe, and a bit map assembles from them."""
+    from allocator.option_weights import OptionWeights
+
+    options = parse_options(FAST_OPTIONS)
+    table = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
+    kept = OptionWeights.beside(cached_table_path(table), table.labels)
+    assert kept.missing(table.names) == []
+    linears = quantizable_linears(loaded.model)
+    name = table.names[0]
+    # XNOR (the first option) needs no Hessian: its kept weight is what quantizing the reference gives.
+    label = table.labels[0]
+    expected = quantizer_from_settings(table.options[0].settings).quantize(linears[name].weight.detach().float()).dequantized
+    assert torch.allclose(kept.load(name, label), expected.half().float())
+    weights = kept.assemble({n: table.labels[-1] for n in table.names})
+    assert set(weights) == set(table.names)
+    error = (weights[name].double() - linears[name].weight.double())
+    assert error.abs().max() > 0  # a quantized weight, not the reference
+    # Deleting one layer's weights makes the cached table incomplete: the next call redoes it.
+    kept.path(table.names[3]).unlink()
+    with pytest.raises(BitallocError, match="no kept weights"):
+        kept.assemble({table.names[3]: label})
+    again = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
+    assert kept.missing(table.names) == [] and np.array_equal(again.bits, table.bits)
