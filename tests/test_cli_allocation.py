@@ -185,3 +185,38 @@ def test_packed_format_round_trips_every_quantizer(tmp_path) -> None:
     with pytest.raises(BitallocError, match="total_bits"):
         load_quantized(target)
     assert np.isfinite(packed.quantized.bits_per_weight)
+
+
+def test_pareto_sweep_measures_each_allocation_once_and_resumes(profiled, tiny_model_dir, text_file, tmp_path, capsys) -> None:
+    out = tmp_path / "sweep"
+    args = ["pareto", "--profile", str(profiled), "--model", str(tiny_model_dir), "--corpus", str(text_file),
+            "--from", "2.0", "--to", "3.5", "--step", "0.5", "--solvers", "ilp,dp,greedy", "--seqlen", "32", "--tokens", "128",
+            "--out", str(out), "--no-progress"]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0, stdout
+    record = json.loads((out / "pareto.json").read_text())
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "pareto.md").is_file()
+    table = SensitivityTable.load(profiled)
+    points = record["points"]
+    solved = [p for p in points if p["solver"] != "uniform"]
+    assert {p["target_bpw"] for p in solved} == {2.0, 2.5, 3.0, 3.5}
+    assert all(p["bpw"] <= p["target_bpw"] + 1e-12 for p in solved)
+    assert {p["option"] for p in points if p["solver"] == "uniform"} == set(table.labels)
+    assert all(p["perplexity"] > 0 and p["kl"] >= 0 for p in points)
+    # ILP and DP are both exact here: same allocation, so the same measured numbers.
+    by_name = {p["name"]: p for p in points}
+    for bpw in ("2", "2.5", "3", "3.5"):
+        if by_name[f"ilp@{bpw}"]["allocation"] == by_name[f"dp@{bpw}"]["allocation"]:
+            assert by_name[f"ilp@{bpw}"]["kl"] == by_name[f"dp@{bpw}"]["kl"]
+    assert "spearman" in record["prediction"]
+    # Resume: a second run finds every allocation already measured.
+    code, stdout, _ = run(capsys, *args)
+    distinct = len({p["allocation"] for p in points})
+    assert code == 0 and f"{distinct} distinct allocations" in stdout and f"{distinct} measured before" in stdout
+
+
+def test_pareto_bad_input_is_one_line(profiled, tmp_path, capsys) -> None:
+    code, _, err = run(capsys, "pareto", "--profile", str(profiled), "--solvers", "ilp,magic", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "unknown solver 'magic'")
+    code, _, err = run(capsys, "pareto", "--profile", str(profiled), "--from", "3", "--to", "2", "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "bad sweep")
