@@ -38,11 +38,13 @@ FULL_BATCHES = [
     ("xnor-billm", [("xnor", {"group_size": 128}), ("xnor", {"group_size": None}), ("billm", {})]),
     # structure="row" dyngroup is left out: its exact per-row DP takes ~24 s per 576x1536 layer.
     ("pbllm-w1p1-dyngroup", [("pbllm", {}), ("w1p1", {}), ("dyngroup", {}), ("dyngroup", {"max_groups": 2})]),
+    # the structured variant: one 4-bit group index per (row, 128 columns), 16 shared scales
+    ("dyngroup-block", [("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0})]),
 ]
 DEFAULT_BATCHES = [
     ("baselines", [("rtn", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 1, "group_size": 128})]),
     ("binary", [("xnor", {"group_size": 128}), ("billm", {}), ("pbllm", {})]),
-    ("binary2", [("w1p1", {}), ("dyngroup", {})]),
+    ("binary2", [("w1p1", {}), ("dyngroup", {}), ("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0})]),
 ]
 PLANS = {"smollm2-135m": FULL_BATCHES, "gemma3-270m": DEFAULT_BATCHES}
 

@@ -219,26 +219,35 @@ def decode_pbllm(stored: Stored, meta: dict[str, Any], shape: tuple[int, int]) -
 # ----------------------------------------------------------------------------- dynamic grouping
 
 
-def dyngroup_storage_bits(shape: tuple[int, int], group_counts: list[int], structure: str) -> int:
-    """Signs + per-weight group index + one fp16 scale per group (+ per-row group counts for ``row``).
+def dyngroup_storage_bits(shape: tuple[int, int], group_counts: list[int], structure: str, block_size: int | None = None) -> int:
+    """Signs + group indices + one fp16 scale per group (+ per-row group counts for ``row``).
 
-    ``group_counts`` is ``[G]`` for ``structure="matrix"`` and the per-row counts for ``"row"``; the
-    index width is ``ceil(log2(max G))``, and each row's count ``G_r - 1`` is stored at that width.
+    ``group_counts`` is ``[G]`` for ``structure="matrix"`` and ``"block"`` and the per-row counts for
+    ``"row"``; the index width is ``ceil(log2(max G))``, and each row's count ``G_r - 1`` is stored at
+    that width. ``matrix``/``row`` store an index per weight, ``block`` one per (row, column block of
+    ``block_size``).
     """
     rows, cols = shape
     numel = rows * cols
     width = index_bits(max(group_counts))
-    total = 8 * (packed_nbytes(numel, 1) + packed_nbytes(numel, width)) + SCALE_BITS * sum(group_counts)
+    indexed = rows * GroupLayout(cols, block_size).count if structure == "block" else numel
+    total = 8 * (packed_nbytes(numel, 1) + packed_nbytes(indexed, width)) + SCALE_BITS * sum(group_counts)
     if structure == "row" and width:
         total += 8 * packed_nbytes(rows, width)
     return total
 
 
 def encode_dyngroup(
-    signs: torch.Tensor, groups: torch.Tensor, scales: torch.Tensor, group_counts: list[int], structure: str
+    signs: torch.Tensor,
+    groups: torch.Tensor,
+    scales: torch.Tensor,
+    group_counts: list[int],
+    structure: str,
+    block_size: int | None = None,
 ) -> tuple[Stored, dict[str, Any]]:
-    """``signs``/``groups``: rows x cols (group = index into the matrix's or the row's scale list);
-    ``scales``: all groups' scales, row after row for ``structure="row"``."""
+    """``signs``: rows x cols; ``groups``: rows x cols (rows x column blocks for ``"block"``), the
+    index into the matrix's or the row's scale list; ``scales``: all groups' scales, row after row
+    for ``structure="row"``."""
     width = index_bits(max(group_counts))
     stored: Stored = {"signs": pack_codes(signs, 1)}
     if width:
@@ -246,7 +255,10 @@ def encode_dyngroup(
         if structure == "row":
             stored["group_counts"] = pack_codes(torch.tensor(group_counts) - 1, width)
     stored["scales"] = scales.to(SCALE_DTYPE).contiguous()
-    return stored, {"structure": structure, "index_bits": width}
+    meta: dict[str, Any] = {"structure": structure, "index_bits": width}
+    if block_size is not None:
+        meta["block_size"] = block_size
+    return stored, meta
 
 
 def decode_dyngroup(stored: Stored, meta: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
@@ -254,7 +266,12 @@ def decode_dyngroup(stored: Stored, meta: dict[str, Any], shape: tuple[int, int]
     sign = signs_from_bits(_unpack_plane(stored["signs"], shape))
     width = meta["index_bits"]
     groups = torch.zeros(rows, cols, dtype=torch.int64)
-    if width:
+    if meta["structure"] == "block":
+        layout = GroupLayout(cols, meta["block_size"])
+        if width:
+            units = unpack_codes(stored["groups"], width, rows * layout.count).to(torch.int64).reshape(rows, layout.count)
+            groups = units[:, layout.column_groups()]
+    elif width:
         groups = unpack_codes(stored["groups"], width, rows * cols).to(torch.int64).reshape(rows, cols)
     if meta["structure"] == "row":
         counts = torch.ones(rows, dtype=torch.int64)

@@ -15,6 +15,12 @@ to the honest ``bits_per_weight``. ``structure="row"`` makes the segmentation pe
 in_features, small enough for the exact DP, and embarrassingly parallel); its index costs the same
 width, and its scales cost ``16 G / in_features`` bits per weight instead of ``16 G / numel``.
 
+``structure="block"`` is the structured variant whose grouping is nearly free: the unit of grouping
+is a (row, block of ``block_size`` columns) pair instead of a weight. The units' mean magnitudes are
+sorted and segmented the same way, every weight of a unit takes its unit's segment scale, and the
+index costs ``ceil(log2 G) / block_size`` bits per weight (4 bits per 128 weights at G = 16) --
+about XNOR-g128's layout with its per-group fp16 scale replaced by an index into G shared scales.
+
 ``lambda`` is scale-free here: ``lambda = lambda_reg * sum(v^2)`` over the sequence being segmented,
 so the same setting behaves alike on matrices of any magnitude (the reference code uses a raw
 lambda). With the defaults the ``max_groups`` cap is what binds.
@@ -31,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantizers.base import QuantizedTensor, Quantizer
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
 from quantizers.binary_formats import (
     DYNGROUP,
     decode_dyngroup,
@@ -43,7 +49,7 @@ from quantizers.binary_formats import (
 from quantizers.segmentation import segment_dp, segment_greedy
 
 METHODS = ("windowed", "greedy", "dp")
-STRUCTURES = ("matrix", "row")
+STRUCTURES = ("matrix", "row", "block")
 MAX_GROUPS = 256
 """Group indices are packed codes of at most 8 bits."""
 AUTO_WINDOW_SEGMENTS = 1024
@@ -59,7 +65,9 @@ class DynGroupQuantizer(Quantizer):
         method: ``"windowed"`` (default, fast), ``"greedy"`` (from singletons), or ``"dp"`` (exact,
             sequences up to a few thousand values: use it with ``structure="row"``).
         window: initial segment length for ``"windowed"``; None picks ``max(1, n // 1024)``.
-        structure: ``"matrix"`` (one segmentation of all weights) or ``"row"`` (one per row).
+        structure: ``"matrix"`` (one segmentation of all weights), ``"row"`` (one per row) or
+            ``"block"`` (one segmentation of the (row, column block) units, see the module doc).
+        block_size: columns per unit of ``structure="block"``.
     """
 
     name = "dyngroup"
@@ -71,6 +79,7 @@ class DynGroupQuantizer(Quantizer):
         method: str = "windowed",
         window: int | None = None,
         structure: str = "matrix",
+        block_size: int = 128,
     ) -> None:
         if not 1 <= max_groups <= MAX_GROUPS:
             raise ValueError(f"max_groups must be 1-{MAX_GROUPS}, got {max_groups}")
@@ -87,6 +96,9 @@ class DynGroupQuantizer(Quantizer):
         self.method = method
         self.window = window
         self.structure = structure
+        if block_size < 1:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
 
     def segment(self, magnitudes: np.ndarray) -> list[int]:
         """Boundaries ``[0, ..., n]`` of the segmentation of ascending ``magnitudes``."""
@@ -111,6 +123,19 @@ class DynGroupQuantizer(Quantizer):
         sums = torch.tensor(np.add.reduceat(sorted_mag, bounds[:-1]))
         return groups, to_scale(sums / sizes)
 
+    def _group_units(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``structure="block"``: segment the sorted mean magnitudes of the (row, column block) units;
+        a segment's scale is the mean ``|w|`` over all weights of its units (L2-optimal)."""
+        layout = GroupLayout(w.shape[1], self.block_size)
+        sums = torch.stack([w[:, a:b].abs().double().sum(dim=1) for a, b in map(layout.bounds, range(layout.count))], dim=1)
+        sizes = torch.tensor([float(b - a) for a, b in map(layout.bounds, range(layout.count))], dtype=torch.float64)
+        unit_groups, _ = self._group_sequence((sums / sizes).reshape(-1))  # units in row-major order
+        unit_groups = unit_groups.reshape(sums.shape)
+        count = int(unit_groups.max()) + 1
+        weight_sums = torch.zeros(count, dtype=torch.float64).index_add_(0, unit_groups.reshape(-1), sums.reshape(-1))
+        weight_counts = torch.zeros(count, dtype=torch.float64).index_add_(0, unit_groups.reshape(-1), sizes.expand_as(sums).reshape(-1))
+        return unit_groups, to_scale(weight_sums / weight_counts)
+
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         w = weight.detach().float()
         rows, cols = w.shape
@@ -118,12 +143,16 @@ class DynGroupQuantizer(Quantizer):
             flat_groups, scales = self._group_sequence(w.reshape(-1))
             groups = flat_groups.reshape(rows, cols)
             counts = [len(scales)]
+        elif self.structure == "block":
+            groups, scales = self._group_units(w)
+            counts = [len(scales)]
         else:
             per_row = [self._group_sequence(w[r]) for r in range(rows)]
             groups = torch.stack([g for g, _ in per_row])
             scales = torch.cat([s for _, s in per_row])
             counts = [len(s) for _, s in per_row]
-        stored, meta = encode_dyngroup(sign_bits(w), groups, scales, counts, self.structure)
+        block_size = self.block_size if self.structure == "block" else None
+        stored, meta = encode_dyngroup(sign_bits(w), groups, scales, counts, self.structure, block_size)
         meta["groups"] = max(counts)
         # What the paper reports: one sign bit per weight plus the fp16 scales, no group index.
         meta["paper_bpw"] = 1 + 16 * len(scales) / (rows * cols)
@@ -133,9 +162,14 @@ class DynGroupQuantizer(Quantizer):
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Upper bound: the size with ``max_groups`` segments everywhere (the real size is data-dependent)."""
-        per_sequence = min(self.max_groups, in_features if self.structure == "row" else out_features * in_features)
-        counts = [per_sequence] if self.structure == "matrix" else [per_sequence] * out_features
-        return dyngroup_storage_bits((out_features, in_features), counts, self.structure)
+        if self.structure == "row":
+            counts = [min(self.max_groups, in_features)] * out_features
+        elif self.structure == "block":
+            counts = [min(self.max_groups, out_features * GroupLayout(in_features, self.block_size).count)]
+        else:
+            counts = [min(self.max_groups, out_features * in_features)]
+        block_size = self.block_size if self.structure == "block" else None
+        return dyngroup_storage_bits((out_features, in_features), counts, self.structure, block_size)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -145,10 +179,11 @@ class DynGroupQuantizer(Quantizer):
             "method": self.method,
             "window": self.window,
             "structure": self.structure,
+            "block_size": self.block_size,
         }
 
     def label(self) -> str:
-        structure = "" if self.structure == "matrix" else "-row"
+        structure = {"matrix": "", "row": "-row", "block": f"-b{self.block_size}"}[self.structure]
         method = "" if self.method == "windowed" else f"-{self.method}"
         return f"dyngroup{structure}-g{self.max_groups}{method}"
 

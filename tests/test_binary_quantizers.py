@@ -37,6 +37,8 @@ CONFIGS: list[tuple[str, dict[str, Any], tuple[float, float]]] = [
     ("dyngroup", {"structure": "row"}, (3.0, 3.3)),
     ("dyngroup", {"structure": "row", "method": "dp"}, (3.0, 3.3)),
     ("dyngroup", {"method": "greedy", "max_groups": 8}, (4.0, 4.01)),
+    # structured: a 4-bit index per (row, 128 columns) + 16 shared scales
+    ("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0}, (1 + 4 / 128, 1 + 4 / 128 + 16 * 16 / (ROWS * COLS))),
     ("w1p1", {}, (2.25, 2.25)),
     ("w1p1", {"error_feedback": False, "weighting": "plain", "group_size": None}, (2 + 32 / COLS, 2 + 32 / COLS)),
 ]
@@ -115,12 +117,14 @@ def test_storage_bits(results: dict, test_id: str) -> None:
     # Quantizer.storage_bits (max_groups everywhere) bounds the real size.
     width = qt.meta["index_bits"]
     assert width == index_bits(qt.meta["groups"]) == math.ceil(math.log2(qt.meta["groups"]))
-    assert qt.stored["groups"].numel() == math.ceil(ROWS * COLS * width / 8)
+    indexed = ROWS * math.ceil(COLS / quantizer.block_size) if quantizer.structure == "block" else ROWS * COLS
+    assert qt.stored["groups"].numel() == math.ceil(indexed * width / 8)
     assert qt.stored["scales"].numel() <= (ROWS if quantizer.structure == "row" else 1) * quantizer.max_groups
     counts = [qt.stored["scales"].numel()]
     if quantizer.structure == "row":
         counts = [int(c) + 1 for c in decode_counts(qt)]
-    assert qt.storage_bits == dyngroup_storage_bits((ROWS, COLS), counts, quantizer.structure)
+    block_size = quantizer.block_size if quantizer.structure == "block" else None
+    assert qt.storage_bits == dyngroup_storage_bits((ROWS, COLS), counts, quantizer.structure, block_size)
     assert qt.storage_bits <= quantizer.storage_bits(ROWS, COLS)
 
 
