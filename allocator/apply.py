@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
@@ -23,15 +23,24 @@ from allocator.errors import BitallocError
 from allocator.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears
 from quantizers import QuantizedTensor, Quantizer
 
+if TYPE_CHECKING:
+    from allocator.scalefold import ScaleFold
+
 
 @dataclass
 class QuantizedModel:
     """The quantized linear weights of a model, by qualified module name."""
 
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
+    float_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Float weights that replace the reference's outside ``tensors`` (module name -> weight): what a
+    function-preserving transform (scale folding) changed and is not quantized, e.g. the norms."""
+    scale_fold: ScaleFold | None = None
+    """The scale fold the quantized weights were made under (:mod:`allocator.scalefold`), if any."""
 
     def dequantized_weights(self) -> dict[str, torch.Tensor]:
-        return {name: qt.dequantized for name, qt in self.tensors.items()}
+        """Everything to swap into the reference model: the float overrides and the dequantized linears."""
+        return {**self.float_weights, **{name: qt.dequantized for name, qt in self.tensors.items()}}
 
     @property
     def storage_bits(self) -> int:

@@ -51,6 +51,37 @@ class _NotGiven:
 NOT_GIVEN = _NotGiven()
 
 
+def _alpha(text: str) -> float | None:
+    from allocator.errors import BitallocError
+    from allocator.scalefold import parse_alpha
+
+    try:
+        return parse_alpha(text)
+    except BitallocError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    from allocator.scalefold import DEFAULT_ALPHA
+
+    parser.add_argument("--scale-fold", action="store_true",
+                        help=f"fold activation outliers into the weights (compensated in the norms) before {what}")
+    parser.add_argument("--scale-fold-alpha", type=_alpha, default=NOT_GIVEN, metavar="ALPHA",
+                        help=f"s = max|x|^alpha / max|w|^(1-alpha): a number in [0, 1] (default {DEFAULT_ALPHA}) or "
+                             "'search' (per fold site on a grid, by the Hessian-weighted error of the quantizer)")
+
+
+def _scale_fold_settings(args: argparse.Namespace):  # -> ScaleFoldSettings | None
+    from allocator.errors import BitallocError
+    from allocator.scalefold import DEFAULT_ALPHA, ScaleFoldSettings
+
+    if not args.scale_fold:
+        if args.scale_fold_alpha is not NOT_GIVEN:
+            raise BitallocError("--scale-fold-alpha needs --scale-fold")
+        return None
+    return ScaleFoldSettings(alpha=DEFAULT_ALPHA if args.scale_fold_alpha is NOT_GIVEN else args.scale_fold_alpha)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from allocator.corpus import DEFAULT_CORPUS
     from allocator.models import DEFAULT_MODEL
@@ -81,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
     ev.add_argument("--seed", type=int, default=defaults.seed)
     ev.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    _add_scale_fold_flags(ev, "quantizing --quantizer/--bitmap (a packed --quantized model carries its own)")
     ev.add_argument("--no-progress", action="store_true")
 
     pr = commands.add_parser("profile", help="measure every (layer, option): exact bits, loss estimates and features -> sensitivity table")
@@ -96,10 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--kl-samples", type=_positive_int, default=DEFAULT_KL_SAMPLES, help="calibration windows the KL is measured on")
     pr.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     pr.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
+    _add_scale_fold_flags(pr, "profiling (use the same with quantize)")
     pr.add_argument("--no-progress", action="store_true")
 
     so = commands.add_parser("solve", help="allocate options to layers under a size budget -> bit map")
-    so.add_argument("--profile", type=Path, required=True, help="sensitivity table (.npz from bitalloc profile)")
+    source = so.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", type=Path, help="sensitivity table (.npz from bitalloc profile)")
+    source.add_argument("--model", help=model_help + "; profiled first (cached) with --corpus/--samples/--seqlen")
     budget = so.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bpw", type=float, help="average stored bits per weight of the quantized linears")
     budget.add_argument("--bytes", type=int, help="stored bytes of the quantized linears")
@@ -110,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     so.add_argument("--out", type=Path, help="write the result here (default: print it)")
     so.add_argument("--format", choices=["json", "tensor-type", "gptqmodel"], default="json",
                     help="json: the bit map; tensor-type: llama-quantize --tensor-type lines; gptqmodel: its dynamic config")
+    so.add_argument("--policy", type=Path, help="allocate with this trained policy (policy.zip from bitalloc train) instead of --solver")
+    so.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help + " (to profile --model)")
+    so.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences (to profile --model)")
+    so.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --model)")
+    so.add_argument("--no-progress", action="store_true")
+
+    tr = commands.add_parser("train", help="train a SAC allocation policy on sensitivity tables -> policy.zip + policy.json")
+    tr.add_argument("--models", help="comma-separated models to profile and train on (built-in names, .gguf paths, HF directories)")
+    tr.add_argument("--profile", type=Path, nargs="+", default=[], help="sensitivity tables (.npz) to train on, besides --models")
+    tr.add_argument("--timesteps", type=_positive_int, default=20000, help="environment steps in total (default 20000)")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the policy, the budgets and the tables drawn")
+    tr.add_argument("--out", type=Path, required=True, help="run directory: run.json, checkpoints/, logs/, policy.zip + policy.json")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--bpw-range", type=float, nargs=2, default=[1.5, 4.0], metavar=("LOW", "HIGH"),
+                    help="range the per-episode budgets are drawn from (default 1.5 4.0 bpw)")
+    tr.add_argument("--checkpoint-every", type=_positive_int, default=5000, help="steps between checkpoints (default 5000)")
+    tr.add_argument("--loss", help="table loss to train on (default: the tables' first)")
+    tr.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help + " (to profile --models)")
+    tr.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences (to profile --models)")
+    tr.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --models)")
+    tr.add_argument("--no-progress", action="store_true")
 
     qu = commands.add_parser("quantize", help="quantize a model by a bit map and save the packed result")
     qu.add_argument("--bitmap", type=Path, required=True, help="bit map JSON (from bitalloc solve)")
@@ -119,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
     qu.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
     qu.add_argument("--seed", type=int, default=defaults.seed)
+    _add_scale_fold_flags(qu, "quantizing (as the profile was made)")
     qu.add_argument("--no-progress", action="store_true")
 
     pa = commands.add_parser("pareto", help="solve a range of budgets from one table, measure every allocation, plot ppl vs bpw")
@@ -138,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--no-measure", action="store_true", help="only solve (predicted loss and bpw, no evaluation)")
     pa.add_argument("--no-progress", action="store_true")
 
+    ru = commands.add_parser("run", help="the main job: profile -> solve -> quantize -> eval for one budget, printing a table")
+    ru.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
+    ru.add_argument("--bpw", type=float, default=2.5, help="budget: average stored bits per weight of the linears (default 2.5)")
+    ru.add_argument("--solver", default="ilp", help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
+    ru.add_argument("--options", nargs="+", default=["default"], metavar="SPEC", help="candidate options (as for profile)")
+    ru.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
+    ru.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences")
+    ru.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
+    ru.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help="evaluation tokens")
+    ru.add_argument("--seed", type=int, default=defaults.seed)
+    ru.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
+    ru.add_argument("--no-progress", action="store_true")
+
     commands.add_parser("models", help="list the built-in models")
     return parser
 
@@ -147,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "quantize": _cmd_quantize, "pareto": _cmd_pareto}
+    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "train": _cmd_train, "quantize": _cmd_quantize, "pareto": _cmd_pareto, "run": _cmd_run}
     try:
         if args.command == "models":
             return _cmd_models()
@@ -191,7 +261,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from allocator.layers import quantizable_linears
     from allocator.models import DEFAULT_MODEL, load_model
     from allocator.options import assignment_from_settings, quantizer_from_flags
-    from allocator.packed import check_matches, load_quantized
+    from allocator.packed import check_float_weights, check_matches, load_quantized
     from allocator.pipeline import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
     from allocator.report import print_rows, rows_to_json
     from allocator.validation import validate_group_size
@@ -208,6 +278,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     quantizer = None
     if quantizer_name not in (None, "none"):
         quantizer = quantizer_from_flags(quantizer_name, args.bits, None if not group_given else args.group_size, group_given, args.sym, args.act_order)
+    scale_fold = _scale_fold_settings(args)
+    if scale_fold is not None and quantizer is None and args.bitmap is None:
+        raise BitallocError("--scale-fold applies to --quantizer/--bitmap variants; a packed --quantized model carries its own")
+    suffix = f"+{scale_fold.label()}" if scale_fold is not None else ""
     start = time.perf_counter()
     bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
     packed = load_quantized(args.quantized) if args.quantized is not None else None
@@ -226,15 +300,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     quantized, seconds = {}, {}
     if quantizer is not None:
         tick = time.perf_counter()
-        quantized[quantizer.label()] = quantize_assignment(loaded, corpus, {name: quantizer for name in linears}, settings, progress)
-        seconds[quantizer.label()] = time.perf_counter() - tick
+        label = quantizer.label() + suffix
+        quantized[label] = quantize_assignment(loaded, corpus, {name: quantizer for name in linears}, settings, progress, scale_fold)
+        seconds[label] = time.perf_counter() - tick
     if bitmap is not None:
-        name = f"bitmap:{args.bitmap.stem}"
+        name = f"bitmap:{args.bitmap.stem}{suffix}"
         tick = time.perf_counter()
-        quantized[name] = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress)
+        quantized[name] = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress, scale_fold)
         seconds[name] = time.perf_counter() - tick
     if packed is not None:
         check_matches(packed.quantized, linears, str(args.quantized))
+        check_float_weights(packed.quantized, loaded.model, str(args.quantized))
         quantized[f"packed:{args.quantized.name}"] = packed.quantized
     rows = compare_quantized(loaded, corpus, quantized, settings, seconds, progress, windows)
     print_rows(rows, title=f"{model_spec} - {windows.numel()} eval tokens")
@@ -244,6 +320,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             context["bitmap"] = str(args.bitmap)
         if args.quantized is not None:
             context["quantized"] = str(args.quantized)
+        if scale_fold is not None:
+            context["scale_fold"] = scale_fold.as_dict()
         rows_to_json(args.json, rows, context)
     return 0
 
@@ -264,6 +342,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         table = profile_model(
             loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
             measure_kl=args.measure_kl, kl_samples=args.kl_samples, recompute=args.recompute, progress=not args.no_progress,
+            scale_fold=_scale_fold_settings(args),
         )
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
@@ -287,7 +366,12 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     from allocator.solvers import Budget, Constraints, solve
     from allocator.storage import atomic_path
 
-    table = SensitivityTable.load(args.profile)
+    policy = None
+    if args.policy is not None:
+        from policies.artifact import load_policy
+
+        policy = load_policy(args.policy)  # a bad policy fails before any profiling
+    table = SensitivityTable.load(args.profile) if args.profile is not None else _profile_for(args.model, args)
     if args.bpw is not None:
         budget = Budget.bpw(args.bpw)
     elif args.bytes is not None:
@@ -296,7 +380,12 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         budget = Budget.bytes(args.model_bytes, other_bytes=_other_bytes(table))
     constraints = Constraints(loss=args.loss, tie=not args.no_tie)
     table.loss(args.loss)  # an unknown loss name fails here, in one line
-    bitmap = solve(table, budget, constraints, solver=args.solver)
+    if policy is not None:
+        from policies.apply import apply_policy
+
+        bitmap = apply_policy(policy, table, budget, constraints)
+    else:
+        bitmap = solve(table, budget, constraints, solver=args.solver)
     if args.format == "json":
         text = json.dumps(bitmap.to_json(), indent=2) + "\n"
     elif args.format == "tensor-type":
@@ -320,6 +409,43 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:
+    """The sensitivity table of ``model`` with the default options (cached by bitalloc profile)."""
+    from allocator.corpus import load_corpus
+    from allocator.models import load_model
+    from allocator.profile import profile_model
+
+    loaded = load_model(model)
+    return profile_model(loaded, load_corpus(args.corpus), samples=args.samples, seqlen=args.seqlen, progress=not args.no_progress)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from allocator.errors import BitallocError
+    from allocator.sensitivity import SensitivityTable
+    from allocator.solvers import Constraints
+    from policies.sac import TrainConfig, train
+
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if not models and not args.profile:
+        raise BitallocError("give --models or --profile: the sensitivity tables to train on")
+    if args.out.exists() and not args.out.is_dir():
+        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
+                         constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every)
+    tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
+    tables += [_profile_for(model, args) for model in models]
+    start = time.perf_counter()
+    try:
+        path = train(tables, args.out, config, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"bitalloc: interrupted; run the same command with --resume to continue from the last checkpoint in {args.out}", file=sys.stderr)
+        return 130
+    print(f"SAC policy trained on {', '.join(t.key.model for t in tables)} for {args.timesteps} steps "
+          f"(budgets {args.bpw_range[0]:g}-{args.bpw_range[1]:g} bpw); {time.perf_counter() - start:.1f} s")
+    print(path)
+    return 0
+
+
 def _other_bytes(table: SensitivityTable) -> int:
     from allocator.errors import BitallocError
 
@@ -340,6 +466,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     bitmap = BitMap.load(args.bitmap)
     assignment = assignment_from_settings(bitmap.assignment())
+    scale_fold = _scale_fold_settings(args)
     if args.out.exists() and not args.out.is_dir():
         from allocator.errors import BitallocError
 
@@ -348,7 +475,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     loaded = load_model(args.model or bitmap.model)
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
-    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress)
+    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold)
     log = logging.getLogger("bitalloc")
     for name, entry in bitmap.modules.items():
         if quantized.tensors[name].storage_bits != entry.storage_bits:
@@ -362,6 +489,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "table_key": bitmap.table_key,
         "calibration": {"corpus": args.corpus, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
     }
+    if scale_fold is not None:
+        source["scale_fold"] = scale_fold.as_dict()
     model_bytes = model_size_bytes(loaded.model, quantized)
     save_quantized(args.out, args.model or bitmap.model, quantized, bitmap.assignment(), bitmap.options(), model_bytes, source)
     print(f"{len(quantized.tensors)} modules, {quantized.bits_per_weight:.4f} bpw, {-(-quantized.storage_bits // 8)} bytes of "
@@ -446,6 +575,59 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         plot_pareto(points, args.out / "pareto.png", f"{table.key.model}: measured ppl vs bpw ({args.tokens} eval tokens)", reference_ppl)
     print(summary)
     print(args.out)
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from allocator.accounting import model_size_bytes
+    from allocator.corpus import load_corpus
+    from allocator.errors import BitallocError
+    from allocator.models import load_model
+    from allocator.options import assignment_from_settings, parse_options
+    from allocator.packed import save_quantized
+    from allocator.pipeline import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+    from allocator.profile import profile_model
+    from allocator.report import print_rows, rows_to_json
+    from allocator.solvers import SOLVERS, Budget, solve
+
+    options = parse_options(args.options)  # bad input fails before the model loads
+    budget = Budget.bpw(args.bpw)
+    if args.solver not in SOLVERS:
+        raise BitallocError(f"unknown solver {args.solver!r}; choose from {', '.join(SOLVERS)}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    corpus = load_corpus(args.corpus)
+    settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
+    windows = evaluation_tokens(loaded, corpus, settings)
+    progress = not args.no_progress
+    print(f"[1/4] profile: {len(options)} options per layer on {args.samples} x {args.seqlen} calibration tokens (cached, resumable)")
+    table = profile_model(loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed, progress=progress)
+    print(f"[2/4] solve: {args.solver} at {budget}")
+    bitmap = solve(table, budget, solver=args.solver)
+    counts: dict[str, int] = {}
+    for entry in bitmap.modules.values():
+        counts[entry.option] = counts.get(entry.option, 0) + 1
+    print(f"      {bitmap.predicted_bpw:.4f} bpw; " + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())))
+    print("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
+    tick = time.perf_counter()
+    quantized = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress)
+    seconds = time.perf_counter() - tick
+    name = f"{args.solver}@{args.bpw:g}bpw"
+    print("[4/4] eval")
+    rows = compare_quantized(loaded, corpus, {name: quantized}, settings, {name: seconds}, progress, windows)
+    print_rows(rows, title=f"{args.model}: {args.solver} allocation at {args.bpw:g} bpw - {windows.numel()} eval tokens")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        bitmap.save(args.out / "bitmap.json")
+        source = {"bitmap": "bitmap.json", "solver": bitmap.solver.name, "budget": bitmap.budget, "loss_name": bitmap.loss_name,
+                  "predicted_loss": bitmap.predicted_loss, "table_key": bitmap.table_key,
+                  "calibration": {"corpus": args.corpus, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed}}
+        save_quantized(args.out / "packed", args.model, quantized, bitmap.assignment(), bitmap.options(),
+                       model_size_bytes(loaded.model, quantized), source)
+        rows_to_json(args.out / "rows.json", rows, {"model": args.model, "settings": vars(settings), "wall_seconds": time.perf_counter() - start})
+        print(args.out)
     return 0
 
 

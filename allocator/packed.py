@@ -5,7 +5,7 @@ A directory with two files, written atomically as a whole:
 - ``quantized.safetensors``: every stored tensor of every quantized linear
   (:attr:`quantizers.QuantizedTensor.stored`: packed codes, scales, masks, ...) under the key
   ``<module>.<tensor name>``, e.g. ``model.layers.0.self_attn.q_proj.codes``;
-- ``quantization_config.json`` (``schema_version`` 1)::
+- ``quantization_config.json`` (``schema_version`` 1, or 2 with a transform, see below)::
 
       {"schema_version": 1, "format": "bitalloc-packed", "model": "smollm2-135m",
        "bpw": 2.49, "total_bits": 123400, "total_bytes": 15425, "model_bytes": 123456789,
@@ -20,8 +20,30 @@ A directory with two files, written atomically as a whole:
 (:func:`allocator.accounting.model_size_bytes`). The weights of the rest of the model are not
 copied: they are the reference model's, loaded from ``model``.
 
+Schema 2 adds what a function-preserving transform of the reference (scale folding,
+:mod:`allocator.scalefold`) changed outside the quantized linears. ``quantized.safetensors`` then
+also holds each such float tensor as ``<module>.weight`` (float32, e.g. the folded
+``model.layers.0.input_layernorm.weight``) and each fold's scales as ``scale_fold/<source module>``
+(float32), and the config gains::
+
+      "float_tensors": {"model.layers.0.input_layernorm": {"shape": [576], "dtype": "float32"}, ...},
+      "scale_fold": {"settings": {"version": 1, "alpha": 0.5},
+                     "groups": [{"block": 0, "source": "model.layers.0.input_layernorm",
+                                 "targets": ["model.layers.0.self_attn.q_proj", ...], "alpha": 0.5,
+                                 "tensor": "scale_fold/model.layers.0.input_layernorm"}, ...]}
+
+A model without a transform is written as schema 1 (readers of schema 1 keep reading it); this
+code reads both.
+
 :func:`load_quantized` rebuilds every :class:`~quantizers.QuantizedTensor` from the stored tensors
 alone (:func:`quantizers.formats.decode`) and checks their sizes against the config.
+
+:func:`load_quantized_model` goes one step further and puts the packed weights into the model so it
+runs (generates, evaluates) on them: uniform-grid layers of 1-4 bits (RTN, GPTQ, XNOR) become
+:class:`quantizers.kernels.QuantLinear` modules computed by the packed-weight CPU kernels; the other
+stored formats (BiLLM, PB-LLM, dynamic grouping, W(1+1)) have no kernel yet and run as their
+dequantized float weights. :func:`quantized_from_modules` reads the packed weights back out of such a
+model, for :func:`save_quantized`.
 """
 
 from __future__ import annotations
@@ -38,14 +60,25 @@ from torch import nn
 
 from allocator.apply import QuantizedModel
 from allocator.errors import BitallocError
+from allocator.scalefold import ScaleFold
+from allocator.layers import quantizable_linears
+from allocator.models import LoadedModel, load_model
 from allocator.storage import atomic_path
 from quantizers import QuantizedTensor
-from quantizers.formats import DECODERS, decode
+from quantizers.formats import DECODERS, UNIFORM_GRID, decode
+from quantizers.kernels import KERNEL_BITS, QuantLinear
 
-PACKED_SCHEMA_VERSION = 1
+PACKED_SCHEMA_VERSION = 2
+"""The newest schema this code writes and reads (it writes 1 when there is no transform)."""
+READABLE_SCHEMAS = (1, 2)
 PACKED_FORMAT = "bitalloc-packed"
 TENSORS_FILE = "quantized.safetensors"
 CONFIG_FILE = "quantization_config.json"
+
+KERNEL = "kernel"
+"""How :func:`install_quantized` runs a module: packed, through the low-bit kernels ..."""
+DEQUANTIZED = "dequantized"
+"""... or as its dequantized float weight (formats without a kernel)."""
 
 
 @dataclass
@@ -96,8 +129,18 @@ def save_quantized(
             "storage_bits": qt.storage_bits,
             "tensors": list(qt.stored),
         }
+    float_tensors: dict[str, Any] = {}
+    for name, weight in quantized.float_weights.items():
+        if name in quantized.tensors:
+            raise BitallocError(f"{name} is both quantized and a float override")
+        tensors[f"{name}.weight"] = weight.detach().float().contiguous().cpu()
+        float_tensors[name] = {"shape": list(weight.shape), "dtype": "float32"}
+    fold = quantized.scale_fold
+    if fold is not None:
+        tensors.update({key: t.cpu() for key, t in fold.tensors().items()})
+    transformed = bool(float_tensors) or fold is not None
     config = {
-        "schema_version": PACKED_SCHEMA_VERSION,
+        "schema_version": PACKED_SCHEMA_VERSION if transformed else 1,
         "format": PACKED_FORMAT,
         "model": model,
         "bpw": quantized.bits_per_weight,
@@ -107,6 +150,9 @@ def save_quantized(
         "source": dict(source or {}),
         "modules": modules,
     }
+    if transformed:
+        config["float_tensors"] = float_tensors
+        config["scale_fold"] = fold.to_json() if fold is not None else None
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         safetensors.torch.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": PACKED_FORMAT})
@@ -128,8 +174,9 @@ def load_quantized(directory: Path | str) -> PackedModel:
         raise BitallocError(f"cannot read {config_path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict) or config.get("format") != PACKED_FORMAT:
         raise BitallocError(f"{config_path} is not a bitalloc packed model config")
-    if config.get("schema_version") != PACKED_SCHEMA_VERSION:
-        raise BitallocError(f"{config_path}: packed schema {config.get('schema_version')!r}, this code reads {PACKED_SCHEMA_VERSION}")
+    if config.get("schema_version") not in READABLE_SCHEMAS:
+        raise BitallocError(f"{config_path}: packed schema {config.get('schema_version')!r}, this code reads "
+                            f"{' and '.join(map(str, READABLE_SCHEMAS))}")
     try:
         stored_all = safetensors.torch.load_file(str(tensors_path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
@@ -159,9 +206,41 @@ def load_quantized(directory: Path | str) -> PackedModel:
         if tuple(qt.dequantized.shape) != qt.shape:
             raise BitallocError(f"{name} decodes to shape {tuple(qt.dequantized.shape)}, expected {qt.shape}")
         quantized.tensors[name] = qt
+    _load_transform(config, stored_all, quantized, config_path, tensors_path)
     if quantized.storage_bits != config.get("total_bits"):
         raise BitallocError(f"{config_path}: total_bits {config.get('total_bits')} != {quantized.storage_bits} from the modules")
     return PackedModel(model=str(config.get("model", "")), quantized=quantized, config=config)
+
+
+def _load_transform(config: Mapping[str, Any], stored_all: Mapping[str, torch.Tensor], quantized: QuantizedModel,
+                    config_path: Path, tensors_path: Path) -> None:
+    """Schema 2: put the float overrides and the scale-fold record into ``quantized``."""
+    if config.get("schema_version", 1) < 2:
+        return
+    float_tensors = config.get("float_tensors") or {}
+    if not isinstance(float_tensors, dict):
+        raise BitallocError(f"{config_path}: float_tensors is not a mapping")
+    for name, entry in float_tensors.items():
+        key = f"{name}.weight"
+        if key not in stored_all:
+            raise BitallocError(f"{tensors_path} lacks tensor {key}")
+        tensor = stored_all[key]
+        if not isinstance(entry, dict) or list(tensor.shape) != entry.get("shape"):
+            raise BitallocError(f"{config_path}: {key} has shape {list(tensor.shape)}, the config says {entry!r}")
+        quantized.float_weights[name] = tensor.float()
+    if config.get("scale_fold") is not None:
+        quantized.scale_fold = ScaleFold.from_json(config["scale_fold"], stored_all)
+
+
+def check_float_weights(quantized: QuantizedModel, model: nn.Module, what: str) -> None:
+    """Every float override must replace the weight of a module of the model, with its shape."""
+    modules = dict(model.named_modules())
+    for name, weight in quantized.float_weights.items():
+        own = getattr(modules.get(name), "weight", None)
+        if not isinstance(own, torch.Tensor):
+            raise BitallocError(f"{what}: {name} is not a module with a weight in this model")
+        if tuple(own.shape) != tuple(weight.shape):
+            raise BitallocError(f"{what}: {name} has shape {tuple(weight.shape)}, the model's is {tuple(own.shape)}")
 
 
 def check_matches(quantized: QuantizedModel, linears: Mapping[str, nn.Linear], what: str) -> None:
@@ -172,3 +251,68 @@ def check_matches(quantized: QuantizedModel, linears: Mapping[str, nn.Linear], w
         shape = tuple(linears[name].weight.shape)
         if shape != qt.shape:
             raise BitallocError(f"{what}: {name} has shape {qt.shape}, the model's is {shape}")
+
+
+@dataclass
+class RunnableQuantized:
+    """A packed model loaded to run: the model (with :class:`QuantLinear` modules), the packed
+    form it came from, and how each quantized module runs (:data:`KERNEL` or :data:`DEQUANTIZED`)."""
+
+    loaded: LoadedModel
+    packed: PackedModel
+    kinds: dict[str, str]
+
+
+def runs_on_kernels(qt: QuantizedTensor) -> bool:
+    """Whether the low-bit kernels compute with this stored format (uniform grid, 1-4 bits)."""
+    return qt.format == UNIFORM_GRID and int(qt.meta.get("bits", 0)) in KERNEL_BITS
+
+
+def install_quantized(model: nn.Module, quantized: QuantizedModel) -> dict[str, str]:
+    """Put ``quantized`` into ``model`` in place so that the model runs on it.
+
+    Kernel formats (:func:`runs_on_kernels`) replace their ``nn.Linear`` by a :class:`QuantLinear`
+    holding only the packed weight (and the linear's bias); other formats overwrite the linear's
+    weight with their dequantized float weight. Returns module name -> :data:`KERNEL` or
+    :data:`DEQUANTIZED`.
+    """
+    linears = quantizable_linears(model)
+    check_matches(quantized, linears, "install_quantized")
+    modules = dict(model.named_modules())
+    kinds: dict[str, str] = {}
+    for name, qt in quantized.tensors.items():
+        linear = linears[name]
+        if runs_on_kernels(qt):
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent], child, QuantLinear.from_quantized(qt, bias))
+            kinds[name] = KERNEL
+        else:
+            linear.weight = nn.Parameter(qt.dequantized.to(linear.weight.dtype), requires_grad=False)
+            kinds[name] = DEQUANTIZED
+    return kinds
+
+
+def load_quantized_model(directory: Path | str, loaded: LoadedModel | None = None) -> RunnableQuantized:
+    """Read a packed directory and install it into its reference model, ready to generate/evaluate.
+
+    ``loaded`` defaults to :func:`allocator.models.load_model` of the model the config names; a
+    ``loaded`` passed in is modified in place. Its perplexity equals the simulated (dequantized)
+    model's up to float summation order.
+    """
+    packed = load_quantized(directory)
+    if loaded is None:
+        if not packed.model:
+            raise BitallocError(f"{directory}: the config names no model; pass the model to load into")
+        loaded = load_model(packed.model)
+    kinds = install_quantized(loaded.model, packed.quantized)
+    return RunnableQuantized(loaded=loaded, packed=packed, kinds=kinds)
+
+
+def quantized_from_modules(model: nn.Module) -> QuantizedModel:
+    """The stored form of every :class:`QuantLinear` in ``model``, by qualified name (for :func:`save_quantized`)."""
+    result = QuantizedModel()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            result.tensors[name] = module.to_quantized()
+    return result

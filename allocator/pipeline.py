@@ -14,6 +14,7 @@ from allocator.corpus import Corpus
 from allocator.evaluate import REFERENCE, evaluate
 from allocator.layers import quantizable_linears
 from allocator.models import LoadedModel
+from allocator.scalefold import ScaleFoldSettings, quantize_with_scale_fold
 from allocator.tokens import calibration_samples, evaluation_windows
 from quantizers import Quantizer
 
@@ -62,8 +63,14 @@ def quantize_assignment(
     assignment: Mapping[str, Quantizer],
     settings: EvalSettings = EvalSettings(),
     progress: bool = True,
+    scale_fold: ScaleFoldSettings | None = None,
 ) -> QuantizedModel:
-    """Quantize the modules of ``assignment`` (calibrating on ``corpus`` when a quantizer needs it)."""
+    """Quantize the modules of ``assignment`` (calibrating on ``corpus`` when a quantizer needs it);
+    with ``scale_fold``, on the scale-folded model (:func:`allocator.scalefold.quantize_with_scale_fold`,
+    which always calibrates)."""
+    if scale_fold is not None:
+        samples = calibration_tokens(loaded, corpus, settings)
+        return quantize_with_scale_fold(loaded.model, assignment, samples, scale_fold, settings.true_sequential, progress)
     samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in assignment.values()) else None
     return quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
 

@@ -52,6 +52,7 @@ from allocator.layers import decoder_layers, decoder_prefix, layer_linears, quan
 from allocator.models import LoadedModel
 from allocator.option_weights import OptionWeights
 from allocator.options import default_options, quantizer_from_settings
+from allocator.scalefold import ScaleFoldSettings, compute_scale_fold
 from allocator.sensitivity import Option, SensitivityTable, TableKey, tie_groups
 from allocator.storage import cache_dir, write_json
 from allocator.tokens import calibration_samples
@@ -325,6 +326,7 @@ def profile_model(
     recompute: bool = False,
     progress: bool = True,
     keep_weights: bool = True,
+    scale_fold: ScaleFoldSettings | None = None,
 ) -> SensitivityTable:
     """The sensitivity table of ``loaded`` for ``options`` (default: :func:`allocator.options.default_options`).
 
@@ -333,6 +335,13 @@ def profile_model(
     The table's path in the cache is :func:`cached_table_path`. With ``keep_weights`` (and
     ``cache``) every (layer, option) weight is kept beside it (:mod:`allocator.option_weights`);
     a cached table whose weights are missing is completed.
+
+    With ``scale_fold`` the layers are profiled on the scale-folded model
+    (:func:`allocator.scalefold.compute_scale_fold` on the same calibration samples, scored with RTN
+    3-bit g128 when searching, as ``quantize --scale-fold`` does for a bit map). The settings enter
+    the table's key (appended to its code version, so the cache id and every digest of the key
+    differ from the unfolded table's) and its metadata. No option weights are kept then: they would
+    be the folded model's, which a consumer swapping them into the reference would misread.
     """
     options = list(options) if options is not None else default_options()
     if not options:
@@ -345,12 +354,13 @@ def profile_model(
     names = list(linears)
     if not names:
         raise BitallocError(f"{loaded.name} has no linear layers in its decoder blocks")
-    key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=CODE_VERSION, seed=seed)
+    code_version = CODE_VERSION + (scale_fold.key_suffix() if scale_fold is not None else "")
+    key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=code_version, seed=seed)
     fingerprint = model_fingerprint(model)
     cache_id = profile_cache_id(key, options, fingerprint, measure_kl, kl_samples)
     path = profile_cache_path(loaded.name, cache_id)
     labels = [o.label for o in options]
-    kept = OptionWeights.beside(path, labels) if cache and keep_weights else None
+    kept = OptionWeights.beside(path, labels) if cache and keep_weights and scale_fold is None else None
     if cache and not recompute and path.is_file():
         try:
             table = SensitivityTable.load(path)
@@ -383,10 +393,16 @@ def profile_model(
         "other_bytes": model_size_bytes(model) - total_numel * OTHER_TENSOR_BITS // 8,
         "losses": {k: v for k, v in LOSS_DESCRIPTIONS.items() if k != KL or measure_kl},
     }
+    if scale_fold is not None:
+        metadata["scale_fold"] = scale_fold.as_dict()
     if len(done) < len(names):
         tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
         log.info("profiling %d layers x %d options on %d x %d calibration tokens", len(names) - len(done), len(options), samples, seqlen)
-        _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept)
+        overlay: dict[str, torch.Tensor] = {}
+        if scale_fold is not None:
+            overlay = compute_scale_fold(model, tokens, scale_fold, None, progress)[1]
+        with swapped_weights(model, overlay):  # the folded model computes the same function
+            _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept)
     table = _build_table(key, names, options, done, metadata)
     if cache:
         table.save(path)

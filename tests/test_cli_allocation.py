@@ -14,32 +14,16 @@ import torch
 
 from allocator.apply import quantize_model
 from allocator.bitmap import BitMap
-from allocator.cli import main
 from allocator.errors import BitallocError
 from allocator.evaluate import REFERENCE, evaluate
 from allocator.layers import quantizable_linears
 from allocator.options import quantizer_from_settings
 from allocator.packed import CONFIG_FILE, TENSORS_FILE, load_quantized, save_quantized
 from allocator.sensitivity import SensitivityTable
+from tests.cli_helpers import assert_one_line_error, run
 from tests.conftest import WORDS, tiny_llama
 
 CALIBRATION = ["--samples", "4", "--seqlen", "32"]
-
-
-def run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main(list(args))
-    except SystemExit as exc:  # argparse errors
-        code = int(exc.code)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, message: str) -> None:
-    assert code == 2
-    assert err.count("\n") == 1 and err.startswith("bitalloc: error: ") and message in err, err
-    assert "Traceback" not in err
 
 
 @pytest.fixture
@@ -220,3 +204,22 @@ def test_pareto_bad_input_is_one_line(profiled, tmp_path, capsys) -> None:
     assert_one_line_error(code, err, "unknown solver 'magic'")
     code, _, err = run(capsys, "pareto", "--profile", str(profiled), "--from", "3", "--to", "2", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "bad sweep")
+
+
+def test_run_is_profile_solve_quantize_eval(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    out = tmp_path / "job"
+    code, stdout, _ = run(capsys, "run", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
+                          "--options", "xnor:group_size=128", "gptq", "--bpw", "3.0", "--tokens", "128", "--out", str(out), "--no-progress")
+    assert code == 0, stdout
+    assert all(f"[{i}/4]" in stdout for i in range(1, 5)) and "ilp@3bpw" in stdout
+    bitmap = BitMap.load(out / "bitmap.json")
+    assert bitmap.predicted_bpw <= 3.0
+    packed = load_quantized(out / "packed")
+    assert packed.quantized.bits_per_weight == pytest.approx(bitmap.predicted_bpw)
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["reference", "ilp@3bpw"] and rows[1]["bpw"] == pytest.approx(bitmap.predicted_bpw)
+
+
+def test_run_bad_solver_is_one_line(capsys) -> None:
+    code, _, err = run(capsys, "run", "--solver", "magic")
+    assert_one_line_error(code, err, "unknown solver 'magic'")

@@ -1,0 +1,354 @@
+"""Packed low-bit CPU kernels against fp32 torch matmul -> results/kernels.md (and results/kernels.json).
+
+(Not named kernels.py: transformers probes for an optional package called ``kernels``, and a
+script of that name in this directory would shadow it.)
+
+Three parts, all in one run on one machine:
+
+1. Per weight shape (out x in: SmolLM2's and Gemma3's decoder linears and a 4096x4096) and bit width
+   1-4 (uniform grid, group size 128): time of y = x @ W^T through :mod:`quantizers.kernels` for
+   1 token (GEMV, decode) and a few tokens (GEMM, prefill), beside ``F.linear`` with the fp32 weight.
+   "hot" repeats one product, so the weight sits in cache; "streamed" (1 token) cycles through
+   enough copies of the weight to overflow the caches, as a decode pass over a whole model does.
+2. The memory-bandwidth floor of each product: bytes the kernel reads (packed codes + fp16
+   (scale, zero) pairs, or the fp32 weight) divided by a STREAM-like copy bandwidth measured here.
+3. End to end: SmolLM2-135M decode tokens/s (KV cache, greedy, one token per step) and a 64-token
+   prefill with a mixed ~2.5-bpw map of uniform grids (RTN, g128: attention 3-bit, gate/up 2-bit,
+   down alternating 2/3 by block) running on QuantLinear, against the fp32 model.
+
+Timing: median of several batches of calls after a warm-up, wall clock, torch's thread count.
+Run on an otherwise idle machine; ``--smoke`` runs one small shape to check the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _common import RESULTS, provenance
+
+from allocator.apply import quantize_model
+from allocator.layers import quantizable_linears, swapped_weights
+from allocator.models import load_model
+from allocator.packed import install_quantized
+from allocator.storage import write_json
+from quantizers import RTNQuantizer
+from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library
+from quantizers.kernels.layout import ChunkGeometry, pack_chunks
+from quantizers.kernels.ops import PreparedWeight
+
+SHAPES: dict[str, list[tuple[int, int]]] = {
+    "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536)],  # q/o, k/v, gate/up, down
+    "gemma3-270m": [(1024, 640), (256, 640), (640, 1024), (2048, 640), (640, 2048)],  # q, k/v, o, gate/up, down
+    "large": [(4096, 4096)],
+}
+GROUP_SIZE = 128
+STREAM_BYTES = 256 * 2**20
+"""Size of each array in the bandwidth copy, and the least total size of the streamed weight copies
+(an eighth of it with --smoke)."""
+
+
+@dataclass
+class ShapeRow:
+    family: str
+    rows: int
+    cols: int
+    bits: int | None
+    """None: the fp32 torch baseline."""
+    tokens: int
+    mode: str
+    """"hot" or "streamed"."""
+    seconds: float
+    weight_bytes: int
+    bandwidth_floor_seconds: float
+    max_rel_error: float | None
+
+
+def time_call(fn: Callable[[], Any], min_seconds: float, batches: int = 5) -> float:
+    """Median seconds per call over ``batches`` batches of calls, each lasting about ``min_seconds / batches``."""
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    per_batch = max(1, int(min_seconds / batches / once))
+    samples = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(per_batch):
+            fn()
+        samples.append((time.perf_counter() - start) / per_batch)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int = STREAM_BYTES, repeats: int = 5) -> float:
+    """STREAM-copy bandwidth in bytes/s: (read + write) bytes of a large tensor copy, best of ``repeats``."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def random_weight(rows: int, cols: int, bits: int, seed: int) -> KernelWeight:
+    """A weight in the kernel layout with random codes, scales and zero points (speed does not depend on values)."""
+    rng = np.random.default_rng(seed)
+    geometry = ChunkGeometry(cols, GROUP_SIZE, bits)
+    codes = rng.integers(0, 1 << bits, size=(rows, cols), dtype=np.uint8)
+    scales = torch.from_numpy(rng.uniform(0.002, 0.02, size=(rows, geometry.groups))).to(torch.float16)
+    zeros = torch.from_numpy(rng.integers(0, 1 << bits, size=(rows, geometry.groups))).to(torch.float16)
+    return KernelWeight(torch.from_numpy(pack_chunks(codes, geometry)), torch.stack([scales, zeros], -1).contiguous(),
+                        (rows, cols), bits, GROUP_SIZE, symmetric=False)
+
+
+def bench_shapes(families: Sequence[str], bits_list: Sequence[int], token_counts: Sequence[int], bandwidth: float,
+                 min_seconds: float, stream_bytes: int) -> list[ShapeRow]:
+    """Time every (shape, bits, tokens); ``stream_bytes`` > 0 adds the streamed GEMV rows."""
+    lib = kernel_library()
+    if lib is None:
+        raise SystemExit("the kernels did not build (see the warning); nothing to benchmark")
+    rows_out: list[ShapeRow] = []
+    for family in families:
+        for rows, cols in SHAPES[family]:
+            generator = torch.Generator().manual_seed(rows * cols)
+            inputs = {t: torch.randn(t, cols, generator=generator) for t in token_counts}
+            dense = torch.randn(rows, cols, generator=generator)
+            for tokens in token_counts:
+                x = inputs[tokens]
+                seconds = time_call(lambda: F.linear(x, dense), min_seconds)
+                rows_out.append(ShapeRow(family, rows, cols, None, tokens, "hot", seconds, dense.numel() * 4,
+                                         dense.numel() * 4 / bandwidth, None))
+            if stream_bytes and 1 in token_counts:
+                copies = [dense.clone() for _ in range(max(2, math.ceil(stream_bytes / (dense.numel() * 4))))]
+                rows_out.append(_streamed_row(family, rows, cols, None, inputs[1], [lambda x, w=w: F.linear(x, w) for w in copies],
+                                              dense.numel() * 4, bandwidth, min_seconds))
+                del copies
+            for bits in bits_list:
+                weight = random_weight(rows, cols, bits, seed=bits)
+                prepared = PreparedWeight(lib, weight)
+                reference = dequantize_reference(weight)
+                for tokens in token_counts:
+                    x = inputs[tokens]
+                    got = prepared(x)
+                    exact = x.double() @ reference.double().T
+                    error = float((got.double() - exact).abs().max() / exact.abs().max())
+                    seconds = time_call(lambda: prepared(x), min_seconds)
+                    rows_out.append(ShapeRow(family, rows, cols, bits, tokens, "hot", seconds, weight.nbytes,
+                                             weight.nbytes / bandwidth, error))
+                if stream_bytes and 1 in token_counts:
+                    count = min(4096, max(2, math.ceil(stream_bytes / weight.nbytes)))
+                    copies = [PreparedWeight(lib, KernelWeight(weight.codes.clone(), weight.params.clone(), weight.shape, bits,
+                                                               GROUP_SIZE, False)) for _ in range(count)]
+                    rows_out.append(_streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds))
+                    del copies
+                print(f"{family} {rows}x{cols} {bits}-bit done", flush=True)
+    return rows_out
+
+
+def _streamed_row(family: str, rows: int, cols: int, bits: int | None, x: torch.Tensor, products: list[Callable[[torch.Tensor], Any]],
+                  weight_bytes: int, bandwidth: float, min_seconds: float) -> ShapeRow:
+    """Seconds per product when every call reads a different copy of the weight (caches overflowed)."""
+    state = {"i": 0}
+
+    def step() -> None:
+        products[state["i"] % len(products)](x)
+        state["i"] += 1
+
+    seconds = time_call(step, max(min_seconds, 0.5))
+    return ShapeRow(family, rows, cols, bits, 1, "streamed", seconds, weight_bytes, weight_bytes / bandwidth, None)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def mixed_bits(name: str, block: int) -> int:
+    """The ~2.5-bpw map: attention 3-bit, gate/up 2-bit, down 2-bit on even blocks and 3-bit on odd ones."""
+    if ".self_attn." in name:
+        return 3
+    if name.endswith("down_proj"):
+        return 2 + block % 2
+    return 2
+
+
+@torch.inference_mode()
+def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+    """(prefill seconds, mean seconds per decoded token, greedy tokens) with the KV cache."""
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    prefill = time.perf_counter() - start
+    cache = out.past_key_values
+    token = out.logits[:, -1:].argmax(-1)
+    generated = [int(token)]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(int(token))
+    return prefill, (time.perf_counter() - start) / new_tokens, generated
+
+
+def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int) -> dict[str, Any]:
+    loaded = load_model(model_name)
+    model = loaded.model
+    names = list(quantizable_linears(model))
+    assignment = {name: RTNQuantizer(mixed_bits(name, int(name.split(".")[2])), GROUP_SIZE) for name in names}
+    start = time.perf_counter()
+    quantized = quantize_model(model, assignment, progress=False)
+    quantize_s = time.perf_counter() - start
+    kernel_model = copy.deepcopy(model)
+    start = time.perf_counter()
+    kinds = install_quantized(kernel_model, quantized)
+    convert_s = time.perf_counter() - start
+    assert set(kinds.values()) == {"kernel"}
+    text = "The history of the city begins with a small settlement on the river, where traders from the north " * 8
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_tokens]
+    # the kernel model against the simulated one (fp32 dequantized weights): same logits up to summation order
+    with torch.inference_mode(), swapped_weights(model, quantized.dequantized_weights()):
+        simulated = model(ids[:, :16]).logits
+        on_kernels = kernel_model(ids[:, :16]).logits
+    logit_error = float((simulated - on_kernels).abs().max() / simulated.abs().max())
+    results: dict[str, Any] = {}
+    for label, runner in (("fp32", model), ("packed", kernel_model)):
+        runs = [decode_seconds(runner, ids, new_tokens) for _ in range(repeats)]
+        prefill = statistics.median(r[0] for r in runs)
+        step = statistics.median(r[1] for r in runs)
+        results[label] = {"prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
+                          "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
+    linear_fp32_bytes = sum(m.weight.numel() * 4 for m in quantizable_linears(model).values())
+    packed_bytes = sum(m.codes.numel() + m.params.numel() * 2 for m in kernel_model.modules() if isinstance(m, QuantLinear))
+    agree = 0
+    for a, b in zip(results["fp32"]["greedy"], results["packed"]["greedy"]):
+        agree += a == b
+    return {
+        "model": model_name,
+        "bpw": quantized.bits_per_weight,
+        "map": "attention 3-bit, gate/up 2-bit, down 2-bit (even blocks) / 3-bit (odd blocks); RTN asymmetric g128",
+        "quantize_s": quantize_s,
+        "convert_s": convert_s,
+        "prompt_tokens": int(ids.shape[1]),
+        "new_tokens": new_tokens,
+        "linear_fp32_mb": linear_fp32_bytes / 1e6,
+        "linear_packed_mb": packed_bytes / 1e6,
+        "max_rel_logit_error_vs_simulated": logit_error,
+        **{f"{label}_{key}": value for label, r in results.items() for key, value in r.items() if key != "greedy"},
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2e: dict[str, Any] | None,
+             settings: dict[str, Any]) -> str:
+    lib = kernel_library()
+    lines = [
+        "# Packed low-bit CPU kernels vs. fp32 torch matmul\n",
+        provenance(),
+        f"- kernels: `{lib.path.name}` built with `{lib.compiler} {' '.join(lib.flags)}`, SIMD path {lib.simd}, "
+        f"{lib.max_threads} OpenMP threads (shared with torch)",
+        f"- settings: {json.dumps(settings)}",
+        f"- STREAM-like copy bandwidth (2 x {stream_bytes // 2**20} MiB moved per copy, best of 5): **{bandwidth / 1e9:.1f} GB/s**\n",
+    ]
+    if shape_rows:
+        lines += [
+            "## Per shape (uniform grid, group size 128)\n",
+            "Times in microseconds per product (median). `floor` is the memory-bandwidth limit: bytes the product reads "
+            "(packed codes + fp16 (scale, zero) per group, or the fp32 weight) / the copy bandwidth. `hot` repeats one "
+            "product (weight in cache, so it can beat the DRAM floor); `streamed` cycles through copies of the weight "
+            f"totalling >= {stream_bytes // 2**20} MiB (at most 4096 copies), as a decode pass over a model larger than "
+            "the caches does. "
+            "`speed-up` is fp32 time / kernel time in the same mode. `rel err` is max |kernel - exact| / max |exact| "
+            "against a float64 product with the same dequantized weight.\n",
+            "| shape (out x in) | tokens | mode | weight | KiB | us | floor us | speed-up vs fp32 | rel err |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|",
+        ]
+        baseline = {(r.rows, r.cols, r.tokens, r.mode): r.seconds for r in shape_rows if r.bits is None}
+        for r in shape_rows:
+            label = "fp32" if r.bits is None else f"{r.bits}-bit"
+            speedup = baseline.get((r.rows, r.cols, r.tokens, r.mode))
+            speed = "" if r.bits is None or speedup is None else f"{speedup / r.seconds:.2f}x"
+            err = "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}"
+            lines.append(f"| {r.family} {r.rows}x{r.cols} | {r.tokens} | {r.mode} | {label} | {r.weight_bytes / 1024:.0f} | "
+                         f"{r.seconds * 1e6:.1f} | {r.bandwidth_floor_seconds * 1e6:.1f} | {speed} | {err} |")
+        lines.append("")
+    if e2e:
+        lines += [
+            f"## End to end: {e2e['model']} decode\n",
+            f"Map: {e2e['map']} -> **{e2e['bpw']:.3f} bpw** over the decoder linears "
+            f"({e2e['linear_packed_mb']:.1f} MB packed in the kernel layout vs {e2e['linear_fp32_mb']:.1f} MB fp32). "
+            f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
+            f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats. Embeddings, LM head, "
+            f"attention and norms run in fp32 torch in both models.\n",
+            "| model | decode tokens/s | ms/token | prefill tokens/s |",
+            "|---|---:|---:|---:|",
+            f"| fp32 | {e2e['fp32_tokens_per_s']:.1f} | {e2e['fp32_decode_s_per_token'] * 1e3:.1f} | {e2e['fp32_prefill_tokens_per_s']:.0f} |",
+            f"| packed {e2e['bpw']:.2f} bpw | {e2e['packed_tokens_per_s']:.1f} | {e2e['packed_decode_s_per_token'] * 1e3:.1f} | "
+            f"{e2e['packed_prefill_tokens_per_s']:.0f} |",
+            "",
+            f"Check: max relative logit difference between the packed model and the simulated (dequantized fp32) "
+            f"model on 16 tokens: {e2e['max_rel_logit_error_vs_simulated']:.1e}. RTN quantization took "
+            f"{e2e['quantize_s']:.1f} s, conversion to the kernel layout {e2e['convert_s']:.1f} s.\n",
+        ]
+    lines += [
+        "Notes",
+        "- The kernels keep activations in fp32 (no activation quantization), so they compute the simulated model's "
+        "product up to summation order; GEMV folds the zero point as s * (sum x q - z * sum x) with per-group sums of x.",
+        f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
+        "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
+        "end-to-end numbers are the decode-relevant ones.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", default=",".join(SHAPES), help=f"shape families ({', '.join(SHAPES)})")
+    parser.add_argument("--bits", default="1,2,3,4")
+    parser.add_argument("--tokens", default="1,16,64", help="tokens per product (1 = GEMV)")
+    parser.add_argument("--min-seconds", type=float, default=0.3, help="measuring time per timed product")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
+    parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
+    parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernels.md")
+    args = parser.parse_args()
+    if args.smoke:
+        SHAPES["smoke"] = [(192, 576)]
+        args.families, args.bits, args.tokens, args.min_seconds = "smoke", "2", "1,8", 0.1
+        args.new_tokens, args.prompt_tokens, args.repeats = 4, 16, 1
+    families = args.families.split(",")
+    bits_list = [int(b) for b in args.bits.split(",")]
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    stream_bytes = STREAM_BYTES // 8 if args.smoke else STREAM_BYTES
+    bandwidth = copy_bandwidth(stream_bytes)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
+    e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats)
+    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings))
+    write_json(args.out.with_suffix(".json"), {"schema_version": 1, "provenance": provenance(), "settings": settings,
+                                              "bandwidth_bytes_per_s": bandwidth, "shapes": [asdict(r) for r in shape_rows],
+                                              "end_to_end": e2e})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

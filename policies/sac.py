@@ -1,0 +1,226 @@
+"""Train a SAC allocation policy (stable-baselines3) on one or several sensitivity tables.
+
+:func:`train` builds one :class:`envs.bitalloc_env.BitAllocEnv` over all the tables (one drawn per
+episode, the budget drawn per episode from ``bpw_range``), trains SAC on it and writes into the
+output directory::
+
+    run.json                          what the run trains on (checked again on --resume)
+    checkpoints/sac_<N>_steps.zip     CheckpointCallback snapshots, each with a .json sidecar
+    checkpoints/sac_replay_buffer_<N>_steps.pkl
+    logs/progress.csv                 the sb3 logger (and TensorBoard events if tensorboard is installed)
+    policy.zip, policy.json           the final artifact (:mod:`policies.artifact`)
+
+With ``resume`` the run continues from the latest checkpoint whose sidecar and hashes check out
+(model and replay buffer), up to ``timesteps`` in total. Training uses dense reward shaping by
+default (:mod:`envs.reward`: the same return, paid earlier), which learns faster from the
+terminal-only quality signal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from allocator.errors import BitallocError
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers.base import Constraints
+from allocator.storage import write_json
+from envs.bitalloc_env import DEFAULT_BPW_RANGE, BitAllocEnv
+from envs.observation import FeatureNormalization
+from envs.reward import RewardConfig
+from policies.artifact import (
+    PolicyCard,
+    file_sha256,
+    load_checkpoint,
+    read_card,
+    save_artifact,
+    table_record,
+    versions,
+    write_sidecar,
+)
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+POLICY_FILE = "policy.zip"
+CHECKPOINT_PREFIX = "sac"
+_CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}_(\d+)_steps\.zip$")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (the SAC hyperparameters are stable-baselines3's)."""
+
+    timesteps: int = 20_000
+    seed: int = 0
+    bpw_range: tuple[float, float] = DEFAULT_BPW_RANGE
+    constraints: Constraints = Constraints()
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(dense=True))
+    net_arch: tuple[int, ...] = (64, 64)
+    learning_rate: float = 3e-4
+    buffer_size: int = 100_000
+    learning_starts: int = 1_000
+    """Random-action steps before the first update (capped at half of ``timesteps``)."""
+    batch_size: int = 128
+    gamma: float = 0.99
+    checkpoint_every: int = 5_000
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.timesteps < 1 or self.checkpoint_every < 1 or self.batch_size < 1 or self.buffer_size < 1:
+            raise BitallocError("timesteps, checkpoint_every, batch_size and buffer_size must be at least 1")
+        if not 0 < self.bpw_range[0] <= self.bpw_range[1]:
+            raise BitallocError(f"the bpw range must satisfy 0 < low <= high, got {tuple(self.bpw_range)}")
+
+    def run_settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the original (all but the step count, the checkpoint
+        interval and the device)."""
+        data = asdict(self)
+        for key in ("timesteps", "checkpoint_every", "device"):  # free to change between sessions
+            data.pop(key)
+        data["constraints"] = self.constraints.as_dict()
+        data["bpw_range"] = list(self.bpw_range)
+        data["net_arch"] = list(self.net_arch)
+        return data
+
+
+def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> CheckpointCallback
+    from stable_baselines3.common.callbacks import CheckpointCallback
+
+    class SidecarCheckpointCallback(CheckpointCallback):
+        """CheckpointCallback that writes a sidecar (with the hashes) beside every snapshot."""
+
+        def _on_step(self) -> bool:
+            saving = self.n_calls % self.save_freq == 0
+            result = super()._on_step()
+            if saving:
+                zip_path = Path(self._checkpoint_path(extension="zip"))
+                buffer = Path(self._checkpoint_path("replay_buffer_", extension="pkl"))
+                write_sidecar(zip_path, replace(card, timesteps=self.num_timesteps, zip_sha256=file_sha256(zip_path),
+                                                replay_buffer_sha256=file_sha256(buffer)))
+            return result
+
+    return SidecarCheckpointCallback(every, str(directory), name_prefix=CHECKPOINT_PREFIX, save_replay_buffer=True)
+
+
+def _stats_callback():  # -> BaseCallback
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class AllocationStatsCallback(BaseCallback):
+        """Logs per finished episode the loss over its reference and the budget use before projection."""
+
+        def _on_step(self) -> bool:
+            for info, done in zip(self.locals["infos"], self.locals["dones"]):
+                if done and "reference_loss" in info:
+                    self.logger.record_mean("allocation/loss_ratio", info["loss"] / max(info["reference_loss"], 1e-30))
+                    self.logger.record_mean("allocation/budget_use", info["raw_bits"] / info["budget_bits"])
+                    self.logger.record_mean("allocation/projected", float(info["projected"]))
+            return True
+
+    return AllocationStatsCallback()
+
+
+def latest_checkpoint(directory: Path) -> tuple[Path, Path] | None:
+    """The newest (zip, replay buffer) in ``directory`` whose sidecar and hashes check out."""
+    found = sorted(((int(m.group(1)), p) for p in directory.glob("*.zip") if (m := _CHECKPOINT.match(p.name))), reverse=True)
+    for steps, path in found:
+        buffer = directory / f"{CHECKPOINT_PREFIX}_replay_buffer_{steps}_steps.pkl"
+        try:
+            card = read_card(path)
+        except BitallocError as exc:
+            log.warning("skipping checkpoint %s: %s", path.name, exc)
+            continue
+        if buffer.is_file() and card.replay_buffer_sha256 == file_sha256(buffer):
+            return path, buffer
+        log.warning("skipping checkpoint %s: its replay buffer is missing or does not match", path.name)
+    return None
+
+
+def _run_record(tables: Sequence[SensitivityTable], config: TrainConfig) -> dict[str, Any]:
+    return {"tables": [table_record(t) for t in tables], "settings": config.run_settings()}
+
+
+def _logger(directory: Path):  # -> stable_baselines3 Logger
+    from stable_baselines3.common.logger import configure
+
+    formats = ["csv"]
+    if importlib.util.find_spec("tensorboard") is not None:
+        formats.append("tensorboard")
+    return configure(str(directory), formats)
+
+
+def train(
+    tables: Sequence[SensitivityTable],
+    out_dir: Path | str,
+    config: TrainConfig = TrainConfig(),
+    resume: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train (or with ``resume`` continue) a policy; returns the path of ``policy.zip`` in ``out_dir``."""
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.callbacks import CallbackList
+
+    tables = list(tables)
+    if not tables:
+        raise BitallocError("training needs at least one sensitivity table")
+    out_dir = Path(out_dir)
+    run_path = out_dir / RUN_FILE
+    record = _run_record(tables, config)
+    if run_path.is_file():
+        if not resume:
+            raise BitallocError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
+        previous = json.loads(run_path.read_text())
+        if previous != record:
+            raise BitallocError(f"{out_dir} holds a run on other tables or settings than these; --resume needs the same ones")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_path, record)
+
+    normalization = FeatureNormalization.fit(tables)
+    env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward, normalization=normalization)
+    policy_kwargs = {"net_arch": list(config.net_arch)}
+    card = PolicyCard(
+        normalization=normalization,
+        observation_names=env.observation_names,
+        models=[table_record(t) for t in tables],
+        bpw_range=config.bpw_range,
+        seed=config.seed,
+        timesteps=0,
+        constraints=config.constraints.as_dict(),
+        reward=config.reward,
+        policy_kwargs=policy_kwargs,
+        versions=versions(),
+    )
+    checkpoints = out_dir / CHECKPOINTS
+    latest = latest_checkpoint(checkpoints) if resume and checkpoints.is_dir() else None
+    if latest is not None:
+        model = load_checkpoint(latest[0], env, latest[1], device=config.device)
+        log.info("resuming from %s (%d steps)", latest[0].name, model.num_timesteps)
+    else:
+        if resume:
+            log.info("no usable checkpoint in %s; starting from scratch", checkpoints)
+        model = SAC(
+            "MlpPolicy",
+            env,
+            learning_rate=config.learning_rate,
+            buffer_size=min(config.buffer_size, config.timesteps),
+            learning_starts=min(config.learning_starts, config.timesteps // 2),
+            batch_size=config.batch_size,
+            gamma=config.gamma,
+            policy_kwargs=dict(policy_kwargs),  # a copy: SAC adds its own keys to the dict it is given
+            seed=config.seed,
+            device=config.device,
+        )
+    model.set_logger(_logger(out_dir / LOGS))
+    remaining = config.timesteps - model.num_timesteps
+    if remaining > 0:
+        every = min(config.checkpoint_every, config.timesteps)
+        callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _stats_callback()])
+        model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=latest is None, progress_bar=progress)
+    return save_artifact(model, out_dir / POLICY_FILE, replace(card, timesteps=model.num_timesteps))

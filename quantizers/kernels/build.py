@@ -1,0 +1,182 @@
+"""Compile ``lowbit.c`` on first use and load it with ctypes.
+
+No torch headers, no build step at install time: the system C compiler builds a plain shared
+library (``cc -O3 -march=native -fopenmp -shared -fPIC``) into
+``$BITALLOC_CACHE/kernels/lowbit-<key>.so``, where the key hashes the source, the compiler's
+identity, the flags and the CPU (``-march=native`` code must not be loaded on a different CPU
+sharing the cache). Later processes load the cached file directly.
+
+If there is no compiler, or every flag set fails to compile (e.g. a compiler without OpenMP
+falls back to the same source without it), :func:`kernel_library` returns ``None`` once with a
+warning and the callers use the dequantize-then-matmul reference. ``BITALLOC_KERNELS=0`` turns the
+kernels off on purpose (no warning).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("lowbit.c")
+ABI_VERSION = 3
+"""Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
+DISABLE_ENV = "BITALLOC_KERNELS"
+COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11")
+FLAG_SETS: tuple[tuple[str, ...], ...] = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),  # compilers without OpenMP (e.g. clang lacking libomp)
+    ("-O3",),  # compilers that do not know -march=native
+)
+COMPILE_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class KernelLibrary:
+    """The loaded shared library and how it was built."""
+
+    lib: ctypes.CDLL
+    path: Path
+    compiler: str
+    flags: tuple[str, ...]
+
+    @property
+    def simd(self) -> str:
+        return "avx2" if self.lib.bq_simd() == 2 else "portable"
+
+    @property
+    def max_threads(self) -> int:
+        return int(self.lib.bq_max_threads())
+
+
+class WeightDescriptor(ctypes.Structure):
+    """Mirror of ``bq_weight`` in ``lowbit.c``: a weight's pointers and sizes, filled once per module."""
+
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("params", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("cols", ctypes.c_int64),
+        ("group_size", ctypes.c_int64),
+        ("bits", ctypes.c_int64),
+    ]
+
+
+def find_compiler() -> str | None:
+    """``$CC`` (its program; extra words in it are ignored) if set, else the first of cc, gcc, clang on PATH."""
+    configured = os.environ.get("CC", "").strip()
+    if configured:
+        return shutil.which(shlex.split(configured)[0])
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def kernels_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() in {"0", "false", "no", "off"}
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_library() -> KernelLibrary | None:
+    """The compiled kernels, built on first call and cached; ``None`` means use the reference path."""
+    if kernels_disabled():
+        return None
+    compiler = find_compiler()
+    if compiler is None:
+        warnings.warn("bitalloc: no C compiler found (cc/gcc/clang, or $CC); low-bit layers run the slower "
+                      "dequantize-then-matmul reference", RuntimeWarning, stacklevel=2)
+        return None
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            path = _build(compiler, flags)
+            return _load(path, compiler, flags)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+            errors.append(f"{' '.join(flags)}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}")
+    warnings.warn("bitalloc: could not build the low-bit kernels (" + "; ".join(errors) + "); "
+                  "low-bit layers run the slower dequantize-then-matmul reference", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
+    from allocator.storage import cache_dir  # lazy: quantizers must not pull in allocator at import
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, _compiler_identity(compiler).encode(), " ".join(flags + COMMON_FLAGS).encode(),
+                                     _cpu_identity().encode()])).hexdigest()[:16]
+    target = cache_dir("kernels") / f"lowbit-{key}.so"
+    if target.is_file():
+        return target
+    # Compile next to the target and rename: concurrent processes never load a half-written file.
+    fd, tmp_name = tempfile.mkstemp(prefix=".lowbit-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp_name],
+                                capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr or f"{compiler} exited with {result.returncode}")
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target
+
+
+def _load(path: Path, compiler: str, flags: tuple[str, ...]) -> KernelLibrary:
+    # torch is imported first so that libgomp.so.1 resolves to the copy torch already loaded:
+    # one OpenMP runtime, one thread pool, no two pools spinning against each other.
+    import torch  # noqa: F401
+
+    lib = ctypes.CDLL(str(path))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.bq_abi_version.restype = i32
+    lib.bq_abi_version.argtypes = []
+    if lib.bq_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path.name} has ABI {lib.bq_abi_version()}, expected {ABI_VERSION}")
+    lib.bq_simd.restype = i32
+    lib.bq_simd.argtypes = []
+    lib.bq_max_threads.restype = i32
+    lib.bq_max_threads.argtypes = []
+    lib.bq_row_bytes.restype = i64
+    lib.bq_row_bytes.argtypes = [i64, i64, i32]
+    lib.bq_matmul.restype = i32
+    lib.bq_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i32, i64, ptr]
+    lib.bq_matmul_desc.restype = i32
+    lib.bq_matmul_desc.argtypes = [ptr, ptr, i64, ptr]
+    lib.bq_dequantize.restype = i32
+    lib.bq_dequantize.argtypes = [ptr, ptr, i64, i64, i32, i64, ptr]
+    return KernelLibrary(lib=lib, path=path, compiler=compiler, flags=flags)
+
+
+def _compiler_identity(compiler: str) -> str:
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        return f"{compiler}\n{result.stdout.splitlines()[0] if result.stdout else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+
+
+def _cpu_identity() -> str:
+    """CPU model and feature flags (what -march=native compiles for)."""
+    try:
+        fields = {}
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        return f"{fields.get('model name', '')}|{fields.get('flags', fields.get('Features', ''))}"
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"

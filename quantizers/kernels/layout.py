@@ -1,0 +1,232 @@
+"""The kernel layout of a uniform-grid weight: what :mod:`quantizers.kernels` computes with.
+
+The stored form (:data:`quantizers.formats.UNIFORM_GRID`) is one bit stream of codes for the whole
+matrix, which is compact but has rows and groups starting at arbitrary bit offsets. The kernels
+want every (row, group) to start on a byte boundary and 8 consecutive columns to unpack into one
+SIMD vector, so a weight is converted once, at load time, into:
+
+``codes`` (uint8, rows x row_bytes)
+    Each row is its groups in order; each group is ``ceil(len / 32)`` *chunks* of 32 consecutive
+    columns (the last chunk of a group whose length is not a multiple of 32 is padded with code 0).
+    A chunk takes ``4 * bits`` bytes. Its element ``e`` is split as ``e = 8 * s + l`` (slot ``s``
+    in 0..3, lane ``l`` in 0..7) and placed so that slot ``s`` unpacks to the 8 lanes of a vector
+    holding columns ``8s .. 8s+7``:
+
+    ====  =====  ==============================================================
+    bits  bytes  where element ``8s + l`` lives
+    ====  =====  ==============================================================
+    4     16     byte ``l + 8 * (s & 1)``, nibble ``s >> 1``
+    2     8      byte ``l``, bits ``2s .. 2s+1``
+    1     4      byte ``s``, bit ``l`` (bit ``8s + l`` of a little-endian word)
+    3     12     the 2-bit chunk of ``q & 3``, then the 1-bit chunk of ``q >> 2``
+    ====  =====  ==============================================================
+
+    So 3-bit weights are two bit planes (2 + 1) and cost exactly 3 bits each, like the stored form.
+
+``params`` (float16, rows x groups x 2)
+    ``(scale, zero)`` per (row, group). The zero is an integer code (or 1/2 for the symmetric
+    1-bit grid), exact in float16, so ``(q - zero) * scale`` in float32 reproduces the stored
+    form's dequantized weight bit for bit.
+
+Only groups that are not a multiple of 32 columns cost padding; SmolLM2's and Gemma3's shapes
+with group sizes 32/64/128 have none. The conversion is exact both ways
+(:meth:`KernelWeight.to_quantized` rebuilds the stored tensors byte for byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from quantizers.base import GroupLayout, QuantizedTensor
+from quantizers.formats import UNIFORM_GRID, encode_uniform_grid
+from quantizers.grid import SCALE_DTYPE, GridSpec
+from quantizers.packing import unpack_codes
+
+CHUNK = 32
+"""Columns per chunk: 4 slots of one 8-lane float vector."""
+KERNEL_BITS = (1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class ChunkGeometry:
+    """Where each column of a row lives in the chunk layout (the same for every row)."""
+
+    cols: int
+    group_size: int | None
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in KERNEL_BITS:
+            raise ValueError(f"the kernel layout holds 1-4 bit codes, not {self.bits}")
+        if self.cols <= 0:
+            raise ValueError(f"in_features must be positive, got {self.cols}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive or None, got {self.group_size}")
+
+    @property
+    def size(self) -> int:
+        """Columns per group (all but possibly the last)."""
+        return self.cols if self.group_size is None else min(self.group_size, self.cols)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.cols // self.size)
+
+    @property
+    def last_len(self) -> int:
+        return self.cols - (self.groups - 1) * self.size
+
+    @property
+    def chunks_full(self) -> int:
+        return -(-self.size // CHUNK)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks per row."""
+        return (self.groups - 1) * self.chunks_full + -(-self.last_len // CHUNK)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return 4 * self.bits
+
+    @property
+    def row_bytes(self) -> int:
+        return self.chunks * self.chunk_bytes
+
+    @property
+    def padded_cols(self) -> int:
+        return self.chunks * CHUNK
+
+    @property
+    def kernel_group_size(self) -> int:
+        """The group size argument of the C kernels (0 = one group per row)."""
+        return 0 if self.group_size is None else self.group_size
+
+    @cached_property
+    def column_positions(self) -> np.ndarray:
+        """Position of every real column in the padded row of ``chunks * 32`` columns."""
+        cols = np.arange(self.cols)
+        return (cols // self.size) * (self.chunks_full * CHUNK) + cols % self.size
+
+
+def pack_chunks(codes: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
+    """Codes (rows x cols, values < 2**bits) -> the kernel layout (uint8, rows x row_bytes)."""
+    rows = codes.shape[0]
+    padded = np.zeros((rows, geometry.padded_cols), dtype=np.uint8)
+    padded[:, geometry.column_positions] = codes
+    slots = padded.reshape(rows, geometry.chunks, 4, 8)  # [row, chunk, slot s, lane l]
+    if geometry.bits == 3:
+        chunk = np.concatenate([_pack_slots(slots & 3, 2), _pack_slots(slots >> 2, 1)], axis=-1)
+    else:
+        chunk = _pack_slots(slots, geometry.bits)
+    return np.ascontiguousarray(chunk.reshape(rows, geometry.row_bytes))
+
+
+def unpack_chunks(packed: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
+    """Inverse of :func:`pack_chunks`: codes (uint8, rows x cols)."""
+    rows = packed.shape[0]
+    chunk = packed.reshape(rows, geometry.chunks, geometry.chunk_bytes)
+    if geometry.bits == 3:
+        slots = _unpack_slots(chunk[..., :8], 2) | (_unpack_slots(chunk[..., 8:], 1) << 2)
+    else:
+        slots = _unpack_slots(chunk, geometry.bits)
+    return np.ascontiguousarray(slots.reshape(rows, geometry.padded_cols)[:, geometry.column_positions])
+
+
+def _pack_slots(slots: np.ndarray, bits: int) -> np.ndarray:
+    """[..., 4 slots, 8 lanes] codes -> [..., 4 * bits] bytes of one chunk (bits 1, 2 or 4)."""
+    s = slots.astype(np.uint8)
+    if bits == 4:
+        return np.concatenate([s[..., 0, :] | (s[..., 2, :] << 4), s[..., 1, :] | (s[..., 3, :] << 4)], axis=-1)
+    if bits == 2:
+        return s[..., 0, :] | (s[..., 1, :] << 2) | (s[..., 2, :] << 4) | (s[..., 3, :] << 6)
+    lane_bit = (1 << np.arange(8)).astype(np.uint8)
+    return (s * lane_bit).sum(axis=-1, dtype=np.uint8)  # byte s, bit l
+
+
+def _unpack_slots(chunk: np.ndarray, bits: int) -> np.ndarray:
+    """[..., 4 * bits] bytes of one chunk -> [..., 4 slots, 8 lanes] codes (bits 1, 2 or 4)."""
+    if bits == 4:
+        lo, hi = chunk[..., :8], chunk[..., 8:]
+        return np.stack([lo & 15, hi & 15, lo >> 4, hi >> 4], axis=-2)
+    if bits == 2:
+        return np.stack([(chunk >> (2 * s)) & 3 for s in range(4)], axis=-2)
+    return (chunk[..., :, None] >> np.arange(8, dtype=np.uint8)) & 1
+
+
+@dataclass
+class KernelWeight:
+    """A uniform-grid weight in the kernel layout (module docstring) plus what reads it."""
+
+    codes: torch.Tensor
+    """uint8, out_features x row_bytes."""
+    params: torch.Tensor
+    """float16, out_features x groups x 2: (scale, zero) per (row, group)."""
+    shape: tuple[int, int]
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    @property
+    def geometry(self) -> ChunkGeometry:
+        return ChunkGeometry(self.shape[1], self.group_size, self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernels read per product: codes plus (scale, zero) pairs."""
+        return self.codes.numel() * self.codes.element_size() + self.params.numel() * self.params.element_size()
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor) -> KernelWeight:
+        """Convert a stored uniform-grid tensor (1-4 bits) into the kernel layout."""
+        if qt.format != UNIFORM_GRID:
+            raise ValueError(f"the kernels run the {UNIFORM_GRID!r} format, not {qt.format!r}")
+        rows, cols = qt.shape
+        spec = GridSpec(int(qt.meta["bits"]), bool(qt.meta["symmetric"]))
+        expected = {"codes", "scales"} if spec.symmetric else {"codes", "scales", "zeros"}
+        if set(qt.stored) != expected:  # e.g. a future variant with a column permutation: not this layout
+            raise ValueError(f"uniform-grid tensor with stored {sorted(qt.stored)}, the kernels read {sorted(expected)}")
+        geometry = ChunkGeometry(cols, qt.meta["group_size"], spec.bits)
+        codes = unpack_codes(qt.stored["codes"], spec.bits, rows * cols).reshape(rows, cols).numpy()
+        scales = qt.stored["scales"].reshape(rows, geometry.groups).to(SCALE_DTYPE)
+        if spec.symmetric:
+            zeros = torch.full_like(scales, spec.symmetric_zero())
+        else:
+            zeros = unpack_codes(qt.stored["zeros"], spec.bits, rows * geometry.groups).reshape(rows, geometry.groups).to(SCALE_DTYPE)
+        return cls(
+            codes=torch.from_numpy(pack_chunks(codes, geometry)),
+            params=torch.stack([scales, zeros], dim=-1).contiguous(),
+            shape=(rows, cols),
+            bits=spec.bits,
+            group_size=qt.meta["group_size"],
+            symmetric=spec.symmetric,
+        )
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """The integer codes (uint8, rows x cols)."""
+        return torch.from_numpy(unpack_chunks(self.codes.numpy(), self.geometry))
+
+    def to_quantized(self) -> QuantizedTensor:
+        """Back to the stored form, byte for byte what :meth:`from_quantized` was given."""
+        spec = GridSpec(self.bits, self.symmetric)
+        layout = GroupLayout(self.shape[1], self.group_size)
+        scales = self.params[..., 0].float()
+        zeros = self.params[..., 1].float()
+        return encode_uniform_grid(self.unpacked_codes(), scales, zeros, spec, layout)
+
+
+def dequantize_reference(weight: KernelWeight) -> torch.Tensor:
+    """The float32 weight from the kernel layout in plain torch: ``(q - zero) * scale``.
+
+    The same arithmetic as :func:`quantizers.formats.decode_uniform_grid`, so it matches the
+    simulated model's weight exactly; it is the reference the C kernels are tested against.
+    """
+    layout = GroupLayout(weight.shape[1], weight.group_size)
+    columns = layout.column_groups()
+    scales = weight.params[..., 0].float()[:, columns]
+    zeros = weight.params[..., 1].float()[:, columns]
+    return (weight.unpacked_codes().float() - zeros) * scales

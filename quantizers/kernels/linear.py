@@ -1,0 +1,104 @@
+"""``QuantLinear``: an inference ``nn.Linear`` whose weight stays packed at 1-4 bits.
+
+Three layers, kept apart: the tensor format (:mod:`quantizers.kernels.layout`), the kernels
+(:mod:`quantizers.kernels.ops` over the C library), and this module, which only holds buffers and
+routes ``forward`` to the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantizers.base import QuantizedTensor
+from quantizers.kernels import ops
+from quantizers.kernels.build import kernel_library
+from quantizers.kernels.layout import ChunkGeometry, KernelWeight
+
+
+class QuantLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` on a uniform grid of 1-4 bit codes (kernel layout buffers).
+
+    Buffers (so ``state_dict``/``load_state_dict`` carry them): ``codes`` (uint8,
+    out x row_bytes), ``params`` (float16 (scale, zero) pairs, out x groups x 2) and ``bias``
+    (float32 or absent). The input may be any float dtype; the product runs in float32 and is
+    returned in the input's dtype.
+
+    Inference only: when autograd is recording and the input requires grad, ``forward``
+    dequantizes and uses ``F.linear`` so gradients reach the input (the weight gets none).
+    """
+
+    codes: torch.Tensor
+    params: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None,
+                 symmetric: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        geometry = ChunkGeometry(in_features, group_size, bits)
+        self._prepared: ops.PreparedWeight | None = None
+        """The buffers bound to the kernels; rebuilt when a buffer is replaced (``.to()``, assign-loading)."""
+        self.register_buffer("codes", torch.zeros(out_features, geometry.row_bytes, dtype=torch.uint8))
+        self.register_buffer("params", torch.zeros(out_features, geometry.groups, 2, dtype=torch.float16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_quantized(cls, qt: QuantizedTensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Build from a stored uniform-grid tensor (converted to the kernel layout once, here)."""
+        weight = KernelWeight.from_quantized(qt)
+        module = cls(qt.shape[1], qt.shape[0], weight.bits, weight.group_size, weight.symmetric, bias=bias is not None)
+        module.codes.copy_(weight.codes)
+        module.params.copy_(weight.params)
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        return module
+
+    @property
+    def weight_layout(self) -> KernelWeight:
+        """The buffers as a :class:`KernelWeight` (views, no copies)."""
+        return KernelWeight(self.codes, self.params, (self.out_features, self.in_features), self.bits, self.group_size, self.symmetric)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out x in) on the buffers' device, equal to the stored form's dequantized weight."""
+        weight = self.weight_layout
+        if self.codes.device.type != "cpu":  # the unpackers run on the CPU
+            weight = KernelWeight(weight.codes.cpu(), weight.params.cpu(), weight.shape, weight.bits, weight.group_size,
+                                  weight.symmetric)
+        return ops.dequantize(weight).to(self.codes.device)
+
+    def to_quantized(self) -> QuantizedTensor:
+        """The stored form again (what :func:`allocator.packed.save_quantized` writes)."""
+        return self.weight_layout.to_quantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lib = kernel_library()
+        buffers = self._buffers  # direct dict reads: nn.Module.__getattr__ costs ~1 us per buffer
+        codes, params, bias = buffers["codes"], buffers["params"], buffers["bias"]
+        if lib is None or not x.is_cpu or (x.requires_grad and torch.is_grad_enabled()):
+            weight = self.dequantize().to(device=x.device, dtype=x.dtype)
+            return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
+        prepared = self._prepared
+        if prepared is None or not prepared.matches(lib, codes, params, bias):
+            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias)
+        out = prepared(x)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The kernel binding holds raw pointers (ctypes refuses to copy or pickle it) that would
+        # point into the original's buffers anyway: copies and unpickled modules bind their own.
+        state = self.__dict__.copy()
+        state["_prepared"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        group = "row" if self.group_size is None else str(self.group_size)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={group}, symmetric={self.symmetric}, bias={self.bias is not None}")

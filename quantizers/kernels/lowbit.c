@@ -1,0 +1,522 @@
+/*
+ * bitalloc low-bit matmul kernels: y = x @ W^T for W on a uniform grid of 1-4 bit codes.
+ *
+ * Weight model (quantizers/formats.py, "uniform_grid"): w[r, c] = s[r, g] * (q[r, c] - z[r, g])
+ * with unsigned codes q in [0, 2^bits), g = c / group_size, the last group of a row possibly
+ * shorter, and one float16 scale s and zero point z per (row, group).
+ *
+ * Kernel layout (built once at load time by quantizers/kernels/layout.py):
+ *
+ *   codes  - uint8, rows x row_bytes. Each row is its groups in order; each group is
+ *            ceil(len / 32) chunks of 32 consecutive columns (a short group is padded with
+ *            code 0). A chunk is 4 * bits bytes. Element e of a chunk is written
+ *            e = 8 * s + l (slot s = 0..3, lane l = 0..7) so that one 8-lane AVX2 vector
+ *            of codes covers 8 consecutive columns, x[8s .. 8s+7]:
+ *              4 bit: 16 bytes; byte l + 8*(s & 1), nibble (s >> 1)
+ *              2 bit:  8 bytes; byte l, bits 2s..2s+1
+ *              1 bit:  4 bytes; bit 8s + l of the little-endian 32-bit word (= byte s, bit l)
+ *              3 bit: 12 bytes; the 2-bit chunk of (q & 3) followed by the 1-bit chunk of (q >> 2)
+ *            Unpacking a slot is then one zero-extension per 8 bytes, a shift and a mask.
+ *   params - float16 pairs (scale, zero), rows x groups x 2; the zero is exact in fp16
+ *            (an integer code, or 1/2 for the symmetric 1-bit grid).
+ *
+ * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
+ * with the per-group sums of x computed once per call, so the inner loop is only
+ * unpack + convert + FMA. GEMM (a few tokens) dequantizes 8 weights at a time exactly as the
+ * reference does ((q - z) * s in fp32) and reuses them for a tile of up to 8 tokens.
+ *
+ * x is copied into a zero-padded buffer matching the chunk layout only when some group is not a
+ * multiple of 32 columns, so the inner loops never need a scalar tail.
+ *
+ * Threads: OpenMP over output rows. Inside torch's process this links to the libgomp torch has
+ * already loaded (same soname), so torch.set_num_threads() also governs these kernels.
+ */
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define BQ_AVX2 1
+#else
+#define BQ_AVX2 0
+#endif
+
+#define BQ_CHUNK 32
+#define BQ_TILE 8      /* tokens per GEMM tile */
+#define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
+#define BQ_ABI_VERSION 3
+
+/* Below this many multiply-adds a parallel region costs more than it saves. */
+#define BQ_PARALLEL_MIN_WORK 65536
+
+#if defined(_MSC_VER)
+#define BQ_INLINE static __forceinline
+#define BQ_EXPORT __declspec(dllexport)
+#else
+#define BQ_INLINE static inline __attribute__((always_inline))
+#define BQ_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* ----------------------------------------------------------------------------- helpers */
+
+BQ_INLINE float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    float out;
+    if (exponent == 0) {
+        /* zero or subnormal: mantissa * 2^-24, exact in float */
+        out = (float)mantissa * 5.9604644775390625e-08f;
+        return sign ? -out : out;
+    }
+    if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    memcpy(&out, &bits, sizeof out);
+    return out;
+#endif
+}
+
+/* Shape of the chunk layout, derived from (cols, group_size) alone. */
+typedef struct {
+    int64_t groups;        /* groups per row */
+    int64_t group_size;    /* columns in every group but possibly the last */
+    int64_t last_len;      /* columns in the last group */
+    int64_t chunks_full;   /* chunks in a full group */
+    int64_t chunks_last;   /* chunks in the last group */
+    int64_t chunks;        /* chunks per row */
+    int64_t chunk_bytes;   /* 4 * bits */
+    int padded;            /* 1 when the padded column count differs from cols */
+} Geometry;
+
+static Geometry geometry(int64_t cols, int64_t group_size, int bits) {
+    Geometry g;
+    if (group_size <= 0 || group_size > cols) group_size = cols;
+    g.group_size = group_size;
+    g.groups = (cols + group_size - 1) / group_size;
+    g.last_len = cols - (g.groups - 1) * group_size;
+    g.chunks_full = (group_size + BQ_CHUNK - 1) / BQ_CHUNK;
+    g.chunks_last = (g.last_len + BQ_CHUNK - 1) / BQ_CHUNK;
+    g.chunks = (g.groups - 1) * g.chunks_full + g.chunks_last;
+    g.chunk_bytes = 4 * (int64_t)bits;
+    g.padded = g.chunks * BQ_CHUNK != cols;
+    return g;
+}
+
+/* Code of element e (0..31) of one chunk: the scalar definition of the layout. */
+BQ_INLINE uint32_t chunk_code(const uint8_t *p, int bits, int e) {
+    int s = e >> 3, l = e & 7;
+    switch (bits) {
+    case 4: return (p[l + 8 * (s & 1)] >> (4 * (s >> 1))) & 15u;
+    case 2: return (p[l] >> (2 * s)) & 3u;
+    case 1: return (p[s] >> l) & 1u;
+    default: return ((p[l] >> (2 * s)) & 3u) | (((uint32_t)(p[8 + s] >> l) & 1u) << 2);
+    }
+}
+
+/* Copy rows of x (batch x cols) into the padded chunk layout (batch x chunks*32), zeros in the pads. */
+static void pad_input(const float *x, int64_t batch, int64_t cols, const Geometry *geo, float *xp) {
+    int64_t width = geo->chunks * BQ_CHUNK;
+    for (int64_t t = 0; t < batch; ++t) {
+        const float *src = x + t * cols;
+        float *dst = xp + t * width;
+        memset(dst, 0, (size_t)width * sizeof(float));
+        for (int64_t g = 0; g < geo->groups; ++g) {
+            int64_t len = g == geo->groups - 1 ? geo->last_len : geo->group_size;
+            memcpy(dst + g * geo->chunks_full * BQ_CHUNK, src + g * geo->group_size, (size_t)len * sizeof(float));
+        }
+    }
+}
+
+/* ----------------------------------------------------------------------------- AVX2 path */
+#if BQ_AVX2
+
+BQ_INLINE float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+BQ_INLINE __m256i load8_u8_to_i32(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+BQ_INLINE __m256i load_bits_by_lane(const uint8_t *p) {
+    /* lane l holds the 32-bit word shifted right by l, so bit 8s of lane l is element 8s + l */
+    uint32_t w;
+    memcpy(&w, p, sizeof w);
+    return _mm256_srlv_epi32(_mm256_set1_epi32((int)w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* The four slots (8 consecutive columns each) of one chunk as float codes. `bits` is a
+ * compile-time constant at every call site, so the switch disappears. */
+BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, __m256 q[4]) {
+    if (bits == 4) {
+        const __m256i m = _mm256_set1_epi32(15);
+        __m256i a = load8_u8_to_i32(p), b = load8_u8_to_i32(p + 8);
+        q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+        q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+        q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+    } else if (bits == 2) {
+        const __m256i m = _mm256_set1_epi32(3);
+        __m256i a = load8_u8_to_i32(p);
+        q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 2), m));
+        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 4), m));
+        q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 6));
+    } else if (bits == 1) {
+        const __m256i m = _mm256_set1_epi32(1);
+        __m256i a = load_bits_by_lane(p);
+        q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 8), m));
+        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 16), m));
+        q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 24), m));
+    } else { /* 3 = 2-bit plane + 1-bit plane; the high bit is moved to bit 2 before the OR */
+        const __m256i m3 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(4);
+        __m256i a = load8_u8_to_i32(p), h = load_bits_by_lane(p + 8);
+        q[0] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(a, m3), _mm256_and_si256(_mm256_slli_epi32(h, 2), m4)));
+        q[1] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 2), m3),
+                                                  _mm256_and_si256(_mm256_srli_epi32(h, 6), m4)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 4), m3),
+                                                  _mm256_and_si256(_mm256_srli_epi32(h, 14), m4)));
+        q[3] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(a, 6), _mm256_and_si256(_mm256_srli_epi32(h, 22), m4)));
+    }
+}
+
+/* GEMV for R (1 or 2) consecutive rows. Four accumulators per row (one per slot) keep eight
+ * independent FMA chains in flight for R = 2, enough to hide the FMA latency; the x loads are
+ * shared by both rows. */
+BQ_INLINE void gemv_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const float *xp,
+                         const float *xsum, const Geometry *geo, const int bits, const int R, float *y) {
+    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    float zterm[2] = {0.0f, 0.0f};
+    const uint8_t *p[2] = {codes, codes + row_bytes};
+    const float *xc = xp;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        __m256 acc[2][4];
+        for (int r = 0; r < R; ++r)
+            for (int s = 0; s < 4; ++s) acc[r][s] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < nc; ++c) {
+            __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
+            __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+            for (int r = 0; r < R; ++r) {
+                __m256 q[4];
+                unpack_chunk(p[r], bits, q);
+                acc[r][0] = _mm256_fmadd_ps(q[0], x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(q[1], x1, acc[r][1]);
+                acc[r][2] = _mm256_fmadd_ps(q[2], x2, acc[r][2]);
+                acc[r][3] = _mm256_fmadd_ps(q[3], x3, acc[r][3]);
+                p[r] += geo->chunk_bytes;
+            }
+            xc += BQ_CHUNK;
+        }
+        for (int r = 0; r < R; ++r) {
+            const uint16_t *pr = params + (int64_t)r * geo->groups * 2 + g * 2;
+            float s = half_to_float(pr[0]), z = half_to_float(pr[1]);
+            __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3]));
+            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), sum, total[r]);
+            zterm[r] += s * z * xsum[g];
+        }
+    }
+    for (int r = 0; r < R; ++r) y[r] = hsum256(total[r]) - zterm[r];
+}
+
+/* GEMM for one row and T (1..8) tokens: dequantize 8 weights exactly as the reference does,
+ * then one FMA per token. T is a compile-time constant at every call site. */
+BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const float *xp, int64_t xstride,
+                        const Geometry *geo, const int bits, const int T, float *y, int64_t ystride) {
+    __m256 acc[BQ_TILE];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    const uint8_t *p = codes;
+    int64_t col = 0;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        __m256 vs = _mm256_set1_ps(half_to_float(params[2 * g]));
+        __m256 vz = _mm256_set1_ps(half_to_float(params[2 * g + 1]));
+        for (int64_t c = 0; c < nc; ++c) {
+            __m256 q[4];
+            unpack_chunk(p, bits, q);
+            for (int s = 0; s < 4; ++s) {
+                __m256 w = _mm256_mul_ps(_mm256_sub_ps(q[s], vz), vs);
+                for (int t = 0; t < T; ++t)
+                    acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xp + t * xstride + col + 8 * s), acc[t]);
+            }
+            p += geo->chunk_bytes;
+            col += BQ_CHUNK;
+        }
+    }
+    for (int t = 0; t < T; ++t) y[t * ystride] = hsum256(acc[t]);
+}
+
+BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z, float *out) {
+    __m256 q[4], vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+    unpack_chunk(p, bits, q);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_sub_ps(q[k], vz), vs));
+}
+
+#else /* ------------------------------------------------------------------ portable path */
+
+/* Plain loops over a chunk decoded into 32 floats: compilers vectorize the 32-wide dot and
+ * multiply-add loops for whatever SIMD the target has. */
+BQ_INLINE void unpack_chunk_scalar(const uint8_t *p, const int bits, float *q) {
+    for (int e = 0; e < BQ_CHUNK; ++e) q[e] = (float)chunk_code(p, bits, e);
+}
+
+BQ_INLINE void gemv_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const float *xp,
+                         const float *xsum, const Geometry *geo, const int bits, const int R, float *y) {
+    for (int r = 0; r < R; ++r) {
+        const uint8_t *p = codes + r * row_bytes;
+        const uint16_t *pr = params + (int64_t)r * geo->groups * 2;
+        const float *xc = xp;
+        float total = 0.0f, zterm = 0.0f;
+        for (int64_t g = 0; g < geo->groups; ++g) {
+            int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+            float acc[BQ_CHUNK] = {0};
+            for (int64_t c = 0; c < nc; ++c) {
+                float q[BQ_CHUNK];
+                unpack_chunk_scalar(p, bits, q);
+                for (int e = 0; e < BQ_CHUNK; ++e) acc[e] += q[e] * xc[e];
+                p += geo->chunk_bytes;
+                xc += BQ_CHUNK;
+            }
+            float sum = 0.0f;
+            for (int e = 0; e < BQ_CHUNK; ++e) sum += acc[e];
+            float s = half_to_float(pr[2 * g]), z = half_to_float(pr[2 * g + 1]);
+            total += s * sum;
+            zterm += s * z * xsum[g];
+        }
+        y[r] = total - zterm;
+    }
+}
+
+BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const float *xp, int64_t xstride,
+                        const Geometry *geo, const int bits, const int T, float *y, int64_t ystride) {
+    float acc[BQ_TILE][BQ_CHUNK];
+    memset(acc, 0, sizeof acc);
+    const uint8_t *p = codes;
+    int64_t col = 0;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        float s = half_to_float(params[2 * g]), z = half_to_float(params[2 * g + 1]);
+        for (int64_t c = 0; c < nc; ++c) {
+            float w[BQ_CHUNK];
+            for (int e = 0; e < BQ_CHUNK; ++e) w[e] = ((float)chunk_code(p, bits, e) - z) * s;
+            for (int t = 0; t < T; ++t)
+                for (int e = 0; e < BQ_CHUNK; ++e) acc[t][e] += w[e] * xp[t * xstride + col + e];
+            p += geo->chunk_bytes;
+            col += BQ_CHUNK;
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        float sum = 0.0f;
+        for (int e = 0; e < BQ_CHUNK; ++e) sum += acc[t][e];
+        y[t * ystride] = sum;
+    }
+}
+
+BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z, float *out) {
+    for (int e = 0; e < BQ_CHUNK; ++e) out[e] = ((float)chunk_code(p, bits, e) - z) * s;
+}
+
+#endif
+
+/* ----------------------------------------------------------------------------- drivers */
+
+/* Each driver is instantiated per bit width so `bits` is a constant inside the hot loops. */
+#define BQ_DEFINE_GEMV(B)                                                                                         \
+    static void gemv_b##B(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t row_bytes,          \
+                          const float *xp, const float *xsum, const Geometry *geo, float *y, int parallel) {      \
+        int64_t pairs = rows / 2;                                                                                 \
+        (void)parallel; /* unused without OpenMP */                                                               \
+        _Pragma("omp parallel for schedule(static) if (parallel)") for (int64_t i = 0; i < pairs; ++i) {          \
+            int64_t r = 2 * i;                                                                                    \
+            gemv_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xp, xsum, geo, B, 2, y + r); \
+        }                                                                                                         \
+        if (rows & 1) {                                                                                           \
+            int64_t r = rows - 1;                                                                                 \
+            gemv_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xp, xsum, geo, B, 1, y + r); \
+        }                                                                                                         \
+    }
+
+BQ_DEFINE_GEMV(1)
+BQ_DEFINE_GEMV(2)
+BQ_DEFINE_GEMV(3)
+BQ_DEFINE_GEMV(4)
+
+#define BQ_GEMM_TAIL_CASE(B, T)                                                                        \
+    case T: gemm_row(p, pr, xp + t0 * xstride, xstride, geo, B, T, y + t0 * rows + r, rows); break;
+
+#define BQ_DEFINE_GEMM(B)                                                                                         \
+    static void gemm_b##B(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t row_bytes,          \
+                          const float *xp, int64_t xstride, int64_t batch, const Geometry *geo, float *y,         \
+                          int parallel) {                                                                         \
+        int64_t blocks = (rows + BQ_ROW_BLOCK - 1) / BQ_ROW_BLOCK;                                                \
+        (void)parallel; /* unused without OpenMP */                                                               \
+        _Pragma("omp parallel for schedule(static) if (parallel)") for (int64_t b = 0; b < blocks; ++b) {         \
+            int64_t r_end = (b + 1) * BQ_ROW_BLOCK < rows ? (b + 1) * BQ_ROW_BLOCK : rows;                        \
+            for (int64_t t0 = 0; t0 < batch; t0 += BQ_TILE) {                                                     \
+                int64_t tn = batch - t0 < BQ_TILE ? batch - t0 : BQ_TILE;                                         \
+                for (int64_t r = b * BQ_ROW_BLOCK; r < r_end; ++r) {                                              \
+                    const uint8_t *p = codes + r * row_bytes;                                                     \
+                    const uint16_t *pr = params + r * geo->groups * 2;                                            \
+                    switch (tn) {                                                                                 \
+                        BQ_GEMM_TAIL_CASE(B, 1) BQ_GEMM_TAIL_CASE(B, 2) BQ_GEMM_TAIL_CASE(B, 3)                    \
+                        BQ_GEMM_TAIL_CASE(B, 4) BQ_GEMM_TAIL_CASE(B, 5) BQ_GEMM_TAIL_CASE(B, 6)                    \
+                        BQ_GEMM_TAIL_CASE(B, 7) BQ_GEMM_TAIL_CASE(B, 8)                                            \
+                    }                                                                                             \
+                }                                                                                                 \
+            }                                                                                                     \
+        }                                                                                                         \
+    }
+
+BQ_DEFINE_GEMM(1)
+BQ_DEFINE_GEMM(2)
+BQ_DEFINE_GEMM(3)
+BQ_DEFINE_GEMM(4)
+
+/* ----------------------------------------------------------------------------- exported API */
+
+BQ_EXPORT int bq_abi_version(void) { return BQ_ABI_VERSION; }
+
+BQ_EXPORT int bq_simd(void) { return BQ_AVX2 ? 2 : 0; }
+
+BQ_EXPORT int bq_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+BQ_EXPORT int64_t bq_row_bytes(int64_t cols, int64_t group_size, int bits) {
+    Geometry geo = geometry(cols, group_size, bits);
+    return geo.chunks * geo.chunk_bytes;
+}
+
+/*
+ * y (batch x rows) = x (batch x cols) @ W^T + bias. All arrays contiguous row-major; params holds
+ * float16 bit patterns; bias (rows floats) may be NULL. Returns 0 on success, a negative code on
+ * bad arguments or no memory.
+ */
+BQ_EXPORT int bq_matmul(const float *x, int64_t batch, int64_t cols, const uint8_t *codes, const uint16_t *params,
+                        const float *bias, int64_t rows, int bits, int64_t group_size, float *y) {
+    if (bits < 1 || bits > 4 || batch < 0 || cols <= 0 || rows <= 0) return -1;
+    if (batch == 0) return 0;
+    Geometry geo = geometry(cols, group_size, bits);
+    int64_t row_bytes = geo.chunks * geo.chunk_bytes;
+    int64_t width = geo.chunks * BQ_CHUNK;
+    int parallel = rows * cols * batch >= BQ_PARALLEL_MIN_WORK;
+    float *padded = NULL;
+    const float *xp = x;
+    if (geo.padded) {
+        padded = (float *)malloc((size_t)(batch * width) * sizeof(float));
+        if (!padded) return -2;
+        pad_input(x, batch, cols, &geo, padded);
+        xp = padded;
+    }
+    if (batch == 1) {
+        float *xsum = (float *)malloc((size_t)geo.groups * sizeof(float));
+        if (!xsum) {
+            free(padded);
+            return -2;
+        }
+        for (int64_t g = 0; g < geo.groups; ++g) {
+            int64_t len = g == geo.groups - 1 ? geo.last_len : geo.group_size;
+            const float *src = x + g * geo.group_size;
+            float s = 0.0f;
+            for (int64_t c = 0; c < len; ++c) s += src[c];
+            xsum[g] = s;
+        }
+        switch (bits) {
+        case 1: gemv_b1(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        case 2: gemv_b2(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        case 3: gemv_b3(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        default: gemv_b4(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        }
+        free(xsum);
+    } else {
+        int64_t xstride = geo.padded ? width : cols;
+        switch (bits) {
+        case 1: gemm_b1(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        case 2: gemm_b2(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        case 3: gemm_b3(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        default: gemm_b4(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        }
+    }
+    free(padded);
+    if (bias) {
+        for (int64_t t = 0; t < batch; ++t)
+            for (int64_t r = 0; r < rows; ++r) y[t * rows + r] += bias[r];
+    }
+    return 0;
+}
+
+/* A weight described once, so a per-token call from Python converts 4 arguments instead of 10
+ * (ctypes spends ~0.3 us per argument, comparable to a small GEMV). Field order is mirrored by
+ * quantizers/kernels/build.py:WeightDescriptor. */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *params;
+    const float *bias;
+    int64_t rows;
+    int64_t cols;
+    int64_t group_size;
+    int64_t bits;
+} bq_weight;
+
+BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y) {
+    return bq_matmul(x, batch, w->cols, w->codes, w->params, w->bias, w->rows, (int)w->bits, w->group_size, y);
+}
+
+/* out (rows x cols, float32) = the dequantized weight, (q - z) * s exactly as the reference. */
+BQ_EXPORT int bq_dequantize(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t cols, int bits,
+                            int64_t group_size, float *out) {
+    if (bits < 1 || bits > 4 || cols <= 0 || rows <= 0) return -1;
+    Geometry geo = geometry(cols, group_size, bits);
+    int64_t row_bytes = geo.chunks * geo.chunk_bytes;
+    int parallel = rows * cols >= BQ_PARALLEL_MIN_WORK;
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t *p = codes + r * row_bytes;
+        const uint16_t *pr = params + r * geo.groups * 2;
+        float *dst = out + r * cols;
+        for (int64_t g = 0; g < geo.groups; ++g) {
+            int64_t len = g == geo.groups - 1 ? geo.last_len : geo.group_size;
+            int64_t nc = g == geo.groups - 1 ? geo.chunks_last : geo.chunks_full;
+            float s = half_to_float(pr[2 * g]), z = half_to_float(pr[2 * g + 1]);
+            for (int64_t c = 0; c < nc; ++c) {
+                float buf[BQ_CHUNK];
+                int64_t n = len - c * BQ_CHUNK < BQ_CHUNK ? len - c * BQ_CHUNK : BQ_CHUNK;
+                /* dispatch once per chunk; dequantization is not on the hot decode path */
+                switch (bits) {
+                case 1: dequant_chunk(p, 1, s, z, buf); break;
+                case 2: dequant_chunk(p, 2, s, z, buf); break;
+                case 3: dequant_chunk(p, 3, s, z, buf); break;
+                default: dequant_chunk(p, 4, s, z, buf); break;
+                }
+                memcpy(dst + g * geo.group_size + c * BQ_CHUNK, buf, (size_t)n * sizeof(float));
+                p += geo.chunk_bytes;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,365 @@
+"""Packed low-bit weights and their CPU kernels: layout round trips, kernel vs. reference, QuantLinear,
+and a packed model run through the kernels.
+
+Kernel tests skip only when there is no C compiler at all; a compiler that fails to build the
+kernels is a failure.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from allocator.apply import quantize_model
+from allocator.evaluate import REFERENCE, evaluate, next_token_logprobs
+from allocator.layers import quantizable_linears, swapped_weights
+from allocator.models import LoadedModel
+from allocator.packed import (
+    DEQUANTIZED,
+    KERNEL,
+    install_quantized,
+    load_quantized,
+    load_quantized_model,
+    quantized_from_modules,
+    save_quantized,
+)
+from allocator.options import quantizer_from_settings
+from quantizers import RTNQuantizer, XNORQuantizer
+from quantizers.kernels import build, ops
+from quantizers.kernels.build import FLAG_SETS, KernelLibrary, find_compiler, kernel_library
+from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference, pack_chunks, unpack_chunks
+from quantizers.kernels.linear import QuantLinear
+from tests.conftest import WORDS, tiny_llama, tiny_tokenizer
+
+# (rows, cols, group_size): odd row counts, a shorter last group, groups and rows that are not
+# multiples of 32 (padded chunks), one group per row, and a real SmolLM2 width.
+SHAPES = [
+    (13, 100, 32),  # last group of 4 columns
+    (8, 96, 40),  # groups of 40 = 32 + 8 (every group padded), last group of 16
+    (7, 77, None),  # one group per row, not a multiple of 32
+    (33, 576, 128),  # SmolLM2 width: four groups of 128 and one of 64, no padding
+    (5, 64, 256),  # group larger than the row
+]
+BITS = (1, 2, 3, 4)
+
+
+def quantized_weight(rows: int, cols: int, group: int | None, bits: int, symmetric: bool = False, seed: int = 0):
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return RTNQuantizer(bits, group, symmetric).quantize(weight)
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelLibrary]:
+    """The kernels compiled from scratch into an empty cache; skipped only when no C compiler exists."""
+    if find_compiler() is None:
+        pytest.skip("no C compiler (cc/gcc/clang or $CC): the kernels cannot be built, the reference path is used")
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("BITALLOC_CACHE", str(cache))
+    kernel_library.cache_clear()
+    try:
+        library = kernel_library()
+        assert library is not None, "a C compiler is present but the kernels did not build (see the warning)"
+        assert library.path.parent == cache / "kernels" and library.path.is_file()
+        assert kernel_library() is library  # built once per process
+        yield library
+    finally:
+        patch.undo()
+        kernel_library.cache_clear()
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,cols,group", SHAPES)
+def test_chunk_layout_round_trips_codes(bits: int, rows: int, cols: int, group: int | None) -> None:
+    geometry = ChunkGeometry(cols, group, bits)
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, size=(rows, cols), dtype=np.uint8)
+    packed = pack_chunks(codes, geometry)
+    assert packed.dtype == np.uint8 and packed.shape == (rows, geometry.row_bytes)
+    assert geometry.row_bytes * 8 == geometry.padded_cols * bits  # bits per code exactly, 3-bit included
+    assert np.array_equal(unpack_chunks(packed, geometry), codes)
+
+
+def test_chunk_layout_places_each_element_where_documented() -> None:
+    """One code at a time, against the table in quantizers/kernels/layout.py (not the packer's own logic)."""
+    expected_bit = {
+        4: lambda s, l: [(8 * (l + 8 * (s & 1)) + 4 * (s >> 1) + k) for k in range(4)],
+        2: lambda s, l: [(8 * l + 2 * s + k) for k in range(2)],
+        1: lambda s, l: [8 * s + l],
+        3: lambda s, l: [8 * l + 2 * s, 8 * l + 2 * s + 1, 64 + 8 * s + l],
+    }
+    for bits, where in expected_bit.items():
+        geometry = ChunkGeometry(CHUNK, None, bits)
+        for element in range(CHUNK):
+            codes = np.zeros((1, CHUNK), dtype=np.uint8)
+            codes[0, element] = (1 << bits) - 1
+            stream = np.unpackbits(pack_chunks(codes, geometry)[0], bitorder="little")
+            assert sorted(np.flatnonzero(stream).tolist()) == sorted(where(element // 8, element % 8)), (bits, element)
+
+
+def test_geometry_pads_only_short_groups() -> None:
+    assert ChunkGeometry(576, 128, 3).row_bytes == 576 * 3 // 8  # no padding on SmolLM2's width
+    assert ChunkGeometry(640, 128, 2).row_bytes == 640 * 2 // 8  # nor on Gemma3's
+    short = ChunkGeometry(100, 32, 2)
+    assert (short.groups, short.last_len, short.chunks) == (4, 4, 4) and short.padded_cols == 128
+    assert list(short.column_positions[[0, 31, 32, 96, 99]]) == [0, 31, 32, 96, 99]
+    padded = ChunkGeometry(96, 40, 4)  # groups of 40 take two chunks each
+    assert padded.chunks == 5 and list(padded.column_positions[[39, 40, 80, 95]]) == [39, 64, 128, 143]
+    for bad in [(64, 32, 5), (64, 0, 2), (0, 32, 2)]:
+        with pytest.raises(ValueError):
+            ChunkGeometry(*bad)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kernel_weight_converts_exactly_both_ways(bits: int, symmetric: bool) -> None:
+    for rows, cols, group in SHAPES:
+        qt = quantized_weight(rows, cols, group, bits, symmetric)
+        weight = KernelWeight.from_quantized(qt)
+        assert torch.equal(dequantize_reference(weight), qt.dequantized)
+        back = weight.to_quantized()
+        assert back.format == qt.format and back.meta == qt.meta and back.shape == qt.shape
+        assert set(back.stored) == set(qt.stored)
+        for name, tensor in qt.stored.items():
+            assert torch.equal(back.stored[name], tensor), (bits, symmetric, rows, cols, group, name)
+
+
+def test_kernel_weight_refuses_other_formats() -> None:
+    from quantizers import BiLLMQuantizer
+
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="uniform_grid"):
+        KernelWeight.from_quantized(BiLLMQuantizer().quantize(weight, torch.eye(64)))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def error_bound(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
+    """Float32 rounding allowance for x @ W^T computed as s * (sum x q - z sum x) in any order."""
+    codes = weight.unpacked_codes().float()
+    columns = torch.arange(weight.shape[1]) // weight.geometry.size
+    scales = weight.params[..., 0].float()[:, columns].abs()
+    zeros = weight.params[..., 1].float()[:, columns].abs()
+    return 2e-5 * (x.abs().double() @ ((codes + zeros) * scales).double().T) + 1e-6
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_c_dequantize_matches_reference_exactly(lib: KernelLibrary, bits: int) -> None:
+    for rows, cols, group in SHAPES:
+        assert lib.lib.bq_row_bytes(cols, group or 0, bits) == ChunkGeometry(cols, group, bits).row_bytes  # C and Python agree
+        for symmetric in (False, True):
+            weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, bits, symmetric))
+            assert torch.equal(ops.dequantize(weight, lib), dequantize_reference(weight)), (rows, cols, group, symmetric)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 13, 64, 65])  # GEMV, GEMM tiles and tails, the dequantize fallback
+def test_kernel_matmul_matches_reference(lib: KernelLibrary, bits: int, tokens: int) -> None:
+    generator = torch.Generator().manual_seed(tokens)
+    for rows, cols, group in SHAPES:
+        weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, bits, symmetric=bits == 1))
+        x = torch.randn(tokens, cols, generator=generator)
+        bias = torch.randn(rows, generator=generator)
+        exact = x.double() @ dequantize_reference(weight).double().T
+        got = ops.matmul(x, weight, library=lib)
+        assert got.dtype == torch.float32 and got.shape == (tokens, rows)
+        assert ((got.double() - exact).abs() <= error_bound(x, weight)).all(), (rows, cols, group)
+        with_bias = ops.matmul(x, weight, bias, library=lib)
+        assert ((with_bias.double() - exact - bias.double()).abs() <= error_bound(x, weight) + 1e-6).all()
+        reference = ops.reference_matmul(x, weight)
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+def test_kernel_results_do_not_depend_on_thread_count(lib: KernelLibrary) -> None:
+    """Every output row is computed whole by one thread, so threads change nothing, not even rounding."""
+    weight = KernelWeight.from_quantized(quantized_weight(301, 576, 128, 3))
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(0))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib)]
+        torch.set_num_threads(2)
+        multi = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib)]
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(single, multi))
+
+
+def test_portable_build_without_simd_or_openmp_agrees(lib: KernelLibrary) -> None:
+    """The fallback C path (no -march=native, no OpenMP) computes the same products."""
+    portable = build._load(build._build(lib.compiler, FLAG_SETS[-1]), lib.compiler, FLAG_SETS[-1])
+    if build.platform.machine() in {"x86_64", "AMD64"}:
+        assert portable.simd == "portable" and lib.simd == "avx2"
+    for bits in BITS:
+        for rows, cols, group in SHAPES[:3]:
+            weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, bits))
+            assert torch.equal(ops.dequantize(weight, portable), dequantize_reference(weight))
+            for tokens in (1, 5):
+                x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
+                exact = x.double() @ dequantize_reference(weight).double().T
+                assert ((ops.matmul(x, weight, library=portable).double() - exact).abs() <= error_bound(x, weight)).all()
+
+
+def test_without_compiler_warns_once_and_uses_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    qt = quantized_weight(12, 64, 32, 2)
+    module = QuantLinear.from_quantized(qt, torch.randn(12))
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    kernel_library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            assert kernel_library() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning is given once, not per call
+            assert kernel_library() is None
+            with torch.no_grad():
+                out = module(x)
+        assert torch.equal(out, F.linear(x, qt.dequantized, module.bias))
+    finally:
+        kernel_library.cache_clear()
+
+
+def test_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(build.DISABLE_ENV, "0")
+    kernel_library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert kernel_library() is None
+    finally:
+        kernel_library.cache_clear()
+
+
+# ----------------------------------------------------------------------------- QuantLinear
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_linear_computes_the_dequantized_linear(lib: KernelLibrary, bits: int) -> None:
+    qt = quantized_weight(40, 96, 40, bits)
+    bias = torch.randn(40)
+    module = QuantLinear.from_quantized(qt, bias)
+    assert torch.equal(module.dequantize(), qt.dequantized)
+    for shape in [(1, 1, 96), (2, 7, 96), (96,), (3, 70, 96)]:  # decode, prefill, an unbatched vector, the fallback
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            out = module(x)
+        expected = F.linear(x, qt.dequantized, bias)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    half = module(torch.randn(2, 3, 96, dtype=torch.bfloat16))
+    assert half.dtype == torch.bfloat16 and half.shape == (2, 3, 40)
+
+
+def test_quant_linear_passes_gradients_to_its_input(lib: KernelLibrary) -> None:
+    qt = quantized_weight(16, 64, 32, 3)
+    module = QuantLinear.from_quantized(qt)
+    x = torch.randn(4, 64, requires_grad=True)
+    module(x).sum().backward()
+    torch.testing.assert_close(x.grad, qt.dequantized.sum(dim=0).expand(4, 64))
+
+
+def test_quant_linear_state_dict_round_trip(lib: KernelLibrary) -> None:
+    qt = quantized_weight(24, 100, 32, 3, seed=1)
+    module = QuantLinear.from_quantized(qt, torch.randn(24))
+    state = module.state_dict()
+    assert set(state) == {"codes", "params", "bias"} and state["codes"].dtype == torch.uint8
+    fresh = QuantLinear(100, 24, bits=3, group_size=32)
+    x = torch.randn(3, 100)
+    with torch.no_grad():
+        before = fresh(x)  # binds the zero buffers first: loading must rebind or update in place
+        fresh.load_state_dict(state)
+        assert torch.equal(fresh(x), module(x)) and not torch.equal(before, fresh(x))
+        fresh.load_state_dict(state, assign=True)  # replaced buffers get a new binding
+        assert torch.equal(fresh(x), module(x))
+    for name, tensor in qt.stored.items():
+        assert torch.equal(fresh.to_quantized().stored[name], tensor)
+    # a module that has run (and so holds a pointer binding) still copies and pickles
+    twin = copy.deepcopy(fresh)
+    buffer = io.BytesIO()
+    torch.save(fresh, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(twin(x), module(x)) and torch.equal(unpickled(x), module(x))
+    assert twin.codes.data_ptr() != fresh.codes.data_ptr()
+
+
+# ----------------------------------------------------------------------------- a packed model
+
+
+MODEL_SETTINGS = [
+    {"quantizer": "rtn", "bits": 2, "group_size": 32},
+    {"quantizer": "gptq", "bits": 3, "group_size": 40},  # padded groups inside a real model
+    {"quantizer": "rtn", "bits": 4, "group_size": None, "symmetric": True},
+    {"quantizer": "xnor", "group_size": 64},
+    {"quantizer": "gptq", "bits": 3, "group_size": 64},
+    {"quantizer": "billm"},  # no kernel for this format: runs dequantized
+    {"quantizer": "rtn", "bits": 1, "group_size": 32},
+]
+
+
+def test_packed_model_runs_on_kernels_with_the_simulated_perplexity(lib: KernelLibrary, tmp_path) -> None:
+    reference = tiny_llama()
+    names = list(quantizable_linears(reference))
+    assignment = {name: quantizer_from_settings(MODEL_SETTINGS[i % len(MODEL_SETTINGS)]) for i, name in enumerate(names)}
+    samples = torch.randint(2, len(WORDS) + 2, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantized = quantize_model(reference, assignment, samples, progress=False)
+    save_quantized(tmp_path / "packed", "tiny", quantized, {n: q.settings() for n, q in assignment.items()})
+
+    loaded = LoadedModel("tiny", tiny_llama(), tiny_tokenizer(), add_bos=False)
+    run = load_quantized_model(tmp_path / "packed", loaded)
+    assert run.loaded is loaded and set(run.kinds) == set(names)
+    for name, kind in run.kinds.items():
+        module = dict(loaded.model.named_modules())[name]
+        fmt = quantized.tensors[name].format
+        assert (kind == KERNEL) == (fmt == "uniform_grid") and isinstance(module, QuantLinear) == (kind == KERNEL)
+    assert DEQUANTIZED in run.kinds.values() and list(run.kinds.values()).count(KERNEL) >= 10
+
+    windows = torch.randint(2, len(WORDS) + 2, (3, 24), generator=torch.Generator().manual_seed(1))
+    simulated = evaluate(reference, windows, {"simulated": quantized.dequantized_weights()}, progress=False)["simulated"]
+    on_kernels = evaluate(loaded.model, windows, {}, progress=False)[REFERENCE]
+    assert on_kernels.perplexity == pytest.approx(simulated.perplexity, rel=1e-4)
+    with torch.inference_mode(), swapped_weights(reference, quantized.dequantized_weights()):
+        expected = next_token_logprobs(reference, windows[:1])
+        got = next_token_logprobs(loaded.model, windows[:1])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        generated = loaded.model.generate(windows[:1, :8], max_new_tokens=6, do_sample=False, use_cache=True)
+    assert generated.shape == (1, 14) and torch.equal(generated[:, :8], windows[:1, :8])
+
+    # the packed weights read back out of the running model are the saved ones, byte for byte
+    from_modules = quantized_from_modules(loaded.model)
+    assert set(from_modules.tensors) == {n for n, k in run.kinds.items() if k == KERNEL}
+    disk = load_quantized(tmp_path / "packed").quantized
+    for name, qt in from_modules.tensors.items():
+        assert qt.meta == disk.tensors[name].meta and qt.storage_bits == disk.tensors[name].storage_bits
+        assert all(torch.equal(qt.stored[k], disk.tensors[name].stored[k]) for k in disk.tensors[name].stored), name
+    # ... and saving them from the modules then loading again gives identical modules
+    save_quantized(tmp_path / "again", "tiny", from_modules, {n: assignment[n].settings() for n in from_modules.tensors})
+    again = tiny_llama()
+    kinds = install_quantized(again, load_quantized(tmp_path / "again").quantized)
+    assert set(kinds.values()) == {KERNEL}
+    modules_again = dict(again.named_modules())
+    for name in from_modules.tensors:
+        first, second = dict(loaded.model.named_modules())[name], modules_again[name]
+        assert torch.equal(first.codes, second.codes) and torch.equal(first.params, second.params)
+
+
+def test_install_refuses_a_mismatched_model() -> None:
+    model = tiny_llama()
+    name = next(iter(quantizable_linears(model)))
+    quantized = quantize_model(model, {name: XNORQuantizer(32)}, progress=False)
+    quantized.tensors["model.layers.9.mlp.up_proj"] = quantized.tensors.pop(name)
+    from allocator.errors import BitallocError
+
+    with pytest.raises(BitallocError, match="not a quantizable linear"):
+        install_quantized(tiny_llama(), quantized)

@@ -1,0 +1,196 @@
+"""SAC training, the policy artifact and its checks, zero-shot application, and the CLI
+(``bitalloc train`` / ``bitalloc solve --policy``), on small synthetic tables and the tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allocator.bitmap import BitMap
+from allocator.errors import BitallocError
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers import Budget, Constraints, solve
+from policies.apply import NAME, apply_policy
+from policies.artifact import load_policy, read_card, sidecar_path
+from policies.sac import TrainConfig, train
+from tests.cli_helpers import assert_one_line_error, run
+
+SMALL = dict(learning_starts=100, batch_size=32, net_arch=(32, 32))
+
+
+def synthetic(seed: int = 1, layers: int = 28, missing: float = 0.0) -> SensitivityTable:
+    return SensitivityTable.synthetic(num_layers=layers, seed=seed, missing=missing)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A policy trained for 300 steps on one synthetic table (checkpoints every 150 steps)."""
+    out = tmp_path_factory.mktemp("sac")
+    return train([synthetic(1)], out, TrainConfig(timesteps=300, seed=3, checkpoint_every=150, **SMALL), progress=False)
+
+
+def test_training_writes_the_artifact_checkpoints_and_logs(trained: Path) -> None:
+    run_dir = trained.parent
+    card = read_card(trained)
+    assert card.timesteps == 300 and card.seed == 3 and card.bpw_range == (1.5, 4.0)
+    assert card.feature_schema == "synthetic-v1" and card.models[0]["model"] == synthetic(1).key.model
+    assert card.models[0]["option_labels"] == synthetic(1).labels
+    assert card.policy_kwargs == {"net_arch": [32, 32]} and card.reward.dense
+    sidecar = json.loads(sidecar_path(trained).read_text())
+    assert sidecar["schema_version"] == 1 and len(sidecar["normalization"]["mean"]) == 11
+    checkpoints = run_dir / "checkpoints"
+    for steps in (150, 300):
+        assert read_card(checkpoints / f"sac_{steps}_steps.zip").timesteps == steps
+        assert (checkpoints / f"sac_replay_buffer_{steps}_steps.pkl").is_file()
+    header = (run_dir / "logs" / "progress.csv").read_text().splitlines()[0].split(",")
+    assert "allocation/loss_ratio" in header and "train/actor_loss" in header
+
+
+def test_applied_policy_meets_the_budget_on_other_tables(trained: Path) -> None:
+    policy = load_policy(trained)
+    for table, constraints in ((synthetic(2, layers=42, missing=0.2), Constraints()), (synthetic(7, layers=21), Constraints(tie=False))):
+        for budget in (Budget.bpw(1.9), Budget.bpw(2.5), Budget.bpw(3.3), Budget.bytes(table.total_numel // 3)):
+            bitmap = apply_policy(policy, table, budget, constraints)
+            assert bitmap.total_bits <= budget.max_bits(table.total_numel)
+            assert list(bitmap.modules) == table.names and bitmap.solver.name == NAME
+            assert bitmap.solver.info["units"] == (table.num_layers if not constraints.tie else len(set(table.tie_group)))
+            assert BitMap.from_json(bitmap.to_json()).options() == bitmap.options()
+            # the ILP is optimal: a policy can at best match it
+            assert bitmap.predicted_loss >= solve(table, budget, constraints).predicted_loss * (1 - 1e-9)
+            assert apply_policy(policy, table, budget, constraints).options() == bitmap.options()  # deterministic
+
+
+def test_applying_a_policy_never_unpickles(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    import cloudpickle
+    from stable_baselines3 import SAC
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("unpickling while applying a policy")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "load"), (cloudpickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    monkeypatch.setattr(SAC, "load", refuse)
+    bitmap = apply_policy(trained, synthetic(2), 2.5)
+    assert bitmap.predicted_bpw <= 2.5
+
+
+def test_the_sidecar_guards_the_zip(trained: Path, tmp_path: Path) -> None:
+    def copy(name: str) -> Path:
+        target = tmp_path / name / "policy.zip"
+        target.parent.mkdir()
+        shutil.copy(trained, target)
+        shutil.copy(sidecar_path(trained), sidecar_path(target))
+        return target
+
+    def edit(path: Path, change) -> None:
+        data = json.loads(sidecar_path(path).read_text())
+        change(data)
+        sidecar_path(path).write_text(json.dumps(data))
+
+    def refused(path_or_table, message: str, table: SensitivityTable | None = None) -> None:
+        with pytest.raises(BitallocError, match=message) as caught:
+            apply_policy(path_or_table, table or synthetic(2), 2.5)
+        assert "\n" not in str(caught.value)
+
+    # a table profiled with another feature schema, or other features, is refused
+    refused(trained, "feature schema mismatch", dataclasses.replace(synthetic(2), feature_schema="bitalloc-features-v1"))
+    refused(trained, "has features", SensitivityTable.synthetic(num_layers=14, num_features=19))
+    other_schema = copy("schema")
+    edit(other_schema, lambda d: (d.update(feature_schema="other-v9"), d["normalization"].update(feature_schema="other-v9")))
+    refused(other_schema, "schema mismatch")  # the hash still matches: the check is the schema's
+    missing = copy("missing")
+    sidecar_path(missing).unlink()
+    refused(missing, "has no sidecar")
+    tampered = copy("tampered")
+    with zipfile.ZipFile(tampered, "a") as archive:
+        archive.writestr("extra.txt", "changed")
+    refused(tampered, "does not match its sidecar")
+    for name, change, message in (
+        ("version", lambda d: d.update(schema_version=99), "sidecar schema 99"),
+        ("observation", lambda d: d.update(observation_version="bitalloc-obs-v0"), "train it again"),
+        ("incomplete", lambda d: d.pop("normalization"), "incomplete policy sidecar"),
+    ):
+        path = copy(name)
+        edit(path, change)
+        refused(path, message)
+    refused(tmp_path / "nowhere.zip", "no policy at")
+
+
+def test_resume_continues_from_the_latest_valid_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    table = synthetic(1)
+    config = TrainConfig(timesteps=200, seed=0, checkpoint_every=100, **SMALL)
+    train([table], tmp_path, config, progress=False)
+    with pytest.raises(BitallocError, match="already holds a training run"):
+        train([table], tmp_path, config, progress=False)
+    with pytest.raises(BitallocError, match="other tables or settings"):
+        train([synthetic(2)], tmp_path, config, resume=True, progress=False)
+    with zipfile.ZipFile(tmp_path / "checkpoints" / "sac_200_steps.zip", "a") as archive:
+        archive.writestr("extra.txt", "a checkpoint cut short")  # no longer matches its sidecar
+    with caplog.at_level(logging.INFO, logger="policies.sac"):
+        path = train([table], tmp_path, dataclasses.replace(config, timesteps=300), resume=True, progress=False)
+    assert "resuming from sac_100_steps.zip (100 steps)" in caplog.text
+    assert read_card(path).timesteps == 300
+    assert read_card(tmp_path / "checkpoints" / "sac_300_steps.zip").timesteps == 300
+
+
+def test_same_seed_same_policy(trained: Path, tmp_path: Path) -> None:
+    again = train([synthetic(1)], tmp_path, TrainConfig(timesteps=300, seed=3, checkpoint_every=150, **SMALL), progress=False)
+    first, second = load_policy(trained), load_policy(again)
+    observations = np.random.default_rng(0).uniform(-2, 2, size=(16, len(first.card.observation_names))).astype(np.float32)
+    assert all(np.array_equal(first.act(o), second.act(o)) for o in observations)
+    assert first.card.normalization == second.card.normalization
+
+
+def test_cli_train_and_solve_with_a_policy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train_table, new_table = tmp_path / "a.npz", tmp_path / "b.npz"
+    synthetic(1).save(train_table)
+    synthetic(2, layers=35, missing=0.1).save(new_table)
+    out = tmp_path / "run"
+    common = ["--timesteps", "150", "--seed", "1", "--out", str(out), "--checkpoint-every", "100", "--no-progress"]
+    code, stdout, _ = run(capsys, "train", "--profile", str(train_table), *common)
+    assert code == 0 and stdout.strip().endswith(str(out / "policy.zip"))
+    bitmap_path = tmp_path / "bitmap.json"
+    code, stdout, _ = run(capsys, "solve", "--policy", str(out / "policy.zip"), "--profile", str(new_table), "--bpw", "2.75",
+                          "--out", str(bitmap_path))
+    assert code == 0 and stdout.startswith(f"{NAME}: ")
+    bitmap = BitMap.load(bitmap_path)
+    assert bitmap.solver.name == NAME and bitmap.total_bits <= Budget.bpw(2.75).max_bits(synthetic(2, layers=35).total_numel)
+    code, stdout, _ = run(capsys, "train", "--profile", str(train_table), *common[:1], "200", *common[2:], "--resume")
+    assert code == 0 and read_card(out / "policy.zip").timesteps == 200
+    # bad input: one line, exit 2
+    real_schema = tmp_path / "real.npz"
+    dataclasses.replace(synthetic(3), feature_schema="bitalloc-features-v1").save(real_schema)
+    for args, message in (
+        (["train", "--profile", str(train_table), *common], "already holds a training run"),
+        (["train", "--out", str(tmp_path / "x")], "give --models or --profile"),
+        (["train", "--profile", str(train_table), "--out", str(tmp_path / "y"), "--bpw-range", "3", "2"], "bpw range"),
+        (["train", "--profile", str(tmp_path / "none.npz"), "--out", str(tmp_path / "z")], "no sensitivity table"),
+        (["solve", "--policy", str(tmp_path / "none.zip"), "--profile", str(new_table), "--bpw", "3"], "no policy at"),
+        (["solve", "--policy", str(out / "policy.zip"), "--profile", str(real_schema), "--bpw", "3"], "feature schema mismatch"),
+        (["solve", "--policy", str(out / "policy.zip"), "--profile", str(new_table), "--bpw", "0.5"], "infeasible"),
+        (["solve", "--policy", str(out / "policy.zip"), "--bpw", "3"], "one of the arguments --profile --model is required"),
+    ):
+        code, _, err = run(capsys, *args)
+        assert_one_line_error(code, err, message)
+
+
+def test_cli_profiles_models_for_train_and_solve(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    profile = ["--corpus", str(text_file), "--samples", "4", "--seqlen", "32", "--no-progress"]
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--models", str(tiny_model_dir), "--timesteps", "120", "--out", str(out),
+                          "--checkpoint-every", "100", *profile)
+    assert code == 0 and read_card(out / "policy.zip").feature_schema == "bitalloc-features-v1"
+    assert len(list((isolated_cache / "profiles").glob("*.npz"))) == 1
+    code, stdout, _ = run(capsys, "solve", "--policy", str(out / "policy.zip"), "--model", str(tiny_model_dir), "--bpw", "3",
+                          "--out", str(tmp_path / "b.json"), *profile)
+    assert code == 0 and BitMap.load(tmp_path / "b.json").predicted_bpw <= 3
+    assert len(list((isolated_cache / "profiles").glob("*.npz"))) == 1  # the same cached profile
