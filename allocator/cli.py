@@ -208,6 +208,24 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
     ru.add_argument("--no-progress", action="store_true")
 
+    exp = commands.add_parser("export", help="write a GGUF that llama.cpp runs: a bit map's per-tensor types, or a llama.cpp preset")
+    what = exp.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bitmap", type=Path, help="bit map JSON (from bitalloc solve): each module's option as a llama.cpp type")
+    what.add_argument("--preset", help="llama.cpp's own preset instead (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, IQ2_XXS, ...)")
+    exp.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf)")
+    exp.add_argument("--model", help="built-in name or .gguf (default: the bit map's model; required with --preset)")
+    exp.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    exp.add_argument("--imatrix", choices=["auto", "on", "off"], default="auto",
+                     help="importance matrix (per input column mean x^2 of calibration activations): auto = only where llama.cpp needs one")
+    exp.add_argument("--imatrix-samples", type=_positive_int, default=32, help="calibration sequences for the importance matrix")
+    exp.add_argument("--embedding-type", default="q8_0", help="token embedding / output type of bit-map exports (default q8_0)")
+    exp.add_argument("--eval", action="store_true", help="then run the file in llama.cpp: perplexity and KL on the evaluation split")
+    exp.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
+    exp.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
+    exp.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help="evaluation tokens (with --eval)")
+    exp.add_argument("--seed", type=int, default=defaults.seed)
+    exp.add_argument("--no-progress", action="store_true")
+
     commands.add_parser("models", help="list the built-in models")
     return parser
 
@@ -217,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "train": _cmd_train, "quantize": _cmd_quantize, "pareto": _cmd_pareto, "run": _cmd_run}
+    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "train": _cmd_train, "quantize": _cmd_quantize, "pareto": _cmd_pareto, "run": _cmd_run, "export": _cmd_export}
     try:
         if args.command == "models":
             return _cmd_models()
@@ -496,6 +514,64 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"{len(quantized.tensors)} modules, {quantized.bits_per_weight:.4f} bpw, {-(-quantized.storage_bits // 8)} bytes of "
           f"linears, {model_bytes / 1e6:.2f} MB whole model; {time.perf_counter() - start:.1f} s")
     print(args.out)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from allocator.bitmap import BitMap
+    from allocator.errors import BitallocError
+    from allocator.gguf_export import IMATRIX_PRESETS, IMATRIX_TYPES, export_bitmap, export_preset, float_gguf, gguf_tensor_shapes, preset_ftype, require_llama_cpp, source_gguf, tensor_plan
+
+    if args.out.suffix != ".gguf":
+        raise BitallocError(f"--out {args.out} must end in .gguf")
+    _check_json_target(args.out, "--out")
+    bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
+    if bitmap is None and args.model is None:
+        raise BitallocError("--preset needs --model")
+    if args.preset is not None:
+        preset_ftype(args.preset)  # an unknown preset fails before anything is computed
+    require_llama_cpp()
+    model = args.model or bitmap.model
+    start = time.perf_counter()
+    source = source_gguf(model)
+    if bitmap is not None:
+        needs = any(p.written in IMATRIX_TYPES for p in tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))).values())
+    else:
+        needs = args.preset.upper() in IMATRIX_PRESETS
+    loaded = None
+    imatrix = None
+    if args.imatrix == "on" or (args.imatrix == "auto" and needs) or args.eval:
+        from allocator.models import load_model
+
+        loaded = load_model(model)
+    if args.imatrix == "on" or (args.imatrix == "auto" and needs):
+        from allocator.gguf_export import cached_imatrix
+
+        imatrix = cached_imatrix(model, loaded, args.corpus, args.imatrix_samples, args.seqlen, args.seed)
+    if bitmap is not None:
+        result = export_bitmap(bitmap, args.out, model, imatrix, embedding_type=args.embedding_type)
+    else:
+        result = export_preset(args.preset, model, args.out, imatrix)
+    stats = result.stats
+    types = ", ".join(f"{kind} x{n}" for kind, n in stats.linear_type_counts().items())
+    print(f"{args.out}: {stats.linear_bpw:.4f} bpw over the decoder linears ({types}), {stats.file_bpw:.3f} bpw and "
+          f"{stats.file_bytes / 1e6:.2f} MB for the whole file{', importance matrix' if result.imatrix else ''}; "
+          f"{time.perf_counter() - start:.1f} s")
+    fallbacks = [p for p in result.plan.values() if p.written != p.requested]
+    if fallbacks:
+        print(f"  {len(fallbacks)} of {len(result.plan)} tensors have rows that are not a multiple of the requested type's block "
+              f"and got llama.cpp's fallback (e.g. {fallbacks[0].requested} -> {fallbacks[0].written} on rows of {fallbacks[0].row_length})")
+    if args.eval:
+        from allocator.corpus import load_corpus
+        from allocator.llama_eval import REFERENCE, evaluate_ggufs
+        from allocator.pipeline import EvalSettings, evaluation_tokens
+
+        windows = evaluation_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, tokens=args.tokens))
+        results = evaluate_ggufs({args.out.name: args.out}, windows, loaded.model, progress=not args.no_progress)
+        ref = results[REFERENCE].perplexity
+        for name, r in results.items():
+            speed = f", decode {r.decode_tok_s:.1f} tok/s" if r.decode_tok_s is not None else ""
+            print(f"  {name}: ppl {r.perplexity:.3f} (ratio {r.perplexity / ref:.3f}), KL {r.kl:.4f} over {r.tokens} tokens{speed}")
     return 0
 
 

@@ -1,0 +1,196 @@
+"""llama.cpp's own presets and bitalloc's bit maps as GGUF files, run in llama.cpp -> results/gguf.md.
+
+Every file is made by llama.cpp's quantizer from the same F32 reference GGUF (the shipped GGUF
+dequantized: the weights bitalloc's float reference holds) and evaluated by llama.cpp
+(llama-cpp-python) on exactly the token ids of bitalloc's HF evaluation; the HF fp32 reference runs
+on the same windows for the KL. bpw is measured from each file's tensor bytes.
+
+    python benchmarks/gguf.py                                   # presets + bit maps solved at --bpw from the default profile
+    python benchmarks/gguf.py --models smollm2-135m --bitmaps a.json b.json --bpw ""
+    python benchmarks/gguf.py --models smollm2-135m --tokens 1024 --presets Q4_K_M --bpw "" --out-md /tmp/smoke.md
+
+Each model's rows are saved to results/gguf/<model>.json as soon as they are measured (pass --fresh
+to measure again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# This file is named like the `gguf` package: put its directory after site-packages so that
+# `import gguf` (inside allocator.gguf_export) finds the package, not this script.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
+
+from _common import RESULTS, provenance  # noqa: E402
+
+from allocator.bitmap import BitMap
+from allocator.corpus import load_corpus
+from allocator.gguf_export import (
+    IMATRIX_PRESETS,
+    IMATRIX_TYPES,
+    ExportResult,
+    cached_imatrix,
+    export_bitmap,
+    export_float,
+    export_preset,
+    float_gguf,
+    gguf_tensor_shapes,
+    source_gguf,
+    tensor_plan,
+)
+from allocator.llama_eval import REFERENCE, evaluate_ggufs
+from allocator.models import load_model
+from allocator.pipeline import EvalSettings, evaluation_tokens
+from allocator.storage import cache_dir, write_json
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+PRESETS = "Q2_K,Q3_K_S,Q3_K_M,Q4_K_M,IQ2_XXS,IQ3_XXS"
+FLOAT_ROW = "F32 (llama.cpp)"
+
+
+def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str, BitMap]:
+    """Bit maps of ``model``: the given JSON files made for it, plus one per --bpw solved from its profile."""
+    maps = {}
+    for path in args.bitmaps:
+        bitmap = BitMap.load(path)
+        if bitmap.model == model:
+            maps[f"bitalloc {Path(path).stem} ({bitmap.solver.name} {bitmap.predicted_bpw:.2f})"] = bitmap
+    budgets = [float(b) for b in args.bpw.split(",") if b.strip()]
+    if budgets:
+        from allocator.profile import profile_model
+        from allocator.solvers import Budget, solve
+
+        table = profile_model(loaded, load_corpus("enwiki"), samples=args.samples, progress=True)  # cached after the first run
+        for bpw in budgets:
+            maps[f"bitalloc {args.solver}@{bpw:g}"] = solve(table, Budget.bpw(bpw), solver=args.solver)
+    return maps
+
+
+def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
+    start = time.perf_counter()
+    work = Path(args.work) if args.work else cache_dir("gguf", "bench")
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    windows = evaluation_tokens(loaded, load_corpus("enwiki"), settings)
+    shapes = gguf_tensor_shapes(float_gguf(source_gguf(model)))
+    presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
+    bitmaps = _bitmaps_for(model, args, loaded)
+    needs = any(p in IMATRIX_PRESETS for p in presets) or any(
+        t.written in IMATRIX_TYPES for b in bitmaps.values() for t in tensor_plan(b, shapes).values())
+    imatrix = None
+    if args.imatrix == "all" or (args.imatrix == "auto" and needs):
+        imatrix = cached_imatrix(model, loaded, "enwiki", args.imatrix_samples, settings.seqlen)
+    exports: dict[str, ExportResult] = {FLOAT_ROW: export_float(model)}
+    requested: dict[str, float | None] = {FLOAT_ROW: None}
+    make_seconds: dict[str, float] = {FLOAT_ROW: 0.0}
+    for preset in presets:
+        use = imatrix if (args.imatrix == "all" or preset in IMATRIX_PRESETS) else None
+        name = preset + (" +imatrix" if use is not None else "")
+        tick = time.perf_counter()
+        exports[name] = export_preset(preset, model, work / f"{model}-{preset}.gguf", use)
+        make_seconds[name], requested[name] = time.perf_counter() - tick, None
+    for i, (name, bitmap) in enumerate(bitmaps.items()):
+        need = any(t.written in IMATRIX_TYPES for t in tensor_plan(bitmap, shapes).values())
+        use = imatrix if (args.imatrix == "all" or need) else None
+        tick = time.perf_counter()
+        exports[name] = export_bitmap(bitmap, work / f"{model}-bitmap{i}.gguf", model, use)
+        make_seconds[name], requested[name] = time.perf_counter() - tick, bitmap.predicted_bpw
+    names = list(exports)
+    measured: dict[str, Any] = {}
+    for first in range(0, len(names), args.chunk):  # the HF reference runs once per chunk of files
+        chunk = {n: exports[n].path for n in names[first:first + args.chunk]}
+        measured.update(evaluate_ggufs(chunk, windows, loaded.model, threads=args.threads, decode_tokens=args.decode_tokens))
+    reference_ppl = measured[REFERENCE].perplexity
+    rows = [{"variant": REFERENCE, "bpw": None, "requested_bpw": None, "linear_types": {}, "file_mb": None,
+             "file_bpw": None, **measured[REFERENCE].as_dict(), "ppl_ratio": 1.0, "make_seconds": 0.0}]
+    for name in names:
+        stats = exports[name].stats
+        rows.append({"variant": name, "bpw": stats.linear_bpw, "requested_bpw": requested[name],
+                     "linear_types": stats.linear_type_counts(), "file_mb": stats.file_bytes / 1e6, "file_bpw": stats.file_bpw,
+                     **measured[name].as_dict(), "ppl_ratio": measured[name].perplexity / reference_ppl,
+                     "make_seconds": make_seconds[name]})
+    return {"model": model, "settings": vars(settings), "rows": rows, "wall_seconds": time.perf_counter() - start,
+            "provenance": provenance(), "config": {"presets": presets, "bitmaps": sorted(bitmaps), "imatrix": args.imatrix,
+                                                   "imatrix_samples": args.imatrix_samples, "threads": args.threads}}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    lines = ["| variant | linear bpw (real) | bit map bpw | linear types | file MB | ppl | ppl ratio | KL | prefill tok/s | decode tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        types = ", ".join(f"{k} x{n}" for k, n in r["linear_types"].items()) or "-"
+        lines.append(f"| {r['variant']} | {_fmt(r['bpw'], '.3f')} | {_fmt(r['requested_bpw'], '.3f')} | {types} | "
+                     f"{_fmt(r['file_mb'], '.1f')} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {_fmt(r['kl'], '.4f')} | "
+                     f"{r['prefill_tok_s']:.0f} | {_fmt(r['decode_tok_s'], '.1f')} |")
+    return "\n".join(lines)
+
+
+NOTES = """\
+Notes
+- Every GGUF is made by llama.cpp's quantizer (llama-cpp-python 0.3.36, `llama_model_quantize`) from the same F32 GGUF:
+  the shipped GGUF with every tensor dequantized, i.e. exactly the float reference bitalloc evaluates against.
+- "linear bpw (real)" is measured from the tensor bytes of the decoder linears in the written file; "file MB" is the whole
+  file (embeddings, norms and metadata included). A preset's name says little on these models: K/IQ types need rows that
+  are a multiple of 256, and SmolLM2 (576) / Gemma3 (640) rows fall back to 32-block types (q4_0, q5_0, iq4_nl, ...), so
+  "Q2_K" files are about 4.5 bpw per linear weight.
+- bitalloc rows: the bit map fixes each linear's llama.cpp type (1-bit -> iq1_s, 2/3/4-bit -> q2_k/q3_k/q4_k, with the same
+  row fallback); llama.cpp requantizes the float weights (bitalloc's GPTQ/BiLLM codes are not carried over); token
+  embeddings at q8_0. "bit map bpw" is what bitalloc's own packed format would store for the same map.
+- Perplexity and KL(reference || file) on the same token ids as bitalloc's HF evaluation (BOS first where the model wants
+  it), one 512-token window per fresh context; KL is per predicted token, in nats, against the HF fp32 reference.
+- Importance matrix (+imatrix): per input column mean of x^2 of each linear's inputs over calibration windows of the
+  enwiki calibration split (never the evaluation split), passed as `llama_model_quantize_params.imatrix`; used where
+  llama.cpp requires one (IQ1/IQ2/IQ3_XXS types) unless the run says otherwise.
+- tok/s: llama.cpp on the CPU threads given; prefill = evaluation windows (logits of every position kept), decode = greedy
+  single-token steps. Timings on a shared machine are indicative only.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--presets", default=PRESETS, help="comma-separated llama.cpp presets")
+    parser.add_argument("--bitmaps", nargs="*", default=[], help="bit map JSON files (each used for the model it names)")
+    parser.add_argument("--bpw", default="2.5,4.0", help="also solve bit maps at these budgets from the model's default profile ('' for none)")
+    parser.add_argument("--solver", default="ilp")
+    parser.add_argument("--samples", type=int, default=64, help="calibration sequences of the profile")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--imatrix", choices=["auto", "all", "none"], default="auto")
+    parser.add_argument("--imatrix-samples", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores)")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=4, help="GGUF files loaded at once (each holds 2 x seqlen x vocab logits)")
+    parser.add_argument("--work", help="directory for the GGUF files (default $BITALLOC_CACHE/gguf/bench)")
+    parser.add_argument("--out-md", default=str(RESULTS / "gguf.md"))
+    parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
+    args = parser.parse_args()
+    settings = EvalSettings(tokens=args.tokens)
+    saved_dir = Path(args.out_md).with_suffix("")
+    sections = []
+    for model in [m.strip() for m in args.models.split(",") if m.strip()]:
+        saved = saved_dir / f"{model}.json"
+        data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else None
+        if data is None or data["settings"] != vars(settings):
+            data = measure_model(model, args, settings)
+            write_json(saved, data)
+        sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
+                        f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n\n"
+                        f"{markdown(data)}\n")
+    header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
+              f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
+              f"{settings.seqlen} tokens, the same token ids for llama.cpp and the HF reference.\n\n")
+    Path(args.out_md).write_text(header + "\n".join(sections) + "\n" + NOTES)
+
+
+if __name__ == "__main__":
+    main()

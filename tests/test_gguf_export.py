@@ -1,0 +1,220 @@
+"""GGUF export through llama.cpp's quantizer and evaluation in llama.cpp, on a tiny random llama.
+
+The tiny model is written as a GGUF here (HF llama -> GGUF layout, q/k rows permuted for llama.cpp's
+rope, a small sentencepiece-style vocabulary), so the checks cover: the F32 reference GGUF
+reproducing the HF model's log-probabilities on the same token ids, per-tensor types from a bit map
+(row-length fallbacks included) read back from the file, real bpw from tensor bytes, the importance
+matrix, presets, and the CLI. Skipped without llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from allocator.bitmap import BitMap, ModuleEntry, SolverRecord  # noqa: E402
+from allocator.cli import main  # noqa: E402
+from allocator.errors import BitallocError  # noqa: E402
+from allocator.evaluate import next_token_logprobs  # noqa: E402
+from allocator.gguf_export import (  # noqa: E402
+    LINEAR_TENSOR,
+    compute_imatrix,
+    effective_type,
+    export_bitmap,
+    export_preset,
+    float_gguf,
+    measure_gguf,
+    preset_ftype,
+    quantize_gguf,
+    type_bpw,
+)
+from allocator.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
+from allocator.models import LoadedModel  # noqa: E402
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 320, 4, 2, 2
+WORDS = ["▁the", "▁a", "▁of", "▁river", "▁city", "▁king", "▁music", "▁stone", "▁light", "▁north", "▁water", "▁war"]
+VOCAB = ["<unk>", "<s>", "</s>", "<0x0A>", *WORDS] + [f"▁w{i}" for i in range(100)]
+
+
+def _tiny_hf() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+            # the "shipped" GGUF stores f16: keep the HF model on exactly those values
+            p.copy_(p.half().float())
+    model.config.use_cache = False
+    return model
+
+
+def _rope_rows(weight: torch.Tensor, heads: int) -> np.ndarray:
+    """HF q/k rows -> llama.cpp's order (each head's two rotary halves interleaved)."""
+    rows, cols = weight.shape
+    return weight.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols).numpy()
+
+
+def _write_gguf(model: LlamaForCausalLM, path: Path) -> None:
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FFN)
+    writer.add_rope_dimension_count(HIDDEN // HEADS)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(VOCAB)
+    writer.add_token_scores([0.0] * 4 + [-float(i) for i in range(len(VOCAB) - 4)])
+    writer.add_token_types([2, 3, 3, 6] + [1] * (len(VOCAB) - 4))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    f16 = lambda t: t.numpy().astype(np.float16)  # noqa: E731
+    writer.add_tensor("token_embd.weight", f16(sd["model.embed_tokens.weight"]))
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    writer.add_tensor("output.weight", f16(sd["lm_head.weight"]))
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"].numpy())
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"].numpy())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", _rope_rows(sd[p + "self_attn.q_proj.weight"], HEADS).astype(np.float16))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", _rope_rows(sd[p + "self_attn.k_proj.weight"], KV_HEADS).astype(np.float16))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", f16(sd[p + "self_attn.v_proj.weight"]))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", f16(sd[p + "self_attn.o_proj.weight"]))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", f16(sd[p + "mlp.gate_proj.weight"]))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", f16(sd[p + "mlp.up_proj.weight"]))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", f16(sd[p + "mlp.down_proj.weight"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Path]:
+    model = _tiny_hf()
+    path = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
+    _write_gguf(model, path)
+    return model, path
+
+
+@pytest.fixture
+def windows() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(4, len(VOCAB), (2, 64), generator=generator)
+
+
+def _bitmap(model_path: Path) -> BitMap:
+    entries = {
+        "model.layers.0.self_attn.q_proj": ({"quantizer": "gptq", "bits": 2, "group_size": 128}, "q2_k"),
+        "model.layers.0.mlp.down_proj": ({"quantizer": "gptq", "bits": 2, "group_size": 128}, "q4_0"),  # rows of 320
+        "model.layers.1.self_attn.k_proj": ({"quantizer": "gptq", "bits": 4, "group_size": 128}, "q4_k"),
+        "model.layers.1.self_attn.v_proj": ({"quantizer": "rtn", "bits": 3, "group_size": 128}, "q3_k"),
+        "model.layers.1.mlp.up_proj": ({"quantizer": "billm"}, "iq1_s"),
+        "model.layers.1.mlp.down_proj": ({"quantizer": "gptq", "bits": 4, "group_size": 64}, "q5_0"),  # rows of 320
+    }
+    modules = {name: ModuleEntry(option=f"opt-{expected}", settings=settings, storage_bits=1000, numel=1000)
+               for name, (settings, expected) in entries.items()}
+    return BitMap(model=str(model_path), modules=modules, predicted_loss=0.0, loss_name="hessian_err", solver=SolverRecord("test"))
+
+
+EXPECTED = {"blk.0.attn_q.weight": "q2_k", "blk.0.ffn_down.weight": "q4_0", "blk.1.attn_k.weight": "q4_k",
+            "blk.1.attn_v.weight": "q3_k", "blk.1.ffn_up.weight": "iq1_s", "blk.1.ffn_down.weight": "q5_0"}
+
+
+def test_type_rules() -> None:
+    assert effective_type("q2_k", 576) == "q4_0" and effective_type("q2_k", 1536) == "q2_k"
+    assert effective_type("q4_k", 640) == "q5_0" and effective_type("iq1_s", 576) == "iq4_nl"
+    assert effective_type("q4_0", 40) == "f16"
+    assert type_bpw("q2_k") == pytest.approx(2.625) and type_bpw("q4_0") == pytest.approx(4.5)
+    assert type_bpw("iq1_s") == pytest.approx(1.5625) and type_bpw("q8_0") == pytest.approx(8.5)
+
+
+def test_float_gguf_reproduces_hf_logprobs(tiny, windows, isolated_cache) -> None:
+    model, path = tiny
+    f32 = float_gguf(path)
+    stats = measure_gguf(f32)
+    assert set(stats.types.values()) == {"f32"} and stats.linear_bpw == 32.0
+    llm = load_llama(f32, seqlen=64)
+    try:
+        ours = window_logprobs(llm, windows[0].numpy())
+    finally:
+        llm.close()
+    reference = next_token_logprobs(model, windows[0][None])
+    assert ours.shape == reference.shape
+    kl = torch.nn.functional.kl_div(ours, reference, log_target=True, reduction="batchmean").item()
+    assert kl < 1e-4, kl  # same weights, same token ids: llama.cpp and HF agree
+
+
+def test_bitmap_export_types_bpw_and_run(tiny, windows, isolated_cache, tmp_path) -> None:
+    model, path = tiny
+    bitmap = _bitmap(path)
+    with pytest.raises(BitallocError, match="importance matrix"):
+        export_bitmap(bitmap, tmp_path / "no-imatrix.gguf")
+    loaded = LoadedModel("tiny", model, tokenizer=None, add_bos=False)  # type: ignore[arg-type]
+    imatrix = compute_imatrix(loaded, windows)
+    assert imatrix["blk.1.ffn_up.weight"].shape == (HIDDEN,) and imatrix["blk.0.ffn_down.weight"].shape == (FFN,)
+    result = export_bitmap(bitmap, tmp_path / "mixed.gguf", imatrix=imatrix)
+    stats = result.stats
+    for name, kind in EXPECTED.items():
+        assert stats.types[name] == kind and result.plan[name].written == kind
+    others = [n for n in stats.types if LINEAR_TENSOR.match(n) and n not in EXPECTED]
+    assert others and all(stats.types[n] == "q8_0" for n in others)
+    assert stats.types["token_embd.weight"] == "q8_0" and stats.types["output.weight"] == "q8_0"
+    assert stats.types["blk.0.attn_norm.weight"] == "f32"
+    reader = gguf.GGUFReader(result.path)
+    numel = {t.name: int(t.n_elements) for t in reader.tensors if LINEAR_TENSOR.match(t.name)}
+    expected_bits = sum(numel[n] * type_bpw(stats.types[n]) for n in numel)
+    assert stats.linear_bpw == pytest.approx(expected_bits / sum(numel.values()))
+    assert stats.file_bytes > stats.tensor_bytes
+    results = evaluate_ggufs({"mixed": result.path}, windows, model, decode_tokens=4, progress=False)
+    mixed = results["mixed"]
+    assert np.isfinite(mixed.perplexity) and mixed.kl is not None and 0.0 < mixed.kl < 5.0
+    assert results[REFERENCE].perplexity > 1.0 and mixed.decode_tok_s > 0
+
+
+def test_presets_and_llama_cpp_refusal(tiny, isolated_cache, tmp_path) -> None:
+    _, path = tiny
+    q4 = export_preset("Q4_K_M", str(path), tmp_path / "q4km.gguf").stats
+    linear = {kind for name, kind in q4.types.items() if LINEAR_TENSOR.match(name)}
+    assert "q4_k" in linear and linear <= {"q4_k", "q5_0", "q6_k", "q8_0", "q5_k"}
+    assert 4.0 < q4.linear_bpw < 6.6
+    with pytest.raises(BitallocError, match="importance matrix"):
+        export_preset("IQ2_XXS", str(path), tmp_path / "iq2.gguf")
+    # llama.cpp's own refusal comes back as one line
+    with pytest.raises(BitallocError, match="imatrix"):
+        quantize_gguf(float_gguf(path), tmp_path / "iq2b.gguf", preset_ftype("IQ2_XXS"))
+    assert not (tmp_path / "iq2b.gguf").exists()
+
+
+def test_cli_export(tiny, isolated_cache, tmp_path, capsys) -> None:
+    _, path = tiny
+    out = tmp_path / "q3.gguf"
+    assert main(["export", "--preset", "Q3_K_M", "--model", str(path), "--out", str(out)]) == 0
+    assert "bpw over the decoder linears" in capsys.readouterr().out
+    assert "q3_k" in measure_gguf(out).linear_type_counts()
+    bitmap_path = tmp_path / "map.json"
+    _bitmap(path).save(bitmap_path)
+    assert main(["export", "--bitmap", str(bitmap_path), "--imatrix", "off", "--out", str(tmp_path / "m.gguf")]) == 2
+    assert "importance matrix" in capsys.readouterr().err
+    assert main(["export", "--preset", "Q7_Z", "--model", str(path), "--out", str(out)]) == 2
+    assert main(["export", "--preset", "Q4_K_M", "--model", str(tmp_path / "missing.gguf"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("bitalloc: error:") for line in err)
