@@ -48,3 +48,25 @@ def provenance() -> str:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"- command: `{command}`\n- date: {today}\n- commit: {_COMMIT_AT_START}\n- machine: {machine()}\n"
+
+
+def evaluation_protocol(settings, reference: str = "", calibration: str = "calibration") -> str:
+    """The sentence every results file starts with: evaluation windows and calibration samples."""
+    return (
+        f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
+        f"{settings.seqlen} tokens (BOS first where the model wants it){reference}; {calibration}: {settings.samples} "
+        f"windows of {settings.seqlen} tokens from the calibration split, seed {settings.seed}.\n\n"
+    )
+
+
+def model_section(model: str, data: dict, table: str) -> str:
+    """One model's part of a results file: provenance, wall time, its table."""
+    return f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n\n{table}\n"
+
+
+def merged_batches(batches: dict, names) -> list[dict]:
+    """The rows of the named batches in order; every batch starts with the reference row, kept once."""
+    rows: list[dict] = []
+    for name in names:
+        rows += batches[name] if not rows else batches[name][1:]
+    return rows

@@ -19,7 +19,7 @@ import json
 import time
 
 import torch
-from _common import RESULTS, provenance
+from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
 from allocator.corpus import load_corpus
 from allocator.layers import quantizable_linears
@@ -137,17 +137,9 @@ def main() -> None:
                 data["wall_seconds"] += time.perf_counter() - start
                 data["provenance"] = provenance()
                 write_json(saved, data)
-        rows = []
-        for batch, _ in plan:
-            batch_rows = data["batches"][batch]
-            rows += batch_rows if not rows else batch_rows[1:]  # the reference row once
-        sections.append(f"## {model_name}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n\n{table(rows)}\n")
-    header = (
-        "# The 1-bit family beside RTN/GPTQ 2-bit\n\n"
-        f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
-        f"{settings.seqlen} tokens (BOS first where the model wants it); calibration: {settings.samples} windows of "
-        f"{settings.seqlen} tokens from the calibration split, seed {settings.seed}.\n\n"
-    )
+        rows = merged_batches(data["batches"], [batch for batch, _ in plan])
+        sections.append(model_section(model_name, data, table(rows)))
+    header = "# The 1-bit family beside RTN/GPTQ 2-bit\n\n" + evaluation_protocol(settings)
     (RESULTS / "binary.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 

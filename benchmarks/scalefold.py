@@ -17,7 +17,7 @@ from collections import Counter
 from typing import Any
 
 import torch
-from _common import RESULTS, provenance
+from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
 from allocator.apply import QuantizedModel, quantize_model
 from allocator.corpus import load_corpus
@@ -149,18 +149,11 @@ def main() -> None:
                 data["wall_seconds"] += time.perf_counter() - start
                 data["provenance"] = provenance()
                 write_json(saved, data)
-        rows: list[dict[str, Any]] = []
-        for batch, _, _ in batches:
-            batch_rows = data["batches"][batch]
-            rows += batch_rows if not rows else batch_rows[1:]  # the reference row once
-        sections.append(f"## {model_name}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n\n{table(rows)}\n")
-    header = (
-        "# Scale folding before quantization: on and off\n\n"
-        f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
-        f"{settings.seqlen} tokens (BOS first where the model wants it), against the untransformed float reference; "
-        f"calibration (Hessians and the fold's activation statistics): {settings.samples} windows of {settings.seqlen} "
-        f"tokens from the calibration split, seed {settings.seed}.\n\n"
-    )
+        rows = merged_batches(data["batches"], [batch for batch, _, _ in batches])
+        sections.append(model_section(model_name, data, table(rows)))
+    header = "# Scale folding before quantization: on and off\n\n" + evaluation_protocol(
+        settings, reference=", against the untransformed float reference",
+        calibration="calibration (Hessians and the fold's activation statistics)")
     (RESULTS / "scalefold.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 

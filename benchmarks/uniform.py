@@ -10,7 +10,7 @@ import argparse
 import json
 import time
 
-from _common import RESULTS, provenance
+from _common import RESULTS, evaluation_protocol, model_section, provenance
 
 from allocator.corpus import load_corpus
 from allocator.models import load_model
@@ -65,13 +65,8 @@ def main() -> None:
             rows_to_json(saved, rows, {"model": model_name, "settings": vars(settings), "wall_seconds": time.perf_counter() - start, "provenance": provenance()})
             data = json.loads(saved.read_text())
         rows = [VariantRow(**row) for row in data["rows"]]
-        sections.append(f"## {model_name}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n\n{markdown_table(rows)}\n")
-    header = (
-        "# Uniform quantization: RTN and GPTQ at 2/3/4 bits\n\n"
-        f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
-        f"{settings.seqlen} tokens (BOS first where the model wants it); calibration: {settings.samples} windows of "
-        f"{settings.seqlen} tokens from the calibration split, seed {settings.seed}.\n\n"
-    )
+        sections.append(model_section(model_name, data, markdown_table(rows)))
+    header = "# Uniform quantization: RTN and GPTQ at 2/3/4 bits\n\n" + evaluation_protocol(settings)
     (RESULTS / "uniform.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 
