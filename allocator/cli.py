@@ -580,7 +580,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.models import load_model
     from allocator.option_weights import OptionWeights
-    from allocator.pareto import budgets_between, load_measured, measure_allocations, plan_sweep, save_sweep, sweep_record
+    from allocator.pareto import apply_measured, budgets_between, load_measured, measure_allocations, plan_sweep, save_sweep, sweep_record
     from allocator.pipeline import EvalSettings, evaluation_tokens
     from allocator.plotting import plot_pareto
     from allocator.profile import cached_table_path, model_fingerprint
@@ -619,20 +619,14 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         if table.metadata.get("model_fingerprint") not in (None, model_fingerprint(loaded.model)):
             raise BitallocError(f"{args.model or table.key.model} is not the model this profile was made from (weights differ)")
         windows = evaluation_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, tokens=args.tokens))
-        by_allocation: dict[str, list] = {}
-        for point in points:
-            by_allocation.setdefault(point.allocation, []).append(point)
+        apply_measured(points, done)
 
-        def record(key, measured, reference) -> None:
+        def record(measured, reference) -> None:
             nonlocal reference_ppl
             reference_ppl = reference
-            for point in by_allocation[key]:
-                point.perplexity, point.ppl_ratio, point.kl = measured.perplexity, measured.ppl_ratio, measured.kl
+            apply_measured(points, measured)
             save_sweep(json_path, sweep_record(table, points, settings, notes, reference_ppl))
 
-        for key, measured in done.items():
-            if key in by_allocation:
-                record(key, measured, reference_ppl)
         print(f"{len(allocations)} distinct allocations from {len(points)} points; {len([k for k in allocations if k in done])} measured before")
         measure_allocations(loaded.model, windows, weights, allocations, done, record, args.chunk, not args.no_progress)
     final = sweep_record(table, points, settings, notes, reference_ppl)

@@ -140,23 +140,30 @@ def measure_allocations(
     weights: OptionWeights,
     allocations: dict[str, dict[str, str]],
     done: dict[str, Measured],
-    on_measured: Callable[[str, Measured, float], None],
+    on_chunk: Callable[[dict[str, Measured], float], None],
     chunk: int = 4,
     progress: bool = True,
 ) -> None:
     """Evaluate every allocation not in ``done`` (``chunk`` at a time, each chunk sharing one
-    reference pass); ``on_measured(hash, result, reference_ppl)`` is called as each chunk ends."""
+    reference pass); ``on_chunk(measured, reference_ppl)`` is called as each chunk ends."""
     todo = [key for key in allocations if key not in done]
     for start in range(0, len(todo), chunk):
         keys = todo[start : start + chunk]
         overlays = {key: weights.assemble(allocations[key]) for key in keys}
         results = evaluate(model, windows, overlays, progress)
-        reference = results["reference"].perplexity
-        for key in keys:
-            measured = Measured(results[key].perplexity, results[key].perplexity / reference, results[key].kl)
-            done[key] = measured
-            on_measured(key, measured, reference)
         del overlays
+        reference = results["reference"].perplexity
+        measured = {key: Measured(results[key].perplexity, results[key].perplexity / reference, results[key].kl) for key in keys}
+        done.update(measured)
+        on_chunk(measured, reference)
+
+
+def apply_measured(points: Sequence[SweepPoint], measured: dict[str, Measured]) -> None:
+    """Copy measured numbers onto every point whose allocation was measured."""
+    for point in points:
+        result = measured.get(point.allocation)
+        if result is not None:
+            point.perplexity, point.ppl_ratio, point.kl = result.perplexity, result.ppl_ratio, result.kl
 
 
 def prediction_quality(points: Sequence[SweepPoint]) -> dict[str, Any]:
@@ -216,6 +223,7 @@ __all__ = [
     "budgets_between",
     "plan_sweep",
     "measure_allocations",
+    "apply_measured",
     "prediction_quality",
     "sweep_record",
     "load_measured",
