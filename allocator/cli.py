@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     from allocator.corpus import DEFAULT_CORPUS
     from allocator.models import DEFAULT_MODEL
     from allocator.pipeline import EvalSettings
-    from allocator.profile import DEFAULT_KL_SAMPLES
     from quantizers import QUANTIZERS
 
     defaults = EvalSettings()
@@ -124,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--options", nargs="+", default=["default"], metavar="SPEC",
                     help="candidate options: default, binary, gptq, gptqN, rtnN, keep8, a quantizer name or a label, "
                          "each optionally with :key=value,... (default: the 1-bit family and gptq 2/3/4 bits g128)")
-    pr.add_argument("--measure-kl", action="store_true", help="also measure the KL of every (layer, option) (a forward pass each)")
-    pr.add_argument("--kl-samples", type=_positive_int, default=DEFAULT_KL_SAMPLES, help="calibration windows the KL is measured on")
+    pr.add_argument("--measure-kl", action="store_true",
+                    help="also measure each layer's KL with only it quantized (from the kept weights; adds the losses kl and kl_est)")
+    pr.add_argument("--kl-anchors", nargs="+", metavar="LABEL",
+                    help="measure the KL of these options only (kl_est scales every option's hessian_err by the layer's measured gain); default: all")
+    pr.add_argument("--kl-samples", type=_positive_int, default=1, help="calibration windows the KL is measured on (default 1)")
+    pr.add_argument("--kl-seqlen", type=_positive_int, help="tokens of each KL window (default 256, or --seqlen if shorter)")
     pr.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     pr.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     _add_scale_fold_flags(pr, "profiling (use the same with quantize)")
@@ -139,13 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--bpw", type=float, help="average stored bits per weight of the quantized linears")
     budget.add_argument("--bytes", type=int, help="stored bytes of the quantized linears")
     budget.add_argument("--model-bytes", type=int, help="whole-model bytes (other tensors at float16 taken off)")
-    so.add_argument("--solver", default="ilp", help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
-    so.add_argument("--loss", help="loss to minimize: hessian_err (default), weight_err, kl (if profiled)")
+    method = so.add_mutually_exclusive_group()
+    method.add_argument("--solver", default=None, help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
+    method.add_argument("--policy", help="allocate with this trained policy instead of a solver: a policy.zip (from bitalloc train), "
+                                         "its run directory, or the name of a shipped policy (policies/pretrained/, e.g. smollm2-135m-sac)")
+    so.add_argument("--loss", help="loss to minimize: hessian_err (default), weight_err, kl or kl_est (profiled with --measure-kl)")
     so.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different options")
     so.add_argument("--out", type=Path, help="write the result here (default: print it)")
     so.add_argument("--format", choices=["json", "tensor-type", "gptqmodel"], default="json",
                     help="json: the bit map; tensor-type: llama-quantize --tensor-type lines; gptqmodel: its dynamic config")
-    so.add_argument("--policy", type=Path, help="allocate with this trained policy (policy.zip from bitalloc train) instead of --solver")
     so.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help + " (to profile --model)")
     so.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences (to profile --model)")
     so.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --model)")
@@ -346,11 +351,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from allocator.corpus import load_corpus
+    from allocator.errors import BitallocError
+    from allocator.layer_kl import add_kl_losses
     from allocator.models import load_model
     from allocator.options import parse_options
     from allocator.profile import cached_table_path, profile_model, save_table
 
     options = parse_options(args.options)  # bad specs fail before the model loads
+    if args.measure_kl and args.scale_fold:
+        raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
+    if args.kl_anchors and not args.measure_kl:
+        raise BitallocError("--kl-anchors only applies with --measure-kl")
+    unknown = sorted(set(args.kl_anchors or []) - {o.label for o in options})
+    if unknown:
+        raise BitallocError(f"--kl-anchors: {unknown[0]!r} is not one of the profiled options ({', '.join(o.label for o in options)})")
     if args.out is not None:
         _check_json_target(args.out, "--out")
     start = time.perf_counter()
@@ -359,9 +373,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     try:
         table = profile_model(
             loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-            measure_kl=args.measure_kl, kl_samples=args.kl_samples, recompute=args.recompute, progress=not args.no_progress,
-            scale_fold=_scale_fold_settings(args),
+            recompute=args.recompute, progress=not args.no_progress, scale_fold=_scale_fold_settings(args),
         )
+        if args.measure_kl:
+            table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, args.kl_anchors,
+                                  args.kl_samples, args.kl_seqlen, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
         return 130
@@ -381,14 +397,15 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_solve(args: argparse.Namespace) -> int:
     from allocator.bitmap import gptqmodel_dynamic, llama_cpp_tensor_types
     from allocator.sensitivity import SensitivityTable
-    from allocator.solvers import Budget, Constraints, solve
+    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, solve
     from allocator.storage import atomic_path
 
     policy = None
     if args.policy is not None:
         from policies.artifact import load_policy
+        from policies.pretrained import resolve
 
-        policy = load_policy(args.policy)  # a bad policy fails before any profiling
+        policy = load_policy(resolve(args.policy))  # a bad policy (or unknown name) fails before any profiling
     table = SensitivityTable.load(args.profile) if args.profile is not None else _profile_for(args.model, args)
     if args.bpw is not None:
         budget = Budget.bpw(args.bpw)
@@ -403,7 +420,7 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
         bitmap = apply_policy(policy, table, budget, constraints)
     else:
-        bitmap = solve(table, budget, constraints, solver=args.solver)
+        bitmap = solve(table, budget, constraints, solver=args.solver or DEFAULT_SOLVER)
     if args.format == "json":
         text = json.dumps(bitmap.to_json(), indent=2) + "\n"
     elif args.format == "tensor-type":

@@ -67,6 +67,17 @@ def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_f
     assert in_memory["perplexity"] == reloaded["perplexity"] and in_memory["kl"] == reloaded["kl"] > 0
 
 
+def test_profile_measure_kl_adds_kl_losses_the_solver_takes(profiled, tiny_model_dir, text_file, tmp_path, capsys) -> None:
+    code, stdout, _ = run(capsys, "profile", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
+                          "--options", "xnor:group_size=128", "gptq", "--measure-kl", "--kl-anchors", "gptq-w3g128", "--kl-seqlen", "16",
+                          "--out", str(profiled), "--no-progress")
+    assert code == 0 and "kl, kl_est" in stdout
+    table = SensitivityTable.load(profiled)
+    assert table.metadata["kl_measurement"] == {"windows": 1, "seqlen": 16, "anchors": ["gptq-w3g128"]}
+    code, _, err = run(capsys, "solve", "--profile", str(profiled), "--bpw", "3.0", "--loss", "kl_est")
+    assert code == 0 and "predicted kl_est" in err
+
+
 def test_solve_renders_other_formats_and_budgets(profiled, tmp_path, capsys) -> None:
     code, stdout, err = run(capsys, "solve", "--profile", str(profiled), "--bpw", "2.5", "--format", "tensor-type")
     lines = stdout.strip().splitlines()
@@ -117,6 +128,9 @@ def test_quantize_profile_and_eval_bad_input(tiny_model_dir, text_file, tmp_path
         (["eval", *model, "--bitmap", str(tmp_path / "b.json"), "--bits", "3"], "--bits sets up --quantizer"),
         (["profile", *model, "--options", "magic"], "unknown option 'magic'"),
         (["profile", *model, "--options", "gptq3:bits"], "bad option setting"),
+        (["profile", *model, "--kl-anchors", "gptq3"], "--kl-anchors only applies with --measure-kl"),
+        (["profile", *model, "--options", "gptq2", "--measure-kl", "--kl-anchors", "gptq-w3g128"], "'gptq-w3g128' is not one of the profiled"),
+        (["profile", *model, "--measure-kl", "--scale-fold"], "a --scale-fold profile does not keep"),
     ]
     for args, message in cases:
         code, _, err = run(capsys, *args)

@@ -1,0 +1,170 @@
+"""Measured single-layer KL from a profile's kept weights, and the KL-calibrated loss built on it.
+
+The profile's default loss, the Hessian-weighted output error ``tr((W-Q) H (W-Q)^T)``, measures the
+damage at a layer's own output, in that layer's units. How much of it reaches the model's output
+differs by orders of magnitude between layers (a v_proj with small outputs feeds every later
+token; a down_proj error is added to a large residual stream), so summing it over layers ranks
+allocations poorly once layers of very different kinds trade bits (benchmarks/results/allocation.md).
+
+The fix measured here: the KL(reference || model) on a few calibration tokens with only one layer
+quantized (one forward per (layer, option), from the kept weights, so no re-quantization), either
+
+- for every option (``kl``: the issue's "measured KL increase when only that layer is quantized"), or
+- for a few anchor options only, then ``kl_est = g_l * hessian_err`` with one gain ``g_l`` per layer,
+  the geometric mean of ``kl / hessian_err`` over that layer's anchors: the second-order view
+  (KL ~ e^T F e for an output error e) with the layer's Fisher gain fitted instead of assumed 1.
+
+Both are added to the table as losses the solvers can take (``--loss kl`` / ``--loss kl_est``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from allocator.errors import BitallocError
+from allocator.option_weights import OptionWeights
+from allocator.sensitivity import SensitivityTable
+
+log = logging.getLogger(__name__)
+
+KL_MEASURED = "kl"
+KL_CALIBRATED = "kl_est"
+DEFAULT_KL_SEQLEN = 256
+"""Tokens per KL window (the measurement costs one forward over them per (layer, option))."""
+CHECKPOINT_EVERY = 8
+"""Layers between saves of the partial measurement (an interrupted run resumes from it)."""
+
+
+def measure_kept_kl(
+    probe: "KLProbe",  # noqa: F821 -- allocator.profile.KLProbe (imported lazily: profile imports this module)
+    weights: OptionWeights,
+    names: Sequence[str],
+    labels: Sequence[str],
+    measure: np.ndarray,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """KL of every (layer, option) where ``measure`` (L x O bool) is set, NaN elsewhere.
+
+    Each value is ``probe.mean_kl`` with that one kept weight swapped into the reference.
+    With ``checkpoint`` the matrix is saved there every few layers and reloaded on a rerun.
+    """
+    if measure.shape != (len(names), len(labels)):
+        raise BitallocError(f"measure mask has shape {measure.shape}, expected {(len(names), len(labels))}")
+    missing = weights.missing(list(names))
+    if missing:
+        raise BitallocError(f"{len(missing)} layers have no kept weights (first: {missing[0]}); profile with weights kept")
+    result = np.full(measure.shape, np.nan)
+    if checkpoint is not None and checkpoint.is_file():
+        saved = np.load(checkpoint)
+        if saved.shape == result.shape:
+            result = saved
+            log.info("resuming the KL measurement from %s", checkpoint)
+    todo = [i for i in range(len(names)) if np.any(measure[i] & np.isnan(result[i]))]
+    for count, i in enumerate(tqdm(todo, desc="layer KL", disable=not progress), start=1):
+        for j in np.flatnonzero(measure[i] & np.isnan(result[i])):
+            result[i, j] = probe.mean_kl({names[i]: weights.load(names[i], labels[j])})
+        if checkpoint is not None and (count % CHECKPOINT_EVERY == 0 or count == len(todo)):
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            with open(checkpoint, "wb") as handle:  # np.save appends .npy to bare paths
+                np.save(handle, result)
+    return result
+
+
+def layer_gains(hessian_err: np.ndarray, kl: np.ndarray) -> np.ndarray:
+    """Per layer, the geometric mean of ``kl / hessian_err`` over the options measured for it."""
+    usable = np.isfinite(kl) & np.isfinite(hessian_err) & (kl > 0) & (hessian_err > 0)
+    if not usable.any(axis=1).all():
+        row = int(np.flatnonzero(~usable.any(axis=1))[0])
+        raise BitallocError(f"layer {row} has no option with a positive measured KL and Hessian error to calibrate on")
+    logs = np.where(usable, np.log(np.where(usable, kl, 1.0)) - np.log(np.where(usable, hessian_err, 1.0)), 0.0)
+    return np.exp(logs.sum(axis=1) / usable.sum(axis=1))
+
+
+def calibrated_kl(hessian_err: np.ndarray, kl: np.ndarray) -> np.ndarray:
+    """``kl_est[l, o] = g_l * hessian_err[l, o]`` (see the module doc); NaN stays NaN."""
+    return layer_gains(hessian_err, kl)[:, None] * hessian_err
+
+
+def anchor_mask(table: SensitivityTable, anchors: Sequence[str] | None) -> np.ndarray:
+    """L x O mask of the (layer, option) pairs to measure: ``anchors`` (labels) or every option."""
+    available = table.bits >= 0
+    if anchors is None:
+        return available
+    unknown = [a for a in anchors if a not in table.labels]
+    if unknown:
+        raise BitallocError(f"option {unknown[0]!r} is not in this profile ({', '.join(table.labels)})")
+    columns = np.isin(np.array(table.labels), list(anchors))
+    return available & columns[None, :]
+
+
+def with_kl_losses(table: SensitivityTable, kl: np.ndarray, settings: dict) -> SensitivityTable:
+    """A copy of ``table`` with ``kl`` (measured, NaN where not) and ``kl_est`` added as losses."""
+    from allocator.profile import HESSIAN_ERR
+
+    losses = dict(table.losses)
+    losses[KL_MEASURED] = kl
+    losses[KL_CALIBRATED] = calibrated_kl(table.loss(HESSIAN_ERR), kl)
+    metadata = dict(table.metadata)
+    metadata["kl_measurement"] = settings
+    descriptions = dict(metadata.get("losses", {}))
+    descriptions[KL_MEASURED] = (f"mean per-token KL(reference || model), only this layer quantized (kept weight), on "
+                                 f"{settings['windows']} x {settings['seqlen']} calibration tokens; NaN where not measured")
+    descriptions[KL_CALIBRATED] = "g_l * hessian_err, g_l = geometric mean of kl / hessian_err over the layer's measured options"
+    metadata["losses"] = descriptions
+    return SensitivityTable(
+        names=table.names, numel=table.numel, tie_group=table.tie_group, options=table.options, bits=table.bits,
+        losses=losses, key=table.key, features=table.features, feature_names=table.feature_names,
+        feature_schema=table.feature_schema, metadata=metadata,
+    )
+
+
+def add_kl_losses(
+    loaded: "LoadedModel",  # noqa: F821 -- allocator.models.LoadedModel
+    table: SensitivityTable,
+    table_path: Path,
+    calibration_text: str,
+    anchors: Sequence[str] | None = None,
+    windows: int = 1,
+    seqlen: int | None = None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """Measure the single-layer KL (of ``anchors``, or every option) from the weights kept beside
+    ``table_path``, on the first ``windows`` calibration windows of the table's own calibration
+    draw cut to ``seqlen`` tokens (default :data:`DEFAULT_KL_SEQLEN` or the profile's, if shorter), and rewrite the table there with ``kl`` and ``kl_est`` added.
+
+    Interrupted measurements resume from ``<table>.kl-<settings>.npy``; a table that already holds
+    losses measured with the same settings is returned as it is.
+    """
+    import hashlib
+    import json
+
+    from allocator.profile import KLProbe
+    from allocator.tokens import calibration_samples
+
+    key = table.key
+    seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
+    if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
+        raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
+    measure = anchor_mask(table, anchors)
+    settings = {"windows": windows, "seqlen": seqlen, "anchors": sorted(anchors) if anchors else "all"}
+    if table.metadata.get("kl_measurement") == settings and KL_CALIBRATED in table.losses:
+        return table
+    weights = OptionWeights.beside(table_path, table.labels)
+    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
+    probe = KLProbe(loaded.model, tokens[:windows, :seqlen])
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
+    kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
+    result = with_kl_losses(table, kl, settings)
+    result.save(Path(table_path))
+    checkpoint.unlink(missing_ok=True)
+    return result
+
+
+__all__ = ["KL_CALIBRATED", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_losses"]

@@ -1,0 +1,94 @@
+"""Single-layer KL from kept weights and the KL-calibrated loss, on the tiny random llama."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import allocator.layer_kl as layer_kl
+from allocator.corpus import Corpus
+from allocator.errors import BitallocError
+from allocator.layer_kl import KL_CALIBRATED, KL_MEASURED, add_kl_losses, calibrated_kl, layer_gains
+from allocator.models import LoadedModel
+from allocator.options import parse_options
+from allocator.profile import HESSIAN_ERR, KL, cached_table_path, profile_model
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers import Budget, Constraints, solve
+from tests.conftest import random_text, tiny_llama, tiny_tokenizer
+
+OPTIONS = ["xnor", "gptq2", "gptq4"]
+
+
+@pytest.fixture(scope="module")
+def loaded() -> LoadedModel:
+    return LoadedModel("tiny-llama", tiny_llama(), tiny_tokenizer(), add_bos=False)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return Corpus("random", random_text(seed=3), random_text(seed=4))
+
+
+def test_gain_is_the_geometric_mean_ratio_and_calibrates_every_option() -> None:
+    herr = np.array([[8.0, 2.0, 1.0], [40.0, 10.0, np.nan]])
+    kl = np.array([[np.nan, 4.0, 1.0], [np.nan, 0.5, np.nan]])
+    gains = layer_gains(herr, kl)
+    assert np.allclose(gains, [np.sqrt(2.0 * 1.0), 0.05])
+    est = calibrated_kl(herr, kl)
+    assert np.allclose(est[0], gains[0] * herr[0]) and np.isclose(est[1, 0], 2.0) and np.isnan(est[1, 2])
+    with pytest.raises(BitallocError, match="layer 1"):
+        layer_gains(herr, np.array([[1.0, np.nan, np.nan], [np.nan, np.nan, np.nan]]))
+
+
+def test_kept_weight_kl_matches_the_inline_measurement(loaded, corpus, isolated_cache) -> None:
+    """Measured from the kept (fp16) weights on the same windows, the KL is the profile's own."""
+    options = parse_options(OPTIONS)
+    inline = profile_model(loaded, corpus, options, samples=4, seqlen=32, measure_kl=True, kl_samples=2, cache=False, progress=False)
+    table = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
+    path = cached_table_path(table)
+    measured = add_kl_losses(loaded, table, path, corpus.calibration, windows=2, seqlen=32, progress=False)
+    assert np.allclose(measured.loss(KL_MEASURED), inline.loss(KL), rtol=0.05, atol=1e-6)
+    assert np.isfinite(measured.loss(KL_CALIBRATED)).all()
+    reloaded = SensitivityTable.load(path)  # the cached table now carries the losses
+    assert {KL_MEASURED, KL_CALIBRATED} <= set(reloaded.loss_names)
+    assert reloaded.metadata["kl_measurement"] == {"windows": 2, "seqlen": 32, "anchors": "all"}
+    bitmap = solve(reloaded, Budget.bpw(3.0), Constraints(loss=KL_CALIBRATED))
+    assert bitmap.loss_name == KL_CALIBRATED and bitmap.predicted_bpw <= 3.0 + 1e-9
+
+
+def test_anchors_measure_only_their_columns_and_resume(loaded, corpus, isolated_cache, monkeypatch) -> None:
+    table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
+    path = cached_table_path(table)
+    anchor = table.labels[1]
+    monkeypatch.setattr(layer_kl, "CHECKPOINT_EVERY", 2)
+    calls = []
+    original = layer_kl.measure_kept_kl
+
+    def interrupted(probe, *args, **kwargs):
+        real = probe.mean_kl
+
+        def counting(overlay):
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+            calls.append(next(iter(overlay)))
+            return real(overlay)
+
+        probe.mean_kl = counting
+        return original(probe, *args, **kwargs)
+
+    monkeypatch.setattr(layer_kl, "measure_kept_kl", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        add_kl_losses(loaded, table, path, corpus.calibration, anchors=[anchor], windows=1, seqlen=16, progress=False)
+    assert len(list(path.parent.glob("*.kl-*.npy"))) == 1  # four layers were saved before the stop
+    monkeypatch.setattr(layer_kl, "measure_kept_kl", original)
+    calls.clear()
+    result = add_kl_losses(loaded, table, path, corpus.calibration, anchors=[anchor], windows=1, seqlen=16, progress=False)
+    kl = result.loss(KL_MEASURED)
+    column = table.labels.index(anchor)
+    assert np.isfinite(kl[:, column]).all() and np.isnan(np.delete(kl, column, axis=1)).all()
+    est = result.loss(KL_CALIBRATED)
+    assert np.allclose(est[:, column], kl[:, column])  # one anchor: the estimate reproduces it exactly
+    assert np.allclose(est / result.loss(HESSIAN_ERR), (kl[:, column] / result.loss(HESSIAN_ERR)[:, column])[:, None])
+    assert not list(path.parent.glob("*.kl-*.npy"))
+    with pytest.raises(BitallocError, match="not in this profile"):
+        add_kl_losses(loaded, table, path, corpus.calibration, anchors=["gptq3"], progress=False)
