@@ -36,8 +36,9 @@ from allocator.storage import write_json
 MODELS = ("smollm2-135m", "gemma3-270m")
 SOLVERS = "ilp,ilp-cvxpy,convex,baq,dp,greedy"
 GPTQ_BY_BITS = {2: "gptq-w2g128", 3: "gptq-w3g128", 4: "gptq-w4g128"}
-LOSSES = ("hessian_err", "kl")
-"""The sweeps: the profile's default proxy, then the measured single-layer KL (allocator/layer_kl.py)."""
+LOSSES = ("hessian_err", "kl", "kl_est")
+"""The sweeps: the profile's default proxy, then the measured single-layer KL (allocator/layer_kl.py):
+``kl`` when every option's KL is measured (--kl-anchors all), else ``kl_est`` (anchors only)."""
 
 
 def run_model(model: str, args: argparse.Namespace) -> dict:
@@ -54,7 +55,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
     kl_seconds = time.perf_counter() - start - profile_seconds
     del loaded
     sweeps = {}
-    for loss in LOSSES:
+    for loss in ("hessian_err", "kl" if anchors is None else "kl_est"):
         directory = out / loss
         directory.mkdir(parents=True, exist_ok=True)
         earlier = [out / other / "pareto.json" for other in LOSSES if other != loss and (out / other / "pareto.json").is_file()]
@@ -62,7 +63,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
             shutil.copy(earlier[0], directory / "pareto.json")  # its measured allocations are reused, not re-measured
         swept = time.perf_counter()
         code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(args.start),
-                         "--to", str(args.stop), "--step", str(args.step), "--solvers", SOLVERS, "--tokens", str(args.tokens),
+                         "--to", str(args.stop), "--step", str(args.step), "--solvers", args.solvers, "--tokens", str(args.tokens),
                          "--out", str(directory)])
         if code != 0:
             raise SystemExit(f"pareto failed for {model} ({loss})")
@@ -121,6 +122,7 @@ def section(model: str, data: dict) -> str:
              f"- profile: {meta['profile_layer_seconds'] / 60:.1f} min of per-layer work (7 options x every linear)",
              f"- single-layer KL ({kl_settings.get('anchors')} options, {kl_settings.get('windows')} x {kl_settings.get('seqlen')} "
              f"calibration tokens, from the kept weights): {meta['kl_seconds'] / 60:.1f} min",
+             f"- sweeps: solvers {', '.join(first['settings']['solvers'])}; evaluation {first['settings']['eval']['tokens']} tokens",
              f"- reference perplexity: {first['reference_perplexity']:.3f}", "",
              "### Does the additive prediction hold?", "",
              "Each table loss summed over the layers of an allocation, against that allocation's measured KL, over every allocation "
@@ -170,6 +172,7 @@ def main() -> None:
     parser.add_argument("--from", dest="start", type=float, default=2.0)
     parser.add_argument("--to", dest="stop", type=float, default=3.5)
     parser.add_argument("--step", type=float, default=0.5)
+    parser.add_argument("--solvers", default=SOLVERS)
     parser.add_argument("--kl-anchors", default="all", help="options whose single-layer KL is measured ('all' or labels)")
     args = parser.parse_args()
     wanted = args.models.split(",")
@@ -179,9 +182,10 @@ def main() -> None:
     sections = list(dict.fromkeys(sections))
     header = (
         "# Mixed-precision allocation vs uniform GPTQ\n\n"
-        f"Budgets {args.start:g}..{args.stop:g} bpw by {args.step:g} (honest bits of the quantized linears), solvers {SOLVERS}; "
-        f"every layer quantized alone on the reference inputs (the profile's kept one-shot weights); evaluation: {args.tokens // 512} windows of 512 "
-        "tokens of the enwiki evaluation split; calibration: 64 x 512 tokens of the calibration split.\n\n"
+        "Budgets in honest bits per weight of the quantized linears. Every allocation, the uniform ones included, is built "
+        "from the profile's kept one-shot weights (each layer quantized alone on the reference inputs) and measured on "
+        "windows of 512 tokens of the enwiki evaluation split; calibration: 64 x 512 tokens of the calibration split. "
+        "Each model's sweep settings (solvers, evaluation tokens) are listed in its section.\n\n"
     )
     (RESULTS / "allocation.md").write_text(header + "\n".join(sections))
 

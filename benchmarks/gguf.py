@@ -64,11 +64,13 @@ def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str,
     budgets = [float(b) for b in args.bpw.split(",") if b.strip()]
     if budgets:
         from allocator.profile import profile_model
-        from allocator.solvers import Budget, solve
+        from allocator.solvers import Budget, Constraints, solve
 
         table = profile_model(loaded, load_corpus("enwiki"), samples=args.samples, progress=True)  # cached after the first run
+        loss = args.loss if args.loss != "auto" else ("kl" if "kl" in table.loss_names else None)
         for bpw in budgets:
-            maps[f"bitalloc {args.solver}@{bpw:g}"] = solve(table, Budget.bpw(bpw), solver=args.solver)
+            bitmap = solve(table, Budget.bpw(bpw), Constraints(loss=loss), solver=args.solver)
+            maps[f"bitalloc {args.solver}@{bpw:g} ({bitmap.loss_name})"] = bitmap
     return maps
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--bitmaps", nargs="*", default=[], help="bit map JSON files (each used for the model it names)")
     parser.add_argument("--bpw", default="2.5,4.0", help="also solve bit maps at these budgets from the model's default profile ('' for none)")
     parser.add_argument("--solver", default="ilp")
+    parser.add_argument("--loss", default="auto", help="table loss the bit maps minimize (auto: the measured kl if profiled, else the first)")
     parser.add_argument("--samples", type=int, default=64, help="calibration sequences of the profile")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--imatrix", choices=["auto", "all", "none"], default="auto")
