@@ -124,6 +124,13 @@ def with_kl_losses(table: SensitivityTable, kl: np.ndarray, settings: dict) -> S
     )
 
 
+def _covers(done: dict | None, wanted: dict) -> bool:
+    """Whether a measurement made with ``done`` settings holds everything ``wanted`` asks for."""
+    if not done or (done.get("windows"), done.get("seqlen")) != (wanted["windows"], wanted["seqlen"]):
+        return False
+    return done.get("anchors") == "all" or (wanted["anchors"] != "all" and set(wanted["anchors"]) <= set(done.get("anchors", [])))
+
+
 def add_kl_losses(
     loaded: "LoadedModel",  # noqa: F821 -- allocator.models.LoadedModel
     table: SensitivityTable,
@@ -139,7 +146,7 @@ def add_kl_losses(
     draw cut to ``seqlen`` tokens (default :data:`DEFAULT_KL_SEQLEN` or the profile's, if shorter), and rewrite the table there with ``kl`` and ``kl_est`` added.
 
     Interrupted measurements resume from ``<table>.kl-<settings>.npy``; a table that already holds
-    losses measured with the same settings is returned as it is.
+    losses measured on the same windows for these options (or all) is returned as it is.
     """
     import hashlib
     import json
@@ -153,7 +160,7 @@ def add_kl_losses(
         raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
     measure = anchor_mask(table, anchors)
     settings = {"windows": windows, "seqlen": seqlen, "anchors": sorted(anchors) if anchors else "all"}
-    if table.metadata.get("kl_measurement") == settings and KL_CALIBRATED in table.losses:
+    if _covers(table.metadata.get("kl_measurement"), settings) and KL_CALIBRATED in table.losses:
         return table
     weights = OptionWeights.beside(table_path, table.labels)
     tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)

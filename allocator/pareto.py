@@ -187,7 +187,7 @@ def sweep_record(table: SensitivityTable, points: Sequence[SweepPoint], settings
         "schema_version": SWEEP_SCHEMA_VERSION,
         "model": table.key.model,
         "table_key": table.key.digest(),
-        "loss_name": settings.get("loss") or table.loss_names[0],
+        "loss_name": settings.get("loss") or table.default_loss,
         "settings": settings,
         "reference_perplexity": reference_ppl,
         "notes": list(notes),

@@ -41,6 +41,9 @@ from allocator.storage import atomic_path
 
 TABLE_SCHEMA_VERSION = 1
 NOT_APPLICABLE = -1
+PREFERRED_LOSSES = ("kl", "kl_est")
+"""Measured single-layer KL first (allocator/layer_kl.py): it predicts measured quality of whole
+allocations far better than the Hessian-weighted output error (benchmarks/results/allocation.md)."""
 """Value of ``bits[l, o]`` for an option that cannot be applied to layer ``l``."""
 
 TIED_LINEARS: dict[str, str] = {
@@ -204,10 +207,20 @@ class SensitivityTable:
         if self.feature_names and len(self.feature_names) != self.features.shape[1]:
             raise BitallocError(f"{len(self.feature_names)} feature names for {self.features.shape[1]} feature columns")
 
+    @property
+    def default_loss(self) -> str:
+        """The loss solvers minimize unless told otherwise: the first of :data:`PREFERRED_LOSSES` that
+        prices every available option, else the table's first loss."""
+        available = self.bits != NOT_APPLICABLE
+        for name in PREFERRED_LOSSES:
+            if name in self.losses and np.isfinite(self.losses[name][available]).all():
+                return name
+        return next(iter(self.losses))
+
     def loss(self, name: str | None = None) -> np.ndarray:
-        """The named L x O loss matrix (the first one when ``name`` is None)."""
+        """The named L x O loss matrix (:attr:`default_loss` when ``name`` is None)."""
         if name is None:
-            return next(iter(self.losses.values()))
+            return self.losses[self.default_loss]
         if name not in self.losses:
             raise BitallocError(f"no loss {name!r} in the sensitivity table; it has {', '.join(self.losses)}")
         return self.losses[name]

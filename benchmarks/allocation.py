@@ -26,7 +26,7 @@ from _common import RESULTS, provenance
 
 from allocator.cli import main as bitalloc
 from allocator.corpus import load_corpus
-from allocator.layer_kl import add_kl_losses
+from allocator.layer_kl import add_kl_losses, calibrated_kl
 from allocator.models import load_model
 from allocator.pareto import plan_sweep
 from allocator.profile import cached_table_path, profile_model
@@ -103,9 +103,15 @@ def loss_agreement(table, sweeps: dict) -> list[dict]:
     kl = np.array([measured[k] for k in keys])
     rows = {n: i for i, n in enumerate(table.names)}
     columns = {label: j for j, label in enumerate(table.labels)}
+    candidates = {name: table.loss(name) for name in table.loss_names}
+    measured_kl = table.losses.get("kl")
+    if measured_kl is not None and np.isfinite(measured_kl[table.bits >= 0]).all():
+        for j, label in enumerate(table.labels):  # the cheap variant: the gain from one anchor option
+            only = np.full_like(measured_kl, np.nan)
+            only[:, j] = measured_kl[:, j]
+            candidates[f"kl_est, anchor {label} only"] = calibrated_kl(table.loss("hessian_err"), only)
     result = []
-    for name in table.loss_names:
-        loss = table.loss(name)
+    for name, loss in candidates.items():
         predicted = np.array([sum(loss[rows[n], columns[o]] for n, o in allocations[k].items()) for k in keys])
         if not np.isfinite(predicted).all():
             continue  # a loss measured for some options only cannot price every allocation

@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sources = load_sources(args)
-        loss = args.loss or next(iter(sources.values())).table.loss_names[0]
+        loss = args.loss or next(iter(sources.values())).table.default_loss
         for source in sources.values():
             source.table.loss(loss)  # an unknown loss fails here, in one line
         out = args.out or (cache_dir("policy-bench", "dry-run") if args.dry_run else RESULTS)

@@ -190,7 +190,7 @@ def _limits(limit: BpwLimit, names: list[str], default: float, tighter: Callable
 def build_problem(table: SensitivityTable, budget: Budget, constraints: Constraints = Constraints()) -> Problem:
     """Reduce (table, budget, constraints) to units; raise if no allocation fits the budget."""
     loss = table.loss(constraints.loss)
-    loss_name = constraints.loss or table.loss_names[0]
+    loss_name = constraints.loss or table.default_loss
     layer_ok = table.available(loss_name)
     bpw = table.bits / table.numel[:, None]
     low = _limits(constraints.min_bpw, table.names, -np.inf, np.maximum, "min_bpw")
