@@ -253,13 +253,11 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
 
 
 def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2e: dict[str, Any] | None,
-             settings: dict[str, Any]) -> str:
-    lib = kernel_library()
+             settings: dict[str, Any], run_provenance: str, library: str) -> str:
     lines = [
         "# Packed low-bit CPU kernels vs. fp32 torch matmul\n",
-        provenance(),
-        f"- kernels: `{lib.path.name}` built with `{lib.compiler} {' '.join(lib.flags)}`, SIMD path {lib.simd}, "
-        f"{lib.max_threads} OpenMP threads (shared with torch)",
+        run_provenance,
+        library,
         f"- settings: {json.dumps(settings)}",
         f"- STREAM-like copy bandwidth (2 x {stream_bytes // 2**20} MiB moved per copy, best of 5): **{bandwidth / 1e9:.1f} GB/s**\n",
     ]
@@ -272,9 +270,11 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"totalling >= {stream_bytes // 2**20} MiB (at most 4096 copies), as a decode pass over a model larger than "
             "the caches does. "
             "`speed-up` is fp32 time / kernel time in the same mode. `rel err` is max |kernel - exact| / max |exact| "
-            "against a float64 product with the same dequantized weight.\n",
-            "| shape (out x in) | tokens | mode | weight | KiB | us | floor us | speed-up vs fp32 | rel err |",
-            "|---|---:|---|---|---:|---:|---:|---:|---:|",
+            "against a float64 product with the same dequantized weight. `of floor` is floor / time: the share of the "
+            "bandwidth limit reached (the target is >= 50% for streamed GEMV).\n",
+            *streamed_summary(shape_rows),
+            "| shape (out x in) | tokens | mode | weight | KiB | us | floor us | of floor | speed-up vs fp32 | rel err |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         baseline = {(r.rows, r.cols, r.tokens, r.mode): r.seconds for r in shape_rows if r.bits is None}
         for r in shape_rows:
@@ -282,8 +282,9 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             speedup = baseline.get((r.rows, r.cols, r.tokens, r.mode))
             speed = "" if r.bits is None or speedup is None else f"{speedup / r.seconds:.2f}x"
             err = "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}"
+            share = f"{r.bandwidth_floor_seconds / r.seconds:.0%}"
             lines.append(f"| {r.family} {r.rows}x{r.cols} | {r.tokens} | {r.mode} | {label} | {r.weight_bytes / 1024:.0f} | "
-                         f"{r.seconds * 1e6:.1f} | {r.bandwidth_floor_seconds * 1e6:.1f} | {speed} | {err} |")
+                         f"{r.seconds * 1e6:.1f} | {r.bandwidth_floor_seconds * 1e6:.1f} | {share} | {speed} | {err} |")
         lines.append("")
     if e2e:
         lines += [
@@ -314,6 +315,33 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
     return "\n".join(lines) + "\n"
 
 
+def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
+    """One line per weight kind: the share of the bandwidth floor streamed GEMV reaches (median, range)."""
+    lines = []
+    for bits in sorted({r.bits for r in shape_rows if r.bits is not None}) + [None]:
+        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows if r.mode == "streamed" and r.bits == bits]
+        if shares:
+            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel"
+            lines.append(f"- streamed GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
+                         f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
+    return [*lines, ""] if lines else []
+
+
+def library_line() -> str:
+    lib = kernel_library()
+    return (f"- kernels: `{lib.path.name}` built with `{lib.compiler} {' '.join(lib.flags)}`, SIMD path {lib.simd}, "
+            f"{lib.max_threads} OpenMP threads (shared with torch)")
+
+
+def rerender(path: Path) -> None:
+    """Write the markdown again from a run's JSON (same numbers, current layout)."""
+    data = json.loads(path.read_text())
+    rows = [ShapeRow(**r) for r in data["shapes"]]
+    md = markdown(rows, data["bandwidth_bytes_per_s"], data["settings"].get("stream_bytes", STREAM_BYTES), data["end_to_end"],
+                  data["settings"], data["provenance"], data.get("library", library_line()))
+    path.with_suffix(".md").write_text(md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(SHAPES), help=f"shape families ({', '.join(SHAPES)})")
@@ -328,7 +356,11 @@ def main() -> None:
     parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
     parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernels.md")
+    parser.add_argument("--render", action="store_true", help="only rewrite --out from its .json (no timing)")
     args = parser.parse_args()
+    if args.render:
+        rerender(args.out.with_suffix(".json"))
+        return
     if args.smoke:
         SHAPES["smoke"] = [(192, 576)]
         args.families, args.bits, args.tokens, args.min_seconds = "smoke", "2", "1,8", 0.1
@@ -341,12 +373,13 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
     e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats)
-    settings = {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings))
-    write_json(args.out.with_suffix(".json"), {"schema_version": 1, "provenance": provenance(), "settings": settings,
-                                              "bandwidth_bytes_per_s": bandwidth, "shapes": [asdict(r) for r in shape_rows],
-                                              "end_to_end": e2e})
+    run_provenance, library = provenance(), library_line()
+    args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings, run_provenance, library))
+    write_json(args.out.with_suffix(".json"), {"schema_version": 1, "provenance": run_provenance, "library": library,
+                                              "settings": settings, "bandwidth_bytes_per_s": bandwidth,
+                                              "shapes": [asdict(r) for r in shape_rows], "end_to_end": e2e})
     print(f"wrote {args.out}")
 
 
