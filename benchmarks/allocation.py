@@ -41,6 +41,20 @@ LOSSES = ("hessian_err", "kl", "kl_est")
 ``kl`` when every option's KL is measured (--kl-anchors all), else ``kl_est`` (anchors only)."""
 
 
+NOTES = """Notes
+- hessian_err: tr((W-Q) H (W-Q)^T) with H from the layer's calibration inputs, i.e. the layer's output error in
+  its own units. kl: mean per-token KL(reference || model) with only that layer quantized, on 1 x 256
+  calibration tokens. kl_est: hessian_err times a per-layer gain (geometric mean of kl / hessian_err over the
+  layer's measured options); the "anchor ... only" rows use one option's measured KL for the gain, which is
+  what `bitalloc run` measures (one forward per layer instead of one per (layer, option)).
+- The agreement table is computed over allocations chosen by these very losses (solver outputs and uniform
+  options), not random ones; it says how well each loss ranks the allocations a solver would pick.
+- One-shot weights are what the table's losses describe and make a sweep cheap. `bitalloc quantize` / `run`
+  quantize a bit map sequentially instead (GPTQ-family layers see the quantized prefix), which results/uniform.md
+  shows helps uniform GPTQ at 2-3 bits (the sequential numbers are quoted in each section).
+"""
+
+
 def run_model(model: str, args: argparse.Namespace) -> dict:
     out = RESULTS / "allocation" / model
     meta_path = out / "run.json"
@@ -193,7 +207,7 @@ def main() -> None:
         "windows of 512 tokens of the enwiki evaluation split; calibration: 64 x 512 tokens of the calibration split. "
         "Each model's sweep settings (solvers, evaluation tokens) are listed in its section.\n\n"
     )
-    (RESULTS / "allocation.md").write_text(header + "\n".join(sections))
+    (RESULTS / "allocation.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 
 if __name__ == "__main__":
