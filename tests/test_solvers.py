@@ -335,3 +335,20 @@ def test_gptqmodel_dynamic():
     binary = solve(small_table(0), Budget.bpw(1.7))
     with pytest.raises(BitallocError, match="GPTQModel cannot store"):
         gptqmodel_dynamic(binary)
+
+
+def test_default_loss_prefers_a_complete_measured_kl():
+    table = SensitivityTable.synthetic(14, seed=3, loss_names=("hessian_err", "weight_err"))
+    assert table.default_loss == "hessian_err"  # no KL: the first loss
+    herr = table.losses["hessian_err"]
+    partial = herr * 0.01
+    partial[:, 1:] = np.nan  # measured for one anchor option only
+    table.losses["kl"] = partial
+    assert table.default_loss == "hessian_err"  # an incomplete kl cannot price every option
+    table.losses["kl_est"] = herr * 0.02
+    assert table.default_loss == "kl_est"
+    assert np.array_equal(table.loss(), table.losses["kl_est"])
+    assert solve(table, Budget.bpw(3.0)).loss_name == "kl_est"
+    table.losses["kl"] = herr[::-1].copy()
+    assert table.default_loss == "kl" and solve(table, Budget.bpw(3.0)).loss_name == "kl"
+    assert solve(table, Budget.bpw(3.0), Constraints(loss="hessian_err")).loss_name == "hessian_err"
