@@ -31,7 +31,7 @@ from allocator.models import load_model
 from allocator.pareto import plan_sweep
 from allocator.profile import cached_table_path, profile_model
 from allocator.solvers import Constraints
-from allocator.storage import write_json
+from allocator.storage import cache_dir, write_json
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 SOLVERS = "ilp,ilp-cvxpy,convex,baq,dp,greedy"
@@ -94,6 +94,25 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
     meta["loss_agreement"] = loss_agreement(table, sweeps)
     write_json(meta_path, meta)
     return {"meta": meta, "sweeps": sweeps}
+
+
+def run_sequential(model: str, budgets: list[float]) -> None:
+    """``bitalloc run`` at each budget (the README's main job); its rows, loss and wall time are kept
+    in results/allocation/<model>/sequential/run-<bpw>.json (the packed model stays in the cache)."""
+    directory = RESULTS / "allocation" / model / "sequential"
+    directory.mkdir(parents=True, exist_ok=True)
+    for bpw in budgets:
+        path = directory / f"run-{bpw:g}.json"
+        if path.is_file():
+            continue
+        work = cache_dir("allocation-runs") / f"{model}-{bpw:g}"
+        start = time.perf_counter()
+        if bitalloc(["run", "--model", model, "--bpw", str(bpw), "--out", str(work)]) != 0:
+            raise SystemExit(f"bitalloc run failed for {model} at {bpw:g} bpw")
+        rows = json.loads((work / "rows.json").read_text())["rows"]
+        bitmap = json.loads((work / "bitmap.json").read_text())
+        write_json(path, {"provenance": provenance(), "command": f"bitalloc run --model {model} --bpw {bpw:g}", "bpw": bpw,
+                          "loss_name": bitmap.get("loss_name"), "wall_seconds": time.perf_counter() - start, "rows": rows})
 
 
 def saved_results(model: str) -> dict | None:
@@ -175,6 +194,17 @@ def section(model: str, data: dict) -> str:
               "| option | bpw | ppl | ppl ratio | KL |", "|---|---|---|---|---|"]
     for p in sorted(uniform.values(), key=lambda p: p["bpw"]):
         lines.append(f"| {p['option']} | {p['bpw']:.3f} | {p['perplexity']:.2f} | {p['ppl_ratio']:.3f} | {p['kl']:.4f} |")
+    runs = sorted((RESULTS / "allocation" / model / "sequential").glob("run-*.json"))
+    if runs:
+        lines += ["", "### The main job: the ILP map quantized sequentially (`bitalloc run`)", "",
+                  "`bitalloc run --model M --bpw B` (profile cached, KL measured, ILP on the default loss, then every layer quantized "
+                  "by its option in layer order on the quantized prefix, as GPTQ does, and evaluated on 16k tokens):", "",
+                  "| budget | loss | bpw | ppl | ppl ratio | KL | quantize s | wall min |", "|---|---|---|---|---|---|---|---|"]
+        for path in runs:
+            run = json.loads(path.read_text())
+            row = next(r for r in run["rows"] if r["name"] != "reference")
+            lines.append(f"| {run['bpw']:g} | {run['loss_name']} | {row['bpw']:.3f} | {row['perplexity']:.2f} | {row['ppl_ratio']:.3f} | "
+                         f"{row['kl']:.4f} | {row['quantize_seconds']:.0f} | {run['wall_seconds'] / 60:.1f} |")
     uniform_seq = RESULTS / "uniform" / f"{model}.json"
     if uniform_seq.is_file():
         rows = [r for r in json.loads(uniform_seq.read_text())["rows"] if r["name"] in GPTQ_BY_BITS.values()]
@@ -193,10 +223,13 @@ def main() -> None:
     parser.add_argument("--to", dest="stop", type=float, default=3.5)
     parser.add_argument("--step", type=float, default=0.5)
     parser.add_argument("--solvers", default=SOLVERS)
+    parser.add_argument("--sequential", default="", help="also run `bitalloc run` at these budgets (comma-separated bpw)")
     parser.add_argument("--kl-anchors", default="all", help="options whose single-layer KL is measured ('all' or labels)")
     args = parser.parse_args()
     wanted = args.models.split(",")
     results = {model: run_model(model, args) for model in wanted}
+    for model in wanted:
+        run_sequential(model, [float(b) for b in args.sequential.split(",") if b.strip()])
     results.update({model: saved for model in MODELS if model not in results and (saved := saved_results(model))})
     sections = [section(model, results[model]) for model in [*MODELS, *wanted] if model in results]
     sections = list(dict.fromkeys(sections))
