@@ -52,6 +52,8 @@ NOTES = """Notes
 - One-shot weights are what the table's losses describe and make a sweep cheap. `bitalloc quantize` / `run`
   quantize a bit map sequentially instead (GPTQ-family layers see the quantized prefix), which results/uniform.md
   shows helps uniform GPTQ at 2-3 bits (the sequential numbers are quoted in each section).
+- Timings (solve ms, quantize s, wall min) were taken while other jobs shared the 2 cores: indicative only; the
+  solver timing target is measured on an idle machine in results/solver_timing.md.
 """
 
 
