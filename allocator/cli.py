@@ -29,6 +29,20 @@ RUN_KL_ANCHORS = ["gptq-w3g128"]
 """What ``bitalloc run`` measures the single-layer KL of (one forward per layer): on SmolLM2 the gain
 calibrated on this option alone ranked measured allocations as well as measuring every option."""
 
+
+def _kl_anchors(given: list[str] | None, options: list) -> list[str] | None:
+    """``--kl-anchors`` checked against the options' labels: None (every option) for none or ``all``."""
+    from allocator.errors import BitallocError
+
+    if not given or given == ["all"]:
+        return None
+    labels = [o.label for o in options]
+    unknown = sorted(set(given) - set(labels))
+    if unknown:
+        raise BitallocError(f"--kl-anchors: {unknown[0]!r} is not one of the profiled options ({', '.join(labels)})")
+    return given
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -369,9 +383,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
     if args.kl_anchors and not args.measure_kl:
         raise BitallocError("--kl-anchors only applies with --measure-kl")
-    unknown = sorted(set(args.kl_anchors or []) - {o.label for o in options})
-    if unknown:
-        raise BitallocError(f"--kl-anchors: {unknown[0]!r} is not one of the profiled options ({', '.join(o.label for o in options)})")
+    anchors = _kl_anchors(args.kl_anchors, options)
     if args.out is not None:
         _check_json_target(args.out, "--out")
     start = time.perf_counter()
@@ -383,7 +395,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
             recompute=args.recompute, progress=not args.no_progress, scale_fold=_scale_fold_settings(args),
         )
         if args.measure_kl:
-            table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, args.kl_anchors,
+            table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,
                                   args.kl_samples, args.kl_seqlen, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
@@ -687,13 +699,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     options = parse_options(args.options)  # bad input fails before the model loads
     budget = Budget.bpw(args.bpw)
-    anchors = None if args.kl_anchors == ["all"] else args.kl_anchors
-    labels = [o.label for o in options]
-    if not args.no_kl and anchors and not set(anchors) <= set(labels):
-        if args.kl_anchors == RUN_KL_ANCHORS:
-            anchors = None  # the default anchor is not among these options: measure them all
-        else:
-            raise BitallocError(f"--kl-anchors: {sorted(set(anchors) - set(labels))[0]!r} is not one of the options ({', '.join(labels)})")
+    default_missing = args.kl_anchors == RUN_KL_ANCHORS and not set(RUN_KL_ANCHORS) <= {o.label for o in options}
+    # without the default anchor among the options, every option is measured
+    anchors = None if args.no_kl or default_missing else _kl_anchors(args.kl_anchors, options)
     if args.solver not in SOLVERS:
         raise BitallocError(f"unknown solver {args.solver!r}; choose from {', '.join(SOLVERS)}")
     if args.out is not None and args.out.exists() and not args.out.is_dir():

@@ -19,7 +19,11 @@ Both are added to the table as losses the solvers can take (``--loss kl`` / ``--
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -27,12 +31,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from allocator.errors import BitallocError
+from allocator.models import LoadedModel
 from allocator.option_weights import OptionWeights
+from allocator.profile import HESSIAN_ERR, KL, KLProbe
 from allocator.sensitivity import SensitivityTable
+from allocator.tokens import calibration_samples
 
 log = logging.getLogger(__name__)
 
-KL_MEASURED = "kl"
+KL_MEASURED = KL
 KL_CALIBRATED = "kl_est"
 DEFAULT_KL_SEQLEN = 256
 """Tokens per KL window (the measurement costs one forward over them per (layer, option))."""
@@ -41,7 +48,7 @@ CHECKPOINT_EVERY = 8
 
 
 def measure_kept_kl(
-    probe: "KLProbe",  # noqa: F821 -- allocator.profile.KLProbe (imported lazily: profile imports this module)
+    probe: KLProbe,
     weights: OptionWeights,
     names: Sequence[str],
     labels: Sequence[str],
@@ -104,24 +111,15 @@ def anchor_mask(table: SensitivityTable, anchors: Sequence[str] | None) -> np.nd
 
 
 def with_kl_losses(table: SensitivityTable, kl: np.ndarray, settings: dict) -> SensitivityTable:
-    """A copy of ``table`` with ``kl`` (measured, NaN where not) and ``kl_est`` added as losses."""
-    from allocator.profile import HESSIAN_ERR
-
-    losses = dict(table.losses)
-    losses[KL_MEASURED] = kl
-    losses[KL_CALIBRATED] = calibrated_kl(table.loss(HESSIAN_ERR), kl)
-    metadata = dict(table.metadata)
-    metadata["kl_measurement"] = settings
-    descriptions = dict(metadata.get("losses", {}))
+    """A copy of ``table`` with ``kl`` (measured, NaN where not) and ``kl_est`` added as losses;
+    ``settings`` (windows, seqlen, anchors, and optionally the measurement's seconds) go to its metadata."""
+    losses = {**table.losses, KL_MEASURED: kl, KL_CALIBRATED: calibrated_kl(table.loss(HESSIAN_ERR), kl)}
+    descriptions = dict(table.metadata.get("losses", {}))
     descriptions[KL_MEASURED] = (f"mean per-token KL(reference || model), only this layer quantized (kept weight), on "
                                  f"{settings['windows']} x {settings['seqlen']} calibration tokens; NaN where not measured")
     descriptions[KL_CALIBRATED] = "g_l * hessian_err, g_l = geometric mean of kl / hessian_err over the layer's measured options"
-    metadata["losses"] = descriptions
-    return SensitivityTable(
-        names=table.names, numel=table.numel, tie_group=table.tie_group, options=table.options, bits=table.bits,
-        losses=losses, key=table.key, features=table.features, feature_names=table.feature_names,
-        feature_schema=table.feature_schema, metadata=metadata,
-    )
+    metadata = {**table.metadata, "kl_measurement": settings, "losses": descriptions}
+    return dataclasses.replace(table, losses=losses, metadata=metadata)
 
 
 def _covers(done: dict | None, wanted: dict) -> bool:
@@ -132,7 +130,7 @@ def _covers(done: dict | None, wanted: dict) -> bool:
 
 
 def add_kl_losses(
-    loaded: "LoadedModel",  # noqa: F821 -- allocator.models.LoadedModel
+    loaded: LoadedModel,
     table: SensitivityTable,
     table_path: Path,
     calibration_text: str,
@@ -143,17 +141,13 @@ def add_kl_losses(
 ) -> SensitivityTable:
     """Measure the single-layer KL (of ``anchors``, or every option) from the weights kept beside
     ``table_path``, on the first ``windows`` calibration windows of the table's own calibration
-    draw cut to ``seqlen`` tokens (default :data:`DEFAULT_KL_SEQLEN` or the profile's, if shorter), and rewrite the table there with ``kl`` and ``kl_est`` added.
+    draw cut to ``seqlen`` tokens (default :data:`DEFAULT_KL_SEQLEN` or the profile's, if shorter), and
+    rewrite the table there with ``kl`` and ``kl_est`` added.
 
-    Interrupted measurements resume from ``<table>.kl-<settings>.npy``; a table that already holds
-    losses measured on the same windows for these options (or all) is returned as it is.
+    Interrupted measurements resume from ``<table>.kl-<settings>.npy`` (the recorded seconds are then
+    those of the last session); a table that already holds losses measured on the same windows for
+    these options (or all) is returned as it is.
     """
-    import hashlib
-    import json
-
-    from allocator.profile import KLProbe
-    from allocator.tokens import calibration_samples
-
     key = table.key
     seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
     if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
@@ -167,8 +161,9 @@ def add_kl_losses(
     probe = KLProbe(loaded.model, tokens[:windows, :seqlen])
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
+    start = time.perf_counter()
     kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
-    result = with_kl_losses(table, kl, settings)
+    result = with_kl_losses(table, kl, {**settings, "seconds": time.perf_counter() - start})
     result.save(Path(table_path))
     checkpoint.unlink(missing_ok=True)
     return result

@@ -41,10 +41,10 @@ from allocator.storage import atomic_path
 
 TABLE_SCHEMA_VERSION = 1
 NOT_APPLICABLE = -1
+"""Value of ``bits[l, o]`` for an option that cannot be applied to layer ``l``."""
 PREFERRED_LOSSES = ("kl", "kl_est")
 """Measured single-layer KL first (allocator/layer_kl.py): it predicts measured quality of whole
 allocations far better than the Hessian-weighted output error (benchmarks/results/allocation.md)."""
-"""Value of ``bits[l, o]`` for an option that cannot be applied to layer ``l``."""
 
 TIED_LINEARS: dict[str, str] = {
     "q_proj": "qkv",

@@ -47,6 +47,22 @@ def random_text(paragraphs: int = 40, words: int = 60, seed: int = 0) -> str:
     return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(paragraphs))
 
 
+@pytest.fixture(scope="module")
+def loaded() -> "LoadedModel":
+    """The tiny llama as bitalloc loads a model (one per test module: tests may swap its weights)."""
+    from allocator.models import LoadedModel
+
+    return LoadedModel("tiny-llama", tiny_llama(), tiny_tokenizer(), add_bos=False)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> "Corpus":
+    """Random-word calibration and evaluation texts that never overlap."""
+    from allocator.corpus import Corpus
+
+    return Corpus("random", random_text(seed=3), random_text(seed=4))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny llama + word-level tokenizer, loadable as an HF model directory."""

@@ -8,28 +8,16 @@ import torch
 
 import allocator.profile as profile_module
 from allocator.calibration import InputStatistics, capture_block_inputs
-from allocator.corpus import Corpus
 from allocator.errors import BitallocError
 from allocator.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer, module_kinds
 from allocator.layers import quantizable_linears
-from allocator.models import LoadedModel
 from allocator.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
 from allocator.profile import HESSIAN_ERR, KL, WEIGHT_ERR, cached_table_path, profile_model
 from allocator.sensitivity import SensitivityTable
-from tests.conftest import WORDS, random_text, tiny_llama, tiny_tokenizer
+from tests.conftest import WORDS
 
 FAST_OPTIONS = ["xnor", "gptq2", "gptq4"]
 PROFILE_LAYER = profile_module.profile_layer
-
-
-@pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return LoadedModel("tiny-llama", tiny_llama(), tiny_tokenizer(), add_bos=False)
-
-
-@pytest.fixture(scope="module")
-def corpus() -> Corpus:
-    return Corpus("random", random_text(seed=3), random_text(seed=4))
 
 
 @pytest.fixture(scope="module")
