@@ -61,14 +61,11 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
     out = RESULTS / "allocation" / model
     meta_path = out / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    start = time.perf_counter()
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, samples=args.samples, seqlen=512)
-    profile_seconds = time.perf_counter() - start
     anchors = None if args.kl_anchors == "all" else args.kl_anchors.split(",")
     table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors, windows=1, seqlen=256)
-    kl_seconds = time.perf_counter() - start - profile_seconds
     del loaded
     sweeps = {}
     for loss in ("kl" if anchors is None else "kl_est", "hessian_err"):  # the fix first: it is the one that matters
@@ -77,21 +74,14 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         earlier = [out / other / "pareto.json" for other in LOSSES if other != loss and (out / other / "pareto.json").is_file()]
         if not (directory / "pareto.json").is_file() and earlier:
             shutil.copy(earlier[0], directory / "pareto.json")  # its measured allocations are reused, not re-measured
-        swept = time.perf_counter()
         code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(args.start),
                          "--to", str(args.stop), "--step", str(args.step), "--solvers", args.solvers, "--tokens", str(args.tokens),
                          "--out", str(directory)])
         if code != 0:
             raise SystemExit(f"pareto failed for {model} ({loss})")
-        if not isinstance(meta.get("sweep_wall_seconds"), dict):
-            meta["sweep_wall_seconds"] = {}
-        meta["sweep_wall_seconds"][loss] = meta["sweep_wall_seconds"].get(loss, 0.0) + time.perf_counter() - swept
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
-    if "provenance" not in meta:
-        meta.update({"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
-                     "profile_wall_seconds": profile_seconds})
-    if "kl_seconds" not in meta or kl_seconds > 60:  # a cached measurement takes seconds; keep the real one
-        meta["kl_seconds"] = kl_seconds
+    meta.setdefault("provenance", provenance())
+    meta["profile_layer_seconds"] = table.metadata.get("layer_seconds")
     meta["kl_measurement"] = table.metadata.get("kl_measurement", {})
     meta["loss_agreement"] = loss_agreement(table, sweeps)
     write_json(meta_path, meta)
@@ -162,7 +152,7 @@ def section(model: str, data: dict) -> str:
     lines = [f"## {model}", "", meta["provenance"].rstrip(),
              f"- profile: {meta['profile_layer_seconds'] / 60:.1f} min of per-layer work (7 options x every linear)",
              f"- single-layer KL ({kl_settings.get('anchors')} options, {kl_settings.get('windows')} x {kl_settings.get('seqlen')} "
-             f"calibration tokens, from the kept weights): {meta['kl_seconds'] / 60:.1f} min",
+             f"calibration tokens, from the kept weights): {kl_settings['seconds'] / 60:.1f} min",
              f"- sweeps: solvers {', '.join(first['settings']['solvers'])}; evaluation {first['settings']['eval']['tokens']} tokens",
              f"- reference perplexity: {first['reference_perplexity']:.3f}", "",
              "### Does the additive prediction hold?", "",
