@@ -40,6 +40,8 @@ FULL_BATCHES = [
     ("pbllm-w1p1-dyngroup", [("pbllm", {}), ("w1p1", {}), ("dyngroup", {}), ("dyngroup", {"max_groups": 2})]),
     # the structured variant: one 4-bit group index per (row, 128 columns), 16 shared scales
     ("dyngroup-block", [("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0})]),
+    # more settings of the two best methods: salient share of PB-LLM, group width of W(1+1)
+    ("settings", [("pbllm", {"salient_fraction": 0.05}), ("pbllm", {"salient_fraction": 0.2}), ("w1p1", {"group_size": 64}), ("w1p1", {"group_size": None})]),
 ]
 DEFAULT_BATCHES = [
     ("baselines", [("rtn", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 1, "group_size": 128})]),
@@ -110,16 +112,18 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--models", default=",".join(MODELS), help="models to measure (every model with saved results is rendered)")
+    parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (Gemma3's 262k-entry LM head makes 8192 the practical choice on 2 cores)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
     args = parser.parse_args()
     settings = EvalSettings(tokens=args.tokens, samples=args.samples, true_sequential=False)
     corpus = load_corpus("enwiki")
     saved_dir = RESULTS / "binary"
-    sections = []
-    for model_name in args.models.split(","):
+    wanted = args.models.split(",")
+    if unknown := [m for m in wanted if m not in PLANS]:
+        raise SystemExit(f"error: no plan for {', '.join(unknown)}; known: {', '.join(PLANS)}")
+    for model_name in wanted:
         saved = saved_dir / f"{model_name}.json"
         data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else {}
         if data.get("settings") != vars(settings):
@@ -137,9 +141,17 @@ def main() -> None:
                 data["wall_seconds"] += time.perf_counter() - start
                 data["provenance"] = provenance()
                 write_json(saved, data)
-        rows = merged_batches(data["batches"], [batch for batch, _ in plan])
-        sections.append(model_section(model_name, data, table(rows)))
-    header = "# The 1-bit family beside RTN/GPTQ 2-bit\n\n" + evaluation_protocol(settings)
+    sections = []
+    for model_name, plan in PLANS.items():
+        saved = saved_dir / f"{model_name}.json"
+        if not saved.is_file():
+            continue
+        data = json.loads(saved.read_text())
+        done = [batch for batch, _ in plan if batch in data["batches"]]
+        rows = merged_batches(data["batches"], done)
+        protocol = evaluation_protocol(EvalSettings(**data["settings"]))
+        sections.append(model_section(model_name, data, protocol + table(rows)))
+    header = "# The 1-bit family beside RTN/GPTQ 2-bit\n\n"
     (RESULTS / "binary.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 
