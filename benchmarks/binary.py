@@ -50,6 +50,10 @@ DEFAULT_BATCHES = [
 ]
 PLANS = {"smollm2-135m": FULL_BATCHES, "gemma3-270m": DEFAULT_BATCHES}
 
+ONE_BIT_FAMILY = ("xnor", "billm", "pbllm", "w1p1", "dyngroup")
+AIM_BPW, AIM_RATIO = 1.3, 8.0
+"""Issue aim on SmolLM2: at most 8x the reference perplexity at no more than 1.3 honest bpw."""
+
 COLUMNS = ["method", "honest bpw", "paper bpw", "model MB", "ppl", "ppl ratio", "KL", "quantize s"]
 
 NOTES = """\
@@ -110,6 +114,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reading(model: str, rows: list[dict]) -> str:
+    """Bullets computed from the measured rows: where the family lands against the aim and 2-bit."""
+    family = [r for r in rows if r["bpw"] is not None and r["name"].split("-")[0] in ONE_BIT_FAMILY]
+    baselines = [r for r in rows if r["bpw"] is not None and r["name"].split("-")[0] in ("rtn", "gptq")]
+    if not family:
+        return ""
+    best = min(family, key=lambda r: r["ppl_ratio"])
+    lines = ["Reading (computed from the table above)",
+             f"- Best of the 1-bit family: {best['name']}, {best['ppl_ratio']:.2f}x the reference perplexity "
+             f"(KL {best['kl']:.3f}) at {best['bpw']:.3f} honest bpw ({best['paper_bpw']:.3f} as its paper would count)."]
+    small = [r for r in family if r["bpw"] <= AIM_BPW]
+    if small:
+        low = min(small, key=lambda r: r["ppl_ratio"])
+        line = (f"- At <= {AIM_BPW} honest bpw the best is {low['name']} at {low['bpw']:.3f} bpw: {low['ppl_ratio']:.3g}x the "
+                f"reference perplexity -> the aim (<= {AIM_RATIO:g}x at <= {AIM_BPW} bpw) is ")
+        if low["ppl_ratio"] <= AIM_RATIO:
+            line += "met."
+        else:
+            reaching = [r["bpw"] for r in family if r["ppl_ratio"] <= AIM_RATIO]
+            line += f"missed; the smallest method within {AIM_RATIO:g}x needs {min(reaching):.3f} bpw." if reaching else "missed."
+        lines.append(line)
+    if baselines:
+        two_bit = min(baselines, key=lambda r: r["ppl_ratio"])
+        lines.append(f"- The best uniform baseline, {two_bit['name']} at {two_bit['bpw']:.3f} bpw, is {two_bit['ppl_ratio']:.3g}x: "
+                     f"{best['name']} is {two_bit['ppl_ratio'] / best['ppl_ratio']:.3g}x lower in perplexity ratio at "
+                     f"{best['bpw'] - two_bit['bpw']:+.3f} bpw.")
+    gaps = sorted(family, key=lambda r: r["bpw"] - (r["paper_bpw"] or r["bpw"]), reverse=True)[:3]
+    lines.append("- Largest gaps between honest and paper bpw: " + ", ".join(
+        f"{r['name']} {r['bpw']:.3f} vs {r['paper_bpw']:.3f}" for r in gaps) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default=",".join(MODELS), help="models to measure (every model with saved results is rendered)")
@@ -150,7 +186,7 @@ def main() -> None:
         done = [batch for batch, _ in plan if batch in data["batches"]]
         rows = merged_batches(data["batches"], done)
         protocol = evaluation_protocol(EvalSettings(**data["settings"]))
-        sections.append(model_section(model_name, data, protocol + table(rows)))
+        sections.append(model_section(model_name, data, protocol + table(rows) + "\n\n" + reading(model_name, rows)))
     header = "# The 1-bit family beside RTN/GPTQ 2-bit\n\n"
     (RESULTS / "binary.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
