@@ -67,8 +67,12 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
     anchors = None if args.kl_anchors == "all" else args.kl_anchors.split(",")
     table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors, windows=1, seqlen=256)
     del loaded
-    sweeps = {}
-    for loss in ("kl" if anchors is None else "kl_est", "hessian_err"):  # the fix first: it is the one that matters
+    measured_kl = "kl" if anchors is None else "kl_est"
+    wanted = [measured_kl if loss == "auto" else loss for loss in args.losses.split(",")]
+    # a sweep not rerun keeps its saved points (the agreement table is computed over every sweep)
+    sweeps = {loss: json.loads((out / loss / "pareto.json").read_text()) for loss in LOSSES
+              if loss not in wanted and (out / loss / "pareto.json").is_file()}
+    for loss in wanted:
         directory = out / loss
         directory.mkdir(parents=True, exist_ok=True)
         earlier = [out / other / "pareto.json" for other in LOSSES if other != loss and (out / other / "pareto.json").is_file()]
@@ -80,7 +84,9 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         if code != 0:
             raise SystemExit(f"pareto failed for {model} ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
-    meta.setdefault("provenance", provenance())
+    order = ("kl", "kl_est", "hessian_err")  # the measured-KL sweep first: it is the one that matters
+    sweeps = {loss: sweeps[loss] for loss in sorted(sweeps, key=order.index)}
+    meta["provenance"] = provenance()
     meta["profile_layer_seconds"] = table.metadata.get("layer_seconds")
     meta["kl_measurement"] = table.metadata.get("kl_measurement", {})
     meta["loss_agreement"] = loss_agreement(table, sweeps)
@@ -216,6 +222,8 @@ def main() -> None:
     parser.add_argument("--step", type=float, default=0.5)
     parser.add_argument("--solvers", default=SOLVERS)
     parser.add_argument("--sequential", default="", help="also run `bitalloc run` at these budgets (comma-separated bpw)")
+    parser.add_argument("--losses", default="auto,hessian_err",
+                        help="sweeps to run, in order ('auto': kl, or kl_est when only anchors are measured; default auto,hessian_err)")
     parser.add_argument("--kl-anchors", default="all", help="options whose single-layer KL is measured ('all' or labels)")
     args = parser.parse_args()
     wanted = args.models.split(",")
