@@ -3,8 +3,10 @@
 For every quantizer the model is quantized as it is and after scale folding (allocator/scalefold.py)
 with each alpha setting asked for (default: the global alpha 0.5 and the per-site search), and
 every variant is evaluated against the untransformed float reference on the same windows (the
-folded float model computes the same function, so the reference is shared). One batch per
-quantizer, each saved to results/scalefold/<model>.json as soon as it is measured, so an
+folded float model computes the same function, so the reference is shared). With
+``--profiles MODEL=TABLE.npz`` each model also gets mixed allocations: the ILP bit map of its
+profile (default loss) at each of ``--mixed`` bpw, quantized by that map (every layer by its own
+option, in layer order) with and without the fold. One batch per quantizer or map, each saved to results/scalefold/<model>.json as soon as it is measured, so an
 interrupted run resumes with the batches not yet done (--fresh measures again).
 """
 
@@ -24,13 +26,16 @@ from allocator.corpus import load_corpus
 from allocator.layers import quantizable_linears
 from allocator.models import load_model
 from allocator.pipeline import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
+from allocator.options import assignment_from_settings
 from allocator.scalefold import DEFAULT_ALPHA, ScaleFoldSettings, parse_alpha, quantize_with_scale_fold
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers import Budget, solve
 from allocator.storage import write_json
 from quantizers import Quantizer, build_quantizer
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 DEFAULT_ALPHAS = f"{DEFAULT_ALPHA},search"
-BINARY_CHOICES = {"billm": ("billm", {}), "xnor-g128": ("xnor", {"group_size": 128})}
+BINARY_CHOICES = {"billm": ("billm", {}), "w1p1": ("w1p1", {}), "xnor-g128": ("xnor", {"group_size": 128})}
 
 COLUMNS = ["method", "scale fold", "bpw", "model MB", "ppl", "ppl ratio", "KL", "quantize s", "alphas chosen"]
 
@@ -70,15 +75,23 @@ def alpha_summary(quantized: QuantizedModel) -> str:
     return " ".join(f"{alpha}:{count}" for alpha, count in sorted(counts.items()))
 
 
-def measure_batch(loaded, corpus, quantizer: Quantizer, folds: list[ScaleFoldSettings], settings: EvalSettings,
-                  samples: torch.Tensor, windows: torch.Tensor) -> list[dict[str, Any]]:
-    linears = list(quantizable_linears(loaded.model))
-    assignment = {layer: quantizer for layer in linears}
+def uniform_assignment(loaded, quantizer: Quantizer) -> tuple[str, dict[str, Quantizer]]:
+    return quantizer.label(), {layer: quantizer for layer in quantizable_linears(loaded.model)}
+
+
+def mixed_assignment(table: SensitivityTable, bpw: float) -> tuple[str, dict[str, Quantizer]]:
+    """The ILP bit map of ``table`` at ``bpw`` on its default loss, as per-layer quantizers."""
+    bitmap = solve(table, Budget.bpw(bpw))
+    return f"ilp@{bpw:g}({bitmap.loss_name})", assignment_from_settings(bitmap.assignment())
+
+
+def measure_batch(loaded, corpus, name: str, assignment: dict[str, Quantizer], folds: list[ScaleFoldSettings],
+                  settings: EvalSettings, samples: torch.Tensor, windows: torch.Tensor) -> list[dict[str, Any]]:
     quantized: dict[str, QuantizedModel] = {}
     seconds: dict[str, float] = {}
     fold_of: dict[str, str] = {}
     for fold in [None, *folds]:
-        label = quantizer.label() + (f"+{fold.label()}" if fold is not None else "")
+        label = name + (f"+{fold.label()}" if fold is not None else "")
         start = time.perf_counter()
         with torch.inference_mode():
             if fold is None:
@@ -117,43 +130,59 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated fold settings: numbers in [0, 1] or 'search' (default {DEFAULT_ALPHAS})")
     parser.add_argument("--binary", choices=sorted(BINARY_CHOICES), default="billm", help="the 1-bit method (default billm)")
+    parser.add_argument("--profiles", default="", help="MODEL=TABLE.npz,...: also measure that profile's ILP maps (see --mixed)")
+    parser.add_argument("--mixed", default="2.5,3.0", help="budgets (bpw) of the mixed allocations (default 2.5,3.0)")
     parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
     parser.add_argument("--plan", action="store_true", help="print the batches and variants, measure nothing")
     args = parser.parse_args()
     settings = EvalSettings(tokens=args.tokens, samples=args.samples)
     folds = [ScaleFoldSettings(alpha=parse_alpha(a)) for a in args.alphas.split(",") if a.strip()]
     batches = plan(args.binary)
+    profiles = dict(item.split("=", 1) for item in args.profiles.split(",") if item.strip())
+    budgets = [float(b) for b in args.mixed.split(",") if b.strip()]
     if args.plan:
         for batch, name, kwargs in batches:
             label = build_quantizer(name, **kwargs).label()
             print(f"{batch}: {label}, " + ", ".join(f"{label}+{f.label()}" for f in folds))
+        for model_name in profiles:
+            print(f"{model_name}: ILP maps at {', '.join(f'{b:g}' for b in budgets)} bpw, off and " + ", ".join(f.label() for f in folds))
         return
     identity = {"settings": vars(settings), "folds": [f.as_dict() for f in folds]}
     corpus = load_corpus("enwiki")
     saved_dir = RESULTS / "scalefold"
-    sections = []
     for model_name in args.models.split(","):
         saved = saved_dir / f"{model_name}.json"
         data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else {}
         if data.get("identity") != identity:
             data = {"model": model_name, "identity": identity, "batches": {}, "provenance": provenance(), "wall_seconds": 0.0}
-        if any(batch not in data["batches"] for batch, _, _ in batches):
+        table = SensitivityTable.load(profiles[model_name]) if model_name in profiles else None
+        work = [(batch, lambda loaded, name=name, kwargs=kwargs: uniform_assignment(loaded, build_quantizer(name, **kwargs)))
+                for batch, name, kwargs in batches]
+        work += [(f"mixed{bpw:g}", lambda loaded, bpw=bpw: mixed_assignment(table, bpw)) for bpw in budgets if table is not None]
+        if any(batch not in data["batches"] for batch, _ in work):
             loaded = load_model(model_name)
             windows = evaluation_tokens(loaded, corpus, settings)
             samples = calibration_tokens(loaded, corpus, settings)
-            for batch, name, kwargs in batches:
+            for batch, assign in work:
                 if batch in data["batches"]:
                     continue
                 start = time.perf_counter()
-                data["batches"][batch] = measure_batch(loaded, corpus, build_quantizer(name, **kwargs), folds, settings, samples, windows)
+                name, assignment = assign(loaded)
+                data["batches"][batch] = measure_batch(loaded, corpus, name, assignment, folds, settings, samples, windows)
                 data["wall_seconds"] += time.perf_counter() - start
                 data["provenance"] = provenance()
                 write_json(saved, data)
-        rows = merged_batches(data["batches"], [batch for batch, _, _ in batches])
-        sections.append(model_section(model_name, data, table(rows)))
-    header = "# Scale folding before quantization: on and off\n\n" + evaluation_protocol(
-        settings, reference=", against the untransformed float reference",
-        calibration="calibration (Hessians and the fold's activation statistics)")
+    sections = []
+    for model_name in MODELS:
+        saved = saved_dir / f"{model_name}.json"
+        if not saved.is_file():
+            continue
+        data = json.loads(saved.read_text())
+        protocol = evaluation_protocol(EvalSettings(**data["identity"]["settings"]), reference=", against the untransformed float reference",
+                                       calibration="calibration (Hessians and the fold's activation statistics)")
+        rows = merged_batches(data["batches"], list(data["batches"]))
+        sections.append(model_section(model_name, data, protocol + table(rows)))
+    header = "# Scale folding before quantization: on and off\n\n"
     (RESULTS / "scalefold.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
 
