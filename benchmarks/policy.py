@@ -209,19 +209,30 @@ def read_progress(path: Path) -> list[dict[str, float]]:
     return rows
 
 
-def training_curve(run_dir: Path) -> list[dict[str, float]]:
-    """The whole run's curve: the sessions' progress.csv files in order, each cut where the next one
-    resumed (from an earlier checkpoint), with the elapsed time made cumulative."""
+def training_curve(run_dir: Path, record: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """The whole run's curve: the sessions' progress.csv files in order, each cut at the step the
+    next one resumed from (its checkpoint: ``from_steps`` in the stage record when the sessions line up
+    with the files, else the next file's first logged step), with the elapsed time made cumulative
+    from the time interpolated at that step."""
     logs = run_dir / LOGS
     files = sorted(logs.glob("progress.session*.csv")) + ([logs / "progress.csv"] if (logs / "progress.csv").is_file() else [])
-    sessions = [rows for rows in (read_progress(f) for f in files) if rows]
+    sessions = [read_progress(f) for f in files]
+    recorded = (record or {}).get("sessions", [])
+    starts = [s.get("from_steps") for s in recorded] if len(recorded) == len(sessions) else [None] * len(sessions)
     curve: list[dict[str, float]] = []
+    offset = 0.0
     for i, rows in enumerate(sessions):
-        if i + 1 < len(sessions):
-            resumed = sessions[i + 1][0]["steps"]
-            rows = [r for r in rows if r["steps"] < resumed]
-        offset = curve[-1]["time"] if curve else 0.0
-        curve += [{**r, "time": r["time"] + offset} for r in rows]
+        if not rows:
+            continue
+        end = None
+        if i + 1 < len(sessions) and sessions[i + 1]:
+            end = starts[i + 1] if starts[i + 1] is not None else sessions[i + 1][0]["steps"]
+        kept = [r for r in rows if end is None or r["steps"] <= end]
+        curve += [{**r, "time": r["time"] + offset} for r in kept]
+        if end is not None:
+            begin = starts[i] or 0  # the session's clock starts at 0 at the step it resumed from
+            xs, ts = [begin] + [r["steps"] for r in rows], [0.0] + [r["time"] for r in rows]
+            offset += float(np.interp(end, xs, ts))
     return curve
 
 
@@ -250,7 +261,7 @@ def plot_training(records: dict[str, dict], table: dict[str, Any], path: Path, t
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name, record in records.items():
-        curve = training_curve(Path(record["key"]["run_dir"]))
+        curve = training_curve(Path(record["key"]["run_dir"]), record)
         rows = [r for r in curve if not math.isnan(r["reward"])]
         left.plot([r["steps"] for r in rows], [r["reward"] for r in rows], marker="o" if len(rows) < 20 else None, markersize=3,
                   label=f"trained on {name}")
@@ -365,7 +376,7 @@ def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str,
                 finals.append({"policy": name, "table": target, "zero_shot": target != name, **compare(policy, source, bpw, optima)})
     checkpoints: dict[str, list] = {}
     for name in trained:
-        curve = training_curve(runs[name])
+        curve = training_curve(runs[name], trained[name])
         listed = zips[name] if not args.final_only else zips[name][-1:]
         checkpoints[name] = []
         for steps, zip_path in listed:
