@@ -40,8 +40,8 @@ FULL_BATCHES = [
     ("pbllm-w1p1-dyngroup", [("pbllm", {}), ("w1p1", {}), ("dyngroup", {}), ("dyngroup", {"max_groups": 2})]),
     # the structured variant: one 4-bit group index per (row, 128 columns), 16 shared scales
     ("dyngroup-block", [("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0})]),
-    # more settings of the two best methods: salient share of PB-LLM, group width of W(1+1)
-    ("settings", [("pbllm", {"salient_fraction": 0.05}), ("pbllm", {"salient_fraction": 0.2}), ("w1p1", {"group_size": 64}), ("w1p1", {"group_size": None})]),
+    # more settings of two methods: the salient share of PB-LLM, the group width of W(1+1)
+    ("settings", [("pbllm", {"salient_fraction": 0.2}), ("w1p1", {"group_size": 64}), ("w1p1", {"group_size": None})]),
 ]
 DEFAULT_BATCHES = [
     ("baselines", [("rtn", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 1, "group_size": 128})]),
