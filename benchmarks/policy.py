@@ -463,11 +463,17 @@ def plan_measured(name: str, sources: dict[str, Source], policies: dict[str, Loa
     return points, allocations
 
 
+def eval_tokens(args: argparse.Namespace, model: str) -> int:
+    """Evaluation tokens for ``model``: ``--tokens`` unless ``--model-tokens`` names it."""
+    overrides = dict(item.split("=", 1) for item in args.model_tokens.split(",") if item.strip())
+    return int(overrides.get(model, args.tokens))
+
+
 def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, LoadedPolicy], loss: str, results: Path,
                    args: argparse.Namespace, optima: Optima) -> dict[str, Any]:
     path = results / f"measured-{name}.json"
     table = sources[name].table
-    evaluation = {"corpus": args.corpus, "seqlen": args.seqlen, "tokens": args.tokens}
+    evaluation = {"corpus": args.corpus, "seqlen": args.seqlen, "tokens": eval_tokens(args, name)}
     key = {"model": name, "table_key": table.key.digest(), "loss": loss, "eval": evaluation}
     points, allocations = plan_measured(name, sources, policies, args.budgets, optima)
     previous = read_json(path) or {}
@@ -506,7 +512,7 @@ def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, Lo
         loaded = load_model(table.key.model)
         if table.metadata.get("model_fingerprint") not in (None, model_fingerprint(loaded.model)):
             raise BitallocError(f"{table.key.model} is not the model this profile was made from (weights differ)")
-        windows = evaluation_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, tokens=args.tokens))
+        windows = evaluation_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, tokens=evaluation["tokens"]))
         print(f"[measured {name}] {len(allocations)} distinct allocations from {len(points)} points; {len(todo)} to measure")
         base = record["wall_seconds"]
 
@@ -761,6 +767,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bpw-range", type=float, nargs=2, default=[1.5, 4.0], metavar=("LOW", "HIGH"))
     parser.add_argument("--budgets", default="2.5,3.0", help="measured budgets in bpw (default 2.5,3.0)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
+    parser.add_argument("--model-tokens", default="", metavar="MODEL=N,...",
+                        help="evaluation tokens per model where they differ from --tokens (Gemma3's 262k-entry head is slow on 2 cores)")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--corpus", default="enwiki")
     parser.add_argument("--chunk", type=int, default=4, help="allocations evaluated per reference pass")
