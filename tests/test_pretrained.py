@@ -84,3 +84,24 @@ def test_cli_solve_refuses_policy_with_solver(tiny_policy: Path, tmp_path: Path,
         out = tmp_path / f"{name}.json"
         code, stdout, _ = run(capsys, "solve", "--profile", str(table), "--bpw", "2.5", "--out", str(out), *args)
         assert code == 0 and BitMap.load(out).solver.name == name
+
+
+def test_the_shipped_smollm2_policy_allocates_a_profiled_model(loaded, corpus, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The real shipped artifact (trained on SmolLM2's table by benchmarks/policy.py) loads through
+    every check and allocates a freshly profiled model (the tiny llama: same feature schema) within
+    the budget, by name."""
+    from allocator.options import parse_options
+    from allocator.profile import profile_model
+
+    assert "smollm2-135m-sac" in pretrained.shipped()
+    card = pretrained.load("smollm2-135m-sac").card
+    assert [m["model"] for m in card.models] == ["smollm2-135m"]
+    table_path = tmp_path / "tiny.npz"
+    profile_model(loaded, corpus, parse_options(["xnor:group_size=128", "gptq2", "gptq4"]), samples=4, seqlen=32,
+                  cache=False, progress=False).save(table_path)
+    out = tmp_path / "bitmap.json"
+    code, stdout, _ = run(capsys, "solve", "--policy", "smollm2-135m-sac", "--profile", str(table_path), "--bpw", "2.5", "--out", str(out))
+    assert code == 0 and stdout.startswith(f"{NAME}: ")
+    bitmap = BitMap.load(out)
+    assert bitmap.solver.name == NAME and bitmap.solver.settings["trained_on"] == ["smollm2-135m"]
+    assert bitmap.predicted_bpw <= 2.5 + 1e-9
