@@ -36,9 +36,10 @@ from allocator.storage import cache_dir, write_json
 MODELS = ("smollm2-135m", "gemma3-270m")
 SOLVERS = "ilp,ilp-cvxpy,convex,baq,dp,greedy"
 GPTQ_BY_BITS = {2: "gptq-w2g128", 3: "gptq-w3g128", 4: "gptq-w4g128"}
-LOSSES = ("hessian_err", "kl", "kl_est")
-"""The sweeps: the profile's default proxy, then the measured single-layer KL (allocator/layer_kl.py):
-``kl`` when every option's KL is measured (--kl-anchors all), else ``kl_est`` (anchors only)."""
+LOSSES = ("kl", "kl_est", "hessian_err")
+"""The sweeps, in report order: the measured single-layer KL (allocator/layer_kl.py; ``kl`` when every
+option's KL is measured, --kl-anchors all, else ``kl_est`` from anchors only), then the profile's
+default proxy."""
 
 
 NOTES = """Notes
@@ -84,8 +85,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         if code != 0:
             raise SystemExit(f"pareto failed for {model} ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
-    order = ("kl", "kl_est", "hessian_err")  # the measured-KL sweep first: it is the one that matters
-    sweeps = {loss: sweeps[loss] for loss in sorted(sweeps, key=order.index)}
+    sweeps = {loss: sweeps[loss] for loss in sorted(sweeps, key=LOSSES.index)}
     meta["provenance"] = provenance()
     meta["profile_layer_seconds"] = table.metadata.get("layer_seconds")
     meta["kl_measurement"] = table.metadata.get("kl_measurement", {})
