@@ -14,12 +14,7 @@ Three parts, all in one run on one machine:
    (scale, zero) pairs, or the fp32 weight) divided by a STREAM-like copy bandwidth measured here.
 3. End to end: SmolLM2-135M decode tokens/s (KV cache, greedy, one token per step) and a 64-token
    prefill with a mixed ~2.5-bpw map of uniform grids (RTN, g128: attention 3-bit, gate/up 2-bit,
-   down alternating 2/3 by block) running on QuantLinear, against the fp32 model; with float and
-   with int8 decode activations, and the perplexity each gives when the evaluation text is decoded
-   one token at a time (so every product is a GEMV, the path the int8 rounding changes).
-
-GEMV rows come twice: ``fp32`` activations (exact up to summation order) and ``int8`` activations
-(rounded per 32 values, integer dot products with the codes, as llama.cpp does).
+   down alternating 2/3 by block) running on QuantLinear, against the fp32 model.
 
 Timing: median of several batches of calls after a warm-up, wall clock, torch's thread count.
 Run on an otherwise idle machine; ``--smoke`` runs one small shape to check the script works.
@@ -29,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import statistics
@@ -45,13 +39,11 @@ from _common import RESULTS, provenance
 
 from allocator.apply import quantize_model
 from allocator.layers import quantizable_linears, swapped_weights
-from allocator.corpus import load_corpus
 from allocator.models import load_model
-from allocator.pipeline import EvalSettings, evaluation_tokens
 from allocator.packed import install_quantized
 from allocator.storage import write_json
 from quantizers import RTNQuantizer
-from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library, use_int8_activations
+from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library
 from quantizers.kernels.layout import ChunkGeometry, pack_chunks
 from quantizers.kernels.ops import PreparedWeight
 
@@ -61,7 +53,6 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
     "large": [(4096, 4096)],
 }
 GROUP_SIZE = 128
-ACTIVATIONS = ("fp32", "int8")
 STREAM_BYTES = 256 * 2**20
 """Size of each array in the bandwidth copy, and the least total size of the streamed weight copies
 (an eighth of it with --smoke)."""
@@ -81,8 +72,6 @@ class ShapeRow:
     weight_bytes: int
     bandwidth_floor_seconds: float
     max_rel_error: float | None
-    activations: str = "fp32"
-    """"fp32", or "int8" for the GEMV on int8-rounded activations."""
 
 
 def time_call(fn: Callable[[], Any], min_seconds: float, batches: int = 5) -> float:
@@ -150,24 +139,22 @@ def bench_shapes(families: Sequence[str], bits_list: Sequence[int], token_counts
                 del copies
             for bits in bits_list:
                 weight = random_weight(rows, cols, bits, seed=bits)
+                prepared = PreparedWeight(lib, weight)
                 reference = dequantize_reference(weight)
-                for activations in ACTIVATIONS:
-                    prepared = PreparedWeight(lib, weight, None, activations == "int8")
-                    for tokens in token_counts if activations == "fp32" else [t for t in token_counts if t == 1]:
-                        x = inputs[tokens]
-                        got = prepared(x)
-                        exact = x.double() @ reference.double().T
-                        error = float((got.double() - exact).abs().max() / exact.abs().max())
-                        seconds = time_call(lambda: prepared(x), min_seconds)
-                        rows_out.append(ShapeRow(family, rows, cols, bits, tokens, "hot", seconds, weight.nbytes,
-                                                 weight.nbytes / bandwidth, error, activations))
-                    if stream_bytes and 1 in token_counts:
-                        count = min(4096, max(2, math.ceil(stream_bytes / weight.nbytes)))
-                        copies = [PreparedWeight(lib, KernelWeight(weight.codes.clone(), weight.params.clone(), weight.shape, bits,
-                                                                   GROUP_SIZE, False), None, activations == "int8") for _ in range(count)]
-                        row = _streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds)
-                        rows_out.append(dataclasses.replace(row, activations=activations))
-                        del copies
+                for tokens in token_counts:
+                    x = inputs[tokens]
+                    got = prepared(x)
+                    exact = x.double() @ reference.double().T
+                    error = float((got.double() - exact).abs().max() / exact.abs().max())
+                    seconds = time_call(lambda: prepared(x), min_seconds)
+                    rows_out.append(ShapeRow(family, rows, cols, bits, tokens, "hot", seconds, weight.nbytes,
+                                             weight.nbytes / bandwidth, error))
+                if stream_bytes and 1 in token_counts:
+                    count = min(4096, max(2, math.ceil(stream_bytes / weight.nbytes)))
+                    copies = [PreparedWeight(lib, KernelWeight(weight.codes.clone(), weight.params.clone(), weight.shape, bits,
+                                                               GROUP_SIZE, False)) for _ in range(count)]
+                    rows_out.append(_streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds))
+                    del copies
                 print(f"{family} {rows}x{cols} {bits}-bit done", flush=True)
     return rows_out
 
@@ -215,7 +202,7 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return prefill, (time.perf_counter() - start) / new_tokens, generated
 
 
-def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, ppl_tokens: int) -> dict[str, Any]:
+def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int) -> dict[str, Any]:
     loaded = load_model(model_name)
     model = loaded.model
     names = list(quantizable_linears(model))
@@ -235,10 +222,8 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         simulated = model(ids[:, :16]).logits
         on_kernels = kernel_model(ids[:, :16]).logits
     logit_error = float((simulated - on_kernels).abs().max() / simulated.abs().max())
-    int8_model = copy.deepcopy(kernel_model)
-    use_int8_activations(int8_model)
     results: dict[str, Any] = {}
-    for label, runner in (("fp32", model), ("packed", kernel_model), ("packed_int8", int8_model)):
+    for label, runner in (("fp32", model), ("packed", kernel_model)):
         runs = [decode_seconds(runner, ids, new_tokens) for _ in range(repeats)]
         prefill = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
@@ -246,9 +231,9 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
                           "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
     linear_fp32_bytes = sum(m.weight.numel() * 4 for m in quantizable_linears(model).values())
     packed_bytes = sum(m.codes.numel() + m.params.numel() * 2 for m in kernel_model.modules() if isinstance(m, QuantLinear))
-    text_ids = evaluation_tokens(loaded, load_corpus("enwiki"), EvalSettings(tokens=ppl_tokens)) if ppl_tokens else None
-    decode_ppl = {label: decoded_perplexity(runner, text_ids) for label, runner in
-                  (("packed", kernel_model), ("packed_int8", int8_model))} if text_ids is not None else {}
+    agree = 0
+    for a, b in zip(results["fp32"]["greedy"], results["packed"]["greedy"]):
+        agree += a == b
     return {
         "model": model_name,
         "bpw": quantized.bits_per_weight,
@@ -260,26 +245,8 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         "linear_fp32_mb": linear_fp32_bytes / 1e6,
         "linear_packed_mb": packed_bytes / 1e6,
         "max_rel_logit_error_vs_simulated": logit_error,
-        "greedy_agreement_int8": sum(a == b for a, b in zip(results["packed"]["greedy"], results["packed_int8"]["greedy"])),
-        "decode_ppl_tokens": int(text_ids.numel()) if text_ids is not None else 0,
-        **{f"{label}_decode_ppl": value for label, value in decode_ppl.items()},
         **{f"{label}_{key}": value for label, r in results.items() for key, value in r.items() if key != "greedy"},
     }
-
-
-@torch.inference_mode()
-def decoded_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
-    """Perplexity of ``windows`` (n x L tokens) fed one token at a time with the KV cache, so every
-    linear runs the single-token GEMV (the path int8 activations change)."""
-    total, count = 0.0, 0
-    for window in windows:
-        cache = None
-        for i in range(window.numel() - 1):
-            out = model(window[i:i + 1][None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            total -= float(torch.log_softmax(out.logits[0, -1].float(), -1)[window[i + 1]])
-            count += 1
-    return math.exp(total / count)
 
 
 # ----------------------------------------------------------------------------- report
@@ -311,7 +278,7 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         ]
         baseline = {(r.rows, r.cols, r.tokens, r.mode): r.seconds for r in shape_rows if r.bits is None}
         for r in shape_rows:
-            label = "fp32" if r.bits is None else f"{r.bits}-bit" + (", int8 act" if r.activations == "int8" else "")
+            label = "fp32" if r.bits is None else f"{r.bits}-bit"
             speedup = baseline.get((r.rows, r.cols, r.tokens, r.mode))
             speed = "" if r.bits is None or speedup is None else f"{speedup / r.seconds:.2f}x"
             err = "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}"
@@ -332,24 +299,15 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"| fp32 | {e2e['fp32_tokens_per_s']:.1f} | {e2e['fp32_decode_s_per_token'] * 1e3:.1f} | {e2e['fp32_prefill_tokens_per_s']:.0f} |",
             f"| packed {e2e['bpw']:.2f} bpw | {e2e['packed_tokens_per_s']:.1f} | {e2e['packed_decode_s_per_token'] * 1e3:.1f} | "
             f"{e2e['packed_prefill_tokens_per_s']:.0f} |",
-            *([f"| packed {e2e['bpw']:.2f} bpw, int8 decode activations | {e2e['packed_int8_tokens_per_s']:.1f} | "
-               f"{e2e['packed_int8_decode_s_per_token'] * 1e3:.1f} | {e2e['packed_int8_prefill_tokens_per_s']:.0f} |"]
-              if "packed_int8_tokens_per_s" in e2e else []),
             "",
-            *([f"Decoded one token at a time ({e2e['decode_ppl_tokens']} tokens of the enwiki evaluation split, every product a "
-               f"GEMV): perplexity {e2e['packed_decode_ppl']:.3f} with float activations, {e2e['packed_int8_decode_ppl']:.3f} "
-               f"with int8 activations; greedy tokens agree in {e2e['greedy_agreement_int8']} of {e2e['new_tokens'] + 1}.\n"]
-              if e2e.get("decode_ppl_tokens") else []),
             f"Check: max relative logit difference between the packed model and the simulated (dequantized fp32) "
             f"model on 16 tokens: {e2e['max_rel_logit_error_vs_simulated']:.1e}. RTN quantization took "
             f"{e2e['quantize_s']:.1f} s, conversion to the kernel layout {e2e['convert_s']:.1f} s.\n",
         ]
     lines += [
         "Notes",
-        "- `fp32` activations: the kernels compute the simulated model's product up to summation order; GEMV folds the "
-        "zero point as s * (sum x q - z * sum x) with per-group sums of x. `int8 act` (GEMV only): x is rounded to int8 "
-        "per 32 values (scale max|x| / 127) and each chunk's sum x q is an exact integer dot product (maddubs/madd), "
-        "so only the rounding of x differs; the zero-point term uses the exact sums of x.",
+        "- The kernels keep activations in fp32 (no activation quantization), so they compute the simulated model's "
+        "product up to summation order; GEMV folds the zero point as s * (sum x q - z * sum x) with per-group sums of x.",
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",
@@ -360,12 +318,10 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
 def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
     """One line per weight kind: the share of the bandwidth floor streamed GEMV reaches (median, range)."""
     lines = []
-    kinds = sorted({(r.bits, r.activations) for r in shape_rows if r.bits is not None}) + [(None, "fp32")]
-    for bits, activations in kinds:
-        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows
-                  if r.mode == "streamed" and r.bits == bits and r.activations == activations]
+    for bits in sorted({r.bits for r in shape_rows if r.bits is not None}) + [None]:
+        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows if r.mode == "streamed" and r.bits == bits]
         if shares:
-            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel, {activations} activations"
+            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel"
             lines.append(f"- streamed GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
                          f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
     return [*lines, ""] if lines else []
@@ -396,8 +352,6 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--decode-ppl-tokens", type=int, default=1024,
-                        help="evaluation tokens decoded one at a time to compare float and int8 activations (0: skip)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
     parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
     parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")
@@ -410,7 +364,7 @@ def main() -> None:
     if args.smoke:
         SHAPES["smoke"] = [(192, 576)]
         args.families, args.bits, args.tokens, args.min_seconds = "smoke", "2", "1,8", 0.1
-        args.new_tokens, args.prompt_tokens, args.repeats, args.decode_ppl_tokens = 4, 16, 1, 0
+        args.new_tokens, args.prompt_tokens, args.repeats = 4, 16, 1
     families = args.families.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -418,7 +372,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(stream_bytes)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
-    e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats, args.decode_ppl_tokens)
+    e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_provenance, library = provenance(), library_line()

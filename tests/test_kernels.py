@@ -35,7 +35,7 @@ from quantizers import RTNQuantizer, XNORQuantizer
 from quantizers.kernels import build, ops
 from quantizers.kernels.build import FLAG_SETS, KernelLibrary, find_compiler, kernel_library
 from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference, pack_chunks, unpack_chunks
-from quantizers.kernels.linear import QuantLinear, use_int8_activations
+from quantizers.kernels.linear import QuantLinear
 from tests.conftest import WORDS, tiny_llama, tiny_tokenizer
 
 # (rows, cols, group_size): odd row counts, a shorter last group, groups and rows that are not
@@ -178,64 +178,6 @@ def test_kernel_matmul_matches_reference(lib: KernelLibrary, bits: int, tokens: 
         assert ((with_bias.double() - exact - bias.double()).abs() <= error_bound(x, weight) + 1e-6).all()
         reference = ops.reference_matmul(x, weight)
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
-
-
-def int8_rounded_input(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
-    """x (cols) as the int8 GEMV sees it: every chunk of 32 columns inside a group (the kernel
-    layout's chunks) rounded to multiples of max|x| / 127, halves away from zero, in float32."""
-    out = torch.zeros_like(x)
-    size, cols = weight.geometry.size, weight.shape[1]
-    for start in range(0, cols, size):
-        for chunk in range(start, min(start + size, cols), 32):
-            part = x[chunk:min(chunk + 32, start + size, cols)]
-            amax = part.abs().max()
-            if amax > 0:
-                scaled = part * (torch.tensor(127.0) / amax)
-                out[chunk:chunk + len(part)] = torch.sign(scaled) * torch.floor(scaled.abs() + 0.5) * (amax / 127.0)
-    return out
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_int8_activation_gemv_is_the_product_with_rounded_activations(lib: KernelLibrary, bits: int) -> None:
-    """Integer dot products of codes and int8 activations: exactly W (x rounded per chunk) up to float
-    rounding, except for the zero-point term, which uses the exact sum of x."""
-    if lib.simd != "avx2":
-        pytest.skip("the int8 GEMV needs AVX2 (other builds run the float GEMV)")
-    generator = torch.Generator().manual_seed(bits)
-    for rows, cols, group in SHAPES:
-        weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, bits, symmetric=bits == 1))
-        x = torch.randn(cols, generator=generator)
-        bias = torch.randn(rows, generator=generator)
-        w = dequantize_reference(weight).double()
-        columns = torch.arange(cols) // weight.geometry.size
-        scales = weight.params[..., 0].double()[:, columns]
-        zeros = weight.params[..., 1].double()[:, columns]
-        codes = weight.unpacked_codes().double()
-        rounded = int8_rounded_input(x, weight).double()
-        expected = (scales * codes) @ rounded - (scales * zeros) @ x.double() + bias.double()
-        got = ops.matmul(x[None], weight, bias, library=lib, int8_activations=True)[0]
-        assert ((got.double() - expected).abs() <= error_bound(rounded.float()[None], weight)[0] + 1e-5).all(), (rows, cols, group)
-        exact = w @ x.double() + bias.double()
-        # the rounding of x costs at most half a step per value: |x| / 254 per chunk
-        assert (got.double() - exact).abs().max() <= (codes * scales).abs().sum(1).max() * x.abs().max() / 254 + 1e-4
-
-
-def test_quant_linear_int8_activations_switch(lib: KernelLibrary) -> None:
-    model = torch.nn.Sequential(QuantLinear.from_quantized(quantized_weight(40, 96, 32, 4)), torch.nn.ReLU(),
-                                QuantLinear.from_quantized(quantized_weight(24, 40, None, 2)))
-    x = torch.randn(1, 96)
-    with torch.no_grad():
-        exact = model(x)
-        assert use_int8_activations(model) == 2
-        rounded = model(x)
-        batch = model(torch.cat([x, x]))  # only single-token GEMVs round
-        use_int8_activations(model, False)
-        again = model(x)
-    assert torch.equal(again, exact)
-    torch.testing.assert_close(batch[0], exact[0], rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
-    if lib.simd == "avx2":
-        assert not torch.equal(rounded, exact)
-    torch.testing.assert_close(rounded, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
 
 
 def test_kernel_results_do_not_depend_on_thread_count(lib: KernelLibrary) -> None:

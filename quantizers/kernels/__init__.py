@@ -11,7 +11,7 @@
 
 from quantizers.kernels.build import kernel_library
 from quantizers.kernels.layout import KERNEL_BITS, ChunkGeometry, KernelWeight, dequantize_reference
-from quantizers.kernels.linear import QuantLinear, use_int8_activations
+from quantizers.kernels.linear import QuantLinear
 from quantizers.kernels.ops import GEMM_MAX_BATCH, dequantize, matmul, reference_matmul
 
 __all__ = [
@@ -25,5 +25,4 @@ __all__ = [
     "kernel_library",
     "matmul",
     "reference_matmul",
-    "use_int8_activations",
 ]

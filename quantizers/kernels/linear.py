@@ -29,10 +29,6 @@ class QuantLinear(nn.Module):
 
     Inference only: when autograd is recording and the input requires grad, ``forward``
     dequantizes and uses ``F.linear`` so gradients reach the input (the weight gets none).
-
-    ``int8_activations`` (default off; :func:`use_int8_activations` sets it on a whole model): a
-    single token's activations are rounded to int8 per 32 values for the GEMV, as llama.cpp does,
-    which lets the kernel take integer dot products of the codes (see ``lowbit.c``).
     """
 
     codes: torch.Tensor
@@ -48,7 +44,6 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.symmetric = symmetric
         geometry = ChunkGeometry(in_features, group_size, bits)
-        self.int8_activations = False
         self._prepared: ops.PreparedWeight | None = None
         """The buffers bound to the kernels; rebuilt when a buffer is replaced (``.to()``, assign-loading)."""
         self.register_buffer("codes", torch.zeros(out_features, geometry.row_bytes, dtype=torch.uint8))
@@ -91,8 +86,8 @@ class QuantLinear(nn.Module):
             weight = self.dequantize().to(device=x.device, dtype=x.dtype)
             return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
         prepared = self._prepared
-        if prepared is None or not prepared.matches(lib, codes, params, bias) or prepared.int8_activations != self.int8_activations:
-            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias, self.int8_activations)
+        if prepared is None or not prepared.matches(lib, codes, params, bias):
+            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias)
         out = prepared(x)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -106,15 +101,4 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "row" if self.group_size is None else str(self.group_size)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={group}, symmetric={self.symmetric}, bias={self.bias is not None}"
-                + (", int8_activations=True" if self.int8_activations else ""))
-
-
-def use_int8_activations(model: nn.Module, enabled: bool = True) -> int:
-    """Switch every :class:`QuantLinear` of ``model`` to (or from) int8 decode activations; returns how many."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.int8_activations = enabled
-            count += 1
-    return count
+                f"group_size={group}, symmetric={self.symmetric}, bias={self.bias is not None}")

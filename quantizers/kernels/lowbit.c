@@ -22,11 +22,7 @@
  *
  * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
  * with the per-group sums of x computed once per call, so the inner loop is only
- * unpack + convert + FMA. The int8-activation GEMV (bq_gemv_q8, as llama.cpp's Q8 activations)
- * first rounds x to int8 with one scale per chunk of 32 (d = max|x| / 127), then takes each
- * chunk's sum_c x_c q_c as an exact integer dot product of unsigned codes and signed int8 values
- * (maddubs + madd: 32 multiply-adds in two instructions, no float conversion of the codes); only
- * the rounding of x differs from the float path. GEMM (a few tokens) dequantizes 8 weights at a time exactly as the
+ * unpack + convert + FMA. GEMM (a few tokens) dequantizes 8 weights at a time exactly as the
  * reference does ((q - z) * s in fp32) and reuses them for a tile of up to 8 tokens.
  *
  * x is copied into a zero-padded buffer matching the chunk layout only when some group is not a
@@ -57,7 +53,7 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 4
+#define BQ_ABI_VERSION 3
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define BQ_PARALLEL_MIN_WORK 65536
@@ -276,69 +272,6 @@ BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z,
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_sub_ps(q[k], vz), vs));
 }
 
-/* The 32 codes of one chunk as unsigned bytes in element order e = 0..31 (the layout puts
- * element 8s + l in slot s, lane l, so each bit width unpacks to this order directly). */
-BQ_INLINE __m256i unpack_chunk_u8(const uint8_t *p, const int bits) {
-    if (bits == 4) { /* low nibbles of the 16 bytes are elements 0..15, high nibbles 16..31 */
-        const __m128i m = _mm_set1_epi8(15);
-        __m128i v = _mm_loadu_si128((const __m128i *)p);
-        return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-    }
-    if (bits == 2) { /* 64-bit lane s holds the 8 bytes shifted by 2s: byte l is element 8s + l */
-        int64_t w;
-        memcpy(&w, p, sizeof w);
-        __m256i v = _mm256_srlv_epi64(_mm256_set1_epi64x(w), _mm256_setr_epi64x(0, 2, 4, 6));
-        return _mm256_and_si256(v, _mm256_set1_epi8(3));
-    }
-    if (bits == 1) { /* byte e takes byte e / 8 of the word, then tests bit e % 8 */
-        int32_t w;
-        memcpy(&w, p, sizeof w);
-        const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
-                                                3, 3, 3, 3, 3, 3, 3, 3);
-        const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201LL);
-        __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(w), spread), bit);
-        return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(1));
-    }
-    /* 3 = the 2-bit plane of (q & 3) and the 1-bit plane of (q >> 2) */
-    return _mm256_or_si256(unpack_chunk_u8(p, 2), _mm256_slli_epi16(unpack_chunk_u8(p + 8, 1), 2));
-}
-
-/* GEMV on int8 activations for R (1 or 2) rows: per chunk an exact integer dot product
- * (maddubs: u8 codes x i8 activations -> i16 pairs, at most 2 * 15 * 127; madd -> i32 quads),
- * scaled by the chunk's activation scale in float; per group times the weight scale. */
-BQ_INLINE void gemv_q8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
-                            const float *xd, const float *xsum, const Geometry *geo, const int bits, const int R, float *y) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    float zterm[2] = {0.0f, 0.0f};
-    const uint8_t *p[2] = {codes, codes + row_bytes};
-    const int8_t *xc = xq;
-    const float *dc = xd;
-    for (int64_t g = 0; g < geo->groups; ++g) {
-        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
-        /* two accumulators per row (even and odd chunks) so consecutive FMAs do not wait on each other */
-        __m256 acc[2][2] = {{_mm256_setzero_ps(), _mm256_setzero_ps()}, {_mm256_setzero_ps(), _mm256_setzero_ps()}};
-        for (int64_t c = 0; c < nc; ++c) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)xc);
-            __m256 d = _mm256_set1_ps(*dc);
-            for (int r = 0; r < R; ++r) {
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk_u8(p[r], bits), xv), ones);
-                acc[r][c & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), d, acc[r][c & 1]);
-                p[r] += geo->chunk_bytes;
-            }
-            xc += BQ_CHUNK;
-            ++dc;
-        }
-        for (int r = 0; r < R; ++r) {
-            const uint16_t *pr = params + (int64_t)r * geo->groups * 2 + g * 2;
-            float s = half_to_float(pr[0]), z = half_to_float(pr[1]);
-            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(acc[r][0], acc[r][1]), total[r]);
-            zterm[r] += s * z * xsum[g];
-        }
-    }
-    for (int r = 0; r < R; ++r) y[r] = hsum256(total[r]) - zterm[r];
-}
-
 #else /* ------------------------------------------------------------------ portable path */
 
 /* Plain loops over a chunk decoded into 32 floats: compilers vectorize the 32-wide dot and
@@ -427,31 +360,6 @@ BQ_DEFINE_GEMV(1)
 BQ_DEFINE_GEMV(2)
 BQ_DEFINE_GEMV(3)
 BQ_DEFINE_GEMV(4)
-
-#if BQ_AVX2
-#define BQ_DEFINE_GEMV_Q8(B)                                                                                      \
-    static void gemv_q8_b##B(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t row_bytes,       \
-                             const int8_t *xq, const float *xd, const float *xsum, const Geometry *geo, float *y, \
-                             int parallel) {                                                                      \
-        int64_t pairs = rows / 2;                                                                                 \
-        (void)parallel;                                                                                           \
-        _Pragma("omp parallel for schedule(static) if (parallel)") for (int64_t i = 0; i < pairs; ++i) {          \
-            int64_t r = 2 * i;                                                                                    \
-            gemv_q8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, xd, xsum, geo, B, 2,  \
-                         y + r);                                                                                  \
-        }                                                                                                         \
-        if (rows & 1) {                                                                                           \
-            int64_t r = rows - 1;                                                                                 \
-            gemv_q8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, xd, xsum, geo, B, 1,  \
-                         y + r);                                                                                  \
-        }                                                                                                         \
-    }
-
-BQ_DEFINE_GEMV_Q8(1)
-BQ_DEFINE_GEMV_Q8(2)
-BQ_DEFINE_GEMV_Q8(3)
-BQ_DEFINE_GEMV_Q8(4)
-#endif
 
 #define BQ_GEMM_TAIL_CASE(B, T)                                                                        \
     case T: gemm_row(p, pr, xp + t0 * xstride, xstride, geo, B, T, y + t0 * rows + r, rows); break;
@@ -576,72 +484,6 @@ typedef struct {
 
 BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y) {
     return bq_matmul(x, batch, w->cols, w->codes, w->params, w->bias, w->rows, (int)w->bits, w->group_size, y);
-}
-
-/* Round each chunk of 32 (padded layout) to int8 with scale max|x| / 127. */
-static void quantize_input_q8(const float *xp, int64_t chunks, int8_t *xq, float *xd) {
-    for (int64_t c = 0; c < chunks; ++c) {
-        const float *src = xp + c * BQ_CHUNK;
-        float amax = 0.0f;
-        for (int e = 0; e < BQ_CHUNK; ++e) {
-            float a = src[e] < 0 ? -src[e] : src[e];
-            amax = a > amax ? a : amax;
-        }
-        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        for (int e = 0; e < BQ_CHUNK; ++e) {
-            float v = src[e] * inv;
-            xq[c * BQ_CHUNK + e] = (int8_t)(v < 0 ? -(int)(-v + 0.5f) : (int)(v + 0.5f));
-        }
-        xd[c] = d;
-    }
-}
-
-/*
- * y (rows) = x (cols) @ W^T + bias for one token with x rounded to int8 per chunk of 32 (see the
- * top of this file). Returns 1 when this build has no AVX2 and computed the float GEMV instead,
- * 0 on success, a negative code on bad arguments or no memory.
- */
-BQ_EXPORT int bq_gemv_q8_desc(const bq_weight *w, const float *x, float *y) {
-#if BQ_AVX2
-    int bits = (int)w->bits;
-    if (bits < 1 || bits > 4 || w->cols <= 0 || w->rows <= 0) return -1;
-    Geometry geo = geometry(w->cols, w->group_size, bits);
-    int64_t row_bytes = geo.chunks * geo.chunk_bytes;
-    int64_t width = geo.chunks * BQ_CHUNK;
-    int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
-    /* one allocation: int8 values, chunk scales, group sums, and the padded copy when needed */
-    size_t bytes = (size_t)width + (size_t)(geo.chunks + geo.groups) * sizeof(float) + (geo.padded ? (size_t)width * sizeof(float) : 0);
-    float *buffer = (float *)malloc(bytes + sizeof(float));
-    if (!buffer) return -2;
-    float *xd = buffer, *xsum = xd + geo.chunks, *padded = xsum + geo.groups;
-    int8_t *xq = (int8_t *)(padded + (geo.padded ? width : 0));
-    const float *xp = x;
-    if (geo.padded) {
-        pad_input(x, 1, w->cols, &geo, padded);
-        xp = padded;
-    }
-    quantize_input_q8(xp, geo.chunks, xq, xd);
-    for (int64_t g = 0; g < geo.groups; ++g) {
-        int64_t len = g == geo.groups - 1 ? geo.last_len : geo.group_size;
-        const float *src = x + g * geo.group_size;
-        float s = 0.0f;
-        for (int64_t c = 0; c < len; ++c) s += src[c];
-        xsum[g] = s;
-    }
-    switch (bits) {
-    case 1: gemv_q8_b1(w->codes, w->params, w->rows, row_bytes, xq, xd, xsum, &geo, y, parallel); break;
-    case 2: gemv_q8_b2(w->codes, w->params, w->rows, row_bytes, xq, xd, xsum, &geo, y, parallel); break;
-    case 3: gemv_q8_b3(w->codes, w->params, w->rows, row_bytes, xq, xd, xsum, &geo, y, parallel); break;
-    default: gemv_q8_b4(w->codes, w->params, w->rows, row_bytes, xq, xd, xsum, &geo, y, parallel); break;
-    }
-    free(buffer);
-    if (w->bias)
-        for (int64_t r = 0; r < w->rows; ++r) y[r] += w->bias[r];
-    return 0;
-#else
-    int code = bq_matmul_desc(w, x, 1, y);
-    return code == 0 ? 1 : code;
-#endif
 }
 
 /* out (rows x cols, float32) = the dequantized weight, (q - z) * s exactly as the reference. */

@@ -1,7 +1,6 @@
 """``y = x @ W^T`` for a :class:`~quantizers.kernels.layout.KernelWeight`, through the C kernels.
 
-Batch 1 (decode) runs the GEMV kernel (on float activations, or with ``int8_activations`` on
-activations rounded to int8 per 32 values, as llama.cpp does: faster, slightly less exact), batches up to :data:`GEMM_MAX_BATCH` the small-batch GEMM
+Batch 1 (decode) runs the GEMV kernel, batches up to :data:`GEMM_MAX_BATCH` the small-batch GEMM
 kernel; larger batches (long prefills) dequantize the weight with the C unpacker and hand the
 product to torch's BLAS, which is faster there than anything written here. Without a compiler
 everything goes through :func:`reference_matmul`.
@@ -46,11 +45,9 @@ class PreparedWeight:
     allocated in its final shape for the same reason.
     """
 
-    __slots__ = ("lib", "codes", "params", "bias", "rows", "cols", "bits", "group_arg", "int8_activations", "_descriptor",
-                 "_address", "_key")
+    __slots__ = ("lib", "codes", "params", "bias", "rows", "cols", "bits", "group_arg", "_descriptor", "_address", "_key")
 
-    def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None,
-                 int8_activations: bool = False) -> None:
+    def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None) -> None:
         check_weight(weight)
         rows, cols = weight.shape
         if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (rows,) or not bias.is_contiguous()
@@ -59,7 +56,6 @@ class PreparedWeight:
         self.lib, self.codes, self.params, self.bias = lib, weight.codes, weight.params, bias
         self.rows, self.cols, self.bits = rows, cols, weight.bits
         self.group_arg = weight.geometry.kernel_group_size
-        self.int8_activations = int8_activations
         self._key = self.pointers(weight.codes, weight.params, bias)
         self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits)
         self._address = ctypes.addressof(self._descriptor)
@@ -85,11 +81,6 @@ class PreparedWeight:
                 raise KernelError(f"bq_dequantize failed with code {code}")
             return torch.nn.functional.linear(x, weight, self.bias)
         out = torch.empty(x.shape[:-1] + (self.rows,), dtype=torch.float32)
-        if tokens == 1 and self.int8_activations:
-            code = self.lib.lib.bq_gemv_q8_desc(self._address, x.data_ptr(), out.data_ptr())
-            if code in (0, 1):  # 1: a build without AVX2 computed the float GEMV instead
-                return out
-            raise KernelError(f"bq_gemv_q8 failed with code {code} for a {self.rows}x{self.cols} {self.bits}-bit weight")
         code = self.lib.lib.bq_matmul_desc(self._address, x.data_ptr(), tokens, out.data_ptr())
         if code != 0:
             raise KernelError(f"bq_matmul failed with code {code} for a {self.rows}x{self.cols} {self.bits}-bit weight")
@@ -97,12 +88,11 @@ class PreparedWeight:
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None,
-           library: KernelLibrary | None = None, int8_activations: bool = False) -> torch.Tensor:
+           library: KernelLibrary | None = None) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x`` of shape (..., in_features), any float dtype -> float32 (..., out).
 
     ``library`` defaults to :func:`~quantizers.kernels.build.kernel_library`; without one this is
-    :func:`reference_matmul`. ``int8_activations`` rounds a single token's activations to int8
-    (per 32 values) for the GEMV; larger batches are unaffected.
+    :func:`reference_matmul`.
     """
     rows, cols = weight.shape
     if x.dim() == 0 or x.shape[-1] != cols:
@@ -111,7 +101,7 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
     if lib is None:
         out = reference_matmul(x, weight)
         return out if bias is None else out + bias.to(out)
-    return PreparedWeight(lib, weight, bias, int8_activations)(x.detach().cpu())
+    return PreparedWeight(lib, weight, bias)(x.detach().cpu())
 
 
 def dequantize(weight: KernelWeight, library: KernelLibrary | None = None) -> torch.Tensor:
