@@ -311,6 +311,10 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",
+        "- Tried and reverted: a llama.cpp-style GEMV on int8 activations (integer dot products of codes and activations, "
+        "commit 80c8032). Measured on this machine (commit 5b5ac79) it was no faster than this float GEMV at any shape "
+        "(streamed median 11/21/22/29% of the floor vs 11/23/19/32% for 1/2/3/4 bits) and cost 7.6% decode-mode "
+        "perplexity, so the unpack arithmetic it removes is not what limits these kernels here.",
     ]
     return "\n".join(lines) + "\n"
 
