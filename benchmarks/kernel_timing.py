@@ -104,6 +104,17 @@ def copy_bandwidth(nbytes: int = STREAM_BYTES, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
+def call_overhead(min_seconds: float) -> dict[str, float]:
+    """Microseconds per GEMV on an 8x32 weight, where the product itself is negligible: the fixed cost of
+    one call (Python binding, ctypes, output allocation, thread dispatch), beside fp32 ``F.linear``."""
+    lib = kernel_library()
+    weight = random_weight(8, 32, 4, seed=0)
+    prepared = PreparedWeight(lib, weight)
+    x, dense = torch.randn(1, 32), torch.randn(8, 32)
+    return {"kernel_us": time_call(lambda: prepared(x), min_seconds) * 1e6,
+            "fp32_linear_us": time_call(lambda: F.linear(x, dense), min_seconds) * 1e6}
+
+
 def random_weight(rows: int, cols: int, bits: int, seed: int) -> KernelWeight:
     """A weight in the kernel layout with random codes, scales and zero points (speed does not depend on values)."""
     rng = np.random.default_rng(seed)
@@ -253,13 +264,16 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
 
 
 def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2e: dict[str, Any] | None,
-             settings: dict[str, Any], run_provenance: str, library: str) -> str:
+             settings: dict[str, Any], run_provenance: str, library: str, overhead: dict[str, float] | None = None) -> str:
     lines = [
         "# Packed low-bit CPU kernels vs. fp32 torch matmul\n",
         run_provenance,
         library,
         f"- settings: {json.dumps(settings)}",
-        f"- STREAM-like copy bandwidth (2 x {stream_bytes // 2**20} MiB moved per copy, best of 5): **{bandwidth / 1e9:.1f} GB/s**\n",
+        f"- STREAM-like copy bandwidth (2 x {stream_bytes // 2**20} MiB moved per copy, best of 5): **{bandwidth / 1e9:.1f} GB/s**",
+        *([f"- fixed cost per call: a GEMV on an 8x32 weight takes {overhead['kernel_us']:.1f} us through the kernels "
+           f"(fp32 F.linear: {overhead['fp32_linear_us']:.1f} us)"] if overhead else []),
+        "",
     ]
     if shape_rows:
         lines += [
@@ -342,7 +356,7 @@ def rerender(path: Path) -> None:
     data = json.loads(path.read_text())
     rows = [ShapeRow(**r) for r in data["shapes"]]
     md = markdown(rows, data["bandwidth_bytes_per_s"], data["settings"].get("stream_bytes", STREAM_BYTES), data["end_to_end"],
-                  data["settings"], data["provenance"], data.get("library", library_line()))
+                  data["settings"], data["provenance"], data.get("library", library_line()), data.get("call_overhead"))
     path.with_suffix(".md").write_text(md)
 
 
@@ -375,14 +389,15 @@ def main() -> None:
     stream_bytes = STREAM_BYTES // 8 if args.smoke else STREAM_BYTES
     bandwidth = copy_bandwidth(stream_bytes)
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    overhead = call_overhead(args.min_seconds)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
     e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_provenance, library = provenance(), library_line()
-    args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings, run_provenance, library))
+    args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings, run_provenance, library, overhead))
     write_json(args.out.with_suffix(".json"), {"schema_version": 1, "provenance": run_provenance, "library": library,
-                                              "settings": settings, "bandwidth_bytes_per_s": bandwidth,
+                                              "settings": settings, "bandwidth_bytes_per_s": bandwidth, "call_overhead": overhead,
                                               "shapes": [asdict(r) for r in shape_rows], "end_to_end": e2e})
     print(f"wrote {args.out}")
 
