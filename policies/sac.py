@@ -9,6 +9,14 @@ output directory::
     checkpoints/sac_replay_buffer_<N>_steps.pkl
     logs/progress.csv                 the sb3 logger (and TensorBoard events if tensorboard is installed)
     policy.zip, policy.json           the final artifact (:mod:`policies.artifact`)
+    best_policy.zip, best_policy.json the best checkpoint so far, as SB3's EvalCallback keeps a best model
+    best.json                         its step count and score
+
+"Best" is scored at every checkpoint without exploration noise: the deterministic policy allocates
+every training table at :data:`EVAL_BPW` (inside ``bpw_range``), the allocation is repaired to the
+budget as :func:`policies.apply.apply_policy` does, and the score is the mean over (table, budget) of
+ln(table loss / LP-relaxation bound), the quality term of the reward without its budget terms
+(lower is better; 0 would match the bound).
 
 With ``resume`` the run continues from the latest checkpoint whose sidecar and hashes check out
 (model and replay buffer), up to ``timesteps`` in total. Training uses dense reward shaping by
@@ -50,6 +58,10 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 POLICY_FILE = "policy.zip"
+BEST_FILE = "best_policy.zip"
+BEST_RECORD = "best.json"
+EVAL_BPW = (2.0, 2.5, 3.0, 3.5)
+"""Budgets the checkpoints are scored at (those inside the run's bpw range)."""
 CHECKPOINT_PREFIX = "sac"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}_(\d+)_steps\.zip$")
 
@@ -108,6 +120,52 @@ def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> C
             return result
 
     return SidecarCheckpointCallback(every, str(directory), name_prefix=CHECKPOINT_PREFIX, save_replay_buffer=True)
+
+
+def policy_score(model: Any, env: BitAllocEnv, budgets: Sequence[float]) -> float:
+    """Mean over the env's tables and ``budgets`` of ln(repaired allocation's loss / LP bound), with
+    deterministic actions (see the module doc)."""
+    import math
+
+    import numpy as np
+
+    from allocator.solvers.repair import repair
+
+    scores = []
+    for index, prepared in enumerate(env.models):
+        for bpw in budgets:
+            observation, _ = env.reset(seed=0, options={"table": index, "bpw": bpw})
+            done, info = False, {}
+            while not done:
+                action, _ = model.predict(observation, deterministic=True)
+                observation, _, done, _, info = env.step(np.asarray(action))
+            problem = env.problem
+            loss = problem.total_cost(repair(problem, info["raw_choice"]))
+            bound = prepared.relaxation.bound(problem.budget_bits)
+            scores.append(math.log((max(loss, 0.0) + prepared.eps) / (max(bound, 0.0) + prepared.eps)))
+    return float(np.mean(scores))
+
+
+def _best_callback(card: PolicyCard, every: int, out_dir: Path, eval_env: BitAllocEnv, budgets: Sequence[float]):  # -> BaseCallback
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class BestPolicyCallback(BaseCallback):
+        """Every ``every`` steps: score the policy (:func:`policy_score`), log it as ``eval/score``, and
+        save it as the best policy when it beats the best so far (kept across resumed sessions)."""
+
+        def _on_step(self) -> bool:
+            if self.n_calls % every:
+                return True
+            score = policy_score(self.model, eval_env, budgets)
+            self.logger.record("eval/score", score)
+            record_path = out_dir / BEST_RECORD
+            best = json.loads(record_path.read_text()) if record_path.is_file() else None
+            if best is None or score < best["score"]:
+                save_artifact(self.model, out_dir / BEST_FILE, replace(card, timesteps=self.num_timesteps))
+                write_json(record_path, {"steps": self.num_timesteps, "score": score, "budgets": list(budgets)})
+            return True
+
+    return BestPolicyCallback()
 
 
 def _stats_callback():  # -> BaseCallback
@@ -221,6 +279,11 @@ def train(
     remaining = config.timesteps - model.num_timesteps
     if remaining > 0:
         every = min(config.checkpoint_every, config.timesteps)
-        callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _stats_callback()])
+        low, high = config.bpw_range
+        budgets = [b for b in EVAL_BPW if low <= b <= high] or [(low + high) / 2]
+        eval_env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward,
+                               normalization=normalization)
+        callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _best_callback(card, every, out_dir, eval_env, budgets),
+                                  _stats_callback()])
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=latest is None, progress_bar=progress)
     return save_artifact(model, out_dir / POLICY_FILE, replace(card, timesteps=model.num_timesteps))

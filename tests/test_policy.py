@@ -53,6 +53,24 @@ def test_training_writes_the_artifact_checkpoints_and_logs(trained: Path) -> Non
     assert "allocation/loss_ratio" in header and "train/actor_loss" in header
 
 
+def test_training_keeps_the_best_checkpoint(trained: Path) -> None:
+    """best_policy.zip is the checkpoint with the lowest deterministic score (as SB3's EvalCallback keeps a best model)."""
+    from envs.bitalloc_env import BitAllocEnv
+    from policies.artifact import load_checkpoint
+    from policies.sac import EVAL_BPW, policy_score
+
+    run_dir = trained.parent
+    best = json.loads((run_dir / "best.json").read_text())
+    assert read_card(run_dir / "best_policy.zip").timesteps == best["steps"] and best["budgets"] == list(EVAL_BPW)
+    env = BitAllocEnv([synthetic(1)], normalization=read_card(trained).normalization)
+    scores = {steps: policy_score(load_checkpoint(run_dir / "checkpoints" / f"sac_{steps}_steps.zip", env), env, EVAL_BPW)
+              for steps in (150, 300)}
+    assert scores[best["steps"]] == pytest.approx(best["score"]) and best["score"] == pytest.approx(min(scores.values()))
+    assert all(np.isfinite(list(scores.values()))) and min(scores.values()) >= -1e-9  # the LP bound is a lower bound
+    header = (run_dir / "logs" / "progress.csv").read_text().splitlines()[0].split(",")
+    assert "eval/score" in header
+
+
 def test_applied_policy_meets_the_budget_on_other_tables(trained: Path) -> None:
     policy = load_policy(trained)
     for table, constraints in ((synthetic(2, layers=42, missing=0.2), Constraints()), (synthetic(7, layers=21), Constraints(tie=False))):
