@@ -55,7 +55,8 @@ from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
 from policies.apply import apply_policy
 from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
-from policies.sac import CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, latest_checkpoint, train
+from policies.sac import (BEST_FILE, BEST_RECORD, CHECKPOINTS, EVAL_BPW, LOGS, POLICY_FILE, TrainConfig, latest_checkpoint,
+                          policy_score, train)
 
 SCHEMA = 1
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -354,12 +355,41 @@ def checkpoint_zips(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str, results: Path, args: argparse.Namespace) -> dict[str, Any]:
+def select_policy(source: Source, record: dict[str, Any], loss: str) -> Path:
+    """The run's best checkpoint (``best_policy.zip``, kept by :func:`policies.sac.train` as SB3's
+    EvalCallback keeps a best model). A run trained before that existed gets it here, scored the same
+    way over its checkpoints (:func:`policies.sac.policy_score` on its training table)."""
+    from envs.bitalloc_env import BitAllocEnv
+    from policies.artifact import load_checkpoint
+
+    run_dir = Path(record["key"]["run_dir"])
+    best = run_dir / BEST_FILE
+    if best.is_file() and (run_dir / BEST_RECORD).is_file():
+        return best
+    card = read_card(run_dir / POLICY_FILE)
+    env = BitAllocEnv([source.table], bpw_range=card.bpw_range, constraints=Constraints(loss=loss), reward=card.reward,
+                      normalization=card.normalization)
+    low, high = card.bpw_range
+    budgets = [b for b in EVAL_BPW if low <= b <= high] or [(low + high) / 2]
+    scores = {}
+    for steps, path in checkpoint_zips(run_dir):
+        scores[steps] = (policy_score(load_checkpoint(path, env), env, budgets), path)
+    steps = min(scores, key=lambda k: (scores[k][0], k))
+    score, path = scores[steps]
+    shutil.copyfile(path.with_suffix(".json"), best.with_suffix(".json"))
+    shutil.copyfile(path, best)
+    write_json(run_dir / BEST_RECORD, {"steps": steps, "score": score, "budgets": budgets, "chosen_after_training": True})
+    print(f"[select {source.name}] best checkpoint: {steps} steps (score {score:.4f})")
+    return best
+
+
+def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str, results: Path, args: argparse.Namespace,
+                selected: dict[str, Path]) -> dict[str, Any]:
     path = results / "table.json"
     runs = {name: Path(r["key"]["run_dir"]) for name, r in trained.items()}
     zips = {name: checkpoint_zips(run_dir) for name, run_dir in runs.items()}
     key = {"loss": loss, "budgets": list(TABLE_BUDGETS), "tables": {n: s.table.key.digest() for n, s in sources.items()},
-           "policies": {n: r["policy_sha256"] for n, r in trained.items()},
+           "policies": {n: file_sha256(selected[n]) for n in trained},
            "checkpoints": {n: [[steps, file_sha256(p)] for steps, p in z] for n, z in zips.items()}, "every_checkpoint": not args.final_only}
     previous = read_json(path)
     if previous and previous.get("key") == key:
@@ -369,7 +399,7 @@ def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str,
     start = time.perf_counter()
     finals, shifts = [], {}
     for name in trained:
-        policy = load_policy(runs[name] / POLICY_FILE)
+        policy = load_policy(selected[name])
         shifts[name] = {target: feature_shift(policy, s.table) for target, s in sources.items()}
         for target, source in sources.items():
             for bpw in TABLE_BUDGETS:
@@ -533,9 +563,8 @@ def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, Lo
 # -- shipping --------------------------------------------------------------------------------------
 
 
-def ship(record: dict[str, Any], name: str, directory: Path) -> Path:
-    """Copy the run's policy.zip + policy.json to ``directory/<name>-sac.{zip,json}`` and check they load."""
-    source = Path(record["key"]["run_dir"]) / POLICY_FILE
+def ship(source: Path, name: str, directory: Path) -> Path:
+    """Copy the selected policy (zip + sidecar) to ``directory/<name>-sac.{zip,json}`` and check they load."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{name}-sac.zip"
     shutil.copyfile(source.with_suffix(".json"), target.with_suffix(".json"))
@@ -562,16 +591,18 @@ def training_section(trained: dict[str, dict], table: dict[str, Any]) -> list[st
     lines = ["## Training (table backend, SAC defaults of `policies.sac.TrainConfig`)", "",
              f"![training curve](policy/{CURVE})", "",
              "| trained on | steps | wall time | steps/s | threads | sessions | own-table gap at the end (mean / max) | "
-             f"first checkpoint within {WITHIN:g}% at every budget |", "|---|---|---|---|---|---|---|---|"]
+             f"first checkpoint within {WITHIN:g}% at every budget | selected checkpoint |", "|---|---|---|---|---|---|---|---|---|"]
     for name, record in trained.items():
         entries = table["checkpoints"].get(name, [])
         final = entries[-1]["tables"][name] if entries else {}
         hit = time_to_within(entries, name)
         reached = f"{hit['steps']} steps, {_t(hit['seconds'])}" if hit else "not reached"
         steps = record["key"]["timesteps"]
+        best = read_json(Path(record["key"]["run_dir"]) / BEST_RECORD) or {}
+        chosen = f"{best['steps']} steps (score {best['score']:.3f})" if best else "-"
         lines.append(f"| {name} | {steps} | {_t(record['wall_seconds'])} | {steps / record['wall_seconds']:.0f} | "
                      f"{record['threads']} of {record['cpus']} cores | {len(record['sessions'])} | "
-                     f"{_f(final.get('mean_gap'), '.2f')}% / {_f(final.get('max_gap'), '.2f')}% | {reached} |")
+                     f"{_f(final.get('mean_gap'), '.2f')}% / {_f(final.get('max_gap'), '.2f')}% | {reached} | {chosen} |")
     lines += ["", "Gap over training (predicted loss of each checkpoint over the ILP optimum, in %, at "
               + "/".join(f"{b:g}" for b in TABLE_BUDGETS) + " bpw; time: training wall time interpolated from the sb3 log):", ""]
     targets = list(table["tables"])
@@ -586,7 +617,9 @@ def training_section(trained: dict[str, dict], table: dict[str, Any]) -> list[st
 
 def table_section(table: dict[str, Any]) -> list[str]:
     lines = ["## Table backend: predicted loss against the ILP optimum", "",
-             "Each final policy applied (deterministically, then repaired to the budget) to its own table and, zero-shot, to the "
+             "Each run's selected policy (its best checkpoint, as SB3's EvalCallback keeps a best model: the lowest mean "
+             "ln(loss / LP bound) of its deterministic allocations of its own training table at 2/2.5/3/3.5 bpw; "
+             "`policies.sac.policy_score`) applied (deterministically, then repaired to the budget) to its own table and, zero-shot, to the "
              "other model's. The ILP is solved by HiGHS to a 1e-9 relative gap (whether it proved optimality is counted under Reading), "
              "so a gap below 0 would mean the policy found a better allocation than the solver returned.", "",
              "| policy | applied to | budget | policy loss | ILP loss | gap | rollout bpw | bpw | units changed by repair | "
@@ -797,14 +830,15 @@ def main(argv: list[str] | None = None) -> int:
         results = out / "policy"
         results.mkdir(parents=True, exist_ok=True)
         trained = {name: stage_train(source, args, loss, results) for name, source in sources.items()}
-        table = stage_table(sources, trained, loss, results, args)
-        policies = {name: load_policy(Path(r["key"]["run_dir"]) / POLICY_FILE) for name, r in trained.items()}
+        selected = {name: select_policy(sources[name], record, loss) for name, record in trained.items()}
+        table = stage_table(sources, trained, loss, results, args, selected)
+        policies = {name: load_policy(path) for name, path in selected.items()}
         optima = Optima(sources, loss)
         measured = {name: stage_measured(name, sources, policies, loss, results, args, optima) for name in sources}
         plot_training(trained, table, results / CURVE, " (dry run, synthetic tables)" if args.dry_run else "")
         if args.ship:
             first = next(iter(trained))
-            target = ship(trained[first], first, (results / "pretrained") if args.dry_run else _pretrained_dir())
+            target = ship(selected[first], first, (results / "pretrained") if args.dry_run else _pretrained_dir())
             print(f"shipped {target} (+ {target.with_suffix('.json').name})")
         write_report(out / "policy.md", args, loss, sources, trained, table, measured)
         print(out / "policy.md")
