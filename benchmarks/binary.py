@@ -42,6 +42,7 @@ FULL_BATCHES = [
     ("dyngroup-block", [("dyngroup", {"structure": "block", "max_groups": 16, "lambda_reg": 0.0})]),
     # more settings of two methods: the salient share of PB-LLM, the group width of W(1+1)
     ("settings", [("pbllm", {"salient_fraction": 0.2}), ("w1p1", {"group_size": 64}), ("w1p1", {"group_size": None})]),
+    ("billm-settings", [("billm", {"block_size": 64})]),
 ]
 DEFAULT_BATCHES = [
     ("baselines", [("rtn", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 2, "group_size": 128}), ("gptq", {"bits": 1, "group_size": 128})]),
