@@ -123,18 +123,22 @@ def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> C
 
 
 def policy_score(model: Any, env: BitAllocEnv, budgets: Sequence[float]) -> float:
-    """Mean over the env's tables and ``budgets`` of ln(repaired allocation's loss / LP bound), with
-    deterministic actions (see the module doc)."""
+    """Mean over the env's tables and ``budgets`` (those each table can meet) of ln(repaired allocation's
+    loss / LP bound), with deterministic actions (see the module doc)."""
     import math
 
     import numpy as np
 
     from allocator.solvers.repair import repair
 
+    from allocator.solvers.base import Budget
+
     scores = []
     for index, prepared in enumerate(env.models):
-        for bpw in budgets:
-            observation, _ = env.reset(seed=0, options={"table": index, "bpw": bpw})
+        # budgets below what the table's lightest options need are skipped; with none left, its mid-range budget
+        feasible = [{"bpw": b} for b in budgets if Budget.bpw(b).max_bits(prepared.problem.total_numel) >= prepared.min_bits]
+        for budget in feasible or [{"budget_bits": (prepared.min_bits + prepared.max_bits) // 2}]:
+            observation, _ = env.reset(seed=0, options={"table": index, **budget})
             done, info = False, {}
             while not done:
                 action, _ = model.predict(observation, deterministic=True)

@@ -71,6 +71,21 @@ def test_training_keeps_the_best_checkpoint(trained: Path) -> None:
     assert "eval/score" in header
 
 
+def test_policy_score_skips_budgets_a_table_cannot_meet() -> None:
+    from envs.bitalloc_env import BitAllocEnv
+    from policies.sac import policy_score
+
+    class Constant:
+        def predict(self, observation, deterministic=True):
+            return np.array([0.5], dtype=np.float32), None
+
+    env = BitAllocEnv([synthetic(1)])
+    lowest = env.models[0].min_bits / env.models[0].problem.total_numel
+    feasible = policy_score(Constant(), env, [lowest + 0.5])
+    assert policy_score(Constant(), env, [lowest / 2, lowest + 0.5]) == pytest.approx(feasible)  # the infeasible one is skipped
+    assert np.isfinite(policy_score(Constant(), env, [lowest / 2]))  # none feasible: the table's mid-range budget
+
+
 def test_applied_policy_meets_the_budget_on_other_tables(trained: Path) -> None:
     policy = load_policy(trained)
     for table, constraints in ((synthetic(2, layers=42, missing=0.2), Constraints()), (synthetic(7, layers=21), Constraints(tie=False))):
