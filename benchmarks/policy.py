@@ -55,7 +55,7 @@ from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
 from policies.apply import apply_policy
 from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
-from policies.sac import (BEST_FILE, BEST_RECORD, CHECKPOINTS, EVAL_BPW, LOGS, POLICY_FILE, TrainConfig, latest_checkpoint,
+from policies.sac import (BEST_FILE, BEST_RECORD, CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, eval_budgets, latest_checkpoint,
                           policy_score, train)
 
 SCHEMA = 1
@@ -369,8 +369,7 @@ def select_policy(source: Source, record: dict[str, Any], loss: str) -> Path:
     card = read_card(run_dir / POLICY_FILE)
     env = BitAllocEnv([source.table], bpw_range=card.bpw_range, constraints=Constraints(loss=loss), reward=card.reward,
                       normalization=card.normalization)
-    low, high = card.bpw_range
-    budgets = [b for b in EVAL_BPW if low <= b <= high] or [(low + high) / 2]
+    budgets = eval_budgets(card.bpw_range)
     scores = {}
     for steps, path in checkpoint_zips(run_dir):
         scores[steps] = (policy_score(load_checkpoint(path, env), env, budgets), path)

@@ -6,8 +6,9 @@ every variant is evaluated against the untransformed float reference on the same
 folded float model computes the same function, so the reference is shared). With
 ``--profiles MODEL=TABLE.npz`` each model also gets mixed allocations: the ILP bit map of its
 profile (default loss) at each of ``--mixed`` bpw, quantized by that map (every layer by its own
-option, in layer order) with and without the fold. One batch per quantizer or map, each saved to results/scalefold/<model>.json as soon as it is measured, so an
-interrupted run resumes with the batches not yet done (--fresh measures again).
+option, in layer order) with and without the fold. One batch per quantizer or map, each saved to
+results/scalefold/<model>.json as soon as it is measured, so an interrupted run resumes with the
+batches not yet done (--fresh measures again).
 """
 
 from __future__ import annotations

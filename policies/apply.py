@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from allocator.bitmap import BitMap
 from allocator.sensitivity import SensitivityTable
@@ -22,6 +25,16 @@ from envs.bitalloc_env import BitAllocEnv
 from policies.artifact import LoadedPolicy, load_policy
 
 NAME = "sac-policy"
+
+
+def rollout(env: BitAllocEnv, act: Callable[[np.ndarray], np.ndarray], options: Mapping[str, Any]) -> dict[str, Any]:
+    """One deterministic episode of ``env`` (reset with seed 0 and ``options``) under ``act``; the
+    terminal ``info`` (``raw_choice``, ``raw_bits``, ...)."""
+    observation, _ = env.reset(seed=0, options=dict(options))
+    done, info = False, {}
+    while not done:
+        observation, _, done, _, info = env.step(act(observation))
+    return info
 
 
 def apply_policy(
@@ -49,11 +62,7 @@ def apply_policy(
         reward=policy.card.reward,
         normalization=policy.card.normalization,
     )
-    observation, _ = env.reset(seed=0, options={"budget_bits": problem.budget_bits})
-    done = False
-    info: dict = {}
-    while not done:
-        observation, _, done, _, info = env.step(policy.act(observation))
+    info = rollout(env, policy.act, {"budget_bits": problem.budget_bits})
     raw = info["raw_choice"]
     choice = repair(problem, raw)
     details = {

@@ -29,18 +29,23 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from allocator.errors import BitallocError
 from allocator.sensitivity import SensitivityTable
-from allocator.solvers.base import Constraints
+from allocator.solvers.base import Budget, Constraints
+from allocator.solvers.repair import repair
 from allocator.storage import write_json
 from envs.bitalloc_env import DEFAULT_BPW_RANGE, BitAllocEnv
 from envs.observation import FeatureNormalization
 from envs.reward import RewardConfig
+from policies.apply import rollout
 from policies.artifact import (
     PolicyCard,
     file_sha256,
@@ -122,27 +127,25 @@ def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> C
     return SidecarCheckpointCallback(every, str(directory), name_prefix=CHECKPOINT_PREFIX, save_replay_buffer=True)
 
 
+def eval_budgets(bpw_range: Sequence[float]) -> list[float]:
+    """The :data:`EVAL_BPW` budgets inside ``bpw_range`` (its midpoint when none is)."""
+    low, high = bpw_range
+    return [b for b in EVAL_BPW if low <= b <= high] or [(low + high) / 2]
+
+
 def policy_score(model: Any, env: BitAllocEnv, budgets: Sequence[float]) -> float:
     """Mean over the env's tables and ``budgets`` (those each table can meet) of ln(repaired allocation's
     loss / LP bound), with deterministic actions (see the module doc)."""
-    import math
 
-    import numpy as np
-
-    from allocator.solvers.repair import repair
-
-    from allocator.solvers.base import Budget
+    def act(observation: np.ndarray) -> np.ndarray:
+        return np.asarray(model.predict(observation, deterministic=True)[0])
 
     scores = []
     for index, prepared in enumerate(env.models):
         # budgets below what the table's lightest options need are skipped; with none left, its mid-range budget
         feasible = [{"bpw": b} for b in budgets if Budget.bpw(b).max_bits(prepared.problem.total_numel) >= prepared.min_bits]
         for budget in feasible or [{"budget_bits": (prepared.min_bits + prepared.max_bits) // 2}]:
-            observation, _ = env.reset(seed=0, options={"table": index, **budget})
-            done, info = False, {}
-            while not done:
-                action, _ = model.predict(observation, deterministic=True)
-                observation, _, done, _, info = env.step(np.asarray(action))
+            info = rollout(env, act, {"table": index, **budget})
             problem = env.problem
             loss = problem.total_cost(repair(problem, info["raw_choice"]))
             bound = prepared.relaxation.bound(problem.budget_bits)
@@ -283,8 +286,7 @@ def train(
     remaining = config.timesteps - model.num_timesteps
     if remaining > 0:
         every = min(config.checkpoint_every, config.timesteps)
-        low, high = config.bpw_range
-        budgets = [b for b in EVAL_BPW if low <= b <= high] or [(low + high) / 2]
+        budgets = eval_budgets(config.bpw_range)
         eval_env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward,
                                normalization=normalization)
         callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _best_callback(card, every, out_dir, eval_env, budgets),
