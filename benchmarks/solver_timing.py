@@ -10,6 +10,7 @@ and, for context, the other solvers' times and their loss relative to the ILP op
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -45,6 +46,7 @@ def main() -> int:
     print(f"{args.layers} layers x {len(SYNTHETIC_OPTIONS)} options ({', '.join(o.label for o in SYNTHETIC_OPTIONS)}), "
           f"ties on, noise {args.noise}, seeds 0..{args.seeds - 1}, budgets {args.budgets} bpw, best of {args.repeats}")
     print(f"machine: {platform.processor() or platform.machine()}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}")
+    load = os.getloadavg()[0]  # other jobs on the machine slow every solver alike
     times: dict[str, list[float]] = {name: [] for name in args.solvers}
     excess: dict[str, list[float]] = {name: [] for name in args.solvers}
     for seed in range(args.seeds):
@@ -73,7 +75,8 @@ def main() -> int:
     if args.out is not None:
         setup = (f"{args.layers} layers x {len(SYNTHETIC_OPTIONS)} options ({', '.join(o.label for o in SYNTHETIC_OPTIONS)}), ties on, "
                  f"log-normal loss noise {args.noise}, synthetic tables of seeds 0..{args.seeds - 1}, budgets {args.budgets} bpw, "
-                 f"best of {args.repeats} runs per case; times include building the reduced problem (ties, limits, feasibility).")
+                 f"best of {args.repeats} runs per case; times include building the reduced problem (ties, limits, feasibility). "
+                 f"1-minute load average when the timing started: {load:.2f} (on {os.cpu_count()} cores).")
         text = "\n".join(["# Solver wall time on a synthetic sensitivity table", "", provenance().rstrip(), "", setup, "", *rows, "",
                           f"**{summary}**", ""])
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,72 @@ def test_budget_ties_and_limits_hold_on_a_larger_table(solver):
         assert reference.predicted_loss <= bitmap.predicted_loss * (1 + 1e-9)
 
 
+def unit_brute_force(problem) -> float:
+    """Least cost over every unit choice that fits (units are already tie groups)."""
+    combos = np.array(list(itertools.product(range(problem.weight.shape[1]), repeat=problem.num_units)))
+    units = np.arange(problem.num_units)
+    valid = problem.allowed[units, combos].all(axis=1) & (problem.weight[units, combos].sum(axis=1) <= problem.budget_bits)
+    return float(np.where(valid, np.where(problem.allowed, problem.cost, 0.0)[units, combos].sum(axis=1), np.inf).min())
+
+
+@pytest.mark.parametrize("reduce", [True, False])
+def test_ilp_with_repeated_layer_shapes_is_optimal(reduce):
+    # Two blocks with ties: 8 units in 4 classes of equal stored bits, the case the class-count
+    # formulation (integer counts, continuous x) exists for.
+    from allocator.solvers.ilp import unit_classes
+
+    for seed in range(3):
+        table = SensitivityTable.synthetic(14, options=SMALL_OPTIONS, seed=seed, hidden=64, noise=0.5)
+        for bpw in (2.0, 2.6, 3.3):
+            problem = build_problem(table, Budget.bpw(bpw))
+            assert len(np.unique(unit_classes(problem))) < problem.num_units
+            bitmap = solve(table, Budget.bpw(bpw), solver="ilp", reduce=reduce)
+            assert bitmap.predicted_loss == pytest.approx(unit_brute_force(problem), rel=1e-9), (seed, bpw)
+            assert bitmap.solver.info["optimal"] is True
+
+
+def test_ilp_agrees_with_the_per_unit_binary_model():
+    # ilp-cvxpy writes one binary per (unit, option) without classes or fixing: an independent model
+    table = SensitivityTable.synthetic(70, seed=7, noise=0.3)
+    for bpw in (1.6, 2.4, 3.2, 4.0):
+        fast = solve(table, Budget.bpw(bpw), solver="ilp")
+        plain = solve(table, Budget.bpw(bpw), solver="ilp-cvxpy")
+        assert fast.predicted_loss == pytest.approx(plain.predicted_loss, rel=1e-7), bpw
+
+
+def test_assign_class_is_the_least_cost_assignment():
+    from allocator.solvers.ilp import assign_class
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cost = rng.random((5, 3))
+        keep = rng.random((5, 3)) < 0.8
+        keep[np.arange(5), rng.integers(0, 3, 5)] = True
+        target = rng.choice([c for c in itertools.product(range(3), repeat=5) if keep[np.arange(5), list(c)].all()])
+        counts = np.bincount(target, minlength=3)
+        best = min(
+            cost[np.arange(5), list(c)].sum()
+            for c in itertools.product(range(3), repeat=5)
+            if keep[np.arange(5), list(c)].all() and (np.bincount(c, minlength=3) == counts).all()
+        )
+        choice = assign_class(cost, keep, counts)
+        assert (np.bincount(choice, minlength=3) == counts).all() and keep[np.arange(5), choice].all()
+        assert cost[np.arange(5), choice].sum() == pytest.approx(best)
+
+
+def test_exchange_keeps_the_budget_and_never_worsens():
+    from allocator.solvers.repair import exchange, repair
+
+    for seed in range(4):
+        table = SensitivityTable.synthetic(35, seed=seed, noise=0.5)
+        problem = build_problem(table, Budget.bpw(2.7))
+        start = repair(problem, problem.lightest())
+        better = exchange(problem, start)
+        assert problem.total_bits(better) <= problem.budget_bits
+        assert problem.allowed[np.arange(problem.num_units), better].all()
+        assert problem.total_cost(better) <= problem.total_cost(start)
+
+
 def test_solver_record():
     table = small_table(0)
     bitmap = solve(table, Budget.bpw(2.5), solver="dp", max_states=1000)

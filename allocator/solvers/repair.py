@@ -4,7 +4,9 @@
 least loss increase per saved bit (any move that lowers both loss and bits is taken first, budget
 or not). :func:`fill` then spends the slack: among the moves to a heavier option that still fit,
 it takes the largest loss decrease per added bit, until none is left. Both only ever change one
-unit at a time and are vectorized over units, O(U x O) per move.
+unit at a time and are vectorized over units, O(U x O) per move. :func:`exchange` then tries pairs:
+one unit up and another down (or both changed) when together they fit and lower the loss, which a
+one-unit move cannot find once the slack is spent.
 """
 
 from __future__ import annotations
@@ -59,6 +61,34 @@ def fill(problem: Problem, choice: np.ndarray) -> np.ndarray:
         unit, option = divmod(flat, problem.weight.shape[1])
         total += int(problem.weight[unit, option] - problem.weight[unit, choice[unit]])
         choice[unit] = option
+
+
+def exchange(problem: Problem, choice: np.ndarray, allowed: np.ndarray | None = None, max_moves: int = 1000) -> np.ndarray:
+    """Apply the best improving two-unit change that fits, until there is none (first-improvement
+    would be cheaper per move but lands in worse local optima). ``allowed`` restricts the options
+    considered (default: the problem's); O(M^2) per move over the M candidate (unit, option) pairs."""
+    choice = np.array(choice, dtype=np.int64)
+    rows = np.arange(problem.num_units)
+    mask = problem.allowed if allowed is None else allowed & problem.allowed
+    total = problem.total_bits(choice)
+    for _ in range(max_moves):
+        candidate = mask.copy()
+        candidate[rows, choice] = False
+        unit, option = np.nonzero(candidate)
+        if len(unit) < 2:
+            break
+        d_cost = problem.cost[unit, option] - problem.cost[unit, choice[unit]]
+        d_bits = problem.weight[unit, option] - problem.weight[unit, choice[unit]]
+        gain = d_cost[:, None] + d_cost[None, :]
+        fits = (d_bits[:, None] + d_bits[None, :]) <= problem.budget_bits - total
+        gain = np.where(fits & (unit[:, None] != unit[None, :]), gain, np.inf)
+        best = int(np.argmin(gain))
+        if not gain.flat[best] < -1e-12 * max(1.0, abs(problem.total_cost(choice))):
+            break
+        for k in divmod(best, len(unit)):
+            total += int(d_bits[k])
+            choice[unit[k]] = option[k]
+    return choice
 
 
 def repair(problem: Problem, choice: np.ndarray) -> np.ndarray:
