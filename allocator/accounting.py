@@ -20,9 +20,10 @@ def model_size_bytes(model: PreTrainedModel, quantized: QuantizedModel | None = 
 
     With ``quantized=None`` this is the float16 size of the whole reference model.
     """
-    quantized_names = {f"{name}.weight" for name in (quantized.tensors if quantized else {})}
+    packed = {**quantized.tensors, **quantized.head} if quantized else {}
+    quantized_names = {f"{name}.weight" for name in packed}
     seen: set[int] = set()
-    bits = quantized.storage_bits if quantized else 0
+    bits = sum(qt.storage_bits for qt in packed.values())
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name in quantized_names or tensor.data_ptr() in seen:
             continue

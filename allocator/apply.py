@@ -37,10 +37,13 @@ class QuantizedModel:
     function-preserving transform (scale folding) changed and is not quantized, e.g. the norms."""
     scale_fold: ScaleFold | None = None
     """The scale fold the quantized weights were made under (:mod:`allocator.scalefold`), if any."""
+    head: dict[str, QuantizedTensor] = field(default_factory=dict)
+    """The quantized LM head, if any (:mod:`allocator.head`): outside the bit map, so not counted in
+    :attr:`storage_bits` / :attr:`bits_per_weight` (which describe the decoder linears)."""
 
     def dequantized_weights(self) -> dict[str, torch.Tensor]:
-        """Everything to swap into the reference model: the float overrides and the dequantized linears."""
-        return {**self.float_weights, **{name: qt.dequantized for name, qt in self.tensors.items()}}
+        """Everything to swap into the reference model: the float overrides, the dequantized linears and head."""
+        return {**self.float_weights, **{name: qt.dequantized for name, qt in {**self.tensors, **self.head}.items()}}
 
     @property
     def storage_bits(self) -> int:

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
     qu.add_argument("--seed", type=int, default=defaults.seed)
     _add_scale_fold_flags(qu, "quantizing (as the profile was made)")
+    qu.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
+                    help="also store the LM head as a round-to-nearest 8- or 4-bit grid (groups of 128) that the kernels run; "
+                         "outside the bit map and its bpw (default: the float head)")
     qu.add_argument("--no-progress", action="store_true")
 
     pa = commands.add_parser("pareto", help="solve a range of budgets from one table, measure every allocation, plot ppl vs bpw")
@@ -513,11 +516,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from allocator.accounting import model_size_bytes
     from allocator.bitmap import BitMap
     from allocator.corpus import load_corpus
+    from allocator.head import head_quantizer, quantize_head
     from allocator.models import load_model
     from allocator.options import assignment_from_settings
     from allocator.packed import save_quantized
     from allocator.pipeline import EvalSettings, quantize_assignment
 
+    if args.lm_head_bits:
+        head_quantizer(args.lm_head_bits)  # bad widths fail before the model loads
     bitmap = BitMap.load(args.bitmap)
     assignment = assignment_from_settings(bitmap.assignment())
     scale_fold = _scale_fold_settings(args)
@@ -530,6 +536,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
     quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold)
+    if args.lm_head_bits:
+        quantized.head = quantize_head(loaded.model, args.lm_head_bits)
     log = logging.getLogger("bitalloc")
     for name, entry in bitmap.modules.items():
         if quantized.tensors[name].storage_bits != entry.storage_bits:
@@ -545,6 +553,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     }
     if scale_fold is not None:
         source["scale_fold"] = scale_fold.as_dict()
+    if args.lm_head_bits:
+        source["lm_head"] = head_quantizer(args.lm_head_bits).settings()
     model_bytes = model_size_bytes(loaded.model, quantized)
     save_quantized(args.out, args.model or bitmap.model, quantized, bitmap.assignment(), bitmap.options(), model_bytes, source)
     print(f"{len(quantized.tensors)} modules, {quantized.bits_per_weight:.4f} bpw, {-(-quantized.storage_bits // 8)} bytes of "

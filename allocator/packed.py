@@ -32,8 +32,12 @@ also holds each such float tensor as ``<module>.weight`` (float32, e.g. the fold
                                  "targets": ["model.layers.0.self_attn.q_proj", ...], "alpha": 0.5,
                                  "tensor": "scale_fold/model.layers.0.input_layernorm"}, ...]}
 
-A model without a transform is written as schema 1 (readers of schema 1 keep reading it); this
-code reads both.
+Schema 3 adds a quantized LM head (:mod:`allocator.head`), outside the bit map and outside
+``bpw``/``total_bits``: its stored tensors go into ``quantized.safetensors`` like a module's, and
+the config gains ``"head": {"lm_head": {<a module entry>}}``; ``model_bytes`` counts it.
+
+A model is written with the lowest schema that holds it (1 without transform or head), so readers
+of the older schemas keep reading what they can; this code reads all three.
 
 :func:`load_quantized` rebuilds every :class:`~quantizers.QuantizedTensor` from the stored tensors
 alone (:func:`quantizers.formats.decode`) and checks their sizes against the config.
@@ -60,6 +64,7 @@ from torch import nn
 
 from allocator.apply import QuantizedModel
 from allocator.errors import BitallocError
+from allocator.head import head_name
 from allocator.scalefold import ScaleFold
 from allocator.layers import quantizable_linears
 from allocator.models import LoadedModel, load_model
@@ -68,9 +73,9 @@ from quantizers import QuantizedTensor
 from quantizers.formats import DECODERS, UNIFORM_GRID, decode
 from quantizers.kernels import KERNEL_BITS, QuantLinear
 
-PACKED_SCHEMA_VERSION = 2
-"""The newest schema this code writes and reads (it writes 1 when there is no transform)."""
-READABLE_SCHEMAS = (1, 2)
+PACKED_SCHEMA_VERSION = 3
+"""The newest schema this code writes and reads (it writes the lowest one that holds the model)."""
+READABLE_SCHEMAS = (1, 2, 3)
 PACKED_FORMAT = "bitalloc-packed"
 TENSORS_FILE = "quantized.safetensors"
 CONFIG_FILE = "quantization_config.json"
@@ -118,17 +123,12 @@ def save_quantized(
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
     for name, qt in quantized.tensors.items():
-        for tensor_name, tensor in qt.stored.items():
-            tensors[f"{name}.{tensor_name}"] = tensor.detach().contiguous().cpu()
-        modules[name] = {
-            "format": qt.format,
-            "shape": list(qt.shape),
-            "meta": qt.meta,
-            "quantizer": dict(quantizer_settings[name]),
-            "option": (options or {}).get(name, ""),
-            "storage_bits": qt.storage_bits,
-            "tensors": list(qt.stored),
-        }
+        modules[name] = _module_entry(qt, tensors, name, dict(quantizer_settings[name]), (options or {}).get(name, ""))
+    head: dict[str, Any] = {}
+    for name, qt in quantized.head.items():
+        if name in quantized.tensors:
+            raise BitallocError(f"{name} is both a quantized linear and the quantized head")
+        head[name] = _module_entry(qt, tensors, name, {"quantizer": "rtn", **qt.meta}, "")
     float_tensors: dict[str, Any] = {}
     for name, weight in quantized.float_weights.items():
         if name in quantized.tensors:
@@ -140,7 +140,7 @@ def save_quantized(
         tensors.update({key: t.cpu() for key, t in fold.tensors().items()})
     transformed = bool(float_tensors) or fold is not None
     config = {
-        "schema_version": PACKED_SCHEMA_VERSION if transformed else 1,
+        "schema_version": 3 if head else 2 if transformed else 1,
         "format": PACKED_FORMAT,
         "model": model,
         "bpw": quantized.bits_per_weight,
@@ -150,14 +150,55 @@ def save_quantized(
         "source": dict(source or {}),
         "modules": modules,
     }
-    if transformed:
+    if transformed or head:
         config["float_tensors"] = float_tensors
         config["scale_fold"] = fold.to_json() if fold is not None else None
+    if head:
+        config["head"] = head
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         safetensors.torch.save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": PACKED_FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _module_entry(qt: QuantizedTensor, tensors: dict[str, torch.Tensor], name: str, quantizer: dict[str, Any], option: str) -> dict[str, Any]:
+    """Add ``qt``'s stored tensors to ``tensors`` under ``<name>.<tensor>`` and return its config entry."""
+    for tensor_name, tensor in qt.stored.items():
+        tensors[f"{name}.{tensor_name}"] = tensor.detach().contiguous().cpu()
+    return {
+        "format": qt.format,
+        "shape": list(qt.shape),
+        "meta": qt.meta,
+        "quantizer": quantizer,
+        "option": option,
+        "storage_bits": qt.storage_bits,
+        "tensors": list(qt.stored),
+    }
+
+
+def _read_module(name: str, entry: Any, stored_all: Mapping[str, torch.Tensor], config_path: Path, tensors_path: Path) -> QuantizedTensor:
+    """One module entry of the config and its stored tensors back as a decoded :class:`QuantizedTensor`."""
+    try:
+        fmt, shape, meta, names = entry["format"], tuple(int(x) for x in entry["shape"]), entry["meta"], entry["tensors"]
+    except (KeyError, TypeError, ValueError):
+        raise BitallocError(f"{config_path}: incomplete entry for {name}") from None
+    if fmt not in DECODERS:
+        raise BitallocError(f"{config_path}: {name} has unknown format {fmt!r}")
+    missing = [t for t in names if f"{name}.{t}" not in stored_all]
+    if missing:
+        raise BitallocError(f"{tensors_path} lacks tensor {name}.{missing[0]}")
+    stored = {t: stored_all[f"{name}.{t}"] for t in names}
+    qt = QuantizedTensor(fmt, (shape[0], shape[1]), stored, meta, dequantized=torch.empty(0))
+    if qt.storage_bits != entry.get("storage_bits"):
+        raise BitallocError(f"{name}: stored tensors hold {qt.storage_bits} bits, the config says {entry.get('storage_bits')}")
+    try:
+        qt.dequantized = decode(qt)
+    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+        raise BitallocError(f"cannot decode {name}: {str(exc).splitlines()[0]}") from None
+    if tuple(qt.dequantized.shape) != qt.shape:
+        raise BitallocError(f"{name} decodes to shape {tuple(qt.dequantized.shape)}, expected {qt.shape}")
+    return qt
 
 
 def load_quantized(directory: Path | str) -> PackedModel:
@@ -186,26 +227,13 @@ def load_quantized(directory: Path | str) -> PackedModel:
         raise BitallocError(f"{config_path}: no modules")
     quantized = QuantizedModel()
     for name, entry in modules.items():
-        try:
-            fmt, shape, meta, names = entry["format"], tuple(int(x) for x in entry["shape"]), entry["meta"], entry["tensors"]
-        except (KeyError, TypeError, ValueError):
-            raise BitallocError(f"{config_path}: incomplete entry for {name}") from None
-        if fmt not in DECODERS:
-            raise BitallocError(f"{config_path}: {name} has unknown format {fmt!r}")
-        missing = [t for t in names if f"{name}.{t}" not in stored_all]
-        if missing:
-            raise BitallocError(f"{tensors_path} lacks tensor {name}.{missing[0]}")
-        stored = {t: stored_all[f"{name}.{t}"] for t in names}
-        qt = QuantizedTensor(fmt, (shape[0], shape[1]), stored, meta, dequantized=torch.empty(0))
-        if qt.storage_bits != entry.get("storage_bits"):
-            raise BitallocError(f"{name}: stored tensors hold {qt.storage_bits} bits, the config says {entry.get('storage_bits')}")
-        try:
-            qt.dequantized = decode(qt)
-        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
-            raise BitallocError(f"cannot decode {name}: {str(exc).splitlines()[0]}") from None
-        if tuple(qt.dequantized.shape) != qt.shape:
-            raise BitallocError(f"{name} decodes to shape {tuple(qt.dequantized.shape)}, expected {qt.shape}")
-        quantized.tensors[name] = qt
+        quantized.tensors[name] = _read_module(name, entry, stored_all, config_path, tensors_path)
+    head = config.get("head") or {}
+    if config.get("schema_version", 1) >= 3 and not isinstance(head, dict):
+        raise BitallocError(f"{config_path}: head is not a mapping")
+    if config.get("schema_version", 1) >= 3:
+        for name, entry in head.items():
+            quantized.head[name] = _read_module(name, entry, stored_all, config_path, tensors_path)
     _load_transform(config, stored_all, quantized, config_path, tensors_path)
     if quantized.storage_bits != config.get("total_bits"):
         raise BitallocError(f"{config_path}: total_bits {config.get('total_bits')} != {quantized.storage_bits} from the modules")
@@ -233,9 +261,10 @@ def _load_transform(config: Mapping[str, Any], stored_all: Mapping[str, torch.Te
 
 
 def check_float_weights(quantized: QuantizedModel, model: nn.Module, what: str) -> None:
-    """Every float override must replace the weight of a module of the model, with its shape."""
+    """Every float override (and the quantized head) must replace the weight of a module of the model, with its shape."""
     modules = dict(model.named_modules())
-    for name, weight in quantized.float_weights.items():
+    replaced = {**quantized.float_weights, **{name: qt.dequantized for name, qt in quantized.head.items()}}
+    for name, weight in replaced.items():
         own = getattr(modules.get(name), "weight", None)
         if not isinstance(own, torch.Tensor):
             raise BitallocError(f"{what}: {name} is not a module with a weight in this model")
@@ -273,14 +302,21 @@ def install_quantized(model: nn.Module, quantized: QuantizedModel) -> dict[str, 
 
     Kernel formats (:func:`runs_on_kernels`) replace their ``nn.Linear`` by a :class:`QuantLinear`
     holding only the packed weight (and the linear's bias); other formats overwrite the linear's
-    weight with their dequantized float weight. Returns module name -> :data:`KERNEL` or
+    weight with their dequantized float weight. A quantized LM head is installed the same way (a
+    tied input embedding keeps its float weight). Returns module name -> :data:`KERNEL` or
     :data:`DEQUANTIZED`.
     """
     linears = quantizable_linears(model)
     check_matches(quantized, linears, "install_quantized")
+    if quantized.head:
+        head = head_name(model)
+        for name, qt in quantized.head.items():
+            if name != head or tuple(model.get_output_embeddings().weight.shape) != qt.shape:
+                raise BitallocError(f"install_quantized: {name} {qt.shape} is not this model's LM head")
+        linears = {**linears, head: model.get_output_embeddings()}
     modules = dict(model.named_modules())
     kinds: dict[str, str] = {}
-    for name, qt in quantized.tensors.items():
+    for name, qt in {**quantized.tensors, **quantized.head}.items():
         linear = linears[name]
         if runs_on_kernels(qt):
             bias = None if linear.bias is None else linear.bias.detach().float()
@@ -312,7 +348,8 @@ def load_quantized_model(directory: Path | str, loaded: LoadedModel | None = Non
 def quantized_from_modules(model: nn.Module) -> QuantizedModel:
     """The stored form of every :class:`QuantLinear` in ``model``, by qualified name (for :func:`save_quantized`)."""
     result = QuantizedModel()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            result.tensors[name] = module.to_quantized()
+            (result.head if module is output else result.tensors)[name] = module.to_quantized()
     return result

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, provenance
 
-from allocator.apply import quantize_model
+from allocator.apply import QuantizedModel, quantize_model
+from allocator.head import quantize_head
 from allocator.layers import quantizable_linears, swapped_weights
 from allocator.models import load_model
 from allocator.packed import install_quantized
@@ -213,7 +214,56 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return prefill, (time.perf_counter() - start) / new_tokens, generated
 
 
-def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int) -> dict[str, Any]:
+@torch.inference_mode()
+def decode_breakdown(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decoded token inside the packed decoder linears, inside the LM head, and the
+    rest (attention, norms, rotary, embeddings, HF's per-step Python), from forward hooks on one
+    decode run. The hooks themselves add ~1-2 us per call, counted in "rest"."""
+    head = model.get_output_embeddings()
+    spent = {"linears": 0.0, "head": 0.0}
+    started: dict[int, float] = {}
+
+    def before(module: torch.nn.Module, _args: Any) -> None:
+        started[id(module)] = time.perf_counter()
+
+    def after(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+        spent["head" if module is head else "linears"] += time.perf_counter() - started[id(module)]
+
+    hooked = [m for m in model.modules() if isinstance(m, QuantLinear) or m is head]
+    handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        out = model(prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        spent.update(linears=0.0, head=0.0)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        total = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    ms = {key: value / new_tokens * 1e3 for key, value in spent.items()}
+    return {**ms, "rest": total / new_tokens * 1e3 - ms["linears"] - ms["head"], "total": total / new_tokens * 1e3}
+
+
+def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> dict[str, float]:
+    """Perplexity and KL of the packed linears with the float head and with the quantized head."""
+    from allocator.corpus import load_corpus
+    from allocator.evaluate import evaluate
+    from allocator.pipeline import EvalSettings, evaluation_tokens
+
+    windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens))
+    linears = quantized.dequantized_weights()
+    head = {name: qt.dequantized for name, qt in quantize_head(loaded.model, head_bits).items()}
+    results = evaluate(loaded.model, windows, {"float head": linears, "quantized head": {**linears, **head}}, progress=False)
+    return {"eval_tokens": results["float head"].tokens, "reference_ppl": results["reference"].perplexity,
+            "float_head_ppl": results["float head"].perplexity, "float_head_kl": results["float head"].kl,
+            "quantized_head_ppl": results["quantized head"].perplexity, "quantized_head_kl": results["quantized head"].kl}
+
+
+def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, head_bits: int = 8,
+                     head_eval_tokens: int = 4096) -> dict[str, Any]:
     loaded = load_model(model_name)
     model = loaded.model
     names = list(quantizable_linears(model))
@@ -233,8 +283,10 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         simulated = model(ids[:, :16]).logits
         on_kernels = kernel_model(ids[:, :16]).logits
     logit_error = float((simulated - on_kernels).abs().max() / simulated.abs().max())
+    head_model = copy.deepcopy(kernel_model)
+    install_quantized(head_model, QuantizedModel(head=quantize_head(model, head_bits)))
     results: dict[str, Any] = {}
-    for label, runner in (("fp32", model), ("packed", kernel_model)):
+    for label, runner in (("fp32", model), ("packed", kernel_model), ("packed_head", head_model)):
         runs = [decode_seconds(runner, ids, new_tokens) for _ in range(repeats)]
         prefill = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
@@ -245,8 +297,17 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     agree = 0
     for a, b in zip(results["fp32"]["greedy"], results["packed"]["greedy"]):
         agree += a == b
+    breakdown = {label: decode_breakdown(runner, ids, new_tokens) for label, runner in
+                 (("fp32", model), ("packed", kernel_model), ("packed_head", head_model))}
+    head_bytes = sum(m.codes.numel() + m.params.numel() * 2 for m in head_model.modules()
+                     if isinstance(m, QuantLinear) and m is head_model.get_output_embeddings())
     return {
         "model": model_name,
+        "head_bits": head_bits,
+        "head_fp32_mb": model.get_output_embeddings().weight.numel() * 4 / 1e6,
+        "head_packed_mb": head_bytes / 1e6,
+        "breakdown_ms": breakdown,
+        "head_quality": head_quality(loaded, quantized, head_bits, head_eval_tokens) if head_eval_tokens else None,
         "bpw": quantized.bits_per_weight,
         "map": "attention 3-bit, gate/up 2-bit, down 2-bit (even blocks) / 3-bit (odd blocks); RTN asymmetric g128",
         "quantize_s": quantize_s,
@@ -306,14 +367,19 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"Map: {e2e['map']} -> **{e2e['bpw']:.3f} bpw** over the decoder linears "
             f"({e2e['linear_packed_mb']:.1f} MB packed in the kernel layout vs {e2e['linear_fp32_mb']:.1f} MB fp32). "
             f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
-            f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats. Embeddings, LM head, "
-            f"attention and norms run in fp32 torch in both models.\n",
+            f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats. Embeddings, attention and "
+            f"norms run in fp32 torch in every model, and so does the LM head except in the last row (packed by the same "
+            f"kernels).\n",
             "| model | decode tokens/s | ms/token | prefill tokens/s |",
             "|---|---:|---:|---:|",
             f"| fp32 | {e2e['fp32_tokens_per_s']:.1f} | {e2e['fp32_decode_s_per_token'] * 1e3:.1f} | {e2e['fp32_prefill_tokens_per_s']:.0f} |",
             f"| packed {e2e['bpw']:.2f} bpw | {e2e['packed_tokens_per_s']:.1f} | {e2e['packed_decode_s_per_token'] * 1e3:.1f} | "
             f"{e2e['packed_prefill_tokens_per_s']:.0f} |",
+            *([f"| packed {e2e['bpw']:.2f} bpw + {e2e['head_bits']}-bit LM head | {e2e['packed_head_tokens_per_s']:.1f} | "
+               f"{e2e['packed_head_decode_s_per_token'] * 1e3:.1f} | {e2e['packed_head_prefill_tokens_per_s']:.0f} |"]
+              if "packed_head_tokens_per_s" in e2e else []),
             "",
+            *head_section(e2e),
             f"Check: max relative logit difference between the packed model and the simulated (dequantized fp32) "
             f"model on 16 tokens: {e2e['max_rel_logit_error_vs_simulated']:.1e}. RTN quantization took "
             f"{e2e['quantize_s']:.1f} s, conversion to the kernel layout {e2e['convert_s']:.1f} s.\n",
@@ -331,6 +397,30 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         "perplexity, so the unpack arithmetic it removes is not what limits these kernels here.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def head_section(e2e: dict[str, Any]) -> list[str]:
+    """Where a decode step's time goes, and what the quantized LM head costs in quality."""
+    if "breakdown_ms" not in e2e:
+        return []
+    lines = [
+        f"Where a decoded token's time goes (ms/token, from forward hooks on one run of {e2e['new_tokens']} tokens; "
+        f"the LM head is {e2e['head_fp32_mb']:.0f} MB in fp32, {e2e['head_packed_mb']:.1f} MB at {e2e['head_bits']} bits "
+        f"(round to nearest, groups of 128, `bitalloc quantize --lm-head-bits {e2e['head_bits']}`)):\n",
+        "| model | decoder linears | LM head | rest (attention, norms, HF per-step Python) | total |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, name in (("fp32", "fp32"), ("packed", "packed"), ("packed_head", f"packed + {e2e['head_bits']}-bit head")):
+        b = e2e["breakdown_ms"][label]
+        linears = "(not hooked)" if label == "fp32" else f"{b['linears']:.1f}"
+        lines.append(f"| {name} | {linears} | {b['head']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
+    quality = e2e.get("head_quality")
+    if quality:
+        lines += ["", f"Quality of the {e2e['head_bits']}-bit head ({quality['eval_tokens']} evaluation tokens of the enwiki "
+                  f"evaluation split, reference ppl {quality['reference_ppl']:.3f}): the packed map with the float head "
+                  f"ppl {quality['float_head_ppl']:.3f} (KL {quality['float_head_kl']:.4f}), with the {e2e['head_bits']}-bit head "
+                  f"ppl {quality['quantized_head_ppl']:.3f} (KL {quality['quantized_head_kl']:.4f})."]
+    return lines + [""]
 
 
 def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
@@ -370,6 +460,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--head-bits", type=int, choices=(4, 8), default=8, help="LM head width of the third decode variant")
+    parser.add_argument("--head-eval-tokens", type=int, default=4096, help="evaluation tokens for the head's quality (0: skip)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
     parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
     parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")
@@ -382,7 +474,7 @@ def main() -> None:
     if args.smoke:
         SHAPES["smoke"] = [(192, 576)]
         args.families, args.bits, args.tokens, args.min_seconds = "smoke", "2", "1,8", 0.1
-        args.new_tokens, args.prompt_tokens, args.repeats = 4, 16, 1
+        args.new_tokens, args.prompt_tokens, args.repeats, args.head_eval_tokens = 4, 16, 1, 0
     families = args.families.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -391,7 +483,8 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
     overhead = call_overhead(args.min_seconds)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
-    e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats)
+    e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats, args.head_bits,
+                                                    args.head_eval_tokens)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_provenance, library = provenance(), library_line()

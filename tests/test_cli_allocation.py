@@ -65,6 +65,14 @@ def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_f
     assert in_memory["name"] == "bitmap:bitmap" and reloaded["name"] == "packed:packed"
     assert in_memory["bpw"] == reloaded["bpw"] <= 3.0
     assert in_memory["perplexity"] == reloaded["perplexity"] and in_memory["kl"] == reloaded["kl"] > 0
+    # the same map with the LM head stored at 8 bits: outside the bit map's bpw, inside the model size
+    head_dir = tmp_path / "packed-head"
+    code, _, _ = run(capsys, "quantize", "--bitmap", str(bitmap_path), "--out", str(head_dir), "--lm-head-bits", "8",
+                     "--corpus", str(text_file), *CALIBRATION, "--no-progress")
+    head_config = json.loads((head_dir / CONFIG_FILE).read_text())
+    assert code == 0 and head_config["schema_version"] == 3 and list(head_config["head"]) == ["lm_head"]
+    assert head_config["total_bits"] == config["total_bits"] and head_config["model_bytes"] != config["model_bytes"]
+    assert head_config["head"]["lm_head"]["meta"]["bits"] == 8 and head_config["source"]["lm_head"]["bits"] == 8
 
 
 def test_profile_measure_kl_adds_kl_losses_the_solver_takes(profiled, tiny_model_dir, text_file, tmp_path, capsys) -> None:

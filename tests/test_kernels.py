@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allocator.apply import quantize_model
+from allocator.apply import QuantizedModel, quantize_model
 from allocator.evaluate import REFERENCE, evaluate, next_token_logprobs
 from allocator.layers import quantizable_linears, swapped_weights
 from allocator.models import LoadedModel
@@ -47,7 +47,7 @@ SHAPES = [
     (33, 576, 128),  # SmolLM2 width: four groups of 128 and one of 64, no padding
     (5, 64, 256),  # group larger than the row
 ]
-BITS = (1, 2, 3, 4)
+BITS = (1, 2, 3, 4, 8)  # 8: the LM head's width
 
 
 def quantized_weight(rows: int, cols: int, group: int | None, bits: int, symmetric: bool = False, seed: int = 0):
@@ -96,6 +96,7 @@ def test_chunk_layout_places_each_element_where_documented() -> None:
         2: lambda s, l: [(8 * l + 2 * s + k) for k in range(2)],
         1: lambda s, l: [8 * s + l],
         3: lambda s, l: [8 * l + 2 * s, 8 * l + 2 * s + 1, 64 + 8 * s + l],
+        8: lambda s, l: [8 * (8 * s + l) + k for k in range(8)],
     }
     for bits, where in expected_bit.items():
         geometry = ChunkGeometry(CHUNK, None, bits)
@@ -363,3 +364,47 @@ def test_install_refuses_a_mismatched_model() -> None:
 
     with pytest.raises(BitallocError, match="not a quantizable linear"):
         install_quantized(tiny_llama(), quantized)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_lm_head_saves_loads_and_runs(lib: KernelLibrary, tmp_path, bits: int) -> None:
+    from allocator.accounting import model_size_bytes
+    from allocator.head import head_name, quantize_head
+
+    reference = tiny_llama()
+    reference.config.tie_word_embeddings = True
+    reference.tie_weights()
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight
+    names = list(quantizable_linears(reference))
+    assignment = {name: quantizer_from_settings({"quantizer": "rtn", "bits": 2, "group_size": 32}) for name in names}
+    quantized = quantize_model(reference, assignment, progress=False)
+    quantized.head = quantize_head(reference, bits)
+    assert list(quantized.head) == [head_name(reference)] == ["lm_head"]
+    bpw_without_head = quantized.bits_per_weight
+    save_quantized(tmp_path / "packed", "tiny", quantized, {n: q.settings() for n, q in assignment.items()})
+    disk = load_quantized(tmp_path / "packed")
+    assert disk.config["schema_version"] == 3 and disk.quantized.bits_per_weight == bpw_without_head
+    assert torch.equal(disk.quantized.head["lm_head"].dequantized, quantized.head["lm_head"].dequantized)
+
+    # the tied embedding keeps its float rows; the head is stored on its own, once, in the size
+    with_head = model_size_bytes(reference, quantized)
+    without_head = model_size_bytes(reference, QuantizedModel(tensors=quantized.tensors))
+    assert abs(with_head - without_head - quantized.head["lm_head"].storage_bits / 8) <= 1
+
+    tied_model = tiny_llama()
+    tied_model.config.tie_word_embeddings = True
+    tied_model.tie_weights()
+    loaded = LoadedModel("tiny", tied_model, tiny_tokenizer(), add_bos=False)
+    run = load_quantized_model(tmp_path / "packed", loaded)
+    assert run.kinds["lm_head"] == KERNEL and isinstance(loaded.model.lm_head, QuantLinear)
+    assert not isinstance(loaded.model.model.embed_tokens.weight, QuantLinear)
+    windows = torch.randint(2, len(WORDS) + 2, (2, 24), generator=torch.Generator().manual_seed(1))
+    simulated = evaluate(reference, windows, {"simulated": quantized.dequantized_weights()}, progress=False)["simulated"]
+    on_kernels = evaluate(loaded.model, windows, {}, progress=False)[REFERENCE]
+    assert on_kernels.perplexity == pytest.approx(simulated.perplexity, rel=1e-4)
+    float_head = evaluate(reference, windows, {"from modules": quantized_from_modules(loaded.model).dequantized_weights()},
+                          progress=False)
+    assert set(quantized_from_modules(loaded.model).head) == {"lm_head"}
+    assert float_head["from modules"].perplexity == pytest.approx(simulated.perplexity, rel=1e-4)
+    # the reference itself is untouched by the evaluation overlays (still tied)
+    assert reference.lm_head.weight is reference.model.embed_tokens.weight

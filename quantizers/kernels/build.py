@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("lowbit.c")
-ABI_VERSION = 3
+ABI_VERSION = 4
 """Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
 DISABLE_ENV = "BITALLOC_KERNELS"
 COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11")

@@ -19,9 +19,12 @@ SIMD vector, so a weight is converted once, at load time, into:
     2     8      byte ``l``, bits ``2s .. 2s+1``
     1     4      byte ``s``, bit ``l`` (bit ``8s + l`` of a little-endian word)
     3     12     the 2-bit chunk of ``q & 3``, then the 1-bit chunk of ``q >> 2``
+    8     32     byte ``8s + l`` (column order)
     ====  =====  ==============================================================
 
     So 3-bit weights are two bit planes (2 + 1) and cost exactly 3 bits each, like the stored form.
+    8 bits are not a bit-allocation option: they serve the LM head, whose fp32 product is the
+    largest single read of a decode step (:mod:`allocator.head`).
 
 ``params`` (float16, rows x groups x 2)
     ``(scale, zero)`` per (row, group). The zero is an integer code (or 1/2 for the symmetric
@@ -48,7 +51,7 @@ from quantizers.packing import unpack_codes
 
 CHUNK = 32
 """Columns per chunk: 4 slots of one 8-lane float vector."""
-KERNEL_BITS = (1, 2, 3, 4)
+KERNEL_BITS = (1, 2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ class ChunkGeometry:
 
     def __post_init__(self) -> None:
         if self.bits not in KERNEL_BITS:
-            raise ValueError(f"the kernel layout holds 1-4 bit codes, not {self.bits}")
+            raise ValueError(f"the kernel layout holds 1-4 or 8 bit codes, not {self.bits}")
         if self.cols <= 0:
             raise ValueError(f"in_features must be positive, got {self.cols}")
         if self.group_size is not None and self.group_size <= 0:
@@ -138,8 +141,10 @@ def unpack_chunks(packed: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
 
 
 def _pack_slots(slots: np.ndarray, bits: int) -> np.ndarray:
-    """[..., 4 slots, 8 lanes] codes -> [..., 4 * bits] bytes of one chunk (bits 1, 2 or 4)."""
+    """[..., 4 slots, 8 lanes] codes -> [..., 4 * bits] bytes of one chunk (bits 1, 2, 4 or 8)."""
     s = slots.astype(np.uint8)
+    if bits == 8:
+        return s.reshape(*s.shape[:-2], 32)
     if bits == 4:
         return np.concatenate([s[..., 0, :] | (s[..., 2, :] << 4), s[..., 1, :] | (s[..., 3, :] << 4)], axis=-1)
     if bits == 2:
@@ -149,7 +154,9 @@ def _pack_slots(slots: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _unpack_slots(chunk: np.ndarray, bits: int) -> np.ndarray:
-    """[..., 4 * bits] bytes of one chunk -> [..., 4 slots, 8 lanes] codes (bits 1, 2 or 4)."""
+    """[..., 4 * bits] bytes of one chunk -> [..., 4 slots, 8 lanes] codes (bits 1, 2, 4 or 8)."""
+    if bits == 8:
+        return chunk.reshape(*chunk.shape[:-1], 4, 8)
     if bits == 4:
         lo, hi = chunk[..., :8], chunk[..., 8:]
         return np.stack([lo & 15, hi & 15, lo >> 4, hi >> 4], axis=-2)
@@ -182,7 +189,7 @@ class KernelWeight:
 
     @classmethod
     def from_quantized(cls, qt: QuantizedTensor) -> KernelWeight:
-        """Convert a stored uniform-grid tensor (1-4 bits) into the kernel layout."""
+        """Convert a stored uniform-grid tensor (1-4 or 8 bits) into the kernel layout."""
         if qt.format != UNIFORM_GRID:
             raise ValueError(f"the kernels run the {UNIFORM_GRID!r} format, not {qt.format!r}")
         rows, cols = qt.shape

@@ -16,6 +16,7 @@
  *              2 bit:  8 bytes; byte l, bits 2s..2s+1
  *              1 bit:  4 bytes; bit 8s + l of the little-endian 32-bit word (= byte s, bit l)
  *              3 bit: 12 bytes; the 2-bit chunk of (q & 3) followed by the 1-bit chunk of (q >> 2)
+ *              8 bit: 32 bytes; byte e (column order; used for the LM head, not as an allocation option)
  *            Unpacking a slot is then one zero-extension per 8 bytes, a shift and a mask.
  *   params - float16 pairs (scale, zero), rows x groups x 2; the zero is exact in fp16
  *            (an integer code, or 1/2 for the symmetric 1-bit grid).
@@ -53,7 +54,7 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 3
+#define BQ_ABI_VERSION 4
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define BQ_PARALLEL_MIN_WORK 65536
@@ -122,6 +123,7 @@ static Geometry geometry(int64_t cols, int64_t group_size, int bits) {
 BQ_INLINE uint32_t chunk_code(const uint8_t *p, int bits, int e) {
     int s = e >> 3, l = e & 7;
     switch (bits) {
+    case 8: return p[e];
     case 4: return (p[l + 8 * (s & 1)] >> (4 * (s >> 1))) & 15u;
     case 2: return (p[l] >> (2 * s)) & 3u;
     case 1: return (p[s] >> l) & 1u;
@@ -167,7 +169,9 @@ BQ_INLINE __m256i load_bits_by_lane(const uint8_t *p) {
 /* The four slots (8 consecutive columns each) of one chunk as float codes. `bits` is a
  * compile-time constant at every call site, so the switch disappears. */
 BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, __m256 q[4]) {
-    if (bits == 4) {
+    if (bits == 8) {
+        for (int s = 0; s < 4; ++s) q[s] = _mm256_cvtepi32_ps(load8_u8_to_i32(p + 8 * s));
+    } else if (bits == 4) {
         const __m256i m = _mm256_set1_epi32(15);
         __m256i a = load8_u8_to_i32(p), b = load8_u8_to_i32(p + 8);
         q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
@@ -360,6 +364,7 @@ BQ_DEFINE_GEMV(1)
 BQ_DEFINE_GEMV(2)
 BQ_DEFINE_GEMV(3)
 BQ_DEFINE_GEMV(4)
+BQ_DEFINE_GEMV(8)
 
 #define BQ_GEMM_TAIL_CASE(B, T)                                                                        \
     case T: gemm_row(p, pr, xp + t0 * xstride, xstride, geo, B, T, y + t0 * rows + r, rows); break;
@@ -391,6 +396,7 @@ BQ_DEFINE_GEMM(1)
 BQ_DEFINE_GEMM(2)
 BQ_DEFINE_GEMM(3)
 BQ_DEFINE_GEMM(4)
+BQ_DEFINE_GEMM(8)
 
 /* ----------------------------------------------------------------------------- exported API */
 
@@ -418,7 +424,7 @@ BQ_EXPORT int64_t bq_row_bytes(int64_t cols, int64_t group_size, int bits) {
  */
 BQ_EXPORT int bq_matmul(const float *x, int64_t batch, int64_t cols, const uint8_t *codes, const uint16_t *params,
                         const float *bias, int64_t rows, int bits, int64_t group_size, float *y) {
-    if (bits < 1 || bits > 4 || batch < 0 || cols <= 0 || rows <= 0) return -1;
+    if (bits < 1 || (bits > 4 && bits != 8) || batch < 0 || cols <= 0 || rows <= 0) return -1;
     if (batch == 0) return 0;
     Geometry geo = geometry(cols, group_size, bits);
     int64_t row_bytes = geo.chunks * geo.chunk_bytes;
@@ -449,7 +455,8 @@ BQ_EXPORT int bq_matmul(const float *x, int64_t batch, int64_t cols, const uint8
         case 1: gemv_b1(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
         case 2: gemv_b2(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
         case 3: gemv_b3(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
-        default: gemv_b4(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        case 4: gemv_b4(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
+        default: gemv_b8(codes, params, rows, row_bytes, xp, xsum, &geo, y, parallel); break;
         }
         free(xsum);
     } else {
@@ -458,7 +465,8 @@ BQ_EXPORT int bq_matmul(const float *x, int64_t batch, int64_t cols, const uint8
         case 1: gemm_b1(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
         case 2: gemm_b2(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
         case 3: gemm_b3(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
-        default: gemm_b4(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        case 4: gemm_b4(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
+        default: gemm_b8(codes, params, rows, row_bytes, xp, xstride, batch, &geo, y, parallel); break;
         }
     }
     free(padded);
@@ -489,7 +497,7 @@ BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, 
 /* out (rows x cols, float32) = the dequantized weight, (q - z) * s exactly as the reference. */
 BQ_EXPORT int bq_dequantize(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t cols, int bits,
                             int64_t group_size, float *out) {
-    if (bits < 1 || bits > 4 || cols <= 0 || rows <= 0) return -1;
+    if (bits < 1 || (bits > 4 && bits != 8) || cols <= 0 || rows <= 0) return -1;
     Geometry geo = geometry(cols, group_size, bits);
     int64_t row_bytes = geo.chunks * geo.chunk_bytes;
     int parallel = rows * cols >= BQ_PARALLEL_MIN_WORK;
@@ -511,7 +519,8 @@ BQ_EXPORT int bq_dequantize(const uint8_t *codes, const uint16_t *params, int64_
                 case 1: dequant_chunk(p, 1, s, z, buf); break;
                 case 2: dequant_chunk(p, 2, s, z, buf); break;
                 case 3: dequant_chunk(p, 3, s, z, buf); break;
-                default: dequant_chunk(p, 4, s, z, buf); break;
+                case 4: dequant_chunk(p, 4, s, z, buf); break;
+                default: dequant_chunk(p, 8, s, z, buf); break;
                 }
                 memcpy(dst + g * geo.group_size + c * BQ_CHUNK, buf, (size_t)n * sizeof(float));
                 p += geo.chunk_bytes;
