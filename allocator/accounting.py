@@ -2,8 +2,9 @@
 
 bpw counts everything stored for the quantized linear layers (codes, scales, zero points, ...)
 over their weight count. The whole-model size adds every other tensor (embeddings, LM head,
-norms) at ``OTHER_TENSOR_BITS``, the float16 they are stored with in bitalloc's packed files;
-tied tensors are counted once.
+norms) at ``OTHER_TENSOR_BITS``, the float16 they are stored with in bitalloc's packed files,
+except a quantized LM head (:mod:`allocator.head`), counted at its packed size; tied tensors are
+counted once.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ of the older schemas keep reading what they can; this code reads all three.
 alone (:func:`quantizers.formats.decode`) and checks their sizes against the config.
 
 :func:`load_quantized_model` goes one step further and puts the packed weights into the model so it
-runs (generates, evaluates) on them: uniform-grid layers of 1-4 bits (RTN, GPTQ, XNOR) become
+runs (generates, evaluates) on them: uniform-grid layers of 1-4 or 8 bits (RTN, GPTQ, XNOR) become
 :class:`quantizers.kernels.QuantLinear` modules computed by the packed-weight CPU kernels; the other
 stored formats (BiLLM, PB-LLM, dynamic grouping, W(1+1)) have no kernel yet and run as their
 dequantized float weights. :func:`quantized_from_modules` reads the packed weights back out of such a
@@ -128,6 +128,7 @@ def save_quantized(
     for name, qt in quantized.head.items():
         if name in quantized.tensors:
             raise BitallocError(f"{name} is both a quantized linear and the quantized head")
+        # the only head quantizer is allocator.head's round to nearest
         head[name] = _module_entry(qt, tensors, name, {"quantizer": "rtn", **qt.meta}, "")
     float_tensors: dict[str, Any] = {}
     for name, weight in quantized.float_weights.items():
@@ -183,6 +184,9 @@ def _read_module(name: str, entry: Any, stored_all: Mapping[str, torch.Tensor], 
         fmt, shape, meta, names = entry["format"], tuple(int(x) for x in entry["shape"]), entry["meta"], entry["tensors"]
     except (KeyError, TypeError, ValueError):
         raise BitallocError(f"{config_path}: incomplete entry for {name}") from None
+    if len(shape) != 2 or min(shape) <= 0 or not isinstance(meta, dict) or not isinstance(names, list) \
+            or not all(isinstance(t, str) for t in names):
+        raise BitallocError(f"{config_path}: malformed entry for {name} (shape, meta or tensors)")
     if fmt not in DECODERS:
         raise BitallocError(f"{config_path}: {name} has unknown format {fmt!r}")
     missing = [t for t in names if f"{name}.{t}" not in stored_all]
@@ -194,7 +198,7 @@ def _read_module(name: str, entry: Any, stored_all: Mapping[str, torch.Tensor], 
         raise BitallocError(f"{name}: stored tensors hold {qt.storage_bits} bits, the config says {entry.get('storage_bits')}")
     try:
         qt.dequantized = decode(qt)
-    except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise BitallocError(f"cannot decode {name}: {str(exc).splitlines()[0]}") from None
     if tuple(qt.dequantized.shape) != qt.shape:
         raise BitallocError(f"{name} decodes to shape {tuple(qt.dequantized.shape)}, expected {qt.shape}")
@@ -233,6 +237,8 @@ def load_quantized(directory: Path | str) -> PackedModel:
         raise BitallocError(f"{config_path}: head is not a mapping")
     if config.get("schema_version", 1) >= 3:
         for name, entry in head.items():
+            if name in quantized.tensors:
+                raise BitallocError(f"{config_path}: {name} is both a quantized module and the head")
             quantized.head[name] = _read_module(name, entry, stored_all, config_path, tensors_path)
     _load_transform(config, stored_all, quantized, config_path, tensors_path)
     if quantized.storage_bits != config.get("total_bits"):
@@ -263,6 +269,9 @@ def _load_transform(config: Mapping[str, Any], stored_all: Mapping[str, torch.Te
 def check_float_weights(quantized: QuantizedModel, model: nn.Module, what: str) -> None:
     """Every float override (and the quantized head) must replace the weight of a module of the model, with its shape."""
     modules = dict(model.named_modules())
+    for name in quantized.head:
+        if name != head_name(model):
+            raise BitallocError(f"{what}: {name} is not this model's LM head ({head_name(model)})")
     replaced = {**quantized.float_weights, **{name: qt.dequantized for name, qt in quantized.head.items()}}
     for name, weight in replaced.items():
         own = getattr(modules.get(name), "weight", None)
@@ -293,7 +302,7 @@ class RunnableQuantized:
 
 
 def runs_on_kernels(qt: QuantizedTensor) -> bool:
-    """Whether the low-bit kernels compute with this stored format (uniform grid, 1-4 bits)."""
+    """Whether the low-bit kernels compute with this stored format (uniform grid, 1-4 or 8 bits)."""
     return qt.format == UNIFORM_GRID and int(qt.meta.get("bits", 0)) in KERNEL_BITS
 
 

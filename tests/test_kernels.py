@@ -408,3 +408,35 @@ def test_quantized_lm_head_saves_loads_and_runs(lib: KernelLibrary, tmp_path, bi
     assert float_head["from modules"].perplexity == pytest.approx(simulated.perplexity, rel=1e-4)
     # the reference itself is untouched by the evaluation overlays (still tied)
     assert reference.lm_head.weight is reference.model.embed_tokens.weight
+
+
+def test_malformed_head_entries_get_one_line_errors(tmp_path) -> None:
+    import json
+
+    from allocator.errors import BitallocError
+    from allocator.head import quantize_head
+    from allocator.packed import CONFIG_FILE, check_float_weights
+
+    reference = tiny_llama()
+    name = next(iter(quantizable_linears(reference)))
+    quantized = quantize_model(reference, {name: XNORQuantizer(32)}, progress=False)
+    quantized.head = quantize_head(reference, 8)
+    save_quantized(tmp_path / "good", "tiny", quantized, {name: XNORQuantizer(32).settings()})
+    config = json.loads((tmp_path / "good" / CONFIG_FILE).read_text())
+    cases = {
+        "shape": ([50], "malformed entry"), "meta": (None, "malformed entry"), "tensors": (None, "malformed entry"),
+    }
+    for key, (value, message) in cases.items():
+        broken = json.loads(json.dumps(config))
+        broken["head"]["lm_head"][key] = value
+        target = tmp_path / f"bad-{key}"
+        target.mkdir()
+        (target / CONFIG_FILE).write_text(json.dumps(broken))
+        (target / "quantized.safetensors").write_bytes((tmp_path / "good" / "quantized.safetensors").read_bytes())
+        with pytest.raises(BitallocError, match=message) as error:
+            load_quantized(target)
+        assert "\n" not in str(error.value)
+    # a head entry that names another module of the same shape (the input embedding) is refused
+    renamed = QuantizedModel(tensors=quantized.tensors, head={"model.embed_tokens": quantized.head["lm_head"]})
+    with pytest.raises(BitallocError, match="not this model's LM head"):
+        check_float_weights(renamed, reference, "test")

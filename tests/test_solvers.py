@@ -163,6 +163,15 @@ def test_ilp_agrees_with_the_per_unit_binary_model():
         assert fast.predicted_loss == pytest.approx(plain.predicted_loss, rel=1e-7), bpw
 
 
+def test_ilp_time_limit_returns_the_incumbent():
+    table = SensitivityTable.synthetic(200, seed=1, noise=0.3)
+    bitmap = solve(table, Budget.bpw(2.5), solver="ilp", time_limit=1e-4)
+    check_feasible(table, bitmap, Budget.bpw(2.5), Constraints())  # no error: at worst the incumbent
+    info = bitmap.solver.info
+    assert "time limit" in info["status"].lower() and info["optimal"] is False
+    assert bitmap.predicted_loss >= solve(table, Budget.bpw(2.5), solver="ilp").predicted_loss * (1 - 1e-9)
+
+
 def test_assign_class_is_the_least_cost_assignment():
     from allocator.solvers.ilp import assign_class
 

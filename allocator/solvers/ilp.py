@@ -48,6 +48,8 @@ from allocator.solvers.repair import downgrade, exchange, fill, repair
 
 NAME = "ilp"
 _RETRIES = 3
+_ROW_TOLERANCE = 2e-7
+"""Budget-row tightening per retry, in bpw: twice HiGHS' default primal feasibility tolerance."""
 _BISECTION_STEPS = 60
 
 
@@ -278,6 +280,9 @@ def choose(
                 # nothing beats the cutoff: the incumbent is optimal (up to a tightened row)
                 info.update(optimal=attempt == 0, status="no solution better than the incumbent")
                 return incumbent, info
+            if result.status == 1:  # time limit before any solution: the incumbent still fits
+                info.update(optimal=False, status=f"time limit; the incumbent is returned ({result.message})")
+                return incumbent, info
             raise BitallocError(f"HiGHS found no solution: {result.message}")
         n = result.x[len(model.unit):]
         choice = decode_counts(problem, keep, classes, model, n)
@@ -286,9 +291,11 @@ def choose(
         over = int(model.count_bits @ np.rint(n).astype(np.int64)) - problem.budget_bits
         if over <= 0:
             break
-        rhs -= (over + 0.5) / problem.total_numel
+        # HiGHS accepts the row up to its feasibility tolerance (~1e-7 bpw, i.e. ~1e-7 N bits), so
+        # tighten by at least that much, doubling per attempt
+        rhs -= max(over + 0.5, _ROW_TOLERANCE * problem.total_numel * 2**attempt) / problem.total_numel
     else:
-        info["repaired"] = True
+        info.update(repaired=True, optimal=False)
         choice = repair(problem, choice)
     if problem.total_cost(incumbent) < problem.total_cost(choice):  # only possible off-optimal
         choice = incumbent

@@ -23,8 +23,8 @@ SIMD vector, so a weight is converted once, at load time, into:
     ====  =====  ==============================================================
 
     So 3-bit weights are two bit planes (2 + 1) and cost exactly 3 bits each, like the stored form.
-    8 bits are not a bit-allocation option: they serve the LM head, whose fp32 product is the
-    largest single read of a decode step (:mod:`allocator.head`).
+    8 bits serve the LM head, whose fp32 product is the largest single read of a decode step
+    (:mod:`allocator.head`), and any 8-bit uniform-grid layer.
 
 ``params`` (float16, rows x groups x 2)
     ``(scale, zero)`` per (row, group). The zero is an integer code (or 1/2 for the symmetric
