@@ -256,14 +256,29 @@ def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> di
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens))
     linears = quantized.dequantized_weights()
     head = {name: qt.dequantized for name, qt in quantize_head(loaded.model, head_bits).items()}
-    results = evaluate(loaded.model, windows, {"float head": linears, "quantized head": {**linears, **head}}, progress=False)
+    results = evaluate(loaded.model, windows, {"float head": linears, "quantized head": {**linears, **head}, "head only": head},
+                       progress=False)
     return {"eval_tokens": results["float head"].tokens, "reference_ppl": results["reference"].perplexity,
+            "head_only_ppl": results["head only"].perplexity, "head_only_kl": results["head only"].kl,
             "float_head_ppl": results["float head"].perplexity, "float_head_kl": results["float head"].kl,
             "quantized_head_ppl": results["quantized head"].perplexity, "quantized_head_kl": results["quantized head"].kl}
 
 
+def llama_cpp_decode(ggufs: dict[str, Path], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """llama.cpp greedy decode tokens/s of each GGUF (median of ``repeats``), same prompt and length,
+    on torch's thread count, so the packed model's speed has its peers from the same run."""
+    from allocator.llama_eval import decode_speed, load_llama
+
+    speeds = {}
+    for label, path in ggufs.items():
+        llm = load_llama(path, seqlen=prompt.shape[1] + new_tokens + 1, threads=torch.get_num_threads())
+        speeds[label] = statistics.median(decode_speed(llm, prompt[0].numpy(), new_tokens) for _ in range(repeats))
+        del llm
+    return speeds
+
+
 def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, head_bits: int = 8,
-                     head_eval_tokens: int = 4096) -> dict[str, Any]:
+                     head_eval_tokens: int = 4096, ggufs: dict[str, Path] | None = None) -> dict[str, Any]:
     loaded = load_model(model_name)
     model = loaded.model
     names = list(quantizable_linears(model))
@@ -303,6 +318,7 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
                      if isinstance(m, QuantLinear) and m is head_model.get_output_embeddings())
     return {
         "model": model_name,
+        "llama_cpp_tokens_per_s": llama_cpp_decode(ggufs, ids, new_tokens, repeats) if ggufs else {},
         "head_bits": head_bits,
         "head_fp32_mb": model.get_output_embeddings().weight.numel() * 4 / 1e6,
         "head_packed_mb": head_bytes / 1e6,
@@ -378,7 +394,12 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             *([f"| packed {e2e['bpw']:.2f} bpw + {e2e['head_bits']}-bit LM head | {e2e['packed_head_tokens_per_s']:.1f} | "
                f"{e2e['packed_head_decode_s_per_token'] * 1e3:.1f} | {e2e['packed_head_prefill_tokens_per_s']:.0f} |"]
               if "packed_head_tokens_per_s" in e2e else []),
+            *[f"| llama.cpp {label} (same run, same prompt and length) | {speed:.1f} | {1e3 / speed:.1f} | |"
+              for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items()],
             "",
+            *[f"Packed + {e2e['head_bits']}-bit head vs llama.cpp {label}: **{e2e['packed_head_tokens_per_s'] / speed:.2f}x** "
+              f"(packed with the fp32 head: {e2e['packed_tokens_per_s'] / speed:.2f}x; target >= 0.5x).\n"
+              for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items() if "packed_head_tokens_per_s" in e2e],
             *head_section(e2e),
             f"Check: max relative logit difference between the packed model and the simulated (dequantized fp32) "
             f"model on 16 tokens: {e2e['max_rel_logit_error_vs_simulated']:.1e}. RTN quantization took "
@@ -416,8 +437,10 @@ def head_section(e2e: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {linears} | {b['head']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
     quality = e2e.get("head_quality")
     if quality:
+        alone = (f"the float model with only the head quantized ppl {quality['head_only_ppl']:.3f} (KL {quality['head_only_kl']:.4f}); "
+                 if "head_only_ppl" in quality else "")
         lines += ["", f"Quality of the {e2e['head_bits']}-bit head ({quality['eval_tokens']} evaluation tokens of the enwiki "
-                  f"evaluation split, reference ppl {quality['reference_ppl']:.3f}): the packed map with the float head "
+                  f"evaluation split, reference ppl {quality['reference_ppl']:.3f}): {alone}the packed map with the float head "
                   f"ppl {quality['float_head_ppl']:.3f} (KL {quality['float_head_kl']:.4f}), with the {e2e['head_bits']}-bit head "
                   f"ppl {quality['quantized_head_ppl']:.3f} (KL {quality['quantized_head_kl']:.4f})."]
     return lines + [""]
@@ -462,12 +485,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--head-bits", type=int, choices=(4, 8), default=8, help="LM head width of the third decode variant")
     parser.add_argument("--head-eval-tokens", type=int, default=4096, help="evaluation tokens for the head's quality (0: skip)")
+    parser.add_argument("--llama-gguf", action="append", default=[], metavar="LABEL=PATH",
+                        help="also time llama.cpp's decode of this GGUF in the same run (repeatable; e.g. one from benchmarks/gguf.py)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
     parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
     parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")
     parser.add_argument("--out", type=Path, default=RESULTS / "kernels.md")
     parser.add_argument("--render", action="store_true", help="only rewrite --out from its .json (no timing)")
     args = parser.parse_args()
+    ggufs = {}
+    for item in args.llama_gguf:
+        label, sep, path = item.partition("=")
+        if not sep or not Path(path).is_file():
+            parser.error(f"--llama-gguf wants LABEL=PATH of an existing file, got {item!r}")
+        ggufs[label] = Path(path)
     if args.render:
         rerender(args.out.with_suffix(".json"))
         return
@@ -484,7 +515,7 @@ def main() -> None:
     overhead = call_overhead(args.min_seconds)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
     e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats, args.head_bits,
-                                                    args.head_eval_tokens)
+                                                    args.head_eval_tokens, ggufs)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_provenance, library = provenance(), library_line()
