@@ -39,6 +39,7 @@ from _common import RESULTS, provenance
 
 from allocator.apply import QuantizedModel, quantize_model
 from allocator.head import quantize_head
+from allocator.llama_eval import decode_speed, load_llama
 from allocator.layers import quantizable_linears, swapped_weights
 from allocator.models import load_model
 from allocator.packed import install_quantized
@@ -264,19 +265,6 @@ def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> di
             "quantized_head_ppl": results["quantized head"].perplexity, "quantized_head_kl": results["quantized head"].kl}
 
 
-def llama_cpp_decode(ggufs: dict[str, Path], prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
-    """llama.cpp greedy decode tokens/s of each GGUF (median of ``repeats``), same prompt and length,
-    on torch's thread count, so the packed model's speed has its peers from the same run."""
-    from allocator.llama_eval import decode_speed, load_llama
-
-    speeds = {}
-    for label, path in ggufs.items():
-        llm = load_llama(path, seqlen=prompt.shape[1] + new_tokens + 1, threads=torch.get_num_threads())
-        speeds[label] = statistics.median(decode_speed(llm, prompt[0].numpy(), new_tokens) for _ in range(repeats))
-        del llm
-    return speeds
-
-
 def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, head_bits: int = 8,
                      head_eval_tokens: int = 4096, ggufs: dict[str, Path] | None = None) -> dict[str, Any]:
     loaded = load_model(model_name)
@@ -301,8 +289,21 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     head_model = copy.deepcopy(kernel_model)
     install_quantized(head_model, QuantizedModel(head=quantize_head(model, head_bits)))
     results: dict[str, Any] = {}
-    for label, runner in (("fp32", model), ("packed", kernel_model), ("packed_head", head_model)):
-        runs = [decode_seconds(runner, ids, new_tokens) for _ in range(repeats)]
+    runners = (("fp32", model), ("packed", kernel_model), ("packed_head", head_model))
+    llamas = {label: load_llama(path, seqlen=ids.shape[1] + new_tokens + 1, threads=torch.get_num_threads())
+              for label, path in (ggufs or {}).items()}
+    # repeats interleaved over every model, llama.cpp's included: the VM's speed drifts by tens of
+    # percent over minutes, and interleaving spreads the drift over all of them alike
+    all_runs: dict[str, list[Any]] = {label: [] for label, _ in runners}
+    llama_speeds: dict[str, list[float]] = {label: [] for label in llamas}
+    for _ in range(repeats):
+        for label, runner in runners:
+            all_runs[label].append(decode_seconds(runner, ids, new_tokens))
+        for label, llm in llamas.items():
+            llama_speeds[label].append(decode_speed(llm, ids[0].numpy(), new_tokens))
+    del llamas
+    for label, _ in runners:
+        runs = all_runs[label]
         prefill = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
         results[label] = {"prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
@@ -318,7 +319,7 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
                      if isinstance(m, QuantLinear) and m is head_model.get_output_embeddings())
     return {
         "model": model_name,
-        "llama_cpp_tokens_per_s": llama_cpp_decode(ggufs, ids, new_tokens, repeats) if ggufs else {},
+        "llama_cpp_tokens_per_s": {label: statistics.median(v) for label, v in llama_speeds.items()},
         "head_bits": head_bits,
         "head_fp32_mb": model.get_output_embeddings().weight.numel() * 4 / 1e6,
         "head_packed_mb": head_bytes / 1e6,
@@ -394,7 +395,7 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             *([f"| packed {e2e['bpw']:.2f} bpw + {e2e['head_bits']}-bit LM head | {e2e['packed_head_tokens_per_s']:.1f} | "
                f"{e2e['packed_head_decode_s_per_token'] * 1e3:.1f} | {e2e['packed_head_prefill_tokens_per_s']:.0f} |"]
               if "packed_head_tokens_per_s" in e2e else []),
-            *[f"| llama.cpp {label} (same run, same prompt and length) | {speed:.1f} | {1e3 / speed:.1f} | |"
+            *[f"| llama.cpp {label} (same run, same prompt and length, repeats interleaved) | {speed:.1f} | {1e3 / speed:.1f} | |"
               for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items()],
             "",
             *[f"Packed + {e2e['head_bits']}-bit head vs llama.cpp {label}: **{e2e['packed_head_tokens_per_s'] / speed:.2f}x** "
