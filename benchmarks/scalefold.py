@@ -113,7 +113,7 @@ def measure_batch(loaded, corpus, name: str, assignment: dict[str, Quantizer], f
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         bpw = "16 (fp)" if r["bpw"] is None else f"{r['bpw']:.3f}"
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--mixed", default="2.5,3.0", help="budgets (bpw) of the mixed allocations (default 2.5,3.0)")
     parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
     parser.add_argument("--plan", action="store_true", help="print the batches and variants, measure nothing")
+    parser.add_argument("--render", action="store_true", help="only rewrite results/scalefold.md from the saved batches")
     args = parser.parse_args()
     settings = EvalSettings(tokens=args.tokens, samples=args.samples)
     folds = [ScaleFoldSettings(alpha=parse_alpha(a)) for a in args.alphas.split(",") if a.strip()]
@@ -148,18 +149,27 @@ def main() -> None:
         for model_name in profiles:
             print(f"{model_name}: ILP maps at {', '.join(f'{b:g}' for b in budgets)} bpw, off and " + ", ".join(f.label() for f in folds))
         return
+    saved_dir = RESULTS / "scalefold"
+    if not args.render:
+        measure(args.models.split(","), settings, folds, batches, profiles, budgets, args.fresh, saved_dir)
+    render(saved_dir)
+
+
+def measure(models: list[str], settings: EvalSettings, folds: list[ScaleFoldSettings], batches: list[tuple[str, str, dict[str, Any]]],
+            profiles: dict[str, str], budgets: list[float], fresh: bool, saved_dir) -> None:
+    """Measure every batch not yet saved for each model, saving after each one."""
     identity = {"settings": vars(settings), "folds": [f.as_dict() for f in folds]}
     corpus = load_corpus("enwiki")
-    saved_dir = RESULTS / "scalefold"
-    for model_name in args.models.split(","):
+    for model_name in models:
         saved = saved_dir / f"{model_name}.json"
-        data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else {}
+        data = json.loads(saved.read_text()) if saved.is_file() and not fresh else {}
         if data.get("identity") != identity:
             data = {"model": model_name, "identity": identity, "batches": {}, "provenance": provenance(), "wall_seconds": 0.0}
-        table = SensitivityTable.load(profiles[model_name]) if model_name in profiles else None
+        profile = SensitivityTable.load(profiles[model_name]) if model_name in profiles else None
         work = [(batch, lambda loaded, name=name, kwargs=kwargs: uniform_assignment(loaded, build_quantizer(name, **kwargs)))
                 for batch, name, kwargs in batches]
-        work += [(f"mixed{bpw:g}", lambda loaded, bpw=bpw: mixed_assignment(table, bpw)) for bpw in budgets if table is not None]
+        work += [(f"mixed{bpw:g}", lambda loaded, bpw=bpw, profile=profile: mixed_assignment(profile, bpw))
+                 for bpw in budgets if profile is not None]
         if any(batch not in data["batches"] for batch, _ in work):
             loaded = load_model(model_name)
             windows = evaluation_tokens(loaded, corpus, settings)
@@ -173,6 +183,10 @@ def main() -> None:
                 data["wall_seconds"] += time.perf_counter() - start
                 data["provenance"] = provenance()
                 write_json(saved, data)
+
+
+def render(saved_dir) -> None:
+    """results/scalefold.md from every model's saved batches."""
     sections = []
     for model_name in MODELS:
         saved = saved_dir / f"{model_name}.json"
@@ -182,7 +196,7 @@ def main() -> None:
         protocol = evaluation_protocol(EvalSettings(**data["identity"]["settings"]), reference=", against the untransformed float reference",
                                        calibration="calibration (Hessians and the fold's activation statistics)")
         rows = merged_batches(data["batches"], list(data["batches"]))
-        sections.append(model_section(model_name, data, protocol + table(rows)))
+        sections.append(model_section(model_name, data, protocol + markdown_table(rows)))
     header = "# Scale folding before quantization: on and off\n\n"
     (RESULTS / "scalefold.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
