@@ -385,8 +385,8 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"({e2e['linear_packed_mb']:.1f} MB packed in the kernel layout vs {e2e['linear_fp32_mb']:.1f} MB fp32). "
             f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
             f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats. Embeddings, attention and "
-            f"norms run in fp32 torch in every model, and so does the LM head except in the last row (packed by the same "
-            f"kernels).\n",
+            f"norms run in fp32 torch in every bitalloc row, and so does the LM head except in the \"+ 8-bit LM head\" row "
+            f"(packed by the same kernels); llama.cpp rows run the GGUF as written.\n",
             "| model | decode tokens/s | ms/token | prefill tokens/s |",
             "|---|---:|---:|---:|",
             f"| fp32 | {e2e['fp32_tokens_per_s']:.1f} | {e2e['fp32_decode_s_per_token'] * 1e3:.1f} | {e2e['fp32_prefill_tokens_per_s']:.0f} |",
