@@ -113,6 +113,28 @@ def measure_batch(loaded, corpus, name: str, assignment: dict[str, Quantizer], f
     return out
 
 
+def reading(rows: list[dict[str, Any]]) -> str:
+    """Per method: perplexity and KL with the fold against without it, and where it helps or hurts.
+    Computed from the rows (nothing here is typed in by hand)."""
+    off = {r["name"]: r for r in rows if r["scale_fold"] == "off"}
+    lines, helped, hurt = [], [], []
+    for r in rows:
+        if r["scale_fold"] in ("", "off"):
+            continue
+        base = off.get(r["name"].split("+")[0])
+        if base is None:
+            continue
+        change = r["perplexity"] / base["perplexity"] - 1
+        (helped if change < 0 else hurt).append(base["name"])
+        lines.append(f"- {base['name']} ({base['bpw']:.3f} bpw), {r['scale_fold']}: ppl {base['perplexity']:.4g} -> "
+                     f"{r['perplexity']:.4g} ({change:+.1%}), KL {base['kl']:.4f} -> {r['kl']:.4f}")
+    if not lines:
+        return ""
+    summary = (f"The fold lowers perplexity for {len(helped)} of {len(lines)} variants"
+               + (f" and raises it for {', '.join(hurt)}" if hurt else "") + ".")
+    return "\n".join(["Reading (computed from the table):", "", *lines, "", summary, ""])
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -196,7 +218,7 @@ def render(saved_dir) -> None:
         protocol = evaluation_protocol(EvalSettings(**data["identity"]["settings"]), reference=", against the untransformed float reference",
                                        calibration="calibration (Hessians and the fold's activation statistics)")
         rows = merged_batches(data["batches"], list(data["batches"]))
-        sections.append(model_section(model_name, data, protocol + markdown_table(rows)))
+        sections.append(model_section(model_name, data, protocol + markdown_table(rows) + "\n\n" + reading(rows)))
     header = "# Scale folding before quantization: on and off\n\n"
     (RESULTS / "scalefold.md").write_text(header + "\n".join(sections) + "\n" + NOTES)
 
