@@ -522,8 +522,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from allocator.packed import save_quantized
     from allocator.pipeline import EvalSettings, quantize_assignment
 
-    if args.lm_head_bits:
-        head_quantizer(args.lm_head_bits)  # bad widths fail before the model loads
     bitmap = BitMap.load(args.bitmap)
     assignment = assignment_from_settings(bitmap.assignment())
     scale_fold = _scale_fold_settings(args)

@@ -232,10 +232,10 @@ def load_quantized(directory: Path | str) -> PackedModel:
     quantized = QuantizedModel()
     for name, entry in modules.items():
         quantized.tensors[name] = _read_module(name, entry, stored_all, config_path, tensors_path)
-    head = config.get("head") or {}
-    if config.get("schema_version", 1) >= 3 and not isinstance(head, dict):
-        raise BitallocError(f"{config_path}: head is not a mapping")
     if config.get("schema_version", 1) >= 3:
+        head = config.get("head") or {}
+        if not isinstance(head, dict):
+            raise BitallocError(f"{config_path}: head is not a mapping")
         for name, entry in head.items():
             if name in quantized.tensors:
                 raise BitallocError(f"{config_path}: {name} is both a quantized module and the head")

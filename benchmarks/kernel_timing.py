@@ -215,11 +215,11 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return prefill, (time.perf_counter() - start) / new_tokens, generated
 
 
-@torch.inference_mode()
 def decode_breakdown(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
     """Milliseconds per decoded token inside the packed decoder linears, inside the LM head, and the
     rest (attention, norms, rotary, embeddings, HF's per-step Python), from forward hooks on one
-    decode run. The hooks themselves add ~1-2 us per call, counted in "rest"."""
+    :func:`decode_seconds` run that count only single-token calls (the decode steps, not the
+    prefill). The hooks themselves add ~1-2 us per call, counted in "rest"."""
     head = model.get_output_embeddings()
     spent = {"linears": 0.0, "head": 0.0}
     started: dict[int, float] = {}
@@ -227,25 +227,19 @@ def decode_breakdown(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
     def before(module: torch.nn.Module, _args: Any) -> None:
         started[id(module)] = time.perf_counter()
 
-    def after(module: torch.nn.Module, _args: Any, _out: Any) -> None:
-        spent["head" if module is head else "linears"] += time.perf_counter() - started[id(module)]
+    def after(module: torch.nn.Module, args: Any, _out: Any) -> None:
+        if args[0].shape[-2] == 1:
+            spent["head" if module is head else "linears"] += time.perf_counter() - started[id(module)]
 
     hooked = [m for m in model.modules() if isinstance(m, QuantLinear) or m is head]
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
-        out = model(prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        spent.update(linears=0.0, head=0.0)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        total = time.perf_counter() - start
+        _, step, _ = decode_seconds(model, prompt, new_tokens)
     finally:
         for handle in handles:
             handle.remove()
     ms = {key: value / new_tokens * 1e3 for key, value in spent.items()}
-    return {**ms, "rest": total / new_tokens * 1e3 - ms["linears"] - ms["head"], "total": total / new_tokens * 1e3}
+    return {**ms, "rest": step * 1e3 - ms["linears"] - ms["head"], "total": step * 1e3}
 
 
 def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> dict[str, float]:
@@ -309,14 +303,10 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         results[label] = {"prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
                           "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
     linear_fp32_bytes = sum(m.weight.numel() * 4 for m in quantizable_linears(model).values())
-    packed_bytes = sum(m.codes.numel() + m.params.numel() * 2 for m in kernel_model.modules() if isinstance(m, QuantLinear))
-    agree = 0
-    for a, b in zip(results["fp32"]["greedy"], results["packed"]["greedy"]):
-        agree += a == b
+    packed_bytes = sum(m.weight_layout.nbytes for m in kernel_model.modules() if isinstance(m, QuantLinear))
     breakdown = {label: decode_breakdown(runner, ids, new_tokens) for label, runner in
                  (("fp32", model), ("packed", kernel_model), ("packed_head", head_model))}
-    head_bytes = sum(m.codes.numel() + m.params.numel() * 2 for m in head_model.modules()
-                     if isinstance(m, QuantLinear) and m is head_model.get_output_embeddings())
+    head_bytes = head_model.get_output_embeddings().weight_layout.nbytes
     return {
         "model": model_name,
         "llama_cpp_tokens_per_s": {label: statistics.median(v) for label, v in llama_speeds.items()},
