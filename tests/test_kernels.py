@@ -181,6 +181,47 @@ def test_kernel_matmul_matches_reference(lib: KernelLibrary, bits: int, tokens: 
         torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_int8_activation_gemv_is_exact_for_the_rounded_input(lib: KernelLibrary, bits: int) -> None:
+    """The decode GEMV equals the float product of the weight with round_activations_int8(x)."""
+    generator = torch.Generator().manual_seed(bits)
+    for rows, cols, group in SHAPES:
+        for symmetric in (False, True):
+            weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, bits, symmetric))
+            x = torch.randn(1, cols, generator=generator) * 4
+            x[0, : cols // 3] = 0.0  # whole chunks of zeros have scale 0
+            bias = torch.randn(rows, generator=generator)
+            rounded = ops.round_activations_int8(x, weight.geometry)
+            exact = rounded.double() @ dequantize_reference(weight).double().T + bias.double()
+            got = ops.matmul(x, weight, bias, library=lib, int8_activations=True)
+            assert ((got.double() - exact).abs() <= error_bound(rounded, weight) + 1e-6).all(), (rows, cols, group)
+            assert not torch.equal(rounded, x)  # the rounding is really applied
+
+
+def test_int8_rounding_reference_follows_the_chunk_layout() -> None:
+    geometry = ChunkGeometry(100, 48, 2)  # groups 48, 48, 4: chunks of 32+16, 32+16, 4 columns
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    rounded = ops.round_activations_int8(x, geometry)
+    for start, stop in ((0, 32), (32, 48), (48, 80), (80, 96), (96, 100)):
+        block = x[:, start:stop]
+        step = block.abs().amax(dim=-1, keepdim=True) / 127
+        assert ((rounded[:, start:stop] - block).abs() <= step / 2 * (1 + 1e-6)).all()
+        codes = rounded[:, start:stop] / step
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+        assert (codes.abs() <= 127 + 1e-4).all()
+    assert torch.equal(ops.round_activations_int8(torch.zeros(2, 100), geometry), torch.zeros(2, 100))
+
+
+def test_int8_activations_apply_to_single_tokens_of_1_to_4_bit_weights_only(lib: KernelLibrary) -> None:
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(0))
+    for bits in BITS:
+        weight = KernelWeight.from_quantized(quantized_weight(24, 96, 32, bits))
+        several = ops.matmul(x, weight, library=lib, int8_activations=True)
+        assert torch.equal(several, ops.matmul(x, weight, library=lib))  # prefill: float activations
+        single = ops.matmul(x[:1], weight, library=lib, int8_activations=True)
+        assert torch.equal(single, ops.matmul(x[:1], weight, library=lib)) == (bits == 8)
+
+
 def test_kernel_results_do_not_depend_on_thread_count(lib: KernelLibrary) -> None:
     """Every output row is computed whole by one thread, so threads change nothing, not even rounding."""
     weight = KernelWeight.from_quantized(quantized_weight(301, 576, 128, 3))
@@ -188,9 +229,11 @@ def test_kernel_results_do_not_depend_on_thread_count(lib: KernelLibrary) -> Non
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        single = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib)]
+        single = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib),
+                  ops.matmul(x[:1], weight, library=lib, int8_activations=True)]
         torch.set_num_threads(2)
-        multi = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib)]
+        multi = [ops.matmul(x[:1], weight, library=lib), ops.matmul(x, weight, library=lib),
+                 ops.matmul(x[:1], weight, library=lib, int8_activations=True)]
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(a, b) for a, b in zip(single, multi))
@@ -209,6 +252,12 @@ def test_portable_build_without_simd_or_openmp_agrees(lib: KernelLibrary) -> Non
                 x = torch.randn(tokens, cols, generator=torch.Generator().manual_seed(tokens))
                 exact = x.double() @ dequantize_reference(weight).double().T
                 assert ((ops.matmul(x, weight, library=portable).double() - exact).abs() <= error_bound(x, weight)).all()
+            if bits != 8:
+                x = torch.randn(1, cols, generator=torch.Generator().manual_seed(bits))
+                rounded = ops.round_activations_int8(x, weight.geometry)
+                exact = rounded.double() @ dequantize_reference(weight).double().T
+                got = ops.matmul(x, weight, library=portable, int8_activations=True)
+                assert ((got.double() - exact).abs() <= error_bound(rounded, weight)).all()
 
 
 def test_without_compiler_warns_once_and_uses_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,13 +299,17 @@ def test_quant_linear_computes_the_dequantized_linear(lib: KernelLibrary, bits: 
     bias = torch.randn(40)
     module = QuantLinear.from_quantized(qt, bias)
     assert torch.equal(module.dequantize(), qt.dequantized)
-    for shape in [(1, 1, 96), (2, 7, 96), (96,), (3, 70, 96)]:  # decode, prefill, an unbatched vector, the fallback
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            out = module(x)
-        expected = F.linear(x, qt.dequantized, bias)
-        assert out.shape == expected.shape
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    geometry = ChunkGeometry(96, 40, bits)
+    for int8_activations in (True, False):
+        module.int8_activations = int8_activations
+        for shape in [(1, 1, 96), (2, 7, 96), (96,), (3, 70, 96)]:  # decode, prefill, an unbatched vector, the fallback
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                out = module(x)
+            decode_input = ops.round_activations_int8(x, geometry) if int8_activations and x.numel() == 96 and bits != 8 else x
+            expected = F.linear(decode_input, qt.dequantized, bias)
+            assert out.shape == expected.shape
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     half = module(torch.randn(2, 3, 96, dtype=torch.bfloat16))
     assert half.dtype == torch.bfloat16 and half.shape == (2, 3, 40)
 

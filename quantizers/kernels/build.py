@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("lowbit.c")
-ABI_VERSION = 4
+ABI_VERSION = 5
 """Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
 DISABLE_ENV = "BITALLOC_KERNELS"
 COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11")
@@ -155,6 +155,8 @@ def _load(path: Path, compiler: str, flags: tuple[str, ...]) -> KernelLibrary:
     lib.bq_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i32, i64, ptr]
     lib.bq_matmul_desc.restype = i32
     lib.bq_matmul_desc.argtypes = [ptr, ptr, i64, ptr]
+    lib.bq_gemv_i8_desc.restype = i32
+    lib.bq_gemv_i8_desc.argtypes = [ptr, ptr, ptr]
     lib.bq_dequantize.restype = i32
     lib.bq_dequantize.argtypes = [ptr, ptr, i64, i64, i32, i64, ptr]
     return KernelLibrary(lib=lib, path=path, compiler=compiler, flags=flags)

@@ -27,6 +27,11 @@ class QuantLinear(nn.Module):
     (float32 or absent). The input may be any float dtype; the product runs in float32 and is
     returned in the input's dtype.
 
+    Single-token products (decode) round the input to int8 per 32 columns and use integer dot products,
+    like llama.cpp's quantized matmuls (:func:`~quantizers.kernels.ops.round_activations_int8`); set
+    ``int8_activations = False`` for the float GEMV, exact to the stored weights. Several tokens
+    (prefill, evaluation) always multiply with float activations.
+
     Inference only: when autograd is recording and the input requires grad, ``forward``
     dequantizes and uses ``F.linear`` so gradients reach the input (the weight gets none).
     """
@@ -44,6 +49,7 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.symmetric = symmetric
         geometry = ChunkGeometry(in_features, group_size, bits)
+        self.int8_activations = True
         self._prepared: ops.PreparedWeight | None = None
         """The buffers bound to the kernels; rebuilt when a buffer is replaced (``.to()``, assign-loading)."""
         self.register_buffer("codes", torch.zeros(out_features, geometry.row_bytes, dtype=torch.uint8))
@@ -60,6 +66,26 @@ class QuantLinear(nn.Module):
         if bias is not None:
             module.bias.copy_(bias.detach().float())
         return module
+
+    @classmethod
+    def concatenate(cls, modules: list[QuantLinear]) -> QuantLinear | None:
+        """One module computing every module's output side by side (rows stacked in order), or ``None``
+        when their grids differ (bits, group size, symmetry or input width) and no single kernel call can
+        serve them. A fused q/k/v or gate/up projection costs one call per token instead of three or two;
+        a missing bias becomes zeros."""
+        first = modules[0]
+        grid = (first.in_features, first.bits, first.group_size, first.symmetric)
+        if any((m.in_features, m.bits, m.group_size, m.symmetric) != grid for m in modules):
+            return None
+        has_bias = any(m.bias is not None for m in modules)
+        fused = cls(first.in_features, sum(m.out_features for m in modules), first.bits, first.group_size, first.symmetric,
+                    bias=has_bias)
+        fused.int8_activations = all(m.int8_activations for m in modules)
+        fused.codes.copy_(torch.cat([m.codes for m in modules]))
+        fused.params.copy_(torch.cat([m.params for m in modules]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features) for m in modules]))
+        return fused
 
     @property
     def weight_layout(self) -> KernelWeight:
@@ -86,8 +112,8 @@ class QuantLinear(nn.Module):
             weight = self.dequantize().to(device=x.device, dtype=x.dtype)
             return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
         prepared = self._prepared
-        if prepared is None or not prepared.matches(lib, codes, params, bias):
-            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias)
+        if prepared is None or not prepared.matches(lib, codes, params, bias, self.int8_activations):
+            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias, self.int8_activations)
         out = prepared(x)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -101,4 +127,5 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         group = "row" if self.group_size is None else str(self.group_size)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={group}, symmetric={self.symmetric}, bias={self.bias is not None}")
+                f"group_size={group}, symmetric={self.symmetric}, bias={self.bias is not None}, "
+                f"int8_activations={self.int8_activations}")

@@ -21,6 +21,11 @@
  *   params - float16 pairs (scale, zero), rows x groups x 2; the zero is exact in fp16
  *            (an integer code, or 1/2 for the symmetric 1-bit grid).
  *
+ * GEMV with int8 activations (bq_gemv_i8, the decode path): x is first quantized per chunk of 32
+ * columns as llama.cpp's Q8_0 does (d = max|x| / 127, xq = round(x / d)), then each chunk of codes is
+ * unpacked to 32 bytes and multiplied with xq by integer dot products (maddubs + madd), one float
+ * multiply-add per chunk. The result is the exact product of the weight with the int8-rounded x.
+ *
  * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
  * with the per-group sums of x computed once per call, so the inner loop is only
  * unpack + convert + FMA. GEMM (a few tokens) dequantizes 8 weights at a time exactly as the
@@ -54,7 +59,7 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 4
+#define BQ_ABI_VERSION 5
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define BQ_PARALLEL_MIN_WORK 65536
@@ -142,6 +147,41 @@ static void pad_input(const float *x, int64_t batch, int64_t cols, const Geometr
             int64_t len = g == geo->groups - 1 ? geo->last_len : geo->group_size;
             memcpy(dst + g * geo->chunks_full * BQ_CHUNK, src + g * geo->group_size, (size_t)len * sizeof(float));
         }
+    }
+}
+
+/* Round to nearest, ties to even, for |v| < 2^22 without libm (the default FP rounding mode). */
+BQ_INLINE float round_even(float v) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return v >= 0.0f ? (v + magic) - magic : -((-v + magic) - magic);
+}
+
+/* Q8_0-style activations: for each chunk k of the padded x, d[k] = max|x| / 127 and
+ * xq = round(x * (127 / max|x|)) in [-127, 127]; gsum[g] = sum over group g's chunks of d[k] * sum(xq),
+ * the zero-point term of the quantized x. */
+static void quantize_activations(const float *xp, const Geometry *geo, int8_t *xq, float *d, float *gsum) {
+    int64_t k = 0;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        float total = 0.0f;
+        for (int64_t c = 0; c < nc; ++c, ++k) {
+            const float *src = xp + k * BQ_CHUNK;
+            float amax = 0.0f;
+            for (int e = 0; e < BQ_CHUNK; ++e) {
+                float a = src[e] < 0.0f ? -src[e] : src[e];
+                amax = a > amax ? a : amax;
+            }
+            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int isum = 0;
+            for (int e = 0; e < BQ_CHUNK; ++e) {
+                int v = (int)round_even(src[e] * inv);
+                xq[k * BQ_CHUNK + e] = (int8_t)v;
+                isum += v;
+            }
+            d[k] = amax / 127.0f;
+            total += d[k] * (float)isum;
+        }
+        gsum[g] = total;
     }
 }
 
@@ -276,6 +316,70 @@ BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z,
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_sub_ps(q[k], vz), vs));
 }
 
+/* One chunk's 32 codes as bytes in column order (vector byte e = element e), for the integer dot. */
+BQ_INLINE __m256i unpack_chunk_bytes(const uint8_t *p, const int bits) {
+    if (bits == 4) { /* elements 0..15: low nibbles of bytes 0..15; 16..31: their high nibbles */
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
+    }
+    int64_t word;
+    memcpy(&word, p, sizeof word);
+    __m256i lo2 = _mm256_setzero_si256();
+    if (bits == 2 || bits == 3) { /* 64-bit lane s = the 8 bytes shifted right by 2s: byte l -> element 8s + l */
+        __m256i v = _mm256_set1_epi64x(word);
+        lo2 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
+        if (bits == 2) return lo2;
+    }
+    /* 1-bit plane (at p for 1 bit, after the 8-byte 2-bit plane for 3 bits): vector byte e takes byte
+     * e >> 3 of the word and tests bit e & 7 */
+    uint32_t plane;
+    memcpy(&plane, p + (bits == 3 ? 8 : 0), sizeof plane);
+    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)plane), pick), bit), bit);
+    if (bits == 1) return _mm256_and_si256(set, _mm256_set1_epi8(1));
+    return _mm256_or_si256(lo2, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+}
+
+/* Int8-activation GEMV for R (1..4) consecutive rows sharing each chunk of xq: per chunk and row, one
+ * unpack, maddubs (u8 codes x s8 activations, pairs summed to int16: at most 2 * 15 * 127), madd to
+ * int32 and one float FMA with the chunk's activation scale. */
+BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
+                            const float *d, const float *gsum, const Geometry *geo, const int bits, const int R, float *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 total[4];
+    float zterm[4];
+    const uint8_t *p[4];
+    for (int r = 0; r < R; ++r) {
+        total[r] = _mm256_setzero_ps();
+        zterm[r] = 0.0f;
+        p[r] = codes + r * row_bytes;
+    }
+    int64_t k = 0;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        __m256 acc[4];
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+        for (int64_t c = 0; c < nc; ++c, ++k) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k * BQ_CHUNK));
+            __m256 dv = _mm256_broadcast_ss(d + k);
+            for (int r = 0; r < R; ++r) {
+                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk_bytes(p[r], bits), xv), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dv, acc[r]);
+                p[r] += geo->chunk_bytes;
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const uint16_t *pr = params + (int64_t)r * geo->groups * 2 + g * 2;
+            float s = half_to_float(pr[0]), z = half_to_float(pr[1]);
+            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), acc[r], total[r]);
+            zterm[r] += s * z * gsum[g];
+        }
+    }
+    for (int r = 0; r < R; ++r) y[r] = hsum256(total[r]) - zterm[r];
+}
+
 #else /* ------------------------------------------------------------------ portable path */
 
 /* Plain loops over a chunk decoded into 32 floats: compilers vectorize the 32-wide dot and
@@ -340,6 +444,30 @@ BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z,
     for (int e = 0; e < BQ_CHUNK; ++e) out[e] = ((float)chunk_code(p, bits, e) - z) * s;
 }
 
+BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
+                            const float *d, const float *gsum, const Geometry *geo, const int bits, const int R, float *y) {
+    for (int r = 0; r < R; ++r) {
+        const uint8_t *p = codes + r * row_bytes;
+        const uint16_t *pr = params + (int64_t)r * geo->groups * 2;
+        float total = 0.0f, zterm = 0.0f;
+        int64_t k = 0;
+        for (int64_t g = 0; g < geo->groups; ++g) {
+            int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+            float acc = 0.0f;
+            for (int64_t c = 0; c < nc; ++c, ++k) {
+                int32_t dot = 0;
+                for (int e = 0; e < BQ_CHUNK; ++e) dot += (int32_t)chunk_code(p, bits, e) * xq[k * BQ_CHUNK + e];
+                acc += d[k] * (float)dot;
+                p += geo->chunk_bytes;
+            }
+            float s = half_to_float(pr[2 * g]), z = half_to_float(pr[2 * g + 1]);
+            total += s * acc;
+            zterm += s * z * gsum[g];
+        }
+        y[r] = total - zterm;
+    }
+}
+
 #endif
 
 /* ----------------------------------------------------------------------------- drivers */
@@ -365,6 +493,27 @@ BQ_DEFINE_GEMV(2)
 BQ_DEFINE_GEMV(3)
 BQ_DEFINE_GEMV(4)
 BQ_DEFINE_GEMV(8)
+
+#define BQ_DEFINE_GEMV_I8(B)                                                                                      \
+    static void gemv_i8_b##B(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t row_bytes,       \
+                             const int8_t *xq, const float *d, const float *gsum, const Geometry *geo, float *y,  \
+                             int parallel) {                                                                      \
+        int64_t quads = rows / 4;                                                                                 \
+        (void)parallel;                                                                                           \
+        _Pragma("omp parallel for schedule(static) if (parallel)") for (int64_t i = 0; i < quads; ++i) {          \
+            int64_t r = 4 * i;                                                                                    \
+            gemv_i8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, d, gsum, geo, B, 4,   \
+                         y + r);                                                                                  \
+        }                                                                                                         \
+        for (int64_t r = 4 * quads; r < rows; ++r)                                                                \
+            gemv_i8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, d, gsum, geo, B, 1,   \
+                         y + r);                                                                                  \
+    }
+
+BQ_DEFINE_GEMV_I8(1)
+BQ_DEFINE_GEMV_I8(2)
+BQ_DEFINE_GEMV_I8(3)
+BQ_DEFINE_GEMV_I8(4)
 
 #define BQ_GEMM_TAIL_CASE(B, T)                                                                        \
     case T: gemm_row(p, pr, xp + t0 * xstride, xstride, geo, B, T, y + t0 * rows + r, rows); break;
@@ -492,6 +641,42 @@ typedef struct {
 
 BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y) {
     return bq_matmul(x, batch, w->cols, w->codes, w->params, w->bias, w->rows, (int)w->bits, w->group_size, y);
+}
+
+/*
+ * y (rows) = q8(x) @ W^T + bias for one token, with x quantized to int8 per 32 columns (see the header);
+ * 1-4 bit weights only (-1 otherwise: 8-bit codes overflow the int16 pair sums). Returns 0 on success.
+ */
+BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
+    int bits = (int)w->bits;
+    if (bits < 1 || bits > 4 || w->cols <= 0 || w->rows <= 0) return -1;
+    Geometry geo = geometry(w->cols, w->group_size, bits);
+    int64_t row_bytes = geo.chunks * geo.chunk_bytes;
+    int64_t width = geo.chunks * BQ_CHUNK;
+    /* one allocation: d (chunks floats), gsum (groups floats), padded x (width floats when needed), xq (width bytes) */
+    size_t floats = (size_t)(geo.chunks + geo.groups + (geo.padded ? width : 0));
+    float *scratch = (float *)malloc(floats * sizeof(float) + (size_t)width);
+    if (!scratch) return -2;
+    float *d = scratch, *gsum = scratch + geo.chunks;
+    const float *xp = x;
+    if (geo.padded) {
+        float *padded = gsum + geo.groups;
+        pad_input(x, 1, w->cols, &geo, padded);
+        xp = padded;
+    }
+    int8_t *xq = (int8_t *)(scratch + floats);
+    quantize_activations(xp, &geo, xq, d, gsum);
+    int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
+    switch (bits) {
+    case 1: gemv_i8_b1(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    case 2: gemv_i8_b2(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    case 3: gemv_i8_b3(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    default: gemv_i8_b4(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    }
+    free(scratch);
+    if (w->bias)
+        for (int64_t r = 0; r < w->rows; ++r) y[r] += w->bias[r];
+    return 0;
 }
 
 /* out (rows x cols, float32) = the dequantized weight, (q - z) * s exactly as the reference. */

@@ -1,7 +1,9 @@
 """``y = x @ W^T`` for a :class:`~quantizers.kernels.layout.KernelWeight`, through the C kernels.
 
-Batch 1 (decode) runs the GEMV kernel, batches up to :data:`GEMM_MAX_BATCH` the small-batch GEMM
-kernel; larger batches (long prefills) dequantize the weight with the C unpacker and hand the
+Batch 1 (decode) runs a GEMV kernel: by default (``int8_activations``) the one that first rounds the
+activations to int8 per 32 columns, as llama.cpp's Q8_0 does, and multiplies with integer dot products
+(:func:`round_activations_int8` is its reference), else the float one, exact to the stored weights.
+Batches up to :data:`GEMM_MAX_BATCH` run the small-batch GEMM kernel; larger batches (long prefills) dequantize the weight with the C unpacker and hand the
 product to torch's BLAS, which is faster there than anything written here. Without a compiler
 everything goes through :func:`reference_matmul`.
 """
@@ -13,10 +15,12 @@ import ctypes
 import torch
 
 from quantizers.kernels.build import KernelLibrary, WeightDescriptor, kernel_library
-from quantizers.kernels.layout import KernelWeight, dequantize_reference
+from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference
 
 GEMM_MAX_BATCH = 64
 """Largest number of tokens the GEMM kernel takes; above it, dequantize + torch matmul."""
+INT8_ACTIVATION_BITS = (1, 2, 3, 4)
+"""Widths the int8-activation GEMV serves (8-bit codes would overflow its int16 pair sums)."""
 
 
 class KernelError(RuntimeError):
@@ -45,9 +49,11 @@ class PreparedWeight:
     allocated in its final shape for the same reason.
     """
 
-    __slots__ = ("lib", "codes", "params", "bias", "rows", "cols", "bits", "group_arg", "_descriptor", "_address", "_key")
+    __slots__ = ("lib", "codes", "params", "bias", "rows", "cols", "bits", "group_arg", "int8_activations", "_descriptor",
+                 "_address", "_key")
 
-    def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None,
+                 int8_activations: bool = False) -> None:
         check_weight(weight)
         rows, cols = weight.shape
         if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (rows,) or not bias.is_contiguous()
@@ -56,6 +62,7 @@ class PreparedWeight:
         self.lib, self.codes, self.params, self.bias = lib, weight.codes, weight.params, bias
         self.rows, self.cols, self.bits = rows, cols, weight.bits
         self.group_arg = weight.geometry.kernel_group_size
+        self.int8_activations = int8_activations and weight.bits in INT8_ACTIVATION_BITS
         self._key = self.pointers(weight.codes, weight.params, bias)
         self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits)
         self._address = ctypes.addressof(self._descriptor)
@@ -64,9 +71,11 @@ class PreparedWeight:
     def pointers(codes: torch.Tensor, params: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int, int]:
         return codes.data_ptr(), params.data_ptr(), 0 if bias is None else bias.data_ptr()
 
-    def matches(self, lib: KernelLibrary, codes: torch.Tensor, params: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        """Whether this binding still describes these buffers (a replaced buffer needs a new one)."""
-        return lib is self.lib and self._key == self.pointers(codes, params, bias)
+    def matches(self, lib: KernelLibrary, codes: torch.Tensor, params: torch.Tensor, bias: torch.Tensor | None,
+                int8_activations: bool) -> bool:
+        """Whether this binding still describes these buffers and mode (a replaced buffer needs a new one)."""
+        return (lib is self.lib and self._key == self.pointers(codes, params, bias)
+                and self.int8_activations == (int8_activations and self.bits in INT8_ACTIVATION_BITS))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (CPU, (..., cols)) -> float32 (..., rows)."""
@@ -81,18 +90,22 @@ class PreparedWeight:
                 raise KernelError(f"bq_dequantize failed with code {code}")
             return torch.nn.functional.linear(x, weight, self.bias)
         out = torch.empty(x.shape[:-1] + (self.rows,), dtype=torch.float32)
-        code = self.lib.lib.bq_matmul_desc(self._address, x.data_ptr(), tokens, out.data_ptr())
+        if tokens == 1 and self.int8_activations:
+            code = self.lib.lib.bq_gemv_i8_desc(self._address, x.data_ptr(), out.data_ptr())
+        else:
+            code = self.lib.lib.bq_matmul_desc(self._address, x.data_ptr(), tokens, out.data_ptr())
         if code != 0:
             raise KernelError(f"bq_matmul failed with code {code} for a {self.rows}x{self.cols} {self.bits}-bit weight")
         return out
 
 
 def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = None,
-           library: KernelLibrary | None = None) -> torch.Tensor:
+           library: KernelLibrary | None = None, int8_activations: bool = False) -> torch.Tensor:
     """``x @ W^T + bias`` for ``x`` of shape (..., in_features), any float dtype -> float32 (..., out).
 
     ``library`` defaults to :func:`~quantizers.kernels.build.kernel_library`; without one this is
-    :func:`reference_matmul`.
+    :func:`reference_matmul`. ``int8_activations``: a single token (1-4 bit weight) is computed with x
+    rounded by :func:`round_activations_int8`, as the decode path of :class:`QuantLinear` does.
     """
     rows, cols = weight.shape
     if x.dim() == 0 or x.shape[-1] != cols:
@@ -101,7 +114,7 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
     if lib is None:
         out = reference_matmul(x, weight)
         return out if bias is None else out + bias.to(out)
-    return PreparedWeight(lib, weight, bias)(x.detach().cpu())
+    return PreparedWeight(lib, weight, bias, int8_activations)(x.detach().cpu())
 
 
 def dequantize(weight: KernelWeight, library: KernelLibrary | None = None) -> torch.Tensor:
@@ -122,3 +135,18 @@ def dequantize(weight: KernelWeight, library: KernelLibrary | None = None) -> to
 def reference_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
     """Dequantize in plain torch, then matmul: what the kernels must agree with (float32 result)."""
     return x.float() @ dequantize_reference(weight).to(x.device).T
+
+
+def round_activations_int8(x: torch.Tensor, geometry: ChunkGeometry) -> torch.Tensor:
+    """``x`` (..., cols) as the int8-activation GEMV sees it: per chunk of 32 columns of the weight's
+    layout (chunks never straddle a group), ``d = max|x| / 127`` and ``x -> round(x * (127 / max|x|)) * d``
+    (ties to even), in float32. The kernel's result is the exact product of this with the weight."""
+    x = x.float()
+    padded = x.new_zeros(x.shape[:-1] + (geometry.padded_cols,))
+    positions = torch.from_numpy(geometry.column_positions)
+    padded[..., positions] = x
+    chunks = padded.reshape(x.shape[:-1] + (geometry.chunks, CHUNK))
+    amax = chunks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    rounded = torch.round(chunks * inverse) * (amax / 127.0)
+    return rounded.reshape(padded.shape)[..., positions]

@@ -1,0 +1,106 @@
+"""The lean llama decoder computes what the HF model computes (float and packed weights)."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from allocator.apply import quantize_model
+from allocator.decoder import LlamaDecoder, fuse_linears
+from allocator.errors import BitallocError
+from allocator.layers import quantizable_linears
+from allocator.packed import install_quantized
+from quantizers import RTNQuantizer
+from quantizers.kernels import QuantLinear
+from tests.conftest import tiny_llama
+
+
+def hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids[None]).logits[0]
+
+
+def stepwise_logits(decoder: LlamaDecoder, ids: torch.Tensor, splits: list[int]) -> torch.Tensor:
+    """All logits of ``ids`` fed to the decoder in pieces (a prefill, single steps, another prefill)."""
+    decoder.reset()
+    bounds = [0, *splits, len(ids)]
+    return torch.cat([decoder.forward(ids[a:b], all_logits=True) for a, b in zip(bounds, bounds[1:])])
+
+
+def packed_llama(bits_of: dict[str, int] | None = None, seed: int = 0) -> nn.Module:
+    """The tiny llama with every decoder linear packed (RTN, float decode activations for exact checks)."""
+    model = tiny_llama(seed)
+    names = quantizable_linears(model)
+    assignment = {name: RTNQuantizer((bits_of or {}).get(name.rsplit(".", 1)[-1], 3), 32) for name in names}
+    install_quantized(model, quantize_model(model, assignment, progress=False))
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.int8_activations = False
+    return model
+
+
+def test_float_decoder_equals_the_hf_model() -> None:
+    model = tiny_llama()
+    ids = torch.randint(0, 30, (20,), generator=torch.Generator().manual_seed(0))
+    decoder = LlamaDecoder(model, max_length=32)
+    expected = hf_logits(model, ids)
+    got = stepwise_logits(decoder, ids, [7, 8, 9])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # only the last position by default, and a reset sequence starts again at position 0
+    decoder.reset()
+    torch.testing.assert_close(decoder.forward(ids[:5]), expected[4], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits_of", [None, {"q_proj": 2, "k_proj": 4, "v_proj": 3, "gate_proj": 2, "up_proj": 4}])
+def test_packed_decoder_equals_the_hf_model_fused_or_not(bits_of: dict[str, int] | None) -> None:
+    model = packed_llama(bits_of)
+    decoder = LlamaDecoder(model, max_length=24)
+    fused = len(decoder.blocks[0].qkv) == 1
+    assert fused == (bits_of is None) and len(decoder.blocks[0].gate_up) == (1 if fused else 2)
+    ids = torch.randint(0, 30, (16,), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(stepwise_logits(decoder, ids, [10, 11]), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_equals_transformers_generate() -> None:
+    model = packed_llama()
+    prompt = torch.randint(0, 30, (6,), generator=torch.Generator().manual_seed(2))
+    hf_model = copy.deepcopy(model)
+    hf_model.config.use_cache = True
+    with torch.inference_mode():
+        expected = hf_model.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    decoder = LlamaDecoder(model, max_length=32)
+    streamed: list[int] = []
+    assert decoder.generate(prompt.tolist(), 12, on_token=streamed.append) == expected == streamed
+    stop = expected[3]
+    assert decoder.generate(prompt.tolist(), 12, stop=[stop]) == expected[: expected.index(stop) + 1]
+
+
+def test_fuse_linears_stacks_outputs_or_declines() -> None:
+    model = packed_llama({"q_proj": 2, "k_proj": 2, "v_proj": 4})
+    attention = model.model.layers[0].self_attn
+    x = torch.randn(3, 96)
+    [qk] = fuse_linears([attention.q_proj, attention.k_proj])
+    torch.testing.assert_close(qk(x), torch.cat([attention.q_proj(x), attention.k_proj(x)], dim=-1), rtol=0, atol=0)
+    assert fuse_linears([attention.q_proj, attention.v_proj]) == [attention.q_proj, attention.v_proj]  # 2 vs 4 bits
+    float_model = tiny_llama()
+    mlp = float_model.model.layers[0].mlp
+    mlp.up_proj.bias = nn.Parameter(torch.randn(192))
+    [gate_up] = fuse_linears([mlp.gate_proj, mlp.up_proj])
+    torch.testing.assert_close(gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], dim=-1))
+
+
+def test_decoder_refuses_other_architectures_and_overlong_sequences() -> None:
+    other = nn.Module()
+    other.config = SimpleNamespace(model_type="gemma3_text")
+    with pytest.raises(BitallocError, match="llama-architecture models, not gemma3_text"):
+        LlamaDecoder(other, max_length=8)
+    decoder = LlamaDecoder(tiny_llama(), max_length=8)
+    decoder.forward(list(range(6)))
+    with pytest.raises(BitallocError, match="exceeds the decoder's max_length 8"):
+        decoder.forward([1, 2, 3])
+    with pytest.raises(BitallocError, match="no tokens"):
+        decoder.forward([])
