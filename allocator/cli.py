@@ -255,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seed", type=int, default=defaults.seed)
     exp.add_argument("--no-progress", action="store_true")
 
+    ge = commands.add_parser("generate", help="greedy text generation from a packed model (bitalloc quantize) or a float model")
+    ge.add_argument("--prompt", required=True, help="the text to continue")
+    ge.add_argument("--quantized", type=Path, help="packed model directory (from bitalloc quantize)")
+    ge.add_argument("--model", help=model_help + "; with --quantized, the model it was made for (default: the one its config names)")
+    ge.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most (default 64; stops at EOS)")
+    ge.add_argument("--engine", choices=["auto", "lean", "transformers"], default="auto",
+                    help="lean: bitalloc's llama decoder (static KV cache, fused projections); transformers: HF generate; "
+                         "auto (default): lean where the architecture allows")
+    ge.add_argument("--float-activations", action="store_true",
+                    help="decode packed layers with float activations (exact to the stored weights) instead of rounding them "
+                         "to int8 per 32 columns as llama.cpp does (faster)")
+
     commands.add_parser("models", help="list the built-in models")
     return parser
 
@@ -264,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "train": _cmd_train, "quantize": _cmd_quantize, "pareto": _cmd_pareto, "run": _cmd_run, "export": _cmd_export}
+    commands = {"eval": _cmd_eval, "profile": _cmd_profile, "solve": _cmd_solve, "train": _cmd_train, "quantize": _cmd_quantize, "pareto": _cmd_pareto, "run": _cmd_run, "export": _cmd_export,
+                "generate": _cmd_generate}
     try:
         if args.command == "models":
             return _cmd_models()
@@ -754,3 +767,66 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from allocator.decoder import LlamaDecoder, supports
+    from allocator.errors import BitallocError
+    from allocator.models import DEFAULT_MODEL, load_model
+    from allocator.packed import load_quantized_model
+    from quantizers.kernels import QuantLinear
+
+    if not args.prompt.strip():
+        raise BitallocError("--prompt is empty")
+    if args.quantized is not None:
+        loaded = load_quantized_model(args.quantized, load_model(args.model) if args.model else None).loaded
+    else:
+        loaded = load_model(args.model or DEFAULT_MODEL)
+    model = loaded.model
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.int8_activations = not args.float_activations
+    engine = args.engine if args.engine != "auto" else ("lean" if supports(model) else "transformers")
+    if engine == "lean" and not supports(model):
+        raise BitallocError(f"--engine lean runs llama-architecture models, not {model.config.model_type}; use --engine transformers")
+    prompt = loaded.tokenizer(args.prompt).input_ids
+    # the stop tokens transformers' generate uses: the generation config's EOS ids, else the tokenizer's
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    stop = [configured] if isinstance(configured, int) else list(configured or [])
+    if not stop and loaded.tokenizer.eos_token_id is not None:
+        stop = [loaded.tokenizer.eos_token_id]
+    generated: list[int] = []
+    shown = ""
+    marks: list[float] = []
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        marks.append(time.perf_counter())
+        generated.append(token)
+        text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    start = time.perf_counter()
+    if engine == "lean":
+        LlamaDecoder(model, len(prompt) + args.max_new_tokens).generate(prompt, args.max_new_tokens, stop=stop, on_token=stream)
+    else:
+        with torch.inference_mode():
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True,
+                                    eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
+        for token in output[0, len(prompt):].tolist():
+            stream(token)
+            if token in stop:
+                break  # the rest is padding
+    print(flush=True)
+    if engine == "lean" and len(marks) > 1:
+        rate = f"prefill {len(prompt) / (marks[0] - start):.1f} tok/s, decode {(len(marks) - 1) / (marks[-1] - marks[0]):.1f} tok/s"
+    else:
+        rate = f"{len(generated) / (time.perf_counter() - start):.1f} tok/s overall"
+    activations = "float" if args.float_activations else "int8"
+    print(f"bitalloc: {len(prompt)} prompt tokens, {len(generated)} generated; {rate} ({engine} engine, {activations} decode "
+          f"activations, {torch.get_num_threads()} threads)", file=sys.stderr)
+    return 0

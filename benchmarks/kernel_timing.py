@@ -7,14 +7,18 @@ Three parts, all in one run on one machine:
 
 1. Per weight shape (out x in: SmolLM2's and Gemma3's decoder linears and a 4096x4096) and bit width
    1-4 (uniform grid, group size 128): time of y = x @ W^T through :mod:`quantizers.kernels` for
-   1 token (GEMV, decode) and a few tokens (GEMM, prefill), beside ``F.linear`` with the fp32 weight.
+   1 token (GEMV, decode; with float and with int8-rounded activations) and a few tokens (GEMM,
+   prefill), beside ``F.linear`` with the fp32 weight.
    "hot" repeats one product, so the weight sits in cache; "streamed" (1 token) cycles through
    enough copies of the weight to overflow the caches, as a decode pass over a whole model does.
 2. The memory-bandwidth floor of each product: bytes the kernel reads (packed codes + fp16
    (scale, zero) pairs, or the fp32 weight) divided by a STREAM-like copy bandwidth measured here.
 3. End to end: SmolLM2-135M decode tokens/s (KV cache, greedy, one token per step) and a 64-token
    prefill with a mixed ~2.5-bpw map of uniform grids (RTN, g128: attention 3-bit, gate/up 2-bit,
-   down alternating 2/3 by block) running on QuantLinear, against the fp32 model.
+   down alternating 2/3 by block) running on QuantLinear, against the fp32 model: through
+   transformers and through bitalloc's lean decoder, with float or int8 decode activations, with
+   the fp32 or an 8-bit LM head, beside llama.cpp (``--llama-gguf``) in the same run; where each
+   token's time goes; and the decode-mode perplexity of int8 activations.
 
 Timing: median of several batches of calls after a warm-up, wall clock, torch's thread count.
 Run on an otherwise idle machine; ``--smoke`` runs one small shape to check the script works.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -38,6 +43,7 @@ import torch.nn.functional as F
 from _common import RESULTS, provenance
 
 from allocator.apply import QuantizedModel, quantize_model
+from allocator.decoder import LlamaDecoder
 from allocator.head import quantize_head
 from allocator.llama_eval import decode_speed, load_llama
 from allocator.layers import quantizable_linears, swapped_weights
@@ -45,7 +51,7 @@ from allocator.models import load_model
 from allocator.packed import install_quantized
 from allocator.storage import write_json
 from quantizers import RTNQuantizer
-from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library
+from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library, round_activations_int8
 from quantizers.kernels.layout import ChunkGeometry, pack_chunks
 from quantizers.kernels.ops import PreparedWeight
 
@@ -74,6 +80,8 @@ class ShapeRow:
     weight_bytes: int
     bandwidth_floor_seconds: float
     max_rel_error: float | None
+    activations: str = "fp32"
+    """"fp32", or "int8": the decode GEMV on activations rounded to int8 per 32 columns."""
 
 
 def time_call(fn: Callable[[], Any], min_seconds: float, batches: int = 5) -> float:
@@ -152,22 +160,26 @@ def bench_shapes(families: Sequence[str], bits_list: Sequence[int], token_counts
                 del copies
             for bits in bits_list:
                 weight = random_weight(rows, cols, bits, seed=bits)
-                prepared = PreparedWeight(lib, weight)
                 reference = dequantize_reference(weight)
-                for tokens in token_counts:
-                    x = inputs[tokens]
-                    got = prepared(x)
-                    exact = x.double() @ reference.double().T
-                    error = float((got.double() - exact).abs().max() / exact.abs().max())
-                    seconds = time_call(lambda: prepared(x), min_seconds)
-                    rows_out.append(ShapeRow(family, rows, cols, bits, tokens, "hot", seconds, weight.nbytes,
-                                             weight.nbytes / bandwidth, error))
-                if stream_bytes and 1 in token_counts:
-                    count = min(4096, max(2, math.ceil(stream_bytes / weight.nbytes)))
-                    copies = [PreparedWeight(lib, KernelWeight(weight.codes.clone(), weight.params.clone(), weight.shape, bits,
-                                                               GROUP_SIZE, False)) for _ in range(count)]
-                    rows_out.append(_streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds))
-                    del copies
+                for activations in ("fp32", "int8"):
+                    int8 = activations == "int8"
+                    prepared = PreparedWeight(lib, weight, None, int8)
+                    for tokens in token_counts if not int8 else [t for t in token_counts if t == 1]:
+                        x = inputs[tokens]
+                        got = prepared(x)
+                        # the int8 GEMV is exact for the rounded input: its error against the rounded product
+                        exact = (round_activations_int8(x, weight.geometry) if int8 else x).double() @ reference.double().T
+                        error = float((got.double() - exact).abs().max() / exact.abs().max())
+                        seconds = time_call(lambda: prepared(x), min_seconds)
+                        rows_out.append(ShapeRow(family, rows, cols, bits, tokens, "hot", seconds, weight.nbytes,
+                                                 weight.nbytes / bandwidth, error, activations))
+                    if stream_bytes and 1 in token_counts:
+                        count = min(4096, max(2, math.ceil(stream_bytes / weight.nbytes)))
+                        copies = [PreparedWeight(lib, KernelWeight(weight.codes.clone(), weight.params.clone(), weight.shape, bits,
+                                                                   GROUP_SIZE, False), None, int8) for _ in range(count)]
+                        row = _streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds)
+                        rows_out.append(dataclasses.replace(row, activations=activations))
+                        del copies
                 print(f"{family} {rows}x{cols} {bits}-bit done", flush=True)
     return rows_out
 
@@ -197,9 +209,21 @@ def mixed_bits(name: str, block: int) -> int:
     return 2
 
 
+@dataclass
+class DecodeVariant:
+    """One way of decoding: how to time it and which modules its breakdown hooks."""
+
+    label: str
+    title: str
+    run: Callable[[torch.Tensor, int], tuple[float, float, list[int]]]
+    """(prompt ids (1 x n), new tokens) -> (prefill seconds, seconds per decoded token, greedy tokens)."""
+    linears: list[torch.nn.Module]
+    head: torch.nn.Module
+
+
 @torch.inference_mode()
 def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """(prefill seconds, mean seconds per decoded token, greedy tokens) with the KV cache."""
+    """transformers: (prefill seconds, mean seconds per decoded token, greedy tokens) with the KV cache."""
     start = time.perf_counter()
     out = model(prompt, use_cache=True)
     prefill = time.perf_counter() - start
@@ -215,12 +239,42 @@ def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return prefill, (time.perf_counter() - start) / new_tokens, generated
 
 
-def decode_breakdown(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
-    """Milliseconds per decoded token inside the packed decoder linears, inside the LM head, and the
-    rest (attention, norms, rotary, embeddings, HF's per-step Python), from forward hooks on one
-    :func:`decode_seconds` run that count only single-token calls (the decode steps, not the
-    prefill). The hooks themselves add ~1-2 us per call, counted in "rest"."""
+def lean_decode_seconds(decoder: LlamaDecoder, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
+    """:class:`LlamaDecoder`: the same measurement as :func:`decode_seconds`."""
+    decoder.reset()
+    start = time.perf_counter()
+    logits = decoder.forward(prompt[0])
+    prefill = time.perf_counter() - start
+    generated = [int(logits.argmax())]
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        generated.append(int(decoder.forward(generated[-1:]).argmax()))
+    return prefill, (time.perf_counter() - start) / new_tokens, generated
+
+
+def hf_variant(label: str, title: str, model: torch.nn.Module) -> DecodeVariant:
     head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not head]
+    return DecodeVariant(label, title, lambda ids, n: decode_seconds(model, ids, n), linears, head)
+
+
+def lean_variant(label: str, title: str, decoder: LlamaDecoder) -> DecodeVariant:
+    linears = [m for block in decoder.blocks for m in (*block.qkv, block.o_proj, *block.gate_up, block.down_proj)]
+    return DecodeVariant(label, title, lambda ids, n: lean_decode_seconds(decoder, ids, n), linears, decoder.head)
+
+
+def set_int8_activations(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.int8_activations = enabled
+    return model
+
+
+def decode_breakdown(variant: DecodeVariant, prompt: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """Milliseconds per decoded token inside the decoder linears, inside the LM head, and the rest
+    (attention, norms, rotary, embeddings, per-step Python), from forward hooks on one timed run that
+    count only single-token calls (the decode steps, not the prefill). The hooks themselves add
+    ~1-2 us per call, counted in "rest"."""
     spent = {"linears": 0.0, "head": 0.0}
     started: dict[int, float] = {}
 
@@ -228,18 +282,46 @@ def decode_breakdown(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: i
         started[id(module)] = time.perf_counter()
 
     def after(module: torch.nn.Module, args: Any, _out: Any) -> None:
-        if args[0].shape[-2] == 1:
-            spent["head" if module is head else "linears"] += time.perf_counter() - started[id(module)]
+        if args[0].numel() == args[0].shape[-1]:  # one token
+            spent["head" if module is variant.head else "linears"] += time.perf_counter() - started[id(module)]
 
-    hooked = [m for m in model.modules() if isinstance(m, QuantLinear) or m is head]
+    hooked = [*variant.linears, variant.head]
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
-        _, step, _ = decode_seconds(model, prompt, new_tokens)
+        _, step, _ = variant.run(prompt, new_tokens)
     finally:
         for handle in handles:
             handle.remove()
     ms = {key: value / new_tokens * 1e3 for key, value in spent.items()}
     return {**ms, "rest": step * 1e3 - ms["linears"] - ms["head"], "total": step * 1e3}
+
+
+@torch.inference_mode()
+def decode_quality(loaded: Any, decoders: dict[str, LlamaDecoder], tokens: int, seqlen: int = 256) -> dict[str, Any]:
+    """Perplexity of the evaluation split decoded one token at a time (every product a single-token GEMV,
+    the path int8 activations change) by each decoder, and the mean KL of every decoder's next-token
+    distribution from the first one's."""
+    from allocator.corpus import load_corpus
+    from allocator.pipeline import EvalSettings, evaluation_tokens
+
+    windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens, seqlen=seqlen))
+    nll = {label: 0.0 for label in decoders}
+    kl = {label: 0.0 for label in decoders}
+    count = 0
+    first = next(iter(decoders))
+    for window in windows:
+        for decoder in decoders.values():
+            decoder.reset()
+        for position in range(window.numel() - 1):
+            logprobs = {label: torch.log_softmax(d.forward(window[position:position + 1]).double(), -1) for label, d in decoders.items()}
+            target = int(window[position + 1])
+            for label, lp in logprobs.items():
+                nll[label] -= float(lp[target])
+                kl[label] += float((logprobs[first].exp() * (logprobs[first] - lp)).sum())
+            count += 1
+    return {"tokens": count, "windows": int(windows.shape[0]), "seqlen": seqlen,
+            "ppl": {label: math.exp(value / count) for label, value in nll.items()},
+            "kl_from_" + first: {label: value / count for label, value in kl.items()}}
 
 
 def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> dict[str, float]:
@@ -260,7 +342,7 @@ def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> di
 
 
 def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, head_bits: int = 8,
-                     head_eval_tokens: int = 4096, ggufs: dict[str, Path] | None = None) -> dict[str, Any]:
+                     head_eval_tokens: int = 4096, ggufs: dict[str, Path] | None = None, decode_eval_tokens: int = 512) -> dict[str, Any]:
     loaded = load_model(model_name)
     model = loaded.model
     names = list(quantizable_linears(model))
@@ -273,6 +355,7 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     kinds = install_quantized(kernel_model, quantized)
     convert_s = time.perf_counter() - start
     assert set(kinds.values()) == {"kernel"}
+    set_int8_activations(kernel_model, False)
     text = "The history of the city begins with a small settlement on the river, where traders from the north " * 8
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :prompt_tokens]
     # the kernel model against the simulated one (fp32 dequantized weights): same logits up to summation order
@@ -282,39 +365,56 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     logit_error = float((simulated - on_kernels).abs().max() / simulated.abs().max())
     head_model = copy.deepcopy(kernel_model)
     install_quantized(head_model, QuantizedModel(head=quantize_head(model, head_bits)))
-    results: dict[str, Any] = {}
-    runners = (("fp32", model), ("packed", kernel_model), ("packed_head", head_model))
-    llamas = {label: load_llama(path, seqlen=ids.shape[1] + new_tokens + 1, threads=torch.get_num_threads())
-              for label, path in (ggufs or {}).items()}
-    # repeats interleaved over every model, llama.cpp's included: the VM's speed drifts by tens of
+    head_int8_model = set_int8_activations(copy.deepcopy(head_model), True)
+    max_length = ids.shape[1] + new_tokens + 1
+    lean_float = LlamaDecoder(head_model, max_length)
+    lean_int8 = LlamaDecoder(head_int8_model, max_length)
+    head = f"{head_bits}-bit head"
+    variants = [
+        hf_variant("fp32", "fp32 (transformers)", model),
+        hf_variant("packed", "packed, fp32 head (transformers)", kernel_model),
+        hf_variant("packed_head", f"packed + {head} (transformers)", head_model),
+        hf_variant("packed_head_int8", f"packed + {head}, int8 decode activations (transformers)", head_int8_model),
+        lean_variant("lean_head", f"packed + {head}, lean decoder", lean_float),
+        lean_variant("lean_head_int8", f"packed + {head}, int8 decode activations, lean decoder", lean_int8),
+    ]
+    llamas = {label: load_llama(path, seqlen=max_length, threads=torch.get_num_threads()) for label, path in (ggufs or {}).items()}
+    # repeats interleaved over every variant, llama.cpp's included: the VM's speed drifts by tens of
     # percent over minutes, and interleaving spreads the drift over all of them alike
-    all_runs: dict[str, list[Any]] = {label: [] for label, _ in runners}
+    all_runs: dict[str, list[Any]] = {v.label: [] for v in variants}
     llama_speeds: dict[str, list[float]] = {label: [] for label in llamas}
     for _ in range(repeats):
-        for label, runner in runners:
-            all_runs[label].append(decode_seconds(runner, ids, new_tokens))
+        for variant in variants:
+            all_runs[variant.label].append(variant.run(ids, new_tokens))
         for label, llm in llamas.items():
             llama_speeds[label].append(decode_speed(llm, ids[0].numpy(), new_tokens))
     del llamas
-    for label, _ in runners:
-        runs = all_runs[label]
+    results: dict[str, Any] = {}
+    for variant in variants:
+        runs = all_runs[variant.label]
         prefill = statistics.median(r[0] for r in runs)
         step = statistics.median(r[1] for r in runs)
-        results[label] = {"prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
-                          "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
+        results[variant.label] = {"title": variant.title, "prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
+                                  "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
     linear_fp32_bytes = sum(m.weight.numel() * 4 for m in quantizable_linears(model).values())
     packed_bytes = sum(m.weight_layout.nbytes for m in kernel_model.modules() if isinstance(m, QuantLinear))
-    breakdown = {label: decode_breakdown(runner, ids, new_tokens) for label, runner in
-                 (("fp32", model), ("packed", kernel_model), ("packed_head", head_model))}
+    breakdown = {v.label: decode_breakdown(v, ids, new_tokens) for v in variants}
+    reference_greedy = results["packed_head"]["greedy"]
+    for result in results.values():
+        result["greedy_agreement_with_packed_head"] = next((i for i, (a, b) in enumerate(zip(result["greedy"], reference_greedy)) if a != b),
+                                                           len(reference_greedy))
     head_bytes = head_model.get_output_embeddings().weight_layout.nbytes
     return {
         "model": model_name,
+        "variants": results,
         "llama_cpp_tokens_per_s": {label: statistics.median(v) for label, v in llama_speeds.items()},
         "head_bits": head_bits,
         "head_fp32_mb": model.get_output_embeddings().weight.numel() * 4 / 1e6,
         "head_packed_mb": head_bytes / 1e6,
         "breakdown_ms": breakdown,
         "head_quality": head_quality(loaded, quantized, head_bits, head_eval_tokens) if head_eval_tokens else None,
+        "decode_quality": decode_quality(loaded, {"float activations": lean_float, "int8 activations": lean_int8},
+                                         decode_eval_tokens) if decode_eval_tokens else None,
         "bpw": quantized.bits_per_weight,
         "map": "attention 3-bit, gate/up 2-bit, down 2-bit (even blocks) / 3-bit (odd blocks); RTN asymmetric g128",
         "quantize_s": quantize_s,
@@ -324,7 +424,6 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         "linear_fp32_mb": linear_fp32_bytes / 1e6,
         "linear_packed_mb": packed_bytes / 1e6,
         "max_rel_logit_error_vs_simulated": logit_error,
-        **{f"{label}_{key}": value for label, r in results.items() for key, value in r.items() if key != "greedy"},
     }
 
 
@@ -360,7 +459,7 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         ]
         baseline = {(r.rows, r.cols, r.tokens, r.mode): r.seconds for r in shape_rows if r.bits is None}
         for r in shape_rows:
-            label = "fp32" if r.bits is None else f"{r.bits}-bit"
+            label = "fp32" if r.bits is None else f"{r.bits}-bit" + (", int8 act" if r.activations == "int8" else "")
             speedup = baseline.get((r.rows, r.cols, r.tokens, r.mode))
             speed = "" if r.bits is None or speedup is None else f"{speedup / r.seconds:.2f}x"
             err = "" if r.max_rel_error is None else f"{r.max_rel_error:.1e}"
@@ -369,81 +468,93 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
                          f"{r.seconds * 1e6:.1f} | {r.bandwidth_floor_seconds * 1e6:.1f} | {share} | {speed} | {err} |")
         lines.append("")
     if e2e:
+        variants = e2e["variants"]
         lines += [
             f"## End to end: {e2e['model']} decode\n",
             f"Map: {e2e['map']} -> **{e2e['bpw']:.3f} bpw** over the decoder linears "
             f"({e2e['linear_packed_mb']:.1f} MB packed in the kernel layout vs {e2e['linear_fp32_mb']:.1f} MB fp32). "
             f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
-            f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats. Embeddings, attention and "
-            f"norms run in fp32 torch in every bitalloc row, and so does the LM head except in the \"+ 8-bit LM head\" row "
-            f"(packed by the same kernels); llama.cpp rows run the GGUF as written.\n",
-            "| model | decode tokens/s | ms/token | prefill tokens/s |",
-            "|---|---:|---:|---:|",
-            f"| fp32 | {e2e['fp32_tokens_per_s']:.1f} | {e2e['fp32_decode_s_per_token'] * 1e3:.1f} | {e2e['fp32_prefill_tokens_per_s']:.0f} |",
-            f"| packed {e2e['bpw']:.2f} bpw | {e2e['packed_tokens_per_s']:.1f} | {e2e['packed_decode_s_per_token'] * 1e3:.1f} | "
-            f"{e2e['packed_prefill_tokens_per_s']:.0f} |",
-            *([f"| packed {e2e['bpw']:.2f} bpw + {e2e['head_bits']}-bit LM head | {e2e['packed_head_tokens_per_s']:.1f} | "
-               f"{e2e['packed_head_decode_s_per_token'] * 1e3:.1f} | {e2e['packed_head_prefill_tokens_per_s']:.0f} |"]
-              if "packed_head_tokens_per_s" in e2e else []),
-            *[f"| llama.cpp {label} (same run, same prompt and length, repeats interleaved) | {speed:.1f} | {1e3 / speed:.1f} | |"
+            f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats, interleaved over all rows. "
+            "\"transformers\" rows run the HF model's forward per token; \"lean decoder\" rows run "
+            "allocator/decoder.py (`bitalloc generate`) on the same modules. Embeddings, attention and norms run in "
+            "fp32 torch in every bitalloc row; llama.cpp rows run the GGUF as written.\n",
+            "| model | decode tokens/s | ms/token | prefill tokens/s | greedy tokens equal to the packed + head row |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {v['title']} | {v['tokens_per_s']:.1f} | {v['decode_s_per_token'] * 1e3:.1f} | {v['prefill_tokens_per_s']:.0f} | "
+              f"{v['greedy_agreement_with_packed_head']} of {len(v['greedy'])} |" for v in variants.values()],
+            *[f"| llama.cpp {label} (same run, same prompt and length) | {speed:.1f} | {1e3 / speed:.1f} | | |"
               for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items()],
             "",
-            *[f"Packed + {e2e['head_bits']}-bit head vs llama.cpp {label}: **{e2e['packed_head_tokens_per_s'] / speed:.2f}x** "
-              f"(packed with the fp32 head: {e2e['packed_tokens_per_s'] / speed:.2f}x; target >= 0.5x).\n"
-              for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items() if "packed_head_tokens_per_s" in e2e],
+            "\"greedy tokens equal\": how many leading greedy tokens equal those of the packed + head (transformers, float "
+            "activations) row; int8 activations change the numbers slightly, so a near-tie between two tokens can flip.\n",
+            *[f"Against llama.cpp {label} ({speed:.1f} tok/s): "
+              + ", ".join(f"{v['title']} **{v['tokens_per_s'] / speed:.2f}x**" for key, v in variants.items() if key != "fp32")
+              + " (target >= 0.5x).\n"
+              for label, speed in e2e.get("llama_cpp_tokens_per_s", {}).items()],
             *head_section(e2e),
+            *decode_quality_section(e2e),
             f"Check: max relative logit difference between the packed model and the simulated (dequantized fp32) "
             f"model on 16 tokens: {e2e['max_rel_logit_error_vs_simulated']:.1e}. RTN quantization took "
             f"{e2e['quantize_s']:.1f} s, conversion to the kernel layout {e2e['convert_s']:.1f} s.\n",
         ]
     lines += [
         "Notes",
-        "- The kernels keep activations in fp32 (no activation quantization), so they compute the simulated model's "
-        "product up to summation order; GEMV folds the zero point as s * (sum x q - z * sum x) with per-group sums of x.",
+        "- `fp32` activations: the kernels compute the simulated model's product up to summation order; GEMV folds the "
+        "zero point as s * (sum x q - z * sum x) with per-group sums of x. `int8` activations (QuantLinear's default for a "
+        "single token, as llama.cpp's Q8_0 activations): x is rounded per 32 columns (scale max|x| / 127) and each chunk's "
+        "sum x q is an exact integer dot product (maddubs + madd); the result is the exact product of the weight with the "
+        "rounded x (its `rel err` is against that).",
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",
-        "- Tried and reverted: a llama.cpp-style GEMV on int8 activations (integer dot products of codes and activations, "
-        "commit 80c8032). Measured on this machine (commit 5b5ac79) it was no faster than this float GEMV at any shape "
-        "(streamed median 11/21/22/29% of the floor vs 11/23/19/32% for 1/2/3/4 bits) and cost 7.6% decode-mode "
-        "perplexity, so the unpack arithmetic it removes is not what limits these kernels here.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def head_section(e2e: dict[str, Any]) -> list[str]:
     """Where a decode step's time goes, and what the quantized LM head costs in quality."""
-    if "breakdown_ms" not in e2e:
-        return []
     lines = [
         f"Where a decoded token's time goes (ms/token, from forward hooks on one run of {e2e['new_tokens']} tokens; "
         f"the LM head is {e2e['head_fp32_mb']:.0f} MB in fp32, {e2e['head_packed_mb']:.1f} MB at {e2e['head_bits']} bits "
         f"(round to nearest, groups of 128, `bitalloc quantize --lm-head-bits {e2e['head_bits']}`)):\n",
-        "| model | decoder linears | LM head | rest (attention, norms, HF per-step Python) | total |",
+        "| model | decoder linears | LM head | rest (attention, norms, per-step Python) | total |",
         "|---|---:|---:|---:|---:|",
     ]
-    for label, name in (("fp32", "fp32"), ("packed", "packed"), ("packed_head", f"packed + {e2e['head_bits']}-bit head")):
+    for label, variant in e2e["variants"].items():
         b = e2e["breakdown_ms"][label]
         linears = "(not hooked)" if label == "fp32" else f"{b['linears']:.1f}"
-        lines.append(f"| {name} | {linears} | {b['head']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
+        lines.append(f"| {variant['title']} | {linears} | {b['head']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
     quality = e2e.get("head_quality")
     if quality:
-        alone = (f"the float model with only the head quantized ppl {quality['head_only_ppl']:.3f} (KL {quality['head_only_kl']:.4f}); "
-                 if "head_only_ppl" in quality else "")
         lines += ["", f"Quality of the {e2e['head_bits']}-bit head ({quality['eval_tokens']} evaluation tokens of the enwiki "
-                  f"evaluation split, reference ppl {quality['reference_ppl']:.3f}): {alone}the packed map with the float head "
+                  f"evaluation split, reference ppl {quality['reference_ppl']:.3f}): the float model with only the head quantized "
+                  f"ppl {quality['head_only_ppl']:.3f} (KL {quality['head_only_kl']:.4f}); the packed map with the float head "
                   f"ppl {quality['float_head_ppl']:.3f} (KL {quality['float_head_kl']:.4f}), with the {e2e['head_bits']}-bit head "
                   f"ppl {quality['quantized_head_ppl']:.3f} (KL {quality['quantized_head_kl']:.4f})."]
     return lines + [""]
 
 
+def decode_quality_section(e2e: dict[str, Any]) -> list[str]:
+    quality = e2e.get("decode_quality")
+    if not quality:
+        return []
+    kl_key = next(k for k in quality if k.startswith("kl_from_"))
+    cells = "; ".join(f"{label}: ppl {ppl:.3f}" + (f", KL from {kl_key[8:]} {quality[kl_key][label]:.5f}" if quality[kl_key][label] else "")
+                      for label, ppl in quality["ppl"].items())
+    return [f"Decode-mode quality (packed + {e2e['head_bits']}-bit head, lean decoder): {quality['tokens']} tokens of the evaluation "
+            f"split ({quality['windows']} windows of {quality['seqlen']}) fed one at a time, so every product is a single-token "
+            f"GEMV: {cells}.\n"]
+
+
 def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
     """One line per weight kind: the share of the bandwidth floor streamed GEMV reaches (median, range)."""
     lines = []
-    for bits in sorted({r.bits for r in shape_rows if r.bits is not None}) + [None]:
-        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows if r.mode == "streamed" and r.bits == bits]
+    kinds = sorted({(r.bits, r.activations) for r in shape_rows if r.bits is not None}) + [(None, "fp32")]
+    for bits, activations in kinds:
+        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows
+                  if r.mode == "streamed" and r.bits == bits and r.activations == activations]
         if shares:
-            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel"
+            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel, {activations} activations"
             lines.append(f"- streamed GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
                          f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
     return [*lines, ""] if lines else []
@@ -476,6 +587,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--head-bits", type=int, choices=(4, 8), default=8, help="LM head width of the third decode variant")
     parser.add_argument("--head-eval-tokens", type=int, default=4096, help="evaluation tokens for the head's quality (0: skip)")
+    parser.add_argument("--decode-eval-tokens", type=int, default=512,
+                        help="evaluation tokens decoded one at a time to compare float and int8 activations (0: skip)")
     parser.add_argument("--llama-gguf", action="append", default=[], metavar="LABEL=PATH",
                         help="also time llama.cpp's decode of this GGUF in the same run (repeatable; e.g. one from benchmarks/gguf.py)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
@@ -496,7 +609,7 @@ def main() -> None:
     if args.smoke:
         SHAPES["smoke"] = [(192, 576)]
         args.families, args.bits, args.tokens, args.min_seconds = "smoke", "2", "1,8", 0.1
-        args.new_tokens, args.prompt_tokens, args.repeats, args.head_eval_tokens = 4, 16, 1, 0
+        args.new_tokens, args.prompt_tokens, args.repeats, args.head_eval_tokens, args.decode_eval_tokens = 4, 16, 1, 0, 0
     families = args.families.split(",")
     bits_list = [int(b) for b in args.bits.split(",")]
     token_counts = [int(t) for t in args.tokens.split(",")]
@@ -506,12 +619,12 @@ def main() -> None:
     overhead = call_overhead(args.min_seconds)
     shape_rows = bench_shapes(families, bits_list, token_counts, bandwidth, args.min_seconds, 0 if args.no_streamed else stream_bytes)
     e2e = None if args.no_e2e else bench_end_to_end(args.model, args.new_tokens, args.prompt_tokens, args.repeats, args.head_bits,
-                                                    args.head_eval_tokens, ggufs)
+                                                    args.head_eval_tokens, ggufs, args.decode_eval_tokens)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "render")} | {"out": str(args.out), "stream_bytes": stream_bytes}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     run_provenance, library = provenance(), library_line()
     args.out.write_text(markdown(shape_rows, bandwidth, stream_bytes, e2e, settings, run_provenance, library, overhead))
-    write_json(args.out.with_suffix(".json"), {"schema_version": 1, "provenance": run_provenance, "library": library,
+    write_json(args.out.with_suffix(".json"), {"schema_version": 2, "provenance": run_provenance, "library": library,
                                               "settings": settings, "bandwidth_bytes_per_s": bandwidth, "call_overhead": overhead,
                                               "shapes": [asdict(r) for r in shape_rows], "end_to_end": e2e})
     print(f"wrote {args.out}")

@@ -73,6 +73,20 @@ def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_f
     assert code == 0 and head_config["schema_version"] == 3 and list(head_config["head"]) == ["lm_head"]
     assert head_config["total_bits"] == config["total_bits"] and head_config["model_bytes"] != config["model_bytes"]
     assert head_config["head"]["lm_head"]["meta"]["bits"] == 8 and head_config["source"]["lm_head"]["bits"] == 8
+    # generate from the packed model: the lean decoder and transformers agree token for token
+    texts = {}
+    for engine in ("lean", "transformers"):
+        code, stdout, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "the river city", "--max-new-tokens", "8",
+                                "--engine", engine, "--float-activations")
+        assert code == 0 and f"({engine} engine, float decode activations" in err and stdout.strip(), err
+        texts[engine] = stdout
+    assert texts["lean"] == texts["transformers"]
+    code, stdout, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "the river city", "--max-new-tokens", "8")
+    assert code == 0 and "(lean engine, int8 decode activations" in err and "decode" in err
+    code, _, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "  ")
+    assert_one_line_error(code, err, "--prompt is empty")
+    code, _, err = run(capsys, "generate", "--quantized", str(tmp_path / "missing"), "--prompt", "the")
+    assert code == 2 and "Traceback" not in err
 
 
 def test_profile_measure_kl_adds_kl_losses_the_solver_takes(profiled, tiny_model_dir, text_file, tmp_path, capsys) -> None:
