@@ -13,6 +13,11 @@ model's own modules and weights (float ``nn.Linear`` or packed :class:`QuantLine
 - rotary cos/sin come from the model's own rotary module, once, for every position;
 - the LM head is applied to the last position only.
 
+Single-token steps go further where the C kernels are built and every matrix is packed or float32:
+the whole step (norms, projections, rotary, attention over the cache, SiLU MLP, LM head) is one call
+into ``quantizers/kernels/llama_step.c`` (:class:`NativeStep`), so a generated token costs one
+ctypes call instead of a few hundred torch operations. Prompts (several tokens) run in torch.
+
 The logits equal the HF model's up to float summation order (tested against it, float and packed).
 Only the llama family (``model_type == "llama"``; SmolLM2 is one) is built; other models generate
 through transformers.
@@ -20,6 +25,7 @@ through transformers.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from allocator.errors import BitallocError
-from quantizers.kernels import QuantLinear
+from quantizers.kernels import QuantLinear, kernel_library
+from quantizers.kernels.build import FLOAT_BITS, MAX_PIECES, KernelLibrary, LlamaBlockDescriptor, LlamaDescriptor, WeightDescriptor
+from quantizers.kernels.ops import KernelError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -76,6 +84,87 @@ class _Block:
         self.scaling = float(attention.scaling)
 
 
+def _describe(module: nn.Module, keep: list[torch.Tensor]) -> WeightDescriptor | None:
+    """The C descriptor of a packed or float32 linear (tensors it points into appended to ``keep``), or
+    ``None`` for anything else."""
+    if isinstance(module, QuantLinear):
+        geometry = module.weight_layout.geometry
+        tensors = [module.codes, module.params] + ([] if module.bias is None else [module.bias])
+        keep.extend(tensors)
+        return WeightDescriptor(module.codes.data_ptr(), module.params.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
+                                module.out_features, module.in_features, geometry.kernel_group_size, module.bits)
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        weight = module.weight.detach().contiguous()
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        keep.extend([weight] + ([] if bias is None else [bias]))
+        return WeightDescriptor(weight.data_ptr(), None, None if bias is None else bias.data_ptr(), module.out_features,
+                                module.in_features, 0, FLOAT_BITS)
+    return None
+
+
+class NativeStep:
+    """A decoder's single-token step bound to ``bq_llama_step``: the descriptors of every block, the
+    head, the rotary tables and the decoder's own KV cache tensors (so torch prefills and C steps share it).
+
+    Int8 decode activations are used when every packed module asks for them (``int8_activations``).
+    """
+
+    def __init__(self, lib: KernelLibrary, decoder: LlamaDecoder, config: object) -> None:
+        self.lib = lib
+        self.keep: list[torch.Tensor] = [decoder.keys, decoder.values, decoder.cos, decoder.sin]
+        blocks = (LlamaBlockDescriptor * len(decoder.blocks))()
+        packed: list[QuantLinear] = []
+        for target, block in zip(blocks, decoder.blocks):
+            for field, parts in (("qkv", block.qkv), ("gate_up", block.gate_up)):
+                for index, part in enumerate(parts):
+                    getattr(target, field)[index] = self._weight(part, packed)
+                setattr(target, field + "_pieces", len(parts))
+            target.o = self._weight(block.o_proj, packed)
+            target.down = self._weight(block.down_proj, packed)
+            norms = [block.input_norm.detach().float().contiguous(), block.post_norm.detach().float().contiguous()]
+            self.keep.extend(norms)
+            target.input_norm, target.post_norm = norms[0].data_ptr(), norms[1].data_ptr()
+        final_norm = decoder.final_norm.detach().float().contiguous()
+        self.keep.append(final_norm)
+        self.blocks = blocks
+        self.vocab = int(decoder.head.out_features)
+        self.descriptor = LlamaDescriptor(
+            layers=len(decoder.blocks), hidden=decoder.hidden, heads=decoder.heads, kv_heads=decoder.kv_heads,
+            head_dim=decoder.head_dim, intermediate=int(config.intermediate_size), max_length=decoder.max_length, vocab=self.vocab,
+            int8_activations=int(bool(packed) and all(m.int8_activations for m in packed)),
+            norm_eps=decoder.blocks[0].input_eps, attention_scale=decoder.blocks[0].scaling,
+            blocks=ctypes.addressof(blocks), final_norm=final_norm.data_ptr(), head=self._weight(decoder.head, packed),
+            cos=decoder.cos.data_ptr(), sin=decoder.sin.data_ptr(), keys=decoder.keys.data_ptr(), values=decoder.values.data_ptr())
+        self.address = ctypes.addressof(self.descriptor)
+
+    def _weight(self, module: nn.Module, packed: list[QuantLinear]) -> WeightDescriptor:
+        described = _describe(module, self.keep)
+        if described is None:
+            raise TypeError(f"{type(module).__name__} has no C descriptor")
+        if isinstance(module, QuantLinear):
+            packed.append(module)
+        return described
+
+    @staticmethod
+    def eligible(decoder: LlamaDecoder, config: object) -> bool:
+        """Whether the C step computes this decoder exactly as the torch path does."""
+        modules = [m for block in decoder.blocks for m in (*block.qkv, block.o_proj, *block.gate_up, block.down_proj)] + [decoder.head]
+        return (getattr(config, "hidden_act", None) == "silu" and decoder.final_norm.dtype == torch.float32
+                and all(len(block.qkv) <= MAX_PIECES and len(block.gate_up) <= MAX_PIECES for block in decoder.blocks)
+                and len({(b.input_eps, b.post_eps, b.scaling) for b in decoder.blocks}) == 1
+                and decoder.blocks[0].input_eps == decoder.blocks[0].post_eps == decoder.final_eps
+                and all(_describe(m, []) is not None for m in modules))
+
+    def __call__(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (vocab,) of one token whose embedding is ``x`` (hidden,), at ``position``."""
+        state = x.detach().float().contiguous().clone()
+        logits = torch.empty(self.vocab)
+        code = self.lib.lib.bq_llama_step(self.address, state.data_ptr(), position, logits.data_ptr())
+        if code != 0:
+            raise KernelError(f"bq_llama_step failed with code {code}")
+        return logits
+
+
 class LlamaDecoder:
     """Greedy/stepwise decoding of one sequence with a static KV cache of ``max_length`` positions.
 
@@ -84,7 +173,7 @@ class LlamaDecoder:
     copies except the fused projections), so it must be rebuilt if the model's weights change.
     """
 
-    def __init__(self, model: nn.Module, max_length: int) -> None:
+    def __init__(self, model: nn.Module, max_length: int, native: bool | None = None) -> None:
         if not supports(model):
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
             raise BitallocError(f"the lean decoder runs llama-architecture models, not {kind}; use transformers' generate")
@@ -110,10 +199,17 @@ class LlamaDecoder:
             positions = torch.arange(max_length)[None]
             cos, sin = inner.rotary_emb(torch.zeros(1, dtype=dtype), positions)
         half = self.head_dim // 2
-        self.cos = cos[0].to(dtype)  # (max_length, head_dim)
+        self.cos = cos[0].to(dtype).contiguous()  # (max_length, head_dim)
+        self.sin = sin[0].to(dtype).contiguous()
         # rotate_half(x) * sin == roll(x, half) * [-sin_first_half, sin_second_half]
-        self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(dtype)
+        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.length = 0
+        lib = kernel_library()
+        if native and (lib is None or not NativeStep.eligible(self, config)):
+            raise BitallocError("the C decode step needs the compiled kernels, SiLU, float32 norms and packed or float32 linears")
+        use_native = native if native is not None else lib is not None and NativeStep.eligible(self, config)
+        self.native_step = NativeStep(lib, self, config) if use_native else None
+        """The C single-token step, or ``None`` (every step in torch)."""
 
     def reset(self) -> None:
         """Forget the sequence (the cache is overwritten, not cleared)."""
@@ -137,6 +233,10 @@ class LlamaDecoder:
         if end > self.max_length:
             raise BitallocError(f"sequence of {end} tokens exceeds the decoder's max_length {self.max_length}")
         q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if count == 1 and self.native_step is not None:
+            logits = self.native_step(self.embed(ids)[0], start)
+            self.length = end
+            return logits[None] if all_logits else logits
         mask = None
         if count > 1:  # position start+t sees keys 0 .. start+t
             mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]

@@ -218,7 +218,8 @@ class DecodeVariant:
     run: Callable[[torch.Tensor, int], tuple[float, float, list[int]]]
     """(prompt ids (1 x n), new tokens) -> (prefill seconds, seconds per decoded token, greedy tokens)."""
     linears: list[torch.nn.Module]
-    head: torch.nn.Module
+    head: torch.nn.Module | None
+    """None: the step runs in one C call, so hooks see nothing inside it."""
 
 
 @torch.inference_mode()
@@ -260,7 +261,9 @@ def hf_variant(label: str, title: str, model: torch.nn.Module) -> DecodeVariant:
 
 def lean_variant(label: str, title: str, decoder: LlamaDecoder) -> DecodeVariant:
     linears = [m for block in decoder.blocks for m in (*block.qkv, block.o_proj, *block.gate_up, block.down_proj)]
-    return DecodeVariant(label, title, lambda ids, n: lean_decode_seconds(decoder, ids, n), linears, decoder.head)
+    hooked = decoder.native_step is None
+    return DecodeVariant(label, title, lambda ids, n: lean_decode_seconds(decoder, ids, n), linears if hooked else [],
+                         decoder.head if hooked else None)
 
 
 def set_int8_activations(model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
@@ -285,6 +288,9 @@ def decode_breakdown(variant: DecodeVariant, prompt: torch.Tensor, new_tokens: i
         if args[0].numel() == args[0].shape[-1]:  # one token
             spent["head" if module is variant.head else "linears"] += time.perf_counter() - started[id(module)]
 
+    if variant.head is None:
+        _, step, _ = variant.run(prompt, new_tokens)
+        return {"total": step * 1e3}
     hooked = [*variant.linears, variant.head]
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
@@ -367,16 +373,17 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     install_quantized(head_model, QuantizedModel(head=quantize_head(model, head_bits)))
     head_int8_model = set_int8_activations(copy.deepcopy(head_model), True)
     max_length = ids.shape[1] + new_tokens + 1
-    lean_float = LlamaDecoder(head_model, max_length)
-    lean_int8 = LlamaDecoder(head_int8_model, max_length)
+    lean_torch = LlamaDecoder(head_model, max_length, native=False)
+    lean_float = LlamaDecoder(head_model, max_length, native=True)
+    lean_int8 = LlamaDecoder(head_int8_model, max_length, native=True)
     head = f"{head_bits}-bit head"
     variants = [
         hf_variant("fp32", "fp32 (transformers)", model),
         hf_variant("packed", "packed, fp32 head (transformers)", kernel_model),
         hf_variant("packed_head", f"packed + {head} (transformers)", head_model),
-        hf_variant("packed_head_int8", f"packed + {head}, int8 decode activations (transformers)", head_int8_model),
-        lean_variant("lean_head", f"packed + {head}, lean decoder", lean_float),
-        lean_variant("lean_head_int8", f"packed + {head}, int8 decode activations, lean decoder", lean_int8),
+        lean_variant("lean_torch", f"packed + {head}, lean decoder, torch step", lean_torch),
+        lean_variant("lean_c", f"packed + {head}, lean decoder, C step", lean_float),
+        lean_variant("lean_c_int8", f"packed + {head}, lean decoder, C step, int8 decode activations", lean_int8),
     ]
     llamas = {label: load_llama(path, seqlen=max_length, threads=torch.get_num_threads()) for label, path in (ggufs or {}).items()}
     # repeats interleaved over every variant, llama.cpp's included: the VM's speed drifts by tens of
@@ -476,8 +483,9 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
             f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats, interleaved over all rows. "
             "\"transformers\" rows run the HF model's forward per token; \"lean decoder\" rows run "
-            "allocator/decoder.py (`bitalloc generate`) on the same modules. Embeddings, attention and norms run in "
-            "fp32 torch in every bitalloc row; llama.cpp rows run the GGUF as written.\n",
+            "allocator/decoder.py (`bitalloc generate`) on the same modules: its \"torch step\" in torch operations, its "
+            "\"C step\" as one call per token into quantizers/kernels/llama_step.c (norms, rotary, attention and SiLU in C, "
+            "fp32). Prompts run in torch in every bitalloc row; llama.cpp rows run the GGUF as written.\n",
             "| model | decode tokens/s | ms/token | prefill tokens/s | greedy tokens equal to the packed + head row |",
             "|---|---:|---:|---:|---:|",
             *[f"| {v['title']} | {v['tokens_per_s']:.1f} | {v['decode_s_per_token'] * 1e3:.1f} | {v['prefill_tokens_per_s']:.0f} | "
@@ -522,6 +530,9 @@ def head_section(e2e: dict[str, Any]) -> list[str]:
     ]
     for label, variant in e2e["variants"].items():
         b = e2e["breakdown_ms"][label]
+        if "head" not in b:
+            lines.append(f"| {variant['title']} | (one C call per token) | | | {b['total']:.1f} |")
+            continue
         linears = "(not hooked)" if label == "fp32" else f"{b['linears']:.1f}"
         lines.append(f"| {variant['title']} | {linears} | {b['head']:.1f} | {b['rest']:.1f} | {b['total']:.1f} |")
     quality = e2e.get("head_quality")
@@ -541,7 +552,7 @@ def decode_quality_section(e2e: dict[str, Any]) -> list[str]:
     kl_key = next(k for k in quality if k.startswith("kl_from_"))
     cells = "; ".join(f"{label}: ppl {ppl:.3f}" + (f", KL from {kl_key[8:]} {quality[kl_key][label]:.5f}" if quality[kl_key][label] else "")
                       for label, ppl in quality["ppl"].items())
-    return [f"Decode-mode quality (packed + {e2e['head_bits']}-bit head, lean decoder): {quality['tokens']} tokens of the evaluation "
+    return [f"Decode-mode quality (packed + {e2e['head_bits']}-bit head, lean decoder with the C step): {quality['tokens']} tokens of the evaluation "
             f"split ({quality['windows']} windows of {quality['seqlen']}) fed one at a time, so every product is a single-token "
             f"GEMV: {cells}.\n"]
 

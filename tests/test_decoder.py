@@ -43,10 +43,12 @@ def packed_llama(bits_of: dict[str, int] | None = None, seed: int = 0) -> nn.Mod
     return model
 
 
-def test_float_decoder_equals_the_hf_model() -> None:
+@pytest.mark.parametrize("native", [True, False])
+def test_float_decoder_equals_the_hf_model(native: bool) -> None:
     model = tiny_llama()
     ids = torch.randint(0, 30, (20,), generator=torch.Generator().manual_seed(0))
-    decoder = LlamaDecoder(model, max_length=32)
+    decoder = LlamaDecoder(model, max_length=32, native=native)
+    assert (decoder.native_step is not None) == native
     expected = hf_logits(model, ids)
     got = stepwise_logits(decoder, ids, [7, 8, 9])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
@@ -55,10 +57,11 @@ def test_float_decoder_equals_the_hf_model() -> None:
     torch.testing.assert_close(decoder.forward(ids[:5]), expected[4], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("bits_of", [None, {"q_proj": 2, "k_proj": 4, "v_proj": 3, "gate_proj": 2, "up_proj": 4}])
-def test_packed_decoder_equals_the_hf_model_fused_or_not(bits_of: dict[str, int] | None) -> None:
+def test_packed_decoder_equals_the_hf_model_fused_or_not(bits_of: dict[str, int] | None, native: bool) -> None:
     model = packed_llama(bits_of)
-    decoder = LlamaDecoder(model, max_length=24)
+    decoder = LlamaDecoder(model, max_length=24, native=native)
     fused = len(decoder.blocks[0].qkv) == 1
     assert fused == (bits_of is None) and len(decoder.blocks[0].gate_up) == (1 if fused else 2)
     ids = torch.randint(0, 30, (16,), generator=torch.Generator().manual_seed(1))
@@ -104,3 +107,44 @@ def test_decoder_refuses_other_architectures_and_overlong_sequences() -> None:
         decoder.forward([1, 2, 3])
     with pytest.raises(BitallocError, match="no tokens"):
         decoder.forward([])
+
+
+def test_native_step_runs_float_layers_and_a_packed_head_beside_packed_ones() -> None:
+    """A layer kept in float (a dequantized format) and an 8-bit head take the C step as well."""
+    from allocator.apply import QuantizedModel
+    from allocator.head import quantize_head
+
+    model = packed_llama()
+    float_model = tiny_llama()
+    layer = model.model.layers[1]
+    layer.mlp.down_proj = float_model.model.layers[1].mlp.down_proj  # float32 nn.Linear among QuantLinears
+    install_quantized(model, QuantizedModel(head=quantize_head(float_model, 8)))
+    ids = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(3))
+    native = LlamaDecoder(model, max_length=16)
+    assert native.native_step is not None and isinstance(model.get_output_embeddings(), QuantLinear)
+    torch.testing.assert_close(stepwise_logits(native, ids, [4, 5, 6, 7]), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_decode_activations_stay_close_to_float_ones() -> None:
+    """int8 activations (the default) change single-token logits by the rounding of x only."""
+    model = packed_llama()
+    ids = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(4))
+    exact = stepwise_logits(LlamaDecoder(model, max_length=16), ids, list(range(4, 12)))
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.int8_activations = True
+    for native in (True, False):
+        rounded = stepwise_logits(LlamaDecoder(model, max_length=16, native=native), ids, list(range(4, 12)))
+        assert torch.equal(rounded[:4], exact[:4])  # the prompt runs with float activations
+        difference = (rounded[4:] - exact[4:]).abs().max() / exact.abs().max()
+        assert 0 < difference < 0.05, (native, difference)
+
+
+def test_native_step_needs_silu_and_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_llama()
+    model.config.hidden_act = "gelu"
+    assert LlamaDecoder(model, max_length=8).native_step is None  # falls back to torch
+    with pytest.raises(BitallocError, match="C decode step needs"):
+        LlamaDecoder(model, max_length=8, native=True)
+    monkeypatch.setattr("allocator.decoder.kernel_library", lambda: None)
+    assert LlamaDecoder(tiny_llama(), max_length=8).native_step is None

@@ -1,8 +1,9 @@
-"""Compile ``lowbit.c`` on first use and load it with ctypes.
+"""Compile ``lowbit.c`` (the kernels) and ``llama_step.c`` (a llama decode step on them) on first use
+into one shared library, and load it with ctypes.
 
 No torch headers, no build step at install time: the system C compiler builds a plain shared
 library (``cc -O3 -march=native -fopenmp -shared -fPIC``) into
-``$BITALLOC_CACHE/kernels/lowbit-<key>.so``, where the key hashes the source, the compiler's
+``$BITALLOC_CACHE/kernels/lowbit-<key>.so``, where the key hashes the sources, the compiler's
 identity, the flags and the CPU (``-march=native`` code must not be loaded on a different CPU
 sharing the cache). Later processes load the cached file directly.
 
@@ -27,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("lowbit.c")
+SOURCES = (Path(__file__).with_name("lowbit.c"), Path(__file__).with_name("llama_step.c"))
 ABI_VERSION = 5
 """Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
 DISABLE_ENV = "BITALLOC_KERNELS"
@@ -72,6 +73,45 @@ class WeightDescriptor(ctypes.Structure):
     ]
 
 
+MAX_PIECES = 3
+"""Pieces a projection of a :class:`LlamaBlockDescriptor` may be split into (``BQ_MAX_PIECES``)."""
+FLOAT_BITS = 32
+"""``bits`` of a descriptor whose ``codes`` point at a float32 row-major weight (``llama_step.c``)."""
+
+
+class LlamaBlockDescriptor(ctypes.Structure):
+    """Mirror of ``bq_llama_block`` in ``llama_step.c``: one decoder block's weights."""
+
+    _fields_ = [
+        ("qkv", WeightDescriptor * MAX_PIECES),
+        ("qkv_pieces", ctypes.c_int64),
+        ("o", WeightDescriptor),
+        ("gate_up", WeightDescriptor * MAX_PIECES),
+        ("gate_up_pieces", ctypes.c_int64),
+        ("down", WeightDescriptor),
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+    ]
+
+
+class LlamaDescriptor(ctypes.Structure):
+    """Mirror of ``bq_llama`` in ``llama_step.c``: sizes, blocks, head, rotary tables and KV cache."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "max_length",
+                                              "vocab", "int8_activations")],
+        ("norm_eps", ctypes.c_float),
+        ("attention_scale", ctypes.c_float),
+        ("blocks", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("head", WeightDescriptor),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+    ]
+
+
 def find_compiler() -> str | None:
     """``$CC`` (its program; extra words in it are ignored) if set, else the first of cc, gcc, clang on PATH."""
     configured = os.environ.get("CC", "").strip()
@@ -113,7 +153,7 @@ def kernel_library() -> KernelLibrary | None:
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     from allocator.storage import cache_dir  # lazy: quantizers must not pull in allocator at import
 
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(b"\0".join([source, _compiler_identity(compiler).encode(), " ".join(flags + COMMON_FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
     target = cache_dir("kernels") / f"lowbit-{key}.so"
@@ -123,7 +163,7 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=".lowbit-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags, *COMMON_FLAGS, str(SOURCE), "-o", tmp_name],
+        result = subprocess.run([compiler, *flags, *COMMON_FLAGS, *map(str, SOURCES), "-o", tmp_name, "-lm"],
                                 capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(result.stderr or f"{compiler} exited with {result.returncode}")
@@ -155,6 +195,8 @@ def _load(path: Path, compiler: str, flags: tuple[str, ...]) -> KernelLibrary:
     lib.bq_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i32, i64, ptr]
     lib.bq_matmul_desc.restype = i32
     lib.bq_matmul_desc.argtypes = [ptr, ptr, i64, ptr]
+    lib.bq_llama_step.restype = i32
+    lib.bq_llama_step.argtypes = [ptr, ptr, i64, ptr]
     lib.bq_gemv_i8_desc.restype = i32
     lib.bq_gemv_i8_desc.argtypes = [ptr, ptr, ptr]
     lib.bq_dequantize.restype = i32
