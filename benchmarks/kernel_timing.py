@@ -303,13 +303,14 @@ def decode_breakdown(variant: DecodeVariant, prompt: torch.Tensor, new_tokens: i
 
 
 @torch.inference_mode()
-def decode_quality(loaded: Any, decoders: dict[str, LlamaDecoder], tokens: int, seqlen: int = 256) -> dict[str, Any]:
+def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int, seqlen: int = 256) -> dict[str, Any]:
     """Perplexity of the evaluation split decoded one token at a time (every product a single-token GEMV,
-    the path int8 activations change) by each decoder, and the mean KL of every decoder's next-token
-    distribution from the first one's."""
+    the path int8 activations change) by each model's lean decoder (C step), and the mean KL of every
+    model's next-token distribution from the first one's."""
     from allocator.corpus import load_corpus
     from allocator.pipeline import EvalSettings, evaluation_tokens
 
+    decoders = {label: LlamaDecoder(model, seqlen, native=True) for label, model in models.items()}
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens, seqlen=seqlen))
     nll = {label: 0.0 for label in decoders}
     kl = {label: 0.0 for label in decoders}
@@ -345,6 +346,17 @@ def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> di
             "head_only_ppl": results["head only"].perplexity, "head_only_kl": results["head only"].kl,
             "float_head_ppl": results["float head"].perplexity, "float_head_kl": results["float head"].kl,
             "quantized_head_ppl": results["quantized head"].perplexity, "quantized_head_kl": results["quantized head"].kl}
+
+
+def quality_model_decode(loaded: Any, head: QuantLinear, tokens: int) -> dict[str, Any]:
+    """:func:`decode_quality` of a usable model (every linear RTN 4-bit g128, the same packed head), float
+    against int8 activations: the speed map is far too lossy for its perplexity to say much."""
+    model = copy.deepcopy(loaded.model)
+    names = quantizable_linears(model)
+    install_quantized(model, quantize_model(model, {name: RTNQuantizer(4, GROUP_SIZE) for name in names}, progress=False))
+    model.lm_head = copy.deepcopy(head)
+    return decode_quality(loaded, {"float activations": set_int8_activations(model, False),
+                                   "int8 activations": set_int8_activations(copy.deepcopy(model), True)}, tokens)
 
 
 def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repeats: int, head_bits: int = 8,
@@ -420,8 +432,10 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
         "head_packed_mb": head_bytes / 1e6,
         "breakdown_ms": breakdown,
         "head_quality": head_quality(loaded, quantized, head_bits, head_eval_tokens) if head_eval_tokens else None,
-        "decode_quality": decode_quality(loaded, {"float activations": lean_float, "int8 activations": lean_int8},
-                                         decode_eval_tokens) if decode_eval_tokens else None,
+        "decode_quality": {
+            "map": decode_quality(loaded, {"float activations": head_model, "int8 activations": head_int8_model}, decode_eval_tokens),
+            "rtn4": quality_model_decode(loaded, head_model.get_output_embeddings(), decode_eval_tokens),
+        } if decode_eval_tokens else None,
         "bpw": quantized.bits_per_weight,
         "map": "attention 3-bit, gate/up 2-bit, down 2-bit (even blocks) / 3-bit (odd blocks); RTN asymmetric g128",
         "quantize_s": quantize_s,
@@ -546,15 +560,20 @@ def head_section(e2e: dict[str, Any]) -> list[str]:
 
 
 def decode_quality_section(e2e: dict[str, Any]) -> list[str]:
-    quality = e2e.get("decode_quality")
-    if not quality:
+    qualities = e2e.get("decode_quality")
+    if not qualities:
         return []
-    kl_key = next(k for k in quality if k.startswith("kl_from_"))
-    cells = "; ".join(f"{label}: ppl {ppl:.3f}" + (f", KL from {kl_key[8:]} {quality[kl_key][label]:.5f}" if quality[kl_key][label] else "")
-                      for label, ppl in quality["ppl"].items())
-    return [f"Decode-mode quality (packed + {e2e['head_bits']}-bit head, lean decoder with the C step): {quality['tokens']} tokens of the evaluation "
-            f"split ({quality['windows']} windows of {quality['seqlen']}) fed one at a time, so every product is a single-token "
-            f"GEMV: {cells}.\n"]
+    lines = [f"Decode-mode quality ({e2e['head_bits']}-bit head, lean decoder with the C step): evaluation-split tokens fed one at a "
+             "time, so every product is a single-token GEMV, with float and with int8 activations:\n",
+             "| model | tokens | ppl, float activations | ppl, int8 activations | KL(float \\|\\| int8) per token |",
+             "|---|---:|---:|---:|---:|"]
+    titles = {"map": f"the speed map ({e2e['bpw']:.2f} bpw)", "rtn4": "RTN 4-bit g128 everywhere"}
+    for key, quality in qualities.items():
+        kl_key = next(k for k in quality if k.startswith("kl_from_"))
+        ppl = quality["ppl"]
+        lines.append(f"| {titles[key]} | {quality['tokens']} | {ppl['float activations']:.3f} | {ppl['int8 activations']:.3f} | "
+                     f"{quality[kl_key]['int8 activations']:.4f} |")
+    return lines + [""]
 
 
 def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
