@@ -59,6 +59,7 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
     "smollm2-135m": [(576, 576), (192, 576), (1536, 576), (576, 1536)],  # q/o, k/v, gate/up, down
     "gemma3-270m": [(1024, 640), (256, 640), (640, 1024), (2048, 640), (640, 2048)],  # q, k/v, o, gate/up, down
     "large": [(4096, 4096)],
+    "smollm2-head": [(49152, 576)],  # the LM head (8-bit with --lm-head-bits 8)
 }
 GROUP_SIZE = 128
 STREAM_BYTES = 256 * 2**20
@@ -608,7 +609,7 @@ def rerender(path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", default=",".join(SHAPES), help=f"shape families ({', '.join(SHAPES)})")
-    parser.add_argument("--bits", default="1,2,3,4")
+    parser.add_argument("--bits", default="1,2,3,4,8")
     parser.add_argument("--tokens", default="1,16,64", help="tokens per product (1 = GEMV)")
     parser.add_argument("--min-seconds", type=float, default=0.3, help="measuring time per timed product")
     parser.add_argument("--model", default="smollm2-135m")

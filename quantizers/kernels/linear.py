@@ -1,4 +1,4 @@
-"""``QuantLinear``: an inference ``nn.Linear`` whose weight stays packed at 1-4 bits.
+"""``QuantLinear``: an inference ``nn.Linear`` whose weight stays packed at 1-4 (or 8) bits.
 
 Three layers, kept apart: the tensor format (:mod:`quantizers.kernels.layout`), the kernels
 (:mod:`quantizers.kernels.ops` over the C library), and this module, which only holds buffers and
@@ -20,7 +20,7 @@ from quantizers.kernels.layout import ChunkGeometry, KernelWeight
 
 
 class QuantLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` on a uniform grid of 1-4 bit codes (kernel layout buffers).
+    """``y = x W^T + b`` with ``W`` on a uniform grid of 1-4 or 8 bit codes (kernel layout buffers).
 
     Buffers (so ``state_dict``/``load_state_dict`` carry them): ``codes`` (uint8,
     out x row_bytes), ``params`` (float16 (scale, zero) pairs, out x groups x 2) and ``bias``

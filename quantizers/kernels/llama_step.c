@@ -66,7 +66,7 @@ typedef struct {
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, max_length, vocab;
-    int64_t int8_activations; /* single-token products of 1-4 bit weights on int8-rounded x */
+    int64_t int8_activations; /* packed single-token products on int8-rounded x */
     float norm_eps;
     float attention_scale;
     const bq_llama_block *blocks;
@@ -110,7 +110,7 @@ static int product(const bq_weight *w, const float *x, float *y, int int8) {
         gemv_float(w, x, y);
         return 0;
     }
-    if (int8 && w->bits <= 4) return bq_gemv_i8_desc(w, x, y);
+    if (int8) return bq_gemv_i8_desc(w, x, y);
     return bq_matmul_desc(w, x, 1, y);
 }
 

@@ -23,8 +23,8 @@
  *
  * GEMV with int8 activations (bq_gemv_i8, the decode path): x is first quantized per chunk of 32
  * columns as llama.cpp's Q8_0 does (d = max|x| / 127, xq = round(x / d)), then each chunk of codes is
- * unpacked to 32 bytes and multiplied with xq by integer dot products (maddubs + madd), one float
- * multiply-add per chunk. The result is the exact product of the weight with the int8-rounded x.
+ * unpacked to 32 bytes and multiplied with xq by integer dot products (maddubs + madd; 8-bit codes
+ * widened to int16 first), one float multiply-add per chunk. The result is the exact product of the weight with the int8-rounded x.
  *
  * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
  * with the per-group sums of x computed once per call, so the inner loop is only
@@ -342,12 +342,24 @@ BQ_INLINE __m256i unpack_chunk_bytes(const uint8_t *p, const int bits) {
     return _mm256_or_si256(lo2, _mm256_and_si256(set, _mm256_set1_epi8(4)));
 }
 
+/* Integer dot product of one chunk's codes with 32 int8 activations, as 8 int32 partial sums.
+ * 1-4 bits: maddubs (u8 codes x s8 activations, pairs summed to int16: at most 2 * 15 * 127) and madd.
+ * 8 bits would overflow those int16 pairs (2 * 255 * 127), so codes and activations are widened to
+ * int16 first (x16 holds the chunk's activations widened once for all rows). */
+BQ_INLINE __m256i chunk_dot(const uint8_t *p, const int bits, __m256i xv, const __m256i x16[2]) {
+    if (bits == 8) {
+        __m256i codes = _mm256_loadu_si256((const __m256i *)p);
+        __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes)), x16[0]);
+        __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1)), x16[1]);
+        return _mm256_add_epi32(lo, hi);
+    }
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk_bytes(p, bits), xv), _mm256_set1_epi16(1));
+}
+
 /* Int8-activation GEMV for R (1..4) consecutive rows sharing each chunk of xq: per chunk and row, one
- * unpack, maddubs (u8 codes x s8 activations, pairs summed to int16: at most 2 * 15 * 127), madd to
- * int32 and one float FMA with the chunk's activation scale. */
+ * integer dot product (chunk_dot) and one float FMA with the chunk's activation scale. */
 BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
                             const float *d, const float *gsum, const Geometry *geo, const int bits, const int R, float *y) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 total[4];
     float zterm[4];
     const uint8_t *p[4];
@@ -363,9 +375,14 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
         for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
         for (int64_t c = 0; c < nc; ++c, ++k) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k * BQ_CHUNK));
+            __m256i x16[2];
+            if (bits == 8) {
+                x16[0] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
+                x16[1] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1));
+            }
             __m256 dv = _mm256_broadcast_ss(d + k);
             for (int r = 0; r < R; ++r) {
-                __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk_bytes(p[r], bits), xv), ones);
+                __m256i dot = chunk_dot(p[r], bits, xv, x16);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dv, acc[r]);
                 p[r] += geo->chunk_bytes;
             }
@@ -514,6 +531,7 @@ BQ_DEFINE_GEMV_I8(1)
 BQ_DEFINE_GEMV_I8(2)
 BQ_DEFINE_GEMV_I8(3)
 BQ_DEFINE_GEMV_I8(4)
+BQ_DEFINE_GEMV_I8(8)
 
 #define BQ_GEMM_TAIL_CASE(B, T)                                                                        \
     case T: gemm_row(p, pr, xp + t0 * xstride, xstride, geo, B, T, y + t0 * rows + r, rows); break;
@@ -644,12 +662,12 @@ BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, 
 }
 
 /*
- * y (rows) = q8(x) @ W^T + bias for one token, with x quantized to int8 per 32 columns (see the header);
- * 1-4 bit weights only (-1 otherwise: 8-bit codes overflow the int16 pair sums). Returns 0 on success.
+ * y (rows) = q8(x) @ W^T + bias for one token, with x quantized to int8 per 32 columns (see the header).
+ * Returns 0 on success, -1 on bad arguments, -2 without memory.
  */
 BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     int bits = (int)w->bits;
-    if (bits < 1 || bits > 4 || w->cols <= 0 || w->rows <= 0) return -1;
+    if (bits < 1 || (bits > 4 && bits != 8) || w->cols <= 0 || w->rows <= 0) return -1;
     Geometry geo = geometry(w->cols, w->group_size, bits);
     int64_t row_bytes = geo.chunks * geo.chunk_bytes;
     int64_t width = geo.chunks * BQ_CHUNK;
@@ -671,7 +689,8 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     case 1: gemv_i8_b1(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 2: gemv_i8_b2(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 3: gemv_i8_b3(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
-    default: gemv_i8_b4(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    case 4: gemv_i8_b4(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
+    default: gemv_i8_b8(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     }
     free(scratch);
     if (w->bias)

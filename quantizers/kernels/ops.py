@@ -19,8 +19,6 @@ from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequan
 
 GEMM_MAX_BATCH = 64
 """Largest number of tokens the GEMM kernel takes; above it, dequantize + torch matmul."""
-INT8_ACTIVATION_BITS = (1, 2, 3, 4)
-"""Widths the int8-activation GEMV serves (8-bit codes would overflow its int16 pair sums)."""
 
 
 class KernelError(RuntimeError):
@@ -62,7 +60,7 @@ class PreparedWeight:
         self.lib, self.codes, self.params, self.bias = lib, weight.codes, weight.params, bias
         self.rows, self.cols, self.bits = rows, cols, weight.bits
         self.group_arg = weight.geometry.kernel_group_size
-        self.int8_activations = int8_activations and weight.bits in INT8_ACTIVATION_BITS
+        self.int8_activations = int8_activations
         self._key = self.pointers(weight.codes, weight.params, bias)
         self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits)
         self._address = ctypes.addressof(self._descriptor)
@@ -75,7 +73,7 @@ class PreparedWeight:
                 int8_activations: bool) -> bool:
         """Whether this binding still describes these buffers and mode (a replaced buffer needs a new one)."""
         return (lib is self.lib and self._key == self.pointers(codes, params, bias)
-                and self.int8_activations == (int8_activations and self.bits in INT8_ACTIVATION_BITS))
+                and self.int8_activations == int8_activations)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (CPU, (..., cols)) -> float32 (..., rows)."""
@@ -104,7 +102,7 @@ def matmul(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None = No
     """``x @ W^T + bias`` for ``x`` of shape (..., in_features), any float dtype -> float32 (..., out).
 
     ``library`` defaults to :func:`~quantizers.kernels.build.kernel_library`; without one this is
-    :func:`reference_matmul`. ``int8_activations``: a single token (1-4 bit weight) is computed with x
+    :func:`reference_matmul`. ``int8_activations``: a single token is computed with x
     rounded by :func:`round_activations_int8`, as the decode path of :class:`QuantLinear` does.
     """
     rows, cols = weight.shape
