@@ -10,7 +10,9 @@ Three parts, all in one run on one machine:
    1 token (GEMV, decode; with float and with int8-rounded activations) and a few tokens (GEMM,
    prefill), beside ``F.linear`` with the fp32 weight.
    "hot" repeats one product, so the weight sits in cache; "streamed" (1 token) cycles through
-   enough copies of the weight to overflow the caches, as a decode pass over a whole model does.
+   enough copies of the weight to overflow the caches, as a decode pass over a whole model does,
+   calling each product from Python ("streamed") or all of them from one C call ("streamed, C loop":
+   the kernel alone, as the C decode step uses it).
 2. The memory-bandwidth floor of each product: bytes the kernel reads (packed codes + fp16
    (scale, zero) pairs, or the fp32 weight) divided by a STREAM-like copy bandwidth measured here.
 3. End to end: SmolLM2-135M decode tokens/s (KV cache, greedy, one token per step) and a 64-token
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import json
 import math
@@ -53,6 +56,7 @@ from allocator.storage import write_json
 from quantizers import RTNQuantizer
 from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library, round_activations_int8
 from quantizers.kernels.layout import ChunkGeometry, pack_chunks
+from quantizers.kernels.build import WeightDescriptor
 from quantizers.kernels.ops import PreparedWeight
 
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -180,6 +184,7 @@ def bench_shapes(families: Sequence[str], bits_list: Sequence[int], token_counts
                                                                    GROUP_SIZE, False), None, int8) for _ in range(count)]
                         row = _streamed_row(family, rows, cols, bits, inputs[1], copies, weight.nbytes, bandwidth, min_seconds)
                         rows_out.append(dataclasses.replace(row, activations=activations))
+                        rows_out.append(_c_loop_row(lib, row, copies, inputs[1], int8, min_seconds))
                         del copies
                 print(f"{family} {rows}x{cols} {bits}-bit done", flush=True)
     return rows_out
@@ -196,6 +201,16 @@ def _streamed_row(family: str, rows: int, cols: int, bits: int | None, x: torch.
 
     seconds = time_call(step, max(min_seconds, 0.5))
     return ShapeRow(family, rows, cols, bits, 1, "streamed", seconds, weight_bytes, weight_bytes / bandwidth, None)
+
+
+def _c_loop_row(lib: Any, row: ShapeRow, copies: list[PreparedWeight], x: torch.Tensor, int8: bool, min_seconds: float) -> ShapeRow:
+    """The streamed products again, all issued by one C call (``bq_gemv_sequence``): the kernel's own
+    throughput with no Python between products, as the C decode step sees it."""
+    descriptors = (WeightDescriptor * len(copies))(*[c._descriptor for c in copies])
+    y = torch.empty(row.rows)
+    seconds = time_call(lambda: lib.lib.bq_gemv_sequence(ctypes.addressof(descriptors), len(copies), x.data_ptr(), y.data_ptr(), int(int8)),
+                        max(min_seconds, 0.5), batches=3) / len(copies)
+    return dataclasses.replace(row, mode="streamed, C loop", seconds=seconds, activations="int8" if int8 else "fp32")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -471,7 +486,8 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             "(packed codes + fp16 (scale, zero) per group, or the fp32 weight) / the copy bandwidth. `hot` repeats one "
             "product (weight in cache, so it can beat the DRAM floor); `streamed` cycles through copies of the weight "
             f"totalling >= {stream_bytes // 2**20} MiB (at most 4096 copies), as a decode pass over a model larger than "
-            "the caches does. "
+            "the caches does, one Python call per product; `streamed, C loop` issues the same products from one C call "
+            "(`bq_gemv_sequence`), so it is the kernel's own time, as the C decode step sees it. "
             "`speed-up` is fp32 time / kernel time in the same mode. `rel err` is max |kernel - exact| / max |exact| "
             "against a float64 product with the same dequantized weight. `of floor` is floor / time: the share of the "
             "bandwidth limit reached (the target is >= 50% for streamed GEMV).\n",
@@ -582,12 +598,13 @@ def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
     lines = []
     kinds = sorted({(r.bits, r.activations) for r in shape_rows if r.bits is not None}) + [(None, "fp32")]
     for bits, activations in kinds:
-        shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows
-                  if r.mode == "streamed" and r.bits == bits and r.activations == activations]
-        if shares:
-            label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel, {activations} activations"
-            lines.append(f"- streamed GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
-                         f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
+        for mode in ("streamed", "streamed, C loop"):
+            shares = [r.bandwidth_floor_seconds / r.seconds for r in shape_rows
+                      if r.mode == mode and r.bits == bits and r.activations == activations]
+            if shares:
+                label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel, {activations} activations"
+                lines.append(f"- {mode} GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
+                             f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
     return [*lines, ""] if lines else []
 
 

@@ -195,6 +195,8 @@ def _load(path: Path, compiler: str, flags: tuple[str, ...]) -> KernelLibrary:
     lib.bq_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, i32, i64, ptr]
     lib.bq_matmul_desc.restype = i32
     lib.bq_matmul_desc.argtypes = [ptr, ptr, i64, ptr]
+    lib.bq_gemv_sequence.restype = i32
+    lib.bq_gemv_sequence.argtypes = [ptr, i64, ptr, ptr, i32]
     lib.bq_llama_step.restype = i32
     lib.bq_llama_step.argtypes = [ptr, ptr, i64, ptr]
     lib.bq_gemv_i8_desc.restype = i32

@@ -698,6 +698,16 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     return 0;
 }
 
+/* `count` single-token products one after another, y_i = x @ W_i^T (all of one shape; each overwrites y):
+ * the kernels' own throughput with no caller between the products, as the C decode step calls them. */
+BQ_EXPORT int bq_gemv_sequence(const bq_weight *weights, int64_t count, const float *x, float *y, int int8_activations) {
+    for (int64_t i = 0; i < count; ++i) {
+        int code = int8_activations ? bq_gemv_i8_desc(&weights[i], x, y) : bq_matmul_desc(&weights[i], x, 1, y);
+        if (code != 0) return code;
+    }
+    return 0;
+}
+
 /* out (rows x cols, float32) = the dequantized weight, (q - z) * s exactly as the reference. */
 BQ_EXPORT int bq_dequantize(const uint8_t *codes, const uint16_t *params, int64_t rows, int64_t cols, int bits,
                             int64_t group_size, float *out) {
