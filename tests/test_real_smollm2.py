@@ -33,3 +33,37 @@ def test_gptq_beats_rtn_at_3_bits_on_real_text(smollm2) -> None:
     assert rtn.ppl_ratio > 2  # plain 3-bit RTN hurts this small model badly
     assert gptq.perplexity < 0.85 * rtn.perplexity and gptq.kl < rtn.kl
     assert gptq.model_mb < 0.4 * reference.model_mb
+
+
+def test_lean_decoder_on_packed_smollm2_matches_transformers(smollm2) -> None:
+    """The C decode step on the real model: logits of packed RTN-4 layers + an 8-bit head equal the HF
+    model's, and greedy text equals transformers' generate (float decode activations)."""
+    import copy
+
+    import torch
+
+    from allocator.apply import QuantizedModel, quantize_model
+    from allocator.decoder import LlamaDecoder
+    from allocator.head import quantize_head
+    from allocator.layers import quantizable_linears
+    from allocator.packed import install_quantized
+    from quantizers.kernels import QuantLinear
+
+    model = copy.deepcopy(smollm2.model)
+    linears = quantizable_linears(model)
+    install_quantized(model, quantize_model(model, {name: RTNQuantizer(4, 128) for name in linears}, progress=False))
+    install_quantized(model, QuantizedModel(head=quantize_head(smollm2.model, 8)))
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.int8_activations = False
+    prompt = smollm2.tokenizer("The river flows through the old city and", return_tensors="pt").input_ids
+    decoder = LlamaDecoder(model, prompt.shape[1] + 12)
+    assert decoder.native_step is not None
+    with torch.inference_mode():
+        reference = model(prompt).logits[0]
+        model.config.use_cache = True
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0, prompt.shape[1]:].tolist()
+    steps = torch.cat([decoder.forward(prompt[0, :4], all_logits=True)]
+                      + [decoder.forward(prompt[0, i:i + 1], all_logits=True) for i in range(4, prompt.shape[1])])
+    torch.testing.assert_close(steps, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+    assert decoder.generate(prompt[0].tolist(), 8) == expected
