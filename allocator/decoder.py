@@ -53,7 +53,8 @@ def fuse_linears(linears: Sequence[nn.Module]) -> list[nn.Module]:
         return list(linears) if fused is None else [fused]
     if all(type(m) is nn.Linear for m in linears):
         has_bias = any(m.bias is not None for m in linears)
-        fused_linear = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=has_bias)
+        fused_linear = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=has_bias,
+                                 dtype=linears[0].weight.dtype)
         with torch.no_grad():
             fused_linear.weight.copy_(torch.cat([m.weight for m in linears]))
             if has_bias:
