@@ -156,31 +156,60 @@ BQ_INLINE float round_even(float v) {
     return v >= 0.0f ? (v + magic) - magic : -((-v + magic) - magic);
 }
 
-/* Q8_0-style activations: for each chunk k of the padded x, d[k] = max|x| / 127 and
- * xq = round(x * (127 / max|x|)) in [-127, 127]; gsum[g] = sum over group g's chunks of d[k] * sum(xq),
- * the zero-point term of the quantized x. */
+/* One chunk of Q8_0-style activations: xq = round(x * (127 / max|x|)) in [-127, 127] (ties to even);
+ * stores d = max|x| / 127 and returns d * sum(xq). */
+#if defined(__AVX2__)
+BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* nearest, ties to even */
+    /* packs interleave 128-bit lanes; the permute restores column order */
+    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)xq, bytes);
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    *d = amax / 127.0f;
+    return *d * (float)_mm_cvtsi128_si32(s4);
+}
+#else
+BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
+    float amax = 0.0f;
+    for (int e = 0; e < BQ_CHUNK; ++e) {
+        float a = src[e] < 0.0f ? -src[e] : src[e];
+        amax = a > amax ? a : amax;
+    }
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int isum = 0;
+    for (int e = 0; e < BQ_CHUNK; ++e) {
+        int v = (int)round_even(src[e] * inv);
+        xq[e] = (int8_t)v;
+        isum += v;
+    }
+    *d = amax / 127.0f;
+    return *d * (float)isum;
+}
+#endif
+
+/* Q8_0-style activations for every chunk k of the padded x (quantize_chunk), and gsum[g] = the sum over
+ * group g's chunks of d[k] * sum(xq), the zero-point term of the quantized x. */
 static void quantize_activations(const float *xp, const Geometry *geo, int8_t *xq, float *d, float *gsum) {
     int64_t k = 0;
     for (int64_t g = 0; g < geo->groups; ++g) {
         int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
         float total = 0.0f;
-        for (int64_t c = 0; c < nc; ++c, ++k) {
-            const float *src = xp + k * BQ_CHUNK;
-            float amax = 0.0f;
-            for (int e = 0; e < BQ_CHUNK; ++e) {
-                float a = src[e] < 0.0f ? -src[e] : src[e];
-                amax = a > amax ? a : amax;
-            }
-            float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int isum = 0;
-            for (int e = 0; e < BQ_CHUNK; ++e) {
-                int v = (int)round_even(src[e] * inv);
-                xq[k * BQ_CHUNK + e] = (int8_t)v;
-                isum += v;
-            }
-            d[k] = amax / 127.0f;
-            total += d[k] * (float)isum;
-        }
+        for (int64_t c = 0; c < nc; ++c, ++k) total += quantize_chunk(xp + k * BQ_CHUNK, xq + k * BQ_CHUNK, d + k);
         gsum[g] = total;
     }
 }
