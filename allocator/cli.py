@@ -765,9 +765,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
@@ -830,3 +827,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     print(f"bitalloc: {len(prompt)} prompt tokens, {len(generated)} generated; {rate} ({engine} engine, {activations} decode "
           f"activations, {torch.get_num_threads()} threads)", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
