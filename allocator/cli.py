@@ -802,15 +802,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         nonlocal shown
         marks.append(time.perf_counter())
         generated.append(token)
-        text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        text = loaded.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # wait for the rest of a multi-byte character, or for a decode that extends what is shown
+        if not text.endswith("\ufffd") and text.startswith(shown):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    start = time.perf_counter()
     if engine == "lean":
-        LlamaDecoder(model, len(prompt) + args.max_new_tokens).generate(prompt, args.max_new_tokens, stop=stop, on_token=stream)
+        decoder = LlamaDecoder(model, len(prompt) + args.max_new_tokens)
+        engine = "lean, C step" if decoder.native_step is not None else "lean, torch step"
+        start = time.perf_counter()
+        decoder.generate(prompt, args.max_new_tokens, stop=stop, on_token=stream)
     else:
+        start = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(torch.tensor([prompt]), max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True,
                                     eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
@@ -818,8 +822,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             stream(token)
             if token in stop:
                 break  # the rest is padding
-    print(flush=True)
-    if engine == "lean" and len(marks) > 1:
+    final = loaded.tokenizer.decode(generated, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    print(final[len(shown):] if final.startswith(shown) else "", flush=True)  # what a trailing partial character held back
+    if engine.startswith("lean") and len(marks) > 1:
         rate = f"prefill {len(prompt) / (marks[0] - start):.1f} tok/s, decode {(len(marks) - 1) / (marks[-1] - marks[0]):.1f} tok/s"
     else:
         rate = f"{len(generated) / (time.perf_counter() - start):.1f} tok/s overall"

@@ -35,14 +35,19 @@ from torch import nn
 from allocator.errors import BitallocError
 from quantizers.kernels import QuantLinear, kernel_library
 from quantizers.kernels.build import FLOAT_BITS, MAX_PIECES, KernelLibrary, LlamaBlockDescriptor, LlamaDescriptor, WeightDescriptor
-from quantizers.kernels.ops import KernelError
+from quantizers.kernels.ops import KernelError, check_weight
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""Rotary kinds whose cos/sin depend on the position only (dynamic NTK and longrope rescale with the length)."""
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether :class:`LlamaDecoder` can run this model."""
-    return getattr(getattr(model, "config", None), "model_type", None) in SUPPORTED_MODEL_TYPES
+    """Whether :class:`LlamaDecoder` can run this model: a llama with a position-only rotary embedding."""
+    config = getattr(model, "config", None)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    return (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES
+            and getattr(rotary, "rope_type", "default") in STATIC_ROPE_TYPES)
 
 
 def fuse_linears(linears: Sequence[nn.Module]) -> list[nn.Module]:
@@ -89,12 +94,19 @@ def _describe(module: nn.Module, keep: list[torch.Tensor]) -> WeightDescriptor |
     """The C descriptor of a packed or float32 linear (tensors it points into appended to ``keep``), or
     ``None`` for anything else."""
     if isinstance(module, QuantLinear):
+        try:
+            check_weight(module.weight_layout)  # the dtypes, shapes and memory the C kernels read
+        except ValueError:
+            return None
+        bias = module.bias
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
+            return None
         geometry = module.weight_layout.geometry
         tensors = [module.codes, module.params] + ([] if module.bias is None else [module.bias])
         keep.extend(tensors)
         return WeightDescriptor(module.codes.data_ptr(), module.params.data_ptr(), None if module.bias is None else module.bias.data_ptr(),
                                 module.out_features, module.in_features, geometry.kernel_group_size, module.bits)
-    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_cpu:
         weight = module.weight.detach().contiguous()
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
         keep.extend([weight] + ([] if bias is None else [bias]))
@@ -150,7 +162,8 @@ class NativeStep:
     def eligible(decoder: LlamaDecoder, config: object) -> bool:
         """Whether the C step computes this decoder exactly as the torch path does."""
         modules = [m for block in decoder.blocks for m in (*block.qkv, block.o_proj, *block.gate_up, block.down_proj)] + [decoder.head]
-        return (getattr(config, "hidden_act", None) == "silu" and decoder.final_norm.dtype == torch.float32
+        tensors = [decoder.final_norm, decoder.keys] + [t for b in decoder.blocks for t in (b.input_norm, b.post_norm)]
+        return (getattr(config, "hidden_act", None) == "silu" and all(t.dtype == torch.float32 and t.is_cpu for t in tensors)
                 and all(len(block.qkv) <= MAX_PIECES and len(block.gate_up) <= MAX_PIECES for block in decoder.blocks)
                 and len({(b.input_eps, b.post_eps, b.scaling) for b in decoder.blocks}) == 1
                 and decoder.blocks[0].input_eps == decoder.blocks[0].post_eps == decoder.final_eps
@@ -177,7 +190,10 @@ class LlamaDecoder:
     def __init__(self, model: nn.Module, max_length: int, native: bool | None = None) -> None:
         if not supports(model):
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            raise BitallocError(f"the lean decoder runs llama-architecture models, not {kind}; use transformers' generate")
+            rope = getattr(getattr(getattr(model, "model", None), "rotary_emb", None), "rope_type", "default")
+            what = kind if kind not in SUPPORTED_MODEL_TYPES else f"{kind} with {rope} rotary scaling"
+            raise BitallocError(f"the lean decoder runs llama-architecture models with static rotary embeddings, not {what}; "
+                                "use transformers' generate")
         if max_length < 1:
             raise BitallocError(f"max_length must be positive, got {max_length}")
         config = model.config

@@ -4,6 +4,7 @@ the one-line errors of the allocation commands."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,11 +79,13 @@ def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_f
     for engine in ("lean", "transformers"):
         code, stdout, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "the river city", "--max-new-tokens", "8",
                                 "--engine", engine, "--float-activations")
-        assert code == 0 and f"({engine} engine, float decode activations" in err and stdout.strip(), err
+        expected_engine = "lean, C step" if engine == "lean" else engine
+        assert code == 0 and f"({expected_engine} engine, float decode activations" in err and stdout.strip(), err
         texts[engine] = stdout
     assert texts["lean"] == texts["transformers"]
     code, stdout, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "the river city", "--max-new-tokens", "8")
-    assert code == 0 and "(lean engine, int8 decode activations" in err and "decode" in err
+    assert code == 0 and "(lean, C step engine, int8 decode activations" in err
+    assert re.search(r"prefill [0-9.]+ tok/s, decode [0-9.]+ tok/s", err), err
     code, _, err = run(capsys, "generate", "--quantized", str(head_dir), "--prompt", "  ")
     assert_one_line_error(code, err, "--prompt is empty")
     code, _, err = run(capsys, "generate", "--quantized", str(tmp_path / "missing"), "--prompt", "the")

@@ -76,6 +76,7 @@ def test_greedy_generation_equals_transformers_generate() -> None:
     with torch.inference_mode():
         expected = hf_model.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 6:].tolist()
     decoder = LlamaDecoder(model, max_length=32)
+    assert decoder.native_step is not None  # single steps in C
     streamed: list[int] = []
     assert decoder.generate(prompt.tolist(), 12, on_token=streamed.append) == expected == streamed
     stop = expected[3]
@@ -99,7 +100,7 @@ def test_fuse_linears_stacks_outputs_or_declines() -> None:
 def test_decoder_refuses_other_architectures_and_overlong_sequences() -> None:
     other = nn.Module()
     other.config = SimpleNamespace(model_type="gemma3_text")
-    with pytest.raises(BitallocError, match="llama-architecture models, not gemma3_text"):
+    with pytest.raises(BitallocError, match="static rotary embeddings, not gemma3_text"):
         LlamaDecoder(other, max_length=8)
     decoder = LlamaDecoder(tiny_llama(), max_length=8)
     decoder.forward(list(range(6)))
@@ -148,3 +149,27 @@ def test_native_step_needs_silu_and_the_kernels(monkeypatch: pytest.MonkeyPatch)
         LlamaDecoder(model, max_length=8, native=True)
     monkeypatch.setattr("allocator.decoder.kernel_library", lambda: None)
     assert LlamaDecoder(tiny_llama(), max_length=8).native_step is None
+
+
+def test_c_step_refuses_buffers_it_cannot_read_and_dynamic_rotary() -> None:
+    """float32 params (model.float() converts QuantLinear's fp16 buffers) would be misread by C: torch path instead."""
+    model = packed_llama().float()
+    assert LlamaDecoder(model, max_length=8).native_step is None
+    dynamic = tiny_llama()
+    dynamic.model.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(BitallocError, match="static rotary embeddings, not llama with dynamic rotary scaling"):
+        LlamaDecoder(dynamic, max_length=8)
+
+
+def test_c_step_rejects_a_descriptor_whose_sizes_disagree() -> None:
+    from quantizers.kernels.ops import KernelError
+
+    decoder = LlamaDecoder(packed_llama(), max_length=8)
+    decoder.forward([1, 2])
+    decoder.native_step.descriptor.vocab += 1  # the head would write past the logits
+    with pytest.raises(KernelError, match="code -1"):
+        decoder.forward([3])
+    decoder.native_step.descriptor.vocab -= 1
+    decoder.native_step.blocks[1].qkv_pieces = 4
+    with pytest.raises(KernelError, match="code -1"):
+        decoder.forward([3])

@@ -170,8 +170,35 @@ static void attend(const float *q, const float *keys, const float *values, int64
  * next-token logits (vocab floats). The KV cache rows 0..position-1 must hold the earlier tokens.
  * Returns 0, -1 on bad arguments, -2 without memory, or a kernel's error code.
  */
+/* Whether the pieces are 1..BQ_MAX_PIECES matrices reading `cols` inputs and writing `rows` outputs in all. */
+static int pieces_fit(const bq_weight *pieces, int64_t count, int64_t cols, int64_t rows) {
+    if (count < 1 || count > BQ_MAX_PIECES) return 0;
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; ++i) {
+        if (pieces[i].cols != cols) return 0;
+        total += pieces[i].rows;
+    }
+    return total == rows;
+}
+
+/* The descriptor's sizes agree with each other, so no product writes past its scratch buffer. */
+static int valid(const bq_llama *m) {
+    if (m->layers < 1 || m->hidden < 1 || m->heads < 1 || m->kv_heads < 1 || m->heads % m->kv_heads != 0 || m->head_dim < 2
+        || m->head_dim % 2 != 0 || m->intermediate < 1 || m->vocab < 1)
+        return 0;
+    int64_t q_width = m->heads * m->head_dim, kv_width = m->kv_heads * m->head_dim;
+    for (int64_t l = 0; l < m->layers; ++l) {
+        const bq_llama_block *b = &m->blocks[l];
+        if (!pieces_fit(b->qkv, b->qkv_pieces, m->hidden, q_width + 2 * kv_width) || !pieces_fit(&b->o, 1, q_width, m->hidden)
+            || !pieces_fit(b->gate_up, b->gate_up_pieces, m->hidden, 2 * m->intermediate)
+            || !pieces_fit(&b->down, 1, m->intermediate, m->hidden))
+            return 0;
+    }
+    return pieces_fit(&m->head, 1, m->hidden, m->vocab);
+}
+
 BQ_EXPORT int bq_llama_step(const bq_llama *m, float *x, int64_t position, float *logits) {
-    if (position < 0 || position >= m->max_length || m->heads % m->kv_heads != 0) return -1;
+    if (position < 0 || position >= m->max_length || !valid(m)) return -1;
     int64_t hd = m->head_dim, q_width = m->heads * hd, kv_width = m->kv_heads * hd;
     int64_t group = m->heads / m->kv_heads, length = position + 1;
     int int8 = m->int8_activations != 0;

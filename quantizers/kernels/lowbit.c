@@ -351,10 +351,10 @@ BQ_INLINE __m256i unpack_chunk_bytes(const uint8_t *p, const int bits) {
         __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
         return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(15));
     }
-    int64_t word;
-    memcpy(&word, p, sizeof word);
     __m256i lo2 = _mm256_setzero_si256();
     if (bits == 2 || bits == 3) { /* 64-bit lane s = the 8 bytes shifted right by 2s: byte l -> element 8s + l */
+        int64_t word; /* read only here: a 1-bit chunk has 4 bytes */
+        memcpy(&word, p, sizeof word);
         __m256i v = _mm256_set1_epi64x(word);
         lo2 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
         if (bits == 2) return lo2;
