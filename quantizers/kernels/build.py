@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCES = (Path(__file__).with_name("lowbit.c"), Path(__file__).with_name("llama_step.c"))
+HEADERS = (Path(__file__).with_name("lowbit.h"),)
+"""Included by the sources: part of the library's cache key, not compiled on their own."""
 ABI_VERSION = 5
 """Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
 DISABLE_ENV = "BITALLOC_KERNELS"
@@ -60,7 +62,7 @@ class KernelLibrary:
 
 
 class WeightDescriptor(ctypes.Structure):
-    """Mirror of ``bq_weight`` in ``lowbit.c``: a weight's pointers and sizes, filled once per module."""
+    """Mirror of ``bq_weight`` in ``lowbit.h``: a weight's pointers and sizes, filled once per module."""
 
     _fields_ = [
         ("codes", ctypes.c_void_p),
@@ -153,7 +155,7 @@ def kernel_library() -> KernelLibrary | None:
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     from allocator.storage import cache_dir  # lazy: quantizers must not pull in allocator at import
 
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(b"\0".join([source, _compiler_identity(compiler).encode(), " ".join(flags + COMMON_FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
     target = cache_dir("kernels") / f"lowbit-{key}.so"

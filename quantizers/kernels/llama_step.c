@@ -12,7 +12,7 @@
  *                    h = rmsnorm(x) * w_post;  g, u = h @ Wgate_up^T;  x += (silu(g) * u) @ Wdown^T
  *   logits = (rmsnorm(x) * w_final) @ Whead^T
  *
- * Matrices are bq_weight descriptors (lowbit.c): packed 1-4/8-bit grids, or float32 rows when
+ * Matrices are bq_weight descriptors (lowbit.h): packed 1-4/8-bit grids, or float32 rows when
  * bits == 32 (a layer stored in another format, or an unquantized head). A projection may be split
  * into up to three pieces (q, k, v of different widths) whose outputs are concatenated.
  * Field order of the structs is mirrored by quantizers/kernels/build.py.
@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "lowbit.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -39,19 +41,6 @@
 
 #define BQ_FLOAT_BITS 32
 #define BQ_MAX_PIECES 3
-
-typedef struct { /* = bq_weight in lowbit.c */
-    const uint8_t *codes;
-    const uint16_t *params;
-    const float *bias;
-    int64_t rows;
-    int64_t cols;
-    int64_t group_size;
-    int64_t bits;
-} bq_weight;
-
-int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y);
-int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y);
 
 typedef struct {
     bq_weight qkv[BQ_MAX_PIECES];

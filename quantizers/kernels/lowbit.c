@@ -43,6 +43,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lowbit.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -672,19 +674,6 @@ BQ_EXPORT int bq_matmul(const float *x, int64_t batch, int64_t cols, const uint8
     }
     return 0;
 }
-
-/* A weight described once, so a per-token call from Python converts 4 arguments instead of 10
- * (ctypes spends ~0.3 us per argument, comparable to a small GEMV). Field order is mirrored by
- * quantizers/kernels/build.py:WeightDescriptor. */
-typedef struct {
-    const uint8_t *codes;
-    const uint16_t *params;
-    const float *bias;
-    int64_t rows;
-    int64_t cols;
-    int64_t group_size;
-    int64_t bits;
-} bq_weight;
 
 BQ_EXPORT int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y) {
     return bq_matmul(x, batch, w->cols, w->codes, w->params, w->bias, w->rows, (int)w->bits, w->group_size, y);
