@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = exp.add_mutually_exclusive_group(required=True)
     what.add_argument("--bitmap", type=Path, help="bit map JSON (from bitalloc solve): each module's option as a llama.cpp type")
     what.add_argument("--preset", help="llama.cpp's own preset instead (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, IQ2_XXS, ...)")
+    what.add_argument("--quantized", type=Path, metavar="DIR",
+                      help="a packed model (bitalloc quantize): its bit map, and its scale fold if it has one "
+                           "(llama.cpp requantizes the float weights to each module's type)")
     exp.add_argument("--format", choices=["gguf"], default="gguf", help="output format (gguf)")
     exp.add_argument("--model", help="built-in name or .gguf (default: the bit map's model; required with --preset)")
     exp.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
@@ -252,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help)
     exp.add_argument("--seqlen", type=_positive_int, default=defaults.seqlen)
     exp.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help="evaluation tokens (with --eval)")
+    exp.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences (with --scale-fold)")
     exp.add_argument("--seed", type=int, default=defaults.seed)
+    _add_scale_fold_flags(exp, "the float model before llama.cpp quantizes it (a --quantized model carries its own)")
     exp.add_argument("--no-progress", action="store_true")
 
     ge = commands.add_parser("generate", help="greedy text generation from a packed model (bitalloc quantize) or a float model")
@@ -582,7 +587,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.out.suffix != ".gguf":
         raise BitallocError(f"--out {args.out} must end in .gguf")
     _check_json_target(args.out, "--out")
-    bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
+    fold_settings = _scale_fold_settings(args)
+    fold = None
+    if args.quantized is not None:
+        from allocator.packed import load_quantized
+
+        if fold_settings is not None:
+            raise BitallocError("--scale-fold with --quantized: a packed model carries its own scale fold")
+        packed = load_quantized(args.quantized)
+        bitmap, fold = packed.bitmap(), packed.quantized.scale_fold
+    else:
+        bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
     if bitmap is None and args.model is None:
         raise BitallocError("--preset needs --model")
     if args.preset is not None:
@@ -597,18 +612,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
         needs = args.preset.upper() in IMATRIX_PRESETS
     loaded = None
     imatrix = None
-    if args.imatrix == "on" or (args.imatrix == "auto" and needs) or args.eval:
+    if args.imatrix == "on" or (args.imatrix == "auto" and needs) or args.eval or fold_settings is not None:
         from allocator.models import load_model
 
         loaded = load_model(model)
+    if fold_settings is not None:
+        fold = _export_scale_fold(loaded, bitmap, fold_settings, args)
     if args.imatrix == "on" or (args.imatrix == "auto" and needs):
         from allocator.gguf_export import cached_imatrix
 
         imatrix = cached_imatrix(model, loaded, args.corpus, args.imatrix_samples, args.seqlen, args.seed)
     if bitmap is not None:
-        result = export_bitmap(bitmap, args.out, model, imatrix, embedding_type=args.embedding_type)
+        result = export_bitmap(bitmap, args.out, model, imatrix, embedding_type=args.embedding_type, scale_fold=fold)
     else:
-        result = export_preset(args.preset, model, args.out, imatrix)
+        result = export_preset(args.preset, model, args.out, imatrix, scale_fold=fold)
+    if fold is not None:
+        folded = sum(g.alpha is not None for g in fold.groups)
+        print(f"scale fold ({fold.settings.label()}): {folded} of {len(fold.groups)} sites folded into the float model llama.cpp quantized")
     stats = result.stats
     types = ", ".join(f"{kind} x{n}" for kind, n in stats.linear_type_counts().items())
     print(f"{args.out}: {stats.linear_bpw:.4f} bpw over the decoder linears ({types}), {stats.file_bpw:.3f} bpw and "
@@ -630,6 +650,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
             speed = f", decode {r.decode_tok_s:.1f} tok/s" if r.decode_tok_s is not None else ""
             print(f"  {name}: ppl {r.perplexity:.3f} (ratio {r.perplexity / ref:.3f}), KL {r.kl:.4f} over {r.tokens} tokens{speed}")
     return 0
+
+
+def _export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # -> ScaleFold
+    """The fold ``bitalloc quantize --scale-fold`` computes for ``bitmap`` with the same calibration
+    (for a preset: every site, scored as a profile scores it)."""
+    from allocator.corpus import load_corpus
+    from allocator.options import assignment_from_settings
+    from allocator.pipeline import EvalSettings, calibration_tokens
+    from allocator.scalefold import compute_scale_fold, search_quantizers
+
+    samples = calibration_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed))
+    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None else None
+    fold, _ = compute_scale_fold(loaded.model, samples, settings, scorers, progress=not args.no_progress)
+    return fold
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:

@@ -47,9 +47,11 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -60,7 +62,9 @@ from allocator.storage import atomic_path, cache_dir
 if TYPE_CHECKING:
     import torch
 
+    from allocator.gguf_fold import GGUFFold
     from allocator.models import LoadedModel
+    from allocator.scalefold import ScaleFold
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,12 @@ def float_gguf(source: Path) -> Path:
 def write_float_gguf(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` with every tensor dequantized to F32 and the metadata kept
     (``general.file_type`` becomes ALL_F32), atomically."""
+    rewrite_gguf(source, target)
+
+
+def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
+    """Copy ``source`` to ``target`` as an ALL_F32 GGUF with the metadata kept, atomically: each
+    tensor dequantized to float32 (rows x columns) and passed through ``transform(name, array)``."""
     import gguf
     from gguf.quants import dequantize
 
@@ -192,7 +202,10 @@ def write_float_gguf(source: Path, target: Path) -> None:
         for tensor in reader.tensors:
             data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
             shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-            writer.add_tensor(tensor.name, np.ascontiguousarray(data.reshape(shape)))
+            data = data.reshape(shape)
+            if transform is not None:
+                data = transform(tensor.name, data)
+            writer.add_tensor(tensor.name, np.ascontiguousarray(data, dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -474,6 +487,23 @@ class ExportResult:
     plan: dict[str, TensorPlan]
     """Per tensor, what the bit map asked for and what llama.cpp writes (empty for presets)."""
     imatrix: bool
+    scale_fold: bool = False
+    """Whether llama.cpp quantized the scale-folded model."""
+
+
+@contextmanager
+def _quantizer_source(float_path: Path, scale_fold: ScaleFold | None) -> Iterator[tuple[Path, GGUFFold | None]]:
+    """The F32 GGUF llama.cpp quantizes: the reference, or a temporary folded copy of it."""
+    if scale_fold is None:
+        yield float_path, None
+        return
+    from allocator.gguf_fold import write_folded_gguf
+
+    with tempfile.TemporaryDirectory(prefix="folded-", dir=cache_dir("gguf")) as work:
+        folded = Path(work) / float_path.name
+        log.info("writing the scale-folded F32 GGUF")
+        plan = write_folded_gguf(float_path, scale_fold, folded)
+        yield folded, plan
 
 
 def export_bitmap(
@@ -483,25 +513,31 @@ def export_bitmap(
     imatrix: Mapping[str, np.ndarray] | None = None,
     embedding_type: str = DEFAULT_EMBEDDING_TYPE,
     threads: int | None = None,
+    scale_fold: ScaleFold | None = None,
 ) -> ExportResult:
     """Write ``bitmap`` as a GGUF: each module's tensor at its option's llama.cpp type
     (:func:`tensor_plan`), ``token_embd``/``output`` at ``embedding_type``, other quantizable tensors
-    at q8_0, norms F32. Fails in one line if a type needs an importance matrix and none is given."""
+    at q8_0, norms F32. Fails in one line if a type needs an importance matrix and none is given.
+
+    With ``scale_fold`` llama.cpp quantizes the folded model (:mod:`allocator.gguf_fold`);
+    ``imatrix`` is the reference model's, and is folded too."""
     float_path = float_gguf(source_gguf(model or bitmap.model))
     plan = tensor_plan(bitmap, gguf_tensor_shapes(float_path))
     needing = sorted({p.written for p in plan.values() if p.written in IMATRIX_TYPES})
     if needing and not imatrix:
         raise BitallocError(f"llama.cpp needs an importance matrix for {', '.join(needing)}; pass one (bitalloc export --imatrix on)")
     llama_cpp = require_llama_cpp()
-    path = quantize_gguf(
-        float_path, out, int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), {name: p.written for name, p in plan.items()},
-        imatrix, token_embedding_type=embedding_type, output_tensor_type=embedding_type, pure=True, threads=threads,
-    )
+    with _quantizer_source(float_path, scale_fold) as (source, fold_plan):
+        path = quantize_gguf(
+            source, out, int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), {name: p.written for name, p in plan.items()},
+            fold_plan.imatrix(imatrix) if fold_plan is not None and imatrix else imatrix,
+            token_embedding_type=embedding_type, output_tensor_type=embedding_type, pure=True, threads=threads,
+        )
     stats = measure_gguf(path)
     wrong = [name for name, p in plan.items() if stats.types.get(name) != p.written]
     if wrong:
         raise BitallocError(f"llama.cpp wrote {stats.types.get(wrong[0])} for {wrong[0]}, expected {plan[wrong[0]].written}")
-    return ExportResult(path, stats, plan, imatrix=bool(imatrix))
+    return ExportResult(path, stats, plan, imatrix=bool(imatrix), scale_fold=scale_fold is not None)
 
 
 def export_preset(
@@ -510,14 +546,18 @@ def export_preset(
     out: Path,
     imatrix: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    scale_fold: ScaleFold | None = None,
 ) -> ExportResult:
-    """llama.cpp's own ``preset`` (its per-tensor mixture) made from the same F32 reference."""
+    """llama.cpp's own ``preset`` (its per-tensor mixture) made from the same F32 reference
+    (``scale_fold``: from the folded reference, as :func:`export_bitmap`)."""
     ftype = preset_ftype(preset)
     if preset.upper() in IMATRIX_PRESETS and not imatrix:
         raise BitallocError(f"llama.cpp makes {preset.upper()} only with an importance matrix (bitalloc export --imatrix on)")
     float_path = float_gguf(source_gguf(model))
-    path = quantize_gguf(float_path, out, ftype, imatrix=imatrix, threads=threads)
-    return ExportResult(path, measure_gguf(path), {}, imatrix=bool(imatrix))
+    with _quantizer_source(float_path, scale_fold) as (source, fold_plan):
+        matrix = fold_plan.imatrix(imatrix) if fold_plan is not None and imatrix else imatrix
+        path = quantize_gguf(source, out, ftype, imatrix=matrix, threads=threads)
+    return ExportResult(path, measure_gguf(path), {}, imatrix=bool(imatrix), scale_fold=scale_fold is not None)
 
 
 def export_float(model: str) -> ExportResult:

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from allocator.apply import QuantizedModel
+from allocator.bitmap import BitMap, ModuleEntry, SolverRecord
 from allocator.errors import BitallocError
 from allocator.head import head_name
 from allocator.scalefold import ScaleFold
@@ -94,6 +95,18 @@ class PackedModel:
     """The reference model the rest of the weights come from (a spec for :func:`allocator.models.load_model`)."""
     quantized: QuantizedModel
     config: dict[str, Any] = field(default_factory=dict)
+
+    def bitmap(self) -> BitMap:
+        """The allocation this model was quantized by: each module's option and quantizer settings."""
+        modules = {}
+        for name, entry in self.config["modules"].items():
+            qt = self.quantized.tensors[name]
+            modules[name] = ModuleEntry(option=str(entry.get("option", "")), settings=dict(entry["quantizer"]),
+                                        storage_bits=qt.storage_bits, numel=qt.numel)
+        source = self.config.get("source") or {}
+        return BitMap(model=self.model, modules=modules, predicted_loss=float(source.get("predicted_loss") or 0.0),
+                      loss_name=str(source.get("loss_name", "")), solver=SolverRecord(str(source.get("solver", "packed"))),
+                      budget=dict(source.get("budget") or {}), table_key=str(source.get("table_key", "")))
 
 
 def save_quantized(

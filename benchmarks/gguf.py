@@ -8,6 +8,12 @@ on the same windows for the KL. bpw is measured from each file's tensor bytes.
     python benchmarks/gguf.py                                   # presets + bit maps solved at --bpw from the default profile
     python benchmarks/gguf.py --models smollm2-135m --bitmaps a.json b.json --bpw ""
     python benchmarks/gguf.py --models smollm2-135m --tokens 1024 --presets Q4_K_M --bpw "" --out-md /tmp/smoke.md
+    python benchmarks/gguf.py --scale-fold search                # every file also made from the scale-folded model
+
+With ``--scale-fold ALPHA|search`` every preset and bit map is made twice, from the reference and
+from its scale fold (allocator/gguf_fold.py; the fold a profile or a mixed bit map gets: every site,
+alpha scored with RTN 3-bit g128), and the folded F32 file itself is evaluated (it must match the
+reference); results go to results/gguf_scalefold.md unless --out-md says otherwise.
 
 Each model's rows are saved to results/gguf/<model>.json as soon as they are measured (pass --fresh
 to measure again).
@@ -41,12 +47,15 @@ from allocator.gguf_export import (
     export_preset,
     float_gguf,
     gguf_tensor_shapes,
+    measure_gguf,
     source_gguf,
     tensor_plan,
 )
+from allocator.gguf_fold import write_folded_gguf
 from allocator.llama_eval import REFERENCE, evaluate_ggufs
 from allocator.models import load_model
-from allocator.pipeline import EvalSettings, evaluation_tokens
+from allocator.pipeline import EvalSettings, calibration_tokens, evaluation_tokens
+from allocator.scalefold import ScaleFoldSettings, compute_scale_fold, parse_alpha
 from allocator.storage import cache_dir, write_json
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -91,18 +100,33 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
     exports: dict[str, ExportResult] = {FLOAT_ROW: export_float(model)}
     requested: dict[str, float | None] = {FLOAT_ROW: None}
     make_seconds: dict[str, float] = {FLOAT_ROW: 0.0}
-    for preset in presets:
-        use = imatrix if (args.imatrix == "all" or preset in IMATRIX_PRESETS) else None
-        name = preset + (" +imatrix" if use is not None else "")
+    folds: dict[str, Any] = {"": None}
+    fold_seconds = None
+    if args.scale_fold is not None:
         tick = time.perf_counter()
-        exports[name] = export_preset(preset, model, work / f"{model}-{preset}.gguf", use)
-        make_seconds[name], requested[name] = time.perf_counter() - tick, None
-    for i, (name, bitmap) in enumerate(bitmaps.items()):
-        need = any(t.written in IMATRIX_TYPES for t in tensor_plan(bitmap, shapes).values())
-        use = imatrix if (args.imatrix == "all" or need) else None
-        tick = time.perf_counter()
-        exports[name] = export_bitmap(bitmap, work / f"{model}-bitmap{i}.gguf", model, use)
-        make_seconds[name], requested[name] = time.perf_counter() - tick, bitmap.predicted_bpw
+        settings_fold = ScaleFoldSettings(alpha=parse_alpha(args.scale_fold))
+        samples = calibration_tokens(loaded, load_corpus("enwiki"), EvalSettings(seqlen=settings.seqlen, samples=args.samples))
+        fold, _ = compute_scale_fold(loaded.model, samples, settings_fold, progress=True)
+        fold_seconds = time.perf_counter() - tick
+        suffix = f" +{settings_fold.label()}"
+        folds[suffix] = fold
+        name = FLOAT_ROW + suffix
+        path = work / f"{model}-F32{suffix.strip()}.gguf"
+        write_folded_gguf(float_gguf(source_gguf(model)), fold, path)
+        exports[name], requested[name], make_seconds[name] = ExportResult(path, measure_gguf(path), {}, False, True), None, fold_seconds
+    for suffix, fold in folds.items():
+        for preset in presets:
+            use = imatrix if (args.imatrix == "all" or preset in IMATRIX_PRESETS) else None
+            name = preset + (" +imatrix" if use is not None else "") + suffix
+            tick = time.perf_counter()
+            exports[name] = export_preset(preset, model, work / f"{model}-{preset}{suffix.strip()}.gguf", use, scale_fold=fold)
+            make_seconds[name], requested[name] = time.perf_counter() - tick, None
+        for i, (label, bitmap) in enumerate(bitmaps.items()):
+            need = any(t.written in IMATRIX_TYPES for t in tensor_plan(bitmap, shapes).values())
+            use = imatrix if (args.imatrix == "all" or need) else None
+            tick = time.perf_counter()
+            exports[label + suffix] = export_bitmap(bitmap, work / f"{model}-bitmap{i}{suffix.strip()}.gguf", model, use, scale_fold=fold)
+            make_seconds[label + suffix], requested[label + suffix] = time.perf_counter() - tick, bitmap.predicted_bpw
     names = list(exports)
     measured: dict[str, Any] = {}
     for first in range(0, len(names), args.chunk):  # the HF reference runs once per chunk of files
@@ -119,7 +143,8 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
                      "make_seconds": make_seconds[name]})
     return {"model": model, "settings": vars(settings), "rows": rows, "wall_seconds": time.perf_counter() - start,
             "provenance": provenance(), "config": {"presets": presets, "bitmaps": sorted(bitmaps), "imatrix": args.imatrix,
-                                                   "imatrix_samples": args.imatrix_samples, "threads": args.threads}}
+                                                   "imatrix_samples": args.imatrix_samples, "threads": args.threads,
+                                                   "scale_fold": args.scale_fold, "fold_seconds": fold_seconds}}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -135,6 +160,25 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt(r['file_mb'], '.1f')} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {_fmt(r['kl'], '.4f')} | "
                      f"{r['prefill_tok_s']:.0f} | {_fmt(r['decode_tok_s'], '.1f')} |")
     return "\n".join(lines)
+
+
+def fold_reading(data: dict[str, Any]) -> str:
+    """Each file against its scale-folded twin (computed from the rows)."""
+    suffix = next((" +" + r["variant"].split(" +")[-1] for r in data["rows"] if r["variant"].startswith(FLOAT_ROW + " +")), None)
+    if suffix is None:
+        return ""
+    rows = {r["variant"]: r for r in data["rows"]}
+    lines, better = [], 0
+    pairs = [(n, n + suffix) for n in rows if n + suffix in rows]
+    for plain, folded in pairs:
+        a, b = rows[plain], rows[folded]
+        change = b["perplexity"] / a["perplexity"] - 1
+        better += change < 0 and plain != FLOAT_ROW
+        lines.append(f"- {plain} ({a['bpw']:.3f} bpw): ppl {a['perplexity']:.4g} -> {b['perplexity']:.4g} ({change:+.1%}), "
+                     f"KL {a['kl']:.4f} -> {b['kl']:.4f}")
+    lines.append(f"\nThe fold lowers perplexity for {better} of {len(pairs) - 1} quantized files "
+                 f"(the F32 pair checks the folded file computes the reference function).")
+    return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
 
 
 NOTES = """\
@@ -174,21 +218,28 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=4, help="GGUF files loaded at once (each holds 2 x seqlen x vocab logits)")
     parser.add_argument("--work", help="directory for the GGUF files (default $BITALLOC_CACHE/gguf/bench)")
-    parser.add_argument("--out-md", default=str(RESULTS / "gguf.md"))
+    parser.add_argument("--out-md", help="default results/gguf.md (with --scale-fold: results/gguf_scalefold.md)")
+    parser.add_argument("--scale-fold", metavar="ALPHA", help="also make every file from the scale-folded model (a number in [0, 1] or 'search')")
     parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
     args = parser.parse_args()
+    if args.scale_fold is not None:
+        parse_alpha(args.scale_fold)  # bad input fails before anything is measured
+    if args.out_md is None:
+        args.out_md = str(RESULTS / ("gguf_scalefold.md" if args.scale_fold is not None else "gguf.md"))
     settings = EvalSettings(tokens=args.tokens)
     saved_dir = Path(args.out_md).with_suffix("")
     sections = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         saved = saved_dir / f"{model}.json"
         data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else None
-        if data is None or data["settings"] != vars(settings):
+        if data is None or data["settings"] != vars(settings) or data["config"].get("scale_fold") != args.scale_fold:
             data = measure_model(model, args, settings)
             write_json(saved, data)
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
-                        f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n\n"
-                        f"{markdown(data)}\n")
+                        f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n"
+                        + (f"- scale fold: {data['config']['scale_fold']}, computed in {data['config']['fold_seconds'] / 60:.1f} min on "
+                           f"{args.samples} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "") + "\n"
+                        f"{markdown(data)}\n\n{fold_reading(data)}")
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
               f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
               f"{settings.seqlen} tokens, the same token ids for llama.cpp and the HF reference.\n\n")

@@ -20,7 +20,7 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from allocator.bitmap import BitMap, ModuleEntry, SolverRecord  # noqa: E402
+from allocator.bitmap import BitMap, ModuleEntry, SolverRecord, gguf_tensor_name  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import BitallocError  # noqa: E402
 from allocator.evaluate import next_token_logprobs  # noqa: E402
@@ -36,8 +36,13 @@ from allocator.gguf_export import (  # noqa: E402
     quantize_gguf,
     type_bpw,
 )
+from allocator.gguf_fold import GGUFFold, write_folded_gguf  # noqa: E402
 from allocator.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
 from allocator.models import LoadedModel  # noqa: E402
+from allocator.layers import quantizable_linears, swapped_weights  # noqa: E402
+from allocator.packed import save_quantized  # noqa: E402
+from allocator.scalefold import FoldGroup, ScaleFold, ScaleFoldSettings, compute_scale_fold, quantize_with_scale_fold  # noqa: E402
+from quantizers import RTNQuantizer  # noqa: E402
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 320, 4, 2, 2
 WORDS = ["▁the", "▁a", "▁of", "▁river", "▁city", "▁king", "▁music", "▁stone", "▁light", "▁north", "▁water", "▁war"]
@@ -218,3 +223,115 @@ def test_cli_export(tiny, isolated_cache, tmp_path, capsys) -> None:
     assert main(["export", "--preset", "Q4_K_M", "--model", str(tmp_path / "missing.gguf"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("bitalloc: error:") for line in err)
+
+
+# -- scale folding in GGUF coordinates -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_fold(tiny):
+    """The tiny model's scale fold (alpha 0.5 at every site) and its overlay of folded HF tensors."""
+    model, _ = tiny
+    samples = torch.randint(4, len(VOCAB), (4, 64), generator=torch.Generator().manual_seed(2))
+    fold, overlay = compute_scale_fold(model, samples, ScaleFoldSettings(alpha=0.5), progress=False)
+    return fold, overlay
+
+
+def _gguf_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The F32 tensors of a GGUF (rows x columns)."""
+    reader = gguf.GGUFReader(path)
+    return {t.name: np.array(t.data).reshape(tuple(int(n) for n in reversed(t.shape.tolist())))
+            for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.F32}
+
+
+def test_folded_gguf_holds_the_hf_fold_and_keeps_the_function(tiny, tiny_fold, windows, isolated_cache, tmp_path) -> None:
+    model, path = tiny
+    fold, overlay = tiny_fold
+    assert len(fold.groups) == 4 * LAYERS and all(g.alpha == 0.5 for g in fold.groups)
+    assert max(float(g.scales.log().abs().max()) for g in fold.groups) > 0.05  # the fold really moves weights
+    reference = float_gguf(path)
+    plan = write_folded_gguf(reference, fold, tmp_path / "folded.gguf")
+    folded, plain = _gguf_arrays(tmp_path / "folded.gguf"), _gguf_arrays(reference)
+    # every folded HF tensor, in GGUF's layout (q/k rows rope-permuted), is exactly what the GGUF holds
+    gguf_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for module, weight in overlay.items():
+        block, local = module.split(".")[2], module.split(".", 3)[3]
+        if local in gguf_names:
+            name = f"blk.{block}.{gguf_names[local]}.weight"
+            expected = weight.numpy()
+        else:
+            name = gguf_tensor_name(module) + ".weight"
+            heads = {"self_attn.q_proj": HEADS, "self_attn.k_proj": KV_HEADS}.get(local)
+            expected = _rope_rows(weight, heads) if heads else weight.numpy()
+        np.testing.assert_allclose(folded[name], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not np.allclose(folded[name], plain[name], rtol=1e-3), name
+    assert len(plan.tensors) == len(overlay) == 9 * LAYERS
+    untouched = set(plain) - plan.tensors
+    assert {"token_embd.weight", "output.weight", "output_norm.weight"} <= untouched
+    assert all(np.array_equal(folded[n], plain[n]) for n in untouched)
+    # llama.cpp runs the folded file as the same function
+    llm = load_llama(tmp_path / "folded.gguf", seqlen=64)
+    try:
+        ours = window_logprobs(llm, windows[0].numpy())
+    finally:
+        llm.close()
+    reference_logprobs = next_token_logprobs(model, windows[0][None])
+    kl = torch.nn.functional.kl_div(ours, reference_logprobs, log_target=True, reduction="batchmean").item()
+    assert kl < 1e-4, kl
+
+
+def test_folded_imatrix_is_the_folded_models(tiny, tiny_fold, windows, isolated_cache) -> None:
+    model, path = tiny
+    fold, overlay = tiny_fold
+    import gguf as gguf_py
+
+    plan = GGUFFold.from_record(fold, gguf_py.GGUFReader(float_gguf(path)))
+    loaded = LoadedModel("tiny", model, tokenizer=None, add_bos=False)  # type: ignore[arg-type]
+    reference = compute_imatrix(loaded, windows)
+    with swapped_weights(model, overlay):
+        expected = compute_imatrix(loaded, windows)
+    folded = plan.imatrix(reference)
+    assert set(folded) == set(reference)
+    for name in reference:
+        np.testing.assert_allclose(folded[name], expected[name], rtol=2e-3, atol=1e-7, err_msg=name)
+    assert not np.allclose(reference["blk.0.attn_output.weight"], expected["blk.0.attn_output.weight"], rtol=1e-2)
+
+
+def test_fold_refuses_another_models_record(tiny, tiny_fold, isolated_cache) -> None:
+    _, path = tiny
+    fold, _ = tiny_fold
+    import gguf as gguf_py
+
+    wrong = ScaleFold(fold.settings, [FoldGroup(0, g.source, g.targets, g.alpha, torch.cat([g.scales, g.scales])) for g in fold.groups])
+    with pytest.raises(BitallocError, match="scales for"):
+        GGUFFold.from_record(wrong, gguf_py.GGUFReader(float_gguf(path)))
+    missing = ScaleFold(fold.settings, [FoldGroup(9, "model.layers.9.input_layernorm", ("model.layers.9.self_attn.q_proj",), 0.5,
+                                                   fold.groups[0].scales)])
+    with pytest.raises(BitallocError, match="does not have"):
+        GGUFFold.from_record(missing, gguf_py.GGUFReader(float_gguf(path)))
+
+
+def test_cli_export_of_a_folded_packed_model(tiny, isolated_cache, tmp_path, capsys) -> None:
+    """``export --quantized`` takes the packed model's bit map and its saved scale fold."""
+    model, path = tiny
+    assignment = {name: RTNQuantizer(4, 128) for name in quantizable_linears(model)}
+    samples = torch.randint(4, len(VOCAB), (4, 64), generator=torch.Generator().manual_seed(3))
+    quantized = quantize_with_scale_fold(model, assignment, samples, ScaleFoldSettings(alpha=0.5), progress=False)
+    packed = tmp_path / "packed"
+    save_quantized(packed, str(path), quantized, {n: q.settings() for n, q in assignment.items()}, {n: "rtn-w4g128" for n in assignment})
+    out = tmp_path / "folded-q4.gguf"
+    assert main(["export", "--quantized", str(packed), "--out", str(out)]) == 0
+    assert "scale fold (sf0.5): 8 of 8 sites folded" in capsys.readouterr().out
+    stats = measure_gguf(out)
+    assert stats.types["blk.0.attn_q.weight"] == "q4_k" and stats.types["blk.1.ffn_down.weight"] == "q5_0"  # rows of 320
+    written = _gguf_arrays(out)
+    np.testing.assert_allclose(written["blk.1.ffn_norm.weight"], quantized.float_weights["model.layers.1.post_attention_layernorm"].numpy(),
+                               rtol=1e-6)
+    assert not np.allclose(written["blk.1.ffn_norm.weight"], 1.0)  # the reference norm is all ones
+    # a packed model carries its own fold: asking for another is one line, and nothing is written
+    again = tmp_path / "again.gguf"
+    assert main(["export", "--quantized", str(packed), "--scale-fold", "--out", str(again)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "carries its own scale fold" in err[0] and not again.exists()
+    assert main(["export", "--quantized", str(tmp_path / "nothing"), "--out", str(again)]) == 2
+    assert "no packed quantized model" in capsys.readouterr().err

@@ -67,3 +67,20 @@ def test_lean_decoder_on_packed_smollm2_matches_transformers(smollm2) -> None:
                       + [decoder.forward(prompt[0, i:i + 1], all_logits=True) for i in range(4, prompt.shape[1])])
     torch.testing.assert_close(steps, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
     assert decoder.generate(prompt[0].tolist(), 8) == expected
+
+
+def test_cli_export_of_scale_folded_smollm2_runs_in_llama_cpp(smollm2, tmp_path, capsys) -> None:
+    """The folded model written as GGUF and quantized by llama.cpp still computes SmolLM2: its KL to
+    the HF reference (which is not folded) stays at Q8_0's level; a wrong fold (a norm or a GQA
+    column mapping off) would put it far above."""
+    pytest.importorskip("llama_cpp")
+    from tests.cli_helpers import run
+
+    out = tmp_path / "sf-q8.gguf"
+    code, stdout, err = run(capsys, "export", "--preset", "Q8_0", "--model", "smollm2-135m", "--out", str(out), "--scale-fold",
+                            "--samples", "2", "--seqlen", "128", "--eval", "--tokens", "256", "--no-progress")
+    assert code == 0, err
+    assert "scale fold (sf0.5): 120 of 120 sites folded" in stdout
+    line = next(line for line in stdout.splitlines() if line.strip().startswith(out.name))
+    kl = float(line.split("KL ")[1].split()[0])
+    assert kl < 0.01, line
