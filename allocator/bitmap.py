@@ -248,6 +248,8 @@ _BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 def ggml_type(settings: Mapping[str, Any]) -> str:
     """The llama.cpp type for an option (see :data:`GGML_TYPES`)."""
     quantizer = str(settings.get("quantizer", ""))
+    if quantizer == "ggml":  # a GGUF-native option (allocator.gguf_profile) names its type
+        return str(settings["type"])
     bits = settings.get("bits")
     if quantizer in BINARY_QUANTIZERS or bits == 1:
         return GGML_TYPES["1bit"]

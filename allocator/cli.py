@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     pr.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     _add_scale_fold_flags(pr, "profiling (use the same with quantize)")
+    pr.add_argument("--ggml-types", nargs="*", metavar="TYPE",
+                    help="profile llama.cpp's own tensor types instead (for bitalloc export): each linear quantized by llama.cpp to "
+                         "each type that fits its rows, priced at its real bytes, loss = the measured KL with only it replaced "
+                         "(on --kl-samples x --kl-seqlen tokens); no TYPE: iq2_xxs iq2_xs q2_k iq3_xxs q3_k iq4_nl q4_k q5_0 q5_k q6_k q8_0")
     pr.add_argument("--no-progress", action="store_true")
 
     so = commands.add_parser("solve", help="allocate options to layers under a size budget -> bit map")
@@ -399,6 +403,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from allocator.options import parse_options
     from allocator.profile import cached_table_path, profile_model, save_table
 
+    if args.ggml_types is not None:
+        return _profile_ggml_types(args)
     options = parse_options(args.options)  # bad specs fail before the model loads
     if args.measure_kl and args.scale_fold:
         raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
@@ -430,6 +436,46 @@ def _cmd_profile(args: argparse.Namespace) -> int:
           f"({table.metadata.get('layer_seconds', 0.0):.1f} s of layer work in total)")
     for label, value in zip(table.labels, bpw):
         print(f"  {label:24s} {value:7.3f} bpw")
+    print(path)
+    return 0
+
+
+def _profile_ggml_types(args: argparse.Namespace) -> int:
+    from allocator.corpus import load_corpus
+    from allocator.errors import BitallocError
+    from allocator.gguf_export import cached_imatrix, require_llama_cpp, source_gguf
+    from allocator.gguf_profile import DEFAULT_GGML_TYPES, profile_ggml_types
+    from allocator.models import load_model
+    from allocator.profile import cached_table_path, save_table
+    from allocator.sensitivity import TableKey
+    from allocator.tokens import calibration_samples
+
+    if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold:
+        raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")
+    if args.out is not None:
+        _check_json_target(args.out, "--out")
+    require_llama_cpp()
+    source_gguf(args.model)  # a model without a GGUF fails before it loads
+    start = time.perf_counter()
+    loaded = load_model(args.model)
+    corpus = load_corpus(args.corpus)
+    seqlen = args.kl_seqlen or min(256, args.seqlen)
+    windows = calibration_samples(loaded.tokenizer, corpus.calibration, args.kl_samples, seqlen, loaded.add_bos, args.seed)
+    imatrix = cached_imatrix(args.model, loaded, args.corpus, 32, args.seqlen, args.seed)
+    key = TableKey(model=args.model, corpus=args.corpus, samples=args.kl_samples, seqlen=seqlen, seed=args.seed)
+    try:
+        table = profile_ggml_types(loaded, args.model, windows, imatrix, args.ggml_types or DEFAULT_GGML_TYPES, key,
+                                   progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("bitalloc: interrupted; the finished types are saved, run the same command again to resume", file=sys.stderr)
+        return 130
+    path = save_table(table, args.out) if args.out is not None else cached_table_path(table)
+    print(f"{table.num_layers} layers x {table.num_options} llama.cpp types, loss kl on {args.kl_samples} x {seqlen} tokens; "
+          f"{time.perf_counter() - start:.1f} s")
+    for j, label in enumerate(table.labels):
+        fits = table.bits[:, j] >= 0
+        bpw = table.bits[fits, j].sum() / table.numel[fits].sum() if fits.any() else float("nan")
+        print(f"  {label:10s} {bpw:7.3f} bpw on {int(fits.sum())} of {table.num_layers} layers")
     print(path)
     return 0
 

@@ -114,6 +114,13 @@ def _quant_type(name: str):  # -> gguf.GGMLQuantizationType
         raise BitallocError(f"unknown ggml type {name!r}") from None
 
 
+def block_size(name: str) -> int:
+    """Weights per block of the ggml type ``name``: rows must be a multiple of it."""
+    import gguf
+
+    return int(gguf.GGML_QUANT_SIZES[_quant_type(name)][0])
+
+
 def type_bpw(name: str) -> float:
     """Stored bits per weight of ggml type ``name`` (block bytes x 8 / block size)."""
     import gguf

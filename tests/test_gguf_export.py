@@ -335,3 +335,39 @@ def test_cli_export_of_a_folded_packed_model(tiny, isolated_cache, tmp_path, cap
     assert len(err) == 1 and "carries its own scale fold" in err[0] and not again.exists()
     assert main(["export", "--quantized", str(tmp_path / "nothing"), "--out", str(again)]) == 2
     assert "no packed quantized model" in capsys.readouterr().err
+
+
+# -- GGUF-native profile: llama.cpp's types as the options ----------------------------------
+
+
+def test_ggml_type_profile_prices_real_bytes_and_exports_at_the_budget(tiny, windows, isolated_cache, tmp_path) -> None:
+    from allocator.gguf_profile import profile_ggml_types
+    from allocator.solvers import Budget, Constraints, solve
+
+    model, path = tiny
+    loaded = LoadedModel("tiny", model, tokenizer=None, add_bos=False)  # type: ignore[arg-type]
+    types = ("q2_k", "q4_k", "iq4_nl", "q8_0")
+    table = profile_ggml_types(loaded, str(path), windows[:, :32], None, types, progress=False)
+    assert table.labels == list(types) and table.metadata["target"] == "gguf"
+    down = table.names.index("model.layers.0.mlp.down_proj")  # rows of 320: no K-type fits
+    q = table.names.index("model.layers.0.self_attn.q_proj")
+    assert table.bits[down, 0] == table.bits[down, 1] == -1 and table.bits[down, 2] > 0
+    assert table.bits[q, 0] == 256 * 84 * 8  # q2_k: 84 bytes per 256 weights, rows of 256, 256 of them
+    kl = table.loss("kl")
+    usable = (table.bits >= 0).all(axis=0)
+    assert list(usable) == [False, False, True, True]
+    assert np.nanmean(kl[:, 0]) > np.nanmean(kl[:, 1]) > np.nanmean(kl[:, 3]) >= 0
+    assert profile_ggml_types(loaded, str(path), windows[:, :32], None, types, progress=False).bits.tolist() == table.bits.tolist()  # cached
+    bitmap = solve(table, Budget.bpw(4.6), Constraints(loss="kl"), solver="ilp")
+    assert {e.settings["quantizer"] for e in bitmap.modules.values()} == {"ggml"}
+    result = export_bitmap(bitmap, tmp_path / "native.gguf", str(path))
+    # the file holds exactly the solved types, so its real bpw over the linears is the bit map's
+    assert result.stats.linear_bpw == pytest.approx(bitmap.predicted_bpw, rel=1e-9)
+    assert all(result.stats.types[name] == p.requested for name, p in result.plan.items())
+    assert bitmap.predicted_bpw <= 4.6
+
+
+def test_cli_ggml_type_profile_refuses_bitalloc_options(capsys) -> None:
+    assert main(["profile", "--ggml-types", "q4_k", "--measure-kl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes no --options" in err[0]
