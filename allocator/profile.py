@@ -111,7 +111,14 @@ class LayerResult:
 
 
 class KLProbe:
-    """Mean per-token KL(reference || model) on fixed windows, the reference computed once."""
+    """Mean per-token KL(reference || model) on fixed windows, the reference computed once.
+
+    An overlay that changes only blocks ``>= b`` leaves every block's input before ``b`` as it is,
+    so where it can the probe keeps each window's input to every decoder block and runs only blocks
+    ``b..`` plus the final norm and head (about half the forward on average). That shortcut is used
+    only if, on the reference weights, it reproduces the full forward's log-probabilities; otherwise
+    (an architecture whose head this does not understand) every call runs the whole model.
+    """
 
     def __init__(self, model: PreTrainedModel, windows: torch.Tensor) -> None:
         self.model = model
@@ -119,14 +126,57 @@ class KLProbe:
         with torch.inference_mode():
             self.reference = [next_token_logprobs(model, w[None]) for w in windows]
         self.tokens = sum(r.shape[0] for r in self.reference)
+        self._block_inputs: list[list[torch.Tensor]] | None = None
+        self._kwargs: list[dict[str, Any]] = []
+        self._prefix = ""
+        with torch.inference_mode():
+            self._prepare_tail()
+
+    def _prepare_tail(self) -> None:
+        norm = getattr(getattr(self.model, "model", None), "norm", None)
+        head = self.model.get_output_embeddings()
+        if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module) or getattr(self.model.config, "final_logit_softcapping", None):
+            return
+        layers = decoder_layers(self.model)
+        captured = capture_block_inputs(self.model, self.windows, batch_size=1)
+        inputs = [list(captured.hidden_states)]
+        for index, block in enumerate(layers[:-1]):
+            inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
+        self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
+        if not torch.allclose(self._tail_logprobs(0, 0), self.reference[0], rtol=1e-4, atol=1e-4):
+            log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
+            self._block_inputs = None
+
+    def _tail_logprobs(self, start: int, window: int) -> torch.Tensor:
+        layers = decoder_layers(self.model)
+        hidden = self._block_inputs[start][window]
+        for index in range(start, len(layers)):
+            hidden = run_block(layers[index], hidden, self._kwargs[index])
+        logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
+        return torch.log_softmax(logits[0, :-1].float(), dim=-1)
+
+    def _first_block(self, overlay: Mapping[str, torch.Tensor]) -> int:
+        """The first decoder block ``overlay`` touches (0 if it touches anything outside the blocks)."""
+        blocks = []
+        for name in overlay:
+            rest = name[len(self._prefix):] if name.startswith(self._prefix) else ""
+            index = rest.split(".", 1)[0]
+            if not index.isdigit():
+                return 0
+            blocks.append(int(index))
+        return min(blocks, default=0)
 
     @torch.inference_mode()
     def mean_kl(self, overlay: Mapping[str, torch.Tensor]) -> float:
         """KL with the weights of ``overlay`` (module name -> weight) swapped in."""
         total = 0.0
+        start = self._first_block(overlay) if self._block_inputs is not None else None
         with swapped_weights(self.model, overlay):
-            for window, reference in zip(self.windows, self.reference):
-                logprobs = next_token_logprobs(self.model, window[None])
+            for index, (window, reference) in enumerate(zip(self.windows, self.reference)):
+                if start is None:
+                    logprobs = next_token_logprobs(self.model, window[None])
+                else:
+                    logprobs = self._tail_logprobs(start, index)
                 total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 

@@ -56,6 +56,8 @@ from allocator.llama_eval import REFERENCE, evaluate_ggufs
 from allocator.models import load_model
 from allocator.pipeline import EvalSettings, calibration_tokens, evaluation_tokens
 from allocator.scalefold import ScaleFoldSettings, compute_scale_fold, parse_alpha
+from allocator.sensitivity import SensitivityTable
+from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -73,7 +75,6 @@ def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str,
     budgets = [float(b) for b in args.bpw.split(",") if b.strip()]
     if budgets:
         from allocator.profile import profile_model
-        from allocator.solvers import Budget, Constraints, solve
 
         table = profile_model(loaded, load_corpus("enwiki"), samples=args.samples, progress=True)  # cached after the first run
         loss = args.loss if args.loss != "auto" else ("kl" if "kl" in table.loss_names else None)
@@ -127,6 +128,18 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
             tick = time.perf_counter()
             exports[label + suffix] = export_bitmap(bitmap, work / f"{model}-bitmap{i}{suffix.strip()}.gguf", model, use, scale_fold=fold)
             make_seconds[label + suffix], requested[label + suffix] = time.perf_counter() - tick, bitmap.predicted_bpw
+    native = dict(spec.split("=", 1) for spec in args.native.split(",") if spec.strip()).get(model)
+    if native is not None:
+        # GGUF-native maps (llama.cpp's types as options, bitalloc profile --ggml-types) solved at each
+        # preset's real bpw: the equal-size comparison
+        table = SensitivityTable.load(native)
+        for preset in presets:
+            target = next(e for n, e in exports.items() if n.split(" +")[0] == preset).stats.linear_bpw
+            bitmap = solve(table, Budget.bpw(target), Constraints(loss="kl"), solver=args.solver)
+            name = f"bitalloc native {args.solver} @ {preset} bpw"
+            tick = time.perf_counter()
+            exports[name] = export_bitmap(bitmap, work / f"{model}-native-{preset}.gguf", model, imatrix if table.metadata.get("imatrix") else None)
+            make_seconds[name], requested[name] = time.perf_counter() - tick, bitmap.predicted_bpw
     names = list(exports)
     measured: dict[str, Any] = {}
     for first in range(0, len(names), args.chunk):  # the HF reference runs once per chunk of files
@@ -144,7 +157,7 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
     return {"model": model, "settings": vars(settings), "rows": rows, "wall_seconds": time.perf_counter() - start,
             "provenance": provenance(), "config": {"presets": presets, "bitmaps": sorted(bitmaps), "imatrix": args.imatrix,
                                                    "imatrix_samples": args.imatrix_samples, "threads": args.threads,
-                                                   "scale_fold": args.scale_fold, "fold_seconds": fold_seconds}}
+                                                   "scale_fold": args.scale_fold, "fold_seconds": fold_seconds, "native": args.native}}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -181,6 +194,26 @@ def fold_reading(data: dict[str, Any]) -> str:
     return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
 
 
+def native_reading(data: dict[str, Any]) -> str:
+    """Each preset against the GGUF-native map solved at its real bpw (computed from the rows)."""
+    rows = {r["variant"]: r for r in data["rows"]}
+    lines, wins = [], 0
+    natives = [n for n in rows if n.startswith("bitalloc native")]
+    for name in natives:
+        preset = name.split("@ ")[1].removesuffix(" bpw")
+        base = next((r for n, r in rows.items() if n.split(" +")[0] == preset), None)
+        if base is None:
+            continue
+        a, b = base, rows[name]
+        wins += b["perplexity"] < a["perplexity"]
+        lines.append(f"- {a['variant']} {a['bpw']:.3f} bpw: ppl {a['perplexity']:.4g}, KL {a['kl']:.4f}; native map {b['bpw']:.3f} bpw: "
+                     f"ppl {b['perplexity']:.4g} ({b['perplexity'] / a['perplexity'] - 1:+.1%}), KL {b['kl']:.4f}")
+    if not lines:
+        return ""
+    lines.append(f"\nThe native map has the lower perplexity at the same or smaller size in {wins} of {len(lines)} cases.")
+    return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
+
+
 NOTES = """\
 Notes
 - Every GGUF is made by llama.cpp's quantizer (llama-cpp-python 0.3.36, `llama_model_quantize`) from the same F32 GGUF:
@@ -194,6 +227,10 @@ Notes
   embeddings at q8_0. "bit map bpw" is what bitalloc's own packed format would store for the same map.
 - Perplexity and KL(reference || file) on the same token ids as bitalloc's HF evaluation (BOS first where the model wants
   it), one 512-token window per fresh context; KL is per predicted token, in nats, against the HF fp32 reference.
+- "bitalloc native ... @ PRESET bpw" (with --native): a bit map whose options are llama.cpp's own tensor types
+  (`bitalloc profile --ggml-types`: every type that fits a linear's rows, priced at the bytes llama.cpp writes, loss = the
+  measured KL with only that linear at that type), solved by the ILP at the preset's measured linear bpw and exported with
+  exactly those types (and the importance matrix the profile was measured with).
 - Importance matrix (+imatrix): per input column mean of x^2 of each linear's inputs over calibration windows of the
   enwiki calibration split (never the evaluation split), passed as `llama_model_quantize_params.imatrix`; used where
   llama.cpp requires one (IQ1/IQ2/IQ3_XXS types) unless the run says otherwise.
@@ -219,27 +256,30 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4, help="GGUF files loaded at once (each holds 2 x seqlen x vocab logits)")
     parser.add_argument("--work", help="directory for the GGUF files (default $BITALLOC_CACHE/gguf/bench)")
     parser.add_argument("--out-md", help="default results/gguf.md (with --scale-fold: results/gguf_scalefold.md)")
+    parser.add_argument("--native", default="", help="MODEL=TABLE.npz,...: GGUF-native profiles (bitalloc profile --ggml-types); "
+                                                      "their maps solved at each preset's real bpw are measured too")
     parser.add_argument("--scale-fold", metavar="ALPHA", help="also make every file from the scale-folded model (a number in [0, 1] or 'search')")
     parser.add_argument("--fresh", action="store_true", help="ignore saved per-model results")
     args = parser.parse_args()
     if args.scale_fold is not None:
         parse_alpha(args.scale_fold)  # bad input fails before anything is measured
     if args.out_md is None:
-        args.out_md = str(RESULTS / ("gguf_scalefold.md" if args.scale_fold is not None else "gguf.md"))
+        args.out_md = str(RESULTS / ("gguf_scalefold.md" if args.scale_fold is not None else "gguf_native.md" if args.native else "gguf.md"))
     settings = EvalSettings(tokens=args.tokens)
     saved_dir = Path(args.out_md).with_suffix("")
     sections = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         saved = saved_dir / f"{model}.json"
         data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else None
-        if data is None or data["settings"] != vars(settings) or data["config"].get("scale_fold") != args.scale_fold:
+        if data is None or data["settings"] != vars(settings) or data["config"].get("scale_fold") != args.scale_fold \
+                or (data["config"].get("native") or "") != args.native:
             data = measure_model(model, args, settings)
             write_json(saved, data)
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
                         f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n"
                         + (f"- scale fold: {data['config']['scale_fold']}, computed in {data['config']['fold_seconds'] / 60:.1f} min on "
                            f"{args.samples} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "") + "\n"
-                        f"{markdown(data)}\n\n{fold_reading(data)}")
+                        f"{markdown(data)}\n\n{fold_reading(data)}{native_reading(data)}")
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
               f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
               f"{settings.seqlen} tokens, the same token ids for llama.cpp and the HF reference.\n\n")

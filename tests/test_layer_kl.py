@@ -80,3 +80,31 @@ def test_anchors_measure_only_their_columns_and_resume(loaded, corpus, isolated_
     assert not list(path.parent.glob("*.kl-*.npy"))
     with pytest.raises(BitallocError, match="not in this profile"):
         add_kl_losses(loaded, table, path, corpus.calibration, anchors=["gptq3"], progress=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
+    """The block-wise shortcut gives the whole forward's KL, for a change in any block or outside them."""
+    import torch
+
+    from allocator.profile import KLProbe
+    from tests.conftest import tiny_llama
+    from tests.test_scalefold import tiny_gemma3
+
+    model = tiny_llama() if family == "llama" else tiny_gemma3()
+    vocab = model.config.vocab_size
+    windows = torch.randint(3, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    probe = KLProbe(model, windows)
+    assert probe._block_inputs is not None  # the shortcut reproduced the reference, so it is used
+    whole = KLProbe(model, windows)
+    whole._block_inputs = None
+    generator = torch.Generator().manual_seed(1)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        weight = model.get_submodule(name).weight
+        overlay = {name: weight + 5.0 * weight.abs().mean() * torch.randn(weight.shape, generator=generator)}
+        expected = whole.mean_kl(overlay)
+        assert expected > 1e-5
+        assert probe.mean_kl(overlay) == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    two = {"model.layers.1.mlp.up_proj": model.model.layers[1].mlp.up_proj.weight * 1.5,
+           "model.layers.0.mlp.up_proj": model.model.layers[0].mlp.up_proj.weight * 0.5}
+    assert probe._first_block(two) == 0 and probe.mean_kl(two) == pytest.approx(whole.mean_kl(two), rel=1e-4)
