@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--model", help="built-in name or .gguf (default: the bit map's model; required with --preset)")
     exp.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
     exp.add_argument("--imatrix", choices=["auto", "on", "off"], default="auto",
-                     help="importance matrix (per input column mean x^2 of calibration activations): auto = only where llama.cpp needs one")
+                     help="importance matrix (per input column mean x^2 of calibration activations): auto = where llama.cpp needs one, and for GGUF-native bit maps")
     exp.add_argument("--imatrix-samples", type=_positive_int, default=32, help="calibration sequences for the importance matrix")
     exp.add_argument("--embedding-type", default="q8_0", help="token embedding / output type of bit-map exports (default q8_0)")
     exp.add_argument("--eval", action="store_true", help="then run the file in llama.cpp: perplexity and KL on the evaluation split")
@@ -654,6 +654,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     source = source_gguf(model)
     if bitmap is not None:
         needs = any(p.written in IMATRIX_TYPES for p in tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))).values())
+        # GGUF-native options (profile --ggml-types) were measured on files made with the importance matrix
+        needs = needs or any(e.settings.get("quantizer") == "ggml" for e in bitmap.modules.values())
     else:
         needs = args.preset.upper() in IMATRIX_PRESETS
     loaded = None
