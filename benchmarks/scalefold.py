@@ -59,6 +59,9 @@ Notes
   Q4_K_M: 4-bit numbers can look near-lossless partly because the quantizer re-finds that grid -- and folding moves the
   weights off it, which can make folded 4-bit look worse here than it would on a true float model.
 - KL is the mean per-token KL(reference || quantized) in nats over the same windows as the perplexity.
+- Export: a packed model's saved fold goes into its GGUF (`bitalloc export --quantized`; `export --scale-fold` for a bit
+  map or preset). llama.cpp's quantizers on the folded model, and the folded F32 file checked against the reference, are
+  in results/gguf_scalefold.md (benchmarks/gguf.py --scale-fold).
 """
 
 
