@@ -444,7 +444,7 @@ def _profile_ggml_types(args: argparse.Namespace) -> int:
     from allocator.corpus import load_corpus
     from allocator.errors import BitallocError
     from allocator.gguf_export import cached_imatrix, require_llama_cpp, source_gguf
-    from allocator.gguf_profile import DEFAULT_GGML_TYPES, profile_ggml_types
+    from allocator.gguf_profile import DEFAULT_GGML_TYPES, IMATRIX_SAMPLES, check_ggml_types, profile_ggml_types
     from allocator.models import load_model
     from allocator.profile import cached_table_path, save_table
     from allocator.sensitivity import TableKey
@@ -452,6 +452,7 @@ def _profile_ggml_types(args: argparse.Namespace) -> int:
 
     if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold:
         raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")
+    types = check_ggml_types(args.ggml_types or DEFAULT_GGML_TYPES)  # bad names fail before the model loads
     if args.out is not None:
         _check_json_target(args.out, "--out")
     require_llama_cpp()
@@ -461,11 +462,12 @@ def _profile_ggml_types(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     seqlen = args.kl_seqlen or min(256, args.seqlen)
     windows = calibration_samples(loaded.tokenizer, corpus.calibration, args.kl_samples, seqlen, loaded.add_bos, args.seed)
-    imatrix = cached_imatrix(args.model, loaded, args.corpus, 32, args.seqlen, args.seed)
+    imatrix = cached_imatrix(args.model, loaded, args.corpus, IMATRIX_SAMPLES, args.seqlen, args.seed)
     key = TableKey(model=args.model, corpus=args.corpus, samples=args.kl_samples, seqlen=seqlen, seed=args.seed)
     try:
-        table = profile_ggml_types(loaded, args.model, windows, imatrix, args.ggml_types or DEFAULT_GGML_TYPES, key,
-                                   progress=not args.no_progress)
+        table = profile_ggml_types(loaded, args.model, windows, imatrix, types, key, progress=not args.no_progress,
+                                   recompute=args.recompute, imatrix_settings={"samples": IMATRIX_SAMPLES, "seqlen": args.seqlen,
+                                                                               "corpus": args.corpus, "seed": args.seed})
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished types are saved, run the same command again to resume", file=sys.stderr)
         return 130
@@ -709,7 +711,9 @@ def _export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # -
     from allocator.scalefold import compute_scale_fold, search_quantizers
 
     samples = calibration_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed))
-    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None else None
+    native = bitmap is not None and any(e.settings.get("quantizer") == "ggml" for e in bitmap.modules.values())
+    # a GGUF-native map names llama.cpp types, not bitalloc quantizers: score its sites as a profile does
+    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None and not native else None
     fold, _ = compute_scale_fold(loaded.model, samples, settings, scorers, progress=not args.no_progress)
     return fold
 

@@ -63,7 +63,6 @@ class GGUFFold:
         if arch is None:
             raise BitallocError(f"gguf-py does not know the architecture {arch_name!r}")
         blocks = int(_field(reader, f"{arch_name}.block_count"))
-        kv_heads = int(_field(reader, f"{arch_name}.attention.head_count_kv"))
         names = gguf.get_tensor_name_map(arch, blocks)
         shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}  # (rows, cols)
         plan = cls()
@@ -82,10 +81,12 @@ class GGUFFold:
                 tensor = gguf_tensor_name(target) + ".weight"
                 columns = shapes.get(tensor, (0, 0))[-1]
                 per_column = scales
-                if columns != scales.numel() and columns % scales.numel() == 0 and scales.numel() % kv_heads == 0:
+                if group.source.endswith("v_proj") and columns != scales.numel():
                     # v -> o: each value row feeds one column per query head of its kv head
-                    layout = HeadLayout(kv_heads, columns // scales.numel(), scales.numel() // kv_heads)
-                    per_column = layout.expand(scales)
+                    kv_heads = int(_field(reader, f"{arch_name}.attention.head_count_kv"))
+                    if columns % scales.numel() or scales.numel() % kv_heads:
+                        raise BitallocError(f"scale fold: {scales.numel()} value scales do not fit {tensor}'s {columns} columns")
+                    per_column = HeadLayout(kv_heads, columns // scales.numel(), scales.numel() // kv_heads).expand(scales)
                 plan._add(plan.column_scales, tensor, per_column.numpy(), shapes, axis=1)
         return plan
 

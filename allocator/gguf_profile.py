@@ -51,6 +51,25 @@ DEFAULT_GGML_TYPES: tuple[str, ...] = ("iq2_xxs", "iq2_xs", "q2_k", "iq3_xxs", "
 types llama.cpp falls back to on other rows (iq4_nl 4.5, q5_0 5.5, q8_0 8.5)."""
 
 
+IMATRIX_SAMPLES = 32
+"""Calibration windows of the importance matrix the types are quantized with (as ``bitalloc export`` makes it)."""
+
+
+def check_ggml_types(types: Sequence[str]) -> list[str]:
+    """Lower-cased, de-duplicated ``types``; an unknown or unsized type is a :class:`BitallocError`."""
+    import gguf
+
+    known = {q.name.lower() for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES}
+    out: list[str] = []
+    for name in types:
+        lowered = name.lower()
+        if lowered not in known or lowered in ("f32", "f64", "i8", "i16", "i32", "i64"):
+            raise BitallocError(f"unknown llama.cpp tensor type {name!r}")
+        if lowered not in out:
+            out.append(lowered)
+    return out
+
+
 def ggml_option(type_name: str) -> Option:
     return Option(type_name, {"quantizer": "ggml", "type": type_name})
 
@@ -84,14 +103,14 @@ class GGUFLayout:
         return array
 
 
-def _dequantized(reader, layout: GGUFLayout) -> dict[str, tuple[np.ndarray, int]]:
-    """HF linear name -> (float32 weight in HF layout, stored bits) from a GGUF ``reader``."""
+def _dequantized(reader, layout: GGUFLayout, names: Sequence[str] | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """HF linear name -> (float32 weight in HF layout, stored bits) from a GGUF ``reader`` (``names``, or all)."""
     from gguf.quants import dequantize
 
     tensors = {t.name: t for t in reader.tensors}
     out = {}
-    for name, tensor_name in layout.tensor.items():
-        t = tensors[tensor_name]
+    for name in names if names is not None else layout.tensor:
+        t = tensors[layout.tensor[name]]
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
         out[name] = (layout.to_hf(name, data), int(t.n_bytes) * 8)
@@ -115,6 +134,8 @@ def profile_ggml_types(
     key: TableKey | None = None,
     progress: bool = True,
     threads: int | None = None,
+    recompute: bool = False,
+    imatrix_settings: Mapping[str, object] | None = None,
 ) -> SensitivityTable:
     """Profile ``types`` for every decoder linear of ``loaded`` (see the module doc).
 
@@ -126,10 +147,7 @@ def profile_ggml_types(
     import gguf
 
     require_llama_cpp()
-    unknown = [t for t in types if t.lower() not in {q.name.lower() for q in gguf.GGMLQuantizationType}]
-    if unknown:
-        raise BitallocError(f"unknown llama.cpp type {unknown[0]!r}")
-    types = [t.lower() for t in types]
+    types = check_ggml_types(types)
     if not imatrix and any(t in IMATRIX_TYPES for t in types):
         raise BitallocError(f"llama.cpp needs an importance matrix for {', '.join(t for t in types if t in IMATRIX_TYPES)}")
     linears = quantizable_linears(loaded.model)
@@ -145,9 +163,13 @@ def profile_ggml_types(
     }, sort_keys=True).encode()).hexdigest()[:16]
     cache_id = "ggml-" + hashlib.sha256(f"{fingerprint}:{','.join(types)}".encode()).hexdigest()[:16]
     cached = profile_cache_path(model, cache_id)
+    work = cache_dir("gguf", "types", fingerprint)
+    if recompute:
+        cached.unlink(missing_ok=True)
+        for column in work.glob("*.npz"):
+            column.unlink()
     if cached.is_file():
         return SensitivityTable.load(cached)
-    work = cache_dir("gguf", "types", fingerprint)
     rows = {name: module.in_features for name, module in linears.items()}
     probe = KLProbe(loaded.model, windows)
     bits = np.full((len(names), len(types)), NOT_APPLICABLE, dtype=np.int64)
@@ -168,7 +190,7 @@ def profile_ggml_types(
             overrides = {layout.tensor[name]: type_name for name in fitting}
             quantize_gguf(float_path, path, int(require_llama_cpp().LLAMA_FTYPE_MOSTLY_Q8_0), overrides, imatrix,
                           token_embedding_type="q8_0", output_tensor_type="q8_0", pure=True, threads=threads)
-        measured = _dequantized(gguf.GGUFReader(path), layout)
+        measured = _dequantized(gguf.GGUFReader(path), layout, fitting)
         for name in tqdm(fitting, desc=type_name, leave=False, disable=not progress):
             i = names.index(name)
             array, stored = measured[name]
@@ -190,7 +212,7 @@ def profile_ggml_types(
             "target": "gguf",
             "ggml_types": list(types),
             "float_gguf": float_path.name,
-            "imatrix": bool(imatrix),
+            "imatrix": dict(imatrix_settings) if imatrix and imatrix_settings else bool(imatrix),
             "kl_measurement": {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "anchors": "all"},
             "losses": {KL: "mean per-token KL(reference || model), only this layer at llama.cpp's type, dequantized",
                        WEIGHT_ERR: "sum of squared weight errors of llama.cpp's dequantized tensor"},
@@ -202,4 +224,4 @@ def profile_ggml_types(
     return table
 
 
-__all__ = ["DEFAULT_GGML_TYPES", "GGUFLayout", "ggml_option", "hf_rows", "profile_ggml_types", "type_fits"]
+__all__ = ["DEFAULT_GGML_TYPES", "IMATRIX_SAMPLES", "check_ggml_types", "GGUFLayout", "ggml_option", "hf_rows", "profile_ggml_types", "type_fits"]

@@ -155,16 +155,17 @@ class KLProbe:
         logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
-    def _first_block(self, overlay: Mapping[str, torch.Tensor]) -> int:
-        """The first decoder block ``overlay`` touches (0 if it touches anything outside the blocks)."""
+    def _first_block(self, overlay: Mapping[str, torch.Tensor]) -> int | None:
+        """The first decoder block ``overlay`` touches; None if it touches anything outside the
+        blocks (embeddings, final norm, head: the whole forward runs)."""
         blocks = []
         for name in overlay:
             rest = name[len(self._prefix):] if name.startswith(self._prefix) else ""
             index = rest.split(".", 1)[0]
             if not index.isdigit():
-                return 0
+                return None
             blocks.append(int(index))
-        return min(blocks, default=0)
+        return min(blocks, default=None)
 
     @torch.inference_mode()
     def mean_kl(self, overlay: Mapping[str, torch.Tensor]) -> float:

@@ -96,6 +96,8 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
     needs = any(p in IMATRIX_PRESETS for p in presets) or any(
         t.written in IMATRIX_TYPES for b in bitmaps.values() for t in tensor_plan(b, shapes).values())
     imatrix = None
+    native_table = SensitivityTable.load(args.native_tables[model]) if model in args.native_tables else None
+    needs = needs or (native_table is not None and bool(native_table.metadata.get("imatrix")))
     if args.imatrix == "all" or (args.imatrix == "auto" and needs):
         imatrix = cached_imatrix(model, loaded, "enwiki", args.imatrix_samples, settings.seqlen)
     exports: dict[str, ExportResult] = {FLOAT_ROW: export_float(model)}
@@ -128,11 +130,11 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
             tick = time.perf_counter()
             exports[label + suffix] = export_bitmap(bitmap, work / f"{model}-bitmap{i}{suffix.strip()}.gguf", model, use, scale_fold=fold)
             make_seconds[label + suffix], requested[label + suffix] = time.perf_counter() - tick, bitmap.predicted_bpw
-    native = dict(spec.split("=", 1) for spec in args.native.split(",") if spec.strip()).get(model)
+    native = args.native_tables.get(model)
     if native is not None:
         # GGUF-native maps (llama.cpp's types as options, bitalloc profile --ggml-types) solved at each
         # preset's real bpw: the equal-size comparison
-        table = SensitivityTable.load(native)
+        table = native_table
         for preset in presets:
             target = next(e for n, e in exports.items() if n.split(" +")[0] == preset).stats.linear_bpw
             bitmap = solve(table, Budget.bpw(target), Constraints(loss="kl"), solver=args.solver)
@@ -157,7 +159,8 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
     return {"model": model, "settings": vars(settings), "rows": rows, "wall_seconds": time.perf_counter() - start,
             "provenance": provenance(), "config": {"presets": presets, "bitmaps": sorted(bitmaps), "imatrix": args.imatrix,
                                                    "imatrix_samples": args.imatrix_samples, "threads": args.threads,
-                                                   "scale_fold": args.scale_fold, "fold_seconds": fold_seconds, "native": args.native}}
+                                                   "scale_fold": args.scale_fold, "fold_seconds": fold_seconds, "fold_samples": args.samples,
+                                                   "native": args.native}}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -210,7 +213,7 @@ def native_reading(data: dict[str, Any]) -> str:
                      f"ppl {b['perplexity']:.4g} ({b['perplexity'] / a['perplexity'] - 1:+.1%}), KL {b['kl']:.4f}")
     if not lines:
         return ""
-    lines.append(f"\nThe native map has the lower perplexity at the same or smaller size in {wins} of {len(lines)} cases.")
+    lines.append(f"\nThe native map (solved at the preset's bpw or below) has the lower perplexity in {wins} of {len(lines)} cases.")
     return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
 
 
@@ -255,7 +258,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=4, help="GGUF files loaded at once (each holds 2 x seqlen x vocab logits)")
     parser.add_argument("--work", help="directory for the GGUF files (default $BITALLOC_CACHE/gguf/bench)")
-    parser.add_argument("--out-md", help="default results/gguf.md (with --scale-fold: results/gguf_scalefold.md)")
+    parser.add_argument("--out-md", help="default results/gguf.md (with --scale-fold: gguf_scalefold.md; with --native: gguf_native.md)")
     parser.add_argument("--native", default="", help="MODEL=TABLE.npz,...: GGUF-native profiles (bitalloc profile --ggml-types); "
                                                       "their maps solved at each preset's real bpw are measured too")
     parser.add_argument("--scale-fold", metavar="ALPHA", help="also make every file from the scale-folded model (a number in [0, 1] or 'search')")
@@ -263,6 +266,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.scale_fold is not None:
         parse_alpha(args.scale_fold)  # bad input fails before anything is measured
+    specs = [spec.strip() for spec in args.native.split(",") if spec.strip()]
+    if any("=" not in spec for spec in specs):
+        parser.error("--native takes MODEL=TABLE.npz,...")
+    args.native_tables = dict(spec.split("=", 1) for spec in specs)
     if args.out_md is None:
         args.out_md = str(RESULTS / ("gguf_scalefold.md" if args.scale_fold is not None else "gguf_native.md" if args.native else "gguf.md"))
     settings = EvalSettings(tokens=args.tokens)
@@ -278,7 +285,7 @@ def main() -> None:
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
                         f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n"
                         + (f"- scale fold: {data['config']['scale_fold']}, computed in {data['config']['fold_seconds'] / 60:.1f} min on "
-                           f"{args.samples} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "") + "\n"
+                           f"{data['config'].get('fold_samples', args.samples)} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "") + "\n"
                         f"{markdown(data)}\n\n{fold_reading(data)}{native_reading(data)}")
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
               f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "

@@ -371,3 +371,12 @@ def test_cli_ggml_type_profile_refuses_bitalloc_options(capsys) -> None:
     assert main(["profile", "--ggml-types", "q4_k", "--measure-kl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes no --options" in err[0]
+
+
+def test_cli_ggml_type_names_are_checked_before_anything_loads(capsys) -> None:
+    from allocator.gguf_profile import check_ggml_types
+
+    assert check_ggml_types(["Q4_K", "q4_k", "iq4_nl"]) == ["q4_k", "iq4_nl"]
+    assert main(["profile", "--model", "no-such-model-xyz", "--ggml-types", "q4_k", "q9_z"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown llama.cpp tensor type 'q9_z'" in err[0]

@@ -108,3 +108,7 @@ def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
     two = {"model.layers.1.mlp.up_proj": model.model.layers[1].mlp.up_proj.weight * 1.5,
            "model.layers.0.mlp.up_proj": model.model.layers[0].mlp.up_proj.weight * 0.5}
     assert probe._first_block(two) == 0 and probe.mean_kl(two) == pytest.approx(whole.mean_kl(two), rel=1e-4)
+    # outside the blocks (the embedding here) the whole forward runs
+    embedding = {"model.embed_tokens": model.model.embed_tokens.weight * 1.5}
+    assert probe._first_block(embedding) is None and probe._first_block(two | {"lm_head": model.lm_head.weight}) is None
+    assert probe.mean_kl(embedding) == pytest.approx(whole.mean_kl(embedding), rel=1e-4) and whole.mean_kl(embedding) > 1e-5
