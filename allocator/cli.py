@@ -677,8 +677,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     else:
         result = export_preset(args.preset, model, args.out, imatrix, scale_fold=fold)
     if fold is not None:
-        folded = sum(g.alpha is not None for g in fold.groups)
-        print(f"scale fold ({fold.settings.label()}): {folded} of {len(fold.groups)} sites folded into the float model llama.cpp quantized")
+        folded = sum(g.alpha is not None for g in fold.groups) - result.unfolded_sites
+        skipped = (f"; {result.unfolded_sites} left unfolded where llama.cpp writes a codebook type (iq1/iq2/iq3)"
+                   if result.unfolded_sites else "")
+        print(f"scale fold ({fold.settings.label()}): {folded} of {len(fold.groups)} sites folded into the float model llama.cpp quantized{skipped}")
     stats = result.stats
     types = ", ".join(f"{kind} x{n}" for kind, n in stats.linear_type_counts().items())
     print(f"{args.out}: {stats.linear_bpw:.4f} bpw over the decoder linears ({types}), {stats.file_bpw:.3f} bpw and "

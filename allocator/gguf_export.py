@@ -496,21 +496,25 @@ class ExportResult:
     imatrix: bool
     scale_fold: bool = False
     """Whether llama.cpp quantized the scale-folded model."""
+    unfolded_sites: int = 0
+    """Fold sites left unfolded because their consumers are written in a codebook type."""
 
 
 @contextmanager
-def _quantizer_source(float_path: Path, scale_fold: ScaleFold | None) -> Iterator[tuple[Path, GGUFFold | None]]:
-    """The F32 GGUF llama.cpp quantizes: the reference, or a temporary folded copy of it."""
+def _quantizer_source(float_path: Path, scale_fold: ScaleFold | None, written: Mapping[str, str]) -> Iterator[tuple[Path, GGUFFold | None, int]]:
+    """The F32 GGUF llama.cpp quantizes: the reference, or a temporary folded copy of it whose sites
+    feeding codebook-typed tensors (``written``: tensor -> type) stay unfolded; and how many did."""
     if scale_fold is None:
-        yield float_path, None
+        yield float_path, None, 0
         return
-    from allocator.gguf_fold import write_folded_gguf
+    from allocator.gguf_fold import without_codebook_sites, write_folded_gguf
 
+    fold, unfolded = without_codebook_sites(scale_fold, written)
     with tempfile.TemporaryDirectory(prefix="folded-", dir=cache_dir("gguf")) as work:
         folded = Path(work) / float_path.name
         log.info("writing the scale-folded F32 GGUF")
-        plan = write_folded_gguf(float_path, scale_fold, folded)
-        yield folded, plan
+        plan = write_folded_gguf(float_path, fold, folded)
+        yield folded, plan, unfolded
 
 
 def export_bitmap(
@@ -534,7 +538,7 @@ def export_bitmap(
     if needing and not imatrix:
         raise BitallocError(f"llama.cpp needs an importance matrix for {', '.join(needing)}; pass one (bitalloc export --imatrix on)")
     llama_cpp = require_llama_cpp()
-    with _quantizer_source(float_path, scale_fold) as (source, fold_plan):
+    with _quantizer_source(float_path, scale_fold, {name: p.written for name, p in plan.items()}) as (source, fold_plan, unfolded):
         path = quantize_gguf(
             source, out, int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), {name: p.written for name, p in plan.items()},
             fold_plan.imatrix(imatrix) if fold_plan is not None and imatrix else imatrix,
@@ -544,7 +548,7 @@ def export_bitmap(
     wrong = [name for name, p in plan.items() if stats.types.get(name) != p.written]
     if wrong:
         raise BitallocError(f"llama.cpp wrote {stats.types.get(wrong[0])} for {wrong[0]}, expected {plan[wrong[0]].written}")
-    return ExportResult(path, stats, plan, imatrix=bool(imatrix), scale_fold=scale_fold is not None)
+    return ExportResult(path, stats, plan, imatrix=bool(imatrix), scale_fold=scale_fold is not None, unfolded_sites=unfolded)
 
 
 def export_preset(
@@ -561,10 +565,15 @@ def export_preset(
     if preset.upper() in IMATRIX_PRESETS and not imatrix:
         raise BitallocError(f"llama.cpp makes {preset.upper()} only with an importance matrix (bitalloc export --imatrix on)")
     float_path = float_gguf(source_gguf(model))
-    with _quantizer_source(float_path, scale_fold) as (source, fold_plan):
+    written: dict[str, str] = {}
+    if scale_fold is not None:
+        # which types the preset gives each tensor (llama.cpp decides by name and shape, not values)
+        path = quantize_gguf(float_path, out, ftype, imatrix=imatrix, threads=threads)
+        written = measure_gguf(path).types
+    with _quantizer_source(float_path, scale_fold, written) as (source, fold_plan, unfolded):
         matrix = fold_plan.imatrix(imatrix) if fold_plan is not None and imatrix else imatrix
         path = quantize_gguf(source, out, ftype, imatrix=matrix, threads=threads)
-    return ExportResult(path, measure_gguf(path), {}, imatrix=bool(imatrix), scale_fold=scale_fold is not None)
+    return ExportResult(path, measure_gguf(path), {}, imatrix=bool(imatrix), scale_fold=scale_fold is not None, unfolded_sites=unfolded)
 
 
 def export_float(model: str) -> ExportResult:

@@ -18,19 +18,45 @@ Norm names come from gguf-py's own HF -> GGUF tensor map for the file's architec
 
 The importance matrix of a folded linear is the reference one divided by ``s^2`` per column
 (:meth:`GGUFFold.imatrix`): its inputs are the reference inputs divided by ``s``.
+
+Sites whose consumers llama.cpp writes as a lattice-codebook type (:data:`CODEBOOK_TYPES`: iq1/iq2/iq3,
+which snap groups of 8 weights to a fixed set of points under one block scale) are left unfolded
+(:func:`without_codebook_sites`). The fold's alpha is scored with a scalar grid, and spreading column
+magnitudes is what a codebook cannot follow: on SmolLM2, folding up -> down into IQ2_XXS's iq2_xxs
+``ffn_down`` took perplexity from 23.5 to 49.7, while every scalar type (q2_k ... q6_k, q4_0, q5_0,
+iq4_nl) gained (results/gguf_scalefold.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 
 from allocator.bitmap import GGUF_TENSOR_NAMES, gguf_tensor_name
 from allocator.errors import BitallocError
 from allocator.scalefold import HeadLayout, ScaleFold
+
+
+CODEBOOK_TYPES = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"})
+"""llama.cpp types that quantize to lattice codebooks (grids of 8-weight points), not per-weight scalar levels."""
+
+
+def without_codebook_sites(fold: ScaleFold, written: Mapping[str, str]) -> tuple[ScaleFold, int]:
+    """``fold`` with every site left unfolded (``s = 1``) whose targets include a tensor that
+    ``written`` (GGUF tensor -> type llama.cpp writes) puts in a :data:`CODEBOOK_TYPES` type; and
+    how many folded sites that unfolded."""
+    groups, dropped = [], 0
+    for group in fold.groups:
+        if group.alpha is not None and any(written.get(gguf_tensor_name(t) + ".weight") in CODEBOOK_TYPES for t in group.targets):
+            groups.append(replace(group, alpha=None, scales=torch.ones_like(group.scales)))
+            dropped += 1
+        else:
+            groups.append(group)
+    return ScaleFold(fold.settings, groups), dropped
 
 
 def _is_linear(module: str) -> bool:
@@ -139,4 +165,4 @@ def write_folded_gguf(source: Path, fold: ScaleFold, target: Path) -> GGUFFold:
     return plan
 
 
-__all__ = ["GGUFFold", "write_folded_gguf"]
+__all__ = ["CODEBOOK_TYPES", "GGUFFold", "without_codebook_sites", "write_folded_gguf"]

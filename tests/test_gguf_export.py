@@ -380,3 +380,17 @@ def test_cli_ggml_type_names_are_checked_before_anything_loads(capsys) -> None:
     assert main(["profile", "--model", "no-such-model-xyz", "--ggml-types", "q4_k", "q9_z"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown llama.cpp tensor type 'q9_z'" in err[0]
+
+
+def test_fold_stays_off_sites_feeding_codebook_types(tiny, tiny_fold, windows, isolated_cache, tmp_path) -> None:
+    """The bit map writes blk.1.ffn_up as iq1_s (a lattice codebook): the norm -> gate/up site of block 1 stays
+    unfolded in the GGUF, every other site is folded."""
+    model, path = tiny
+    fold, overlay = tiny_fold
+    loaded = LoadedModel("tiny", model, tokenizer=None, add_bos=False)  # type: ignore[arg-type]
+    result = export_bitmap(_bitmap(path), tmp_path / "mixed-sf.gguf", imatrix=compute_imatrix(loaded, windows), scale_fold=fold)
+    assert result.scale_fold and result.unfolded_sites == 1
+    written, plain = _gguf_arrays(result.path), _gguf_arrays(float_gguf(path))
+    np.testing.assert_array_equal(written["blk.1.ffn_norm.weight"], plain["blk.1.ffn_norm.weight"])
+    np.testing.assert_allclose(written["blk.0.ffn_norm.weight"], overlay["model.layers.0.post_attention_layernorm"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(written["blk.1.attn_norm.weight"], overlay["model.layers.1.input_layernorm"].numpy(), rtol=1e-6)
