@@ -84,6 +84,15 @@ def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str,
     return maps
 
 
+def _native_profile(table: SensitivityTable | None) -> dict[str, Any] | None:
+    """How a GGUF-native table was measured (for the results header)."""
+    if table is None:
+        return None
+    meta = table.metadata
+    return {"types": meta.get("ggml_types"), "kl": meta.get("kl_measurement"), "imatrix": meta.get("imatrix"),
+            "minutes": round(float(meta.get("layer_seconds", 0.0)) / 60, 1), "seed": table.key.seed}
+
+
 def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) -> dict[str, Any]:
     start = time.perf_counter()
     work = Path(args.work) if args.work else cache_dir("gguf", "bench")
@@ -160,7 +169,7 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
             "provenance": provenance(), "config": {"presets": presets, "bitmaps": sorted(bitmaps), "imatrix": args.imatrix,
                                                    "imatrix_samples": args.imatrix_samples, "threads": args.threads,
                                                    "scale_fold": args.scale_fold, "fold_seconds": fold_seconds, "fold_samples": args.samples,
-                                                   "native": args.native}}
+                                                   "native": args.native, "native_profile": _native_profile(native_table)}}
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -176,6 +185,13 @@ def markdown(data: dict[str, Any]) -> str:
                      f"{_fmt(r['file_mb'], '.1f')} | {r['perplexity']:.3f} | {r['ppl_ratio']:.3f} | {_fmt(r['kl'], '.4f')} | "
                      f"{r['prefill_tok_s']:.0f} | {_fmt(r['decode_tok_s'], '.1f')} |")
     return "\n".join(lines)
+
+
+def _native_header(native: dict[str, Any]) -> str:
+    kl = native.get("kl") or {}
+    return (f"- native profile: `bitalloc profile --model MODEL --ggml-types --kl-samples {kl.get('windows')} --kl-seqlen {kl.get('seqlen')}` "
+            f"(types {', '.join(native.get('types') or [])}; KL on {kl.get('windows')} x {kl.get('seqlen')} calibration tokens; "
+            f"importance matrix {native.get('imatrix')}; {native.get('minutes')} min)\n")
 
 
 def fold_reading(data: dict[str, Any]) -> str:
@@ -285,7 +301,8 @@ def main() -> None:
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
                         f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n"
                         + (f"- scale fold: {data['config']['scale_fold']}, computed in {data['config']['fold_seconds'] / 60:.1f} min on "
-                           f"{data['config'].get('fold_samples', args.samples)} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "") + "\n"
+                           f"{data['config'].get('fold_samples', args.samples)} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "")
+                        + (_native_header(data["config"]["native_profile"]) if data["config"].get("native_profile") else "") + "\n"
                         f"{markdown(data)}\n\n{fold_reading(data)}{native_reading(data)}")
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
               f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
