@@ -644,6 +644,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise BitallocError("--scale-fold with --quantized: a packed model carries its own scale fold")
         packed = load_quantized(args.quantized)
         bitmap, fold = packed.bitmap(), packed.quantized.scale_fold
+        if packed.quantized.head:
+            print(f"note: the packed LM head is not carried over; llama.cpp writes the output tensor as --embedding-type ({args.embedding_type})")
     else:
         bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
     if bitmap is None and args.model is None:
