@@ -210,10 +210,6 @@ def fold_reading(data: dict[str, Any]) -> str:
                      f"KL {a['kl']:.4f} -> {b['kl']:.4f}")
     lines.append(f"\nThe fold lowers perplexity for {better} of {len(pairs) - 1} quantized files "
                  f"(the F32 pair checks the folded file computes the reference function).")
-    lines.append("\nFold sites whose consumer tensors llama.cpp writes as a codebook type (iq1/iq2/iq3: IQ2_XXS's ffn_down, the "
-                 "1-bit options of the bit maps) are left unfolded (allocator/gguf_fold.py). With every site folded (commit ea39cfd, "
-                 "saved as gguf_scalefold/smollm2-135m.all-sites.json) SmolLM2's IQ2_XXS went from ppl 23.77 to 47.57 and the two "
-                 "ILP maps from 30.80 to 68.34 and 21.47 to 49.03, while the scalar-type presets gained as they do here.")
     return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
 
 
@@ -236,6 +232,15 @@ def native_reading(data: dict[str, Any]) -> str:
     lines.append(f"\nThe native map (solved at the preset's bpw or below) has the lower perplexity in {wins} of {len(lines)} cases.")
     return "Reading (computed from the table):\n\n" + "\n".join(lines) + "\n"
 
+
+FOLD_NOTE = """\
+- Scale fold (+sf-...): the fold `bitalloc export --scale-fold` computes (allocator/scalefold.py; for a preset or a mixed
+  map every site, alpha scored with RTN 3-bit g128) applied to the F32 GGUF (allocator/gguf_fold.py), then llama.cpp
+  quantizes it with the folded importance matrix. Fold sites whose consumer tensors llama.cpp writes as a codebook type
+  (iq1/iq2/iq3: IQ2_XXS's ffn_down, the 1-bit options of the bit maps) are left unfolded. With every site folded (commit
+  ea39cfd, saved as gguf_scalefold/smollm2-135m.all-sites.json) SmolLM2's IQ2_XXS went from ppl 23.77 to 47.57 and the two
+  ILP maps from 30.80 to 68.34 and 21.47 to 49.03, while the scalar-type presets gained as they do with the exception.
+"""
 
 NOTES = """\
 Notes
@@ -311,7 +316,7 @@ def main() -> None:
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"
               f"Evaluation: enwiki evaluation split, {settings.tokens // settings.seqlen} non-overlapping windows of "
               f"{settings.seqlen} tokens, the same token ids for llama.cpp and the HF reference.\n\n")
-    Path(args.out_md).write_text(header + "\n".join(sections) + "\n" + NOTES)
+    Path(args.out_md).write_text(header + "\n".join(sections) + "\n" + NOTES + (FOLD_NOTE if args.scale_fold is not None else ""))
 
 
 if __name__ == "__main__":
