@@ -84,6 +84,12 @@ def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str,
     return maps
 
 
+def _saved_native_table(config: dict[str, Any], model: str) -> str | None:
+    """The native table a saved run of ``model`` used (its --native entry), or None."""
+    specs = [spec.split("=", 1) for spec in (config.get("native") or "").split(",") if "=" in spec]
+    return dict(specs).get(model)
+
+
 def _native_profile(table: SensitivityTable | None) -> dict[str, Any] | None:
     """How a GGUF-native table was measured (for the results header)."""
     if table is None:
@@ -307,7 +313,7 @@ def main() -> None:
         saved = saved_dir / f"{model}.json"
         data = json.loads(saved.read_text()) if saved.is_file() and not args.fresh else None
         if data is None or data["settings"] != vars(settings) or data["config"].get("scale_fold") != args.scale_fold \
-                or (data["config"].get("native") or "") != args.native:
+                or _saved_native_table(data["config"], model) != args.native_tables.get(model):
             data = measure_model(model, args, settings)
             write_json(saved, data)
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
