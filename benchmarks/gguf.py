@@ -197,7 +197,8 @@ def _native_header(native: dict[str, Any]) -> str:
     kl = native.get("kl") or {}
     return (f"- native profile: `bitalloc profile --model MODEL --ggml-types --kl-samples {kl.get('windows')} --kl-seqlen {kl.get('seqlen')}` "
             f"(types {', '.join(native.get('types') or [])}; KL on {kl.get('windows')} x {kl.get('seqlen')} calibration tokens; "
-            f"importance matrix {native.get('imatrix')}; {native.get('minutes')} min)\n")
+            f"importance matrix {native.get('imatrix')}; the run that wrote the table took {native.get('minutes')} min, type columns "
+            f"cached by an earlier run not counted)\n")
 
 
 def fold_reading(data: dict[str, Any]) -> str:
