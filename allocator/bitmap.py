@@ -245,10 +245,19 @@ GGUF_TENSOR_NAMES: dict[str, str] = {
 _BLOCK_MODULE = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 
 
+GGML_QUANTIZER = "ggml"
+"""Quantizer name of GGUF-native options (:mod:`allocator.gguf_profile`): ``{"quantizer": "ggml", "type": "q3_k"}``."""
+
+
+def is_ggml_native(bitmap: BitMap) -> bool:
+    """Whether ``bitmap`` names llama.cpp types (a GGUF-native map) rather than bitalloc quantizers."""
+    return any(e.settings.get("quantizer") == GGML_QUANTIZER for e in bitmap.modules.values())
+
+
 def ggml_type(settings: Mapping[str, Any]) -> str:
     """The llama.cpp type for an option (see :data:`GGML_TYPES`)."""
     quantizer = str(settings.get("quantizer", ""))
-    if quantizer == "ggml":  # a GGUF-native option (allocator.gguf_profile) names its type
+    if quantizer == GGML_QUANTIZER:  # a GGUF-native option names its type
         return str(settings["type"])
     bits = settings.get("bits")
     if quantizer in BINARY_QUANTIZERS or bits == 1:

@@ -628,7 +628,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from allocator.bitmap import BitMap
+    from allocator.bitmap import BitMap, is_ggml_native
     from allocator.errors import BitallocError
     from allocator.gguf_export import IMATRIX_PRESETS, IMATRIX_TYPES, export_bitmap, export_preset, float_gguf, gguf_tensor_shapes, preset_ftype, require_llama_cpp, source_gguf, tensor_plan
 
@@ -659,7 +659,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if bitmap is not None:
         needs = any(p.written in IMATRIX_TYPES for p in tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))).values())
         # GGUF-native options (profile --ggml-types) were measured on files made with the importance matrix
-        needs = needs or any(e.settings.get("quantizer") == "ggml" for e in bitmap.modules.values())
+        needs = needs or is_ggml_native(bitmap)
     else:
         needs = args.preset.upper() in IMATRIX_PRESETS
     loaded = None
@@ -709,15 +709,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # -> ScaleFold
     """The fold ``bitalloc quantize --scale-fold`` computes for ``bitmap`` with the same calibration
     (for a preset: every site, scored as a profile scores it)."""
+    from allocator.bitmap import is_ggml_native
     from allocator.corpus import load_corpus
     from allocator.options import assignment_from_settings
     from allocator.pipeline import EvalSettings, calibration_tokens
     from allocator.scalefold import compute_scale_fold, search_quantizers
 
     samples = calibration_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed))
-    native = bitmap is not None and any(e.settings.get("quantizer") == "ggml" for e in bitmap.modules.values())
     # a GGUF-native map names llama.cpp types, not bitalloc quantizers: score its sites as a profile does
-    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None and not native else None
+    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None and not is_ggml_native(bitmap) else None
     fold, _ = compute_scale_fold(loaded.model, samples, settings, scorers, progress=not args.no_progress)
     return fold
 

@@ -184,11 +184,26 @@ def write_float_gguf(source: Path, target: Path) -> None:
     rewrite_gguf(source, target)
 
 
+def gguf_field(reader: Any, key: str) -> Any:
+    """The value of metadata ``key`` of a ``gguf.GGUFReader``; a missing key is a :class:`BitallocError`."""
+    fld = reader.fields.get(key)
+    if fld is None:
+        raise BitallocError(f"the GGUF has no {key}")
+    return fld.contents()
+
+
+def dequantized_array(tensor: Any) -> np.ndarray:
+    """A ``gguf.ReaderTensor`` as float32 rows x columns (numpy order: ``ne`` reversed)."""
+    from gguf.quants import dequantize
+
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+    return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
+
+
 def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
     """Copy ``source`` to ``target`` as an ALL_F32 GGUF with the metadata kept, atomically: each
     tensor dequantized to float32 (rows x columns) and passed through ``transform(name, array)``."""
     import gguf
-    from gguf.quants import dequantize
 
     try:
         reader = gguf.GGUFReader(source)
@@ -207,9 +222,7 @@ def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarra
             writer.add_key_value(name, fld.contents(), main, sub_type=sub)
         writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
         for tensor in reader.tensors:
-            data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-            shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-            data = data.reshape(shape)
+            data = dequantized_array(tensor)
             if transform is not None:
                 data = transform(tensor.name, data)
             writer.add_tensor(tensor.name, np.ascontiguousarray(data, dtype=np.float32))
@@ -538,9 +551,10 @@ def export_bitmap(
     if needing and not imatrix:
         raise BitallocError(f"llama.cpp needs an importance matrix for {', '.join(needing)}; pass one (bitalloc export --imatrix on)")
     llama_cpp = require_llama_cpp()
-    with _quantizer_source(float_path, scale_fold, {name: p.written for name, p in plan.items()}) as (source, fold_plan, unfolded):
+    written = {name: p.written for name, p in plan.items()}
+    with _quantizer_source(float_path, scale_fold, written) as (source, fold_plan, unfolded):
         path = quantize_gguf(
-            source, out, int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), {name: p.written for name, p in plan.items()},
+            source, out, int(llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), written,
             fold_plan.imatrix(imatrix) if fold_plan is not None and imatrix else imatrix,
             token_embedding_type=embedding_type, output_tensor_type=embedding_type, pure=True, threads=threads,
         )

@@ -38,6 +38,7 @@ import torch
 
 from allocator.bitmap import GGUF_TENSOR_NAMES, gguf_tensor_name
 from allocator.errors import BitallocError
+from allocator.gguf_export import gguf_field
 from allocator.scalefold import HeadLayout, ScaleFold
 
 
@@ -63,13 +64,6 @@ def _is_linear(module: str) -> bool:
     return any(module.endswith("." + local) for local in GGUF_TENSOR_NAMES)
 
 
-def _field(reader: Any, key: str) -> Any:
-    fld = reader.fields.get(key)
-    if fld is None:
-        raise BitallocError(f"the GGUF has no {key}")
-    return fld.contents()
-
-
 @dataclass
 class GGUFFold:
     """Per GGUF tensor, the factors a scale fold puts on it (float64)."""
@@ -84,11 +78,11 @@ class GGUFFold:
         """Map ``fold`` onto the tensors of the GGUF that ``reader`` (a ``gguf.GGUFReader``) reads."""
         import gguf
 
-        arch_name = str(_field(reader, "general.architecture"))
+        arch_name = str(gguf_field(reader, "general.architecture"))
         arch = {name: enum for enum, name in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
         if arch is None:
             raise BitallocError(f"gguf-py does not know the architecture {arch_name!r}")
-        blocks = int(_field(reader, f"{arch_name}.block_count"))
+        blocks = int(gguf_field(reader, f"{arch_name}.block_count"))
         names = gguf.get_tensor_name_map(arch, blocks)
         shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}  # (rows, cols)
         plan = cls()
@@ -109,7 +103,7 @@ class GGUFFold:
                 per_column = scales
                 if group.source.endswith("v_proj") and columns != scales.numel():
                     # v -> o: each value row feeds one column per query head of its kv head
-                    kv_heads = int(_field(reader, f"{arch_name}.attention.head_count_kv"))
+                    kv_heads = int(gguf_field(reader, f"{arch_name}.attention.head_count_kv"))
                     if columns % scales.numel() or scales.numel() % kv_heads:
                         raise BitallocError(f"scale fold: {scales.numel()} value scales do not fit {tensor}'s {columns} columns")
                     per_column = HeadLayout(kv_heads, columns // scales.numel(), scales.numel() // kv_heads).expand(scales)

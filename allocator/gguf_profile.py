@@ -33,9 +33,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from allocator.bitmap import gguf_tensor_name
+from allocator.bitmap import GGML_QUANTIZER, gguf_tensor_name
 from allocator.errors import BitallocError
-from allocator.gguf_export import IMATRIX_TYPES, block_size, float_gguf, quantize_gguf, require_llama_cpp, source_gguf
+from allocator.gguf_export import (
+    IMATRIX_TYPES,
+    block_size,
+    dequantized_array,
+    float_gguf,
+    gguf_field,
+    quantize_gguf,
+    require_llama_cpp,
+    source_gguf,
+)
 from allocator.layers import quantizable_linears
 from allocator.models import LoadedModel
 from allocator.profile import KL, WEIGHT_ERR, KLProbe, profile_cache_path
@@ -71,7 +80,7 @@ def check_ggml_types(types: Sequence[str]) -> list[str]:
 
 
 def ggml_option(type_name: str) -> Option:
-    return Option(type_name, {"quantizer": "ggml", "type": type_name})
+    return Option(type_name, {"quantizer": GGML_QUANTIZER, "type": type_name})
 
 
 def type_fits(type_name: str, row_length: int) -> bool:
@@ -89,10 +98,10 @@ class GGUFLayout:
     """Maps the GGUF's linear tensors to the HF model's weights (names and q/k row order)."""
 
     def __init__(self, reader, names: Sequence[str]) -> None:
-        arch = str(reader.fields["general.architecture"].contents())
+        arch = str(gguf_field(reader, "general.architecture"))
         self.permuted = arch == "llama"  # convert_hf_to_gguf permutes q/k rows for llama-arch models only
-        self.heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
-        self.kv_heads = int(reader.fields[f"{arch}.attention.head_count_kv"].contents())
+        self.heads = int(gguf_field(reader, f"{arch}.attention.head_count"))
+        self.kv_heads = int(gguf_field(reader, f"{arch}.attention.head_count_kv"))
         self.tensor = {name: gguf_tensor_name(name) + ".weight" for name in names}
 
     def to_hf(self, name: str, array: np.ndarray) -> np.ndarray:
@@ -105,15 +114,11 @@ class GGUFLayout:
 
 def _dequantized(reader, layout: GGUFLayout, names: Sequence[str] | None = None) -> dict[str, tuple[np.ndarray, int]]:
     """HF linear name -> (float32 weight in HF layout, stored bits) from a GGUF ``reader`` (``names``, or all)."""
-    from gguf.quants import dequantize
-
     tensors = {t.name: t for t in reader.tensors}
     out = {}
     for name in names if names is not None else layout.tensor:
         t = tensors[layout.tensor[name]]
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        data = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
-        out[name] = (layout.to_hf(name, data), int(t.n_bytes) * 8)
+        out[name] = (layout.to_hf(name, dequantized_array(t)), int(t.n_bytes) * 8)
     return out
 
 
@@ -153,8 +158,6 @@ def profile_ggml_types(
     linears = quantizable_linears(loaded.model)
     names = list(linears)
     float_path = float_gguf(source_gguf(model))
-    layout = GGUFLayout(gguf.GGUFReader(float_path), names)
-    _check_layout(_dequantized(gguf.GGUFReader(float_path), layout), linears)
     fingerprint = hashlib.sha256(json.dumps({
         "float": float_path.name, "windows": [int(windows.shape[0]), int(windows.shape[1])],
         "tokens": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
@@ -170,6 +173,8 @@ def profile_ggml_types(
             column.unlink()
     if cached.is_file():
         return SensitivityTable.load(cached)
+    layout = GGUFLayout(gguf.GGUFReader(float_path), names)
+    _check_layout(_dequantized(gguf.GGUFReader(float_path), layout), linears)
     rows = {name: module.in_features for name, module in linears.items()}
     probe = KLProbe(loaded.model, windows)
     bits = np.full((len(names), len(types)), NOT_APPLICABLE, dtype=np.int64)

@@ -143,6 +143,7 @@ class KLProbe:
         for index, block in enumerate(layers[:-1]):
             inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
         self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
+        self._norm, self._head = norm, head
         if not torch.allclose(self._tail_logprobs(0, 0), self.reference[0], rtol=1e-4, atol=1e-4):
             log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
             self._block_inputs = None
@@ -152,7 +153,7 @@ class KLProbe:
         hidden = self._block_inputs[start][window]
         for index in range(start, len(layers)):
             hidden = run_block(layers[index], hidden, self._kwargs[index])
-        logits = self.model.get_output_embeddings()(self.model.model.norm(hidden))
+        logits = self._head(self._norm(hidden))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
     def _first_block(self, overlay: Mapping[str, torch.Tensor]) -> int | None:
