@@ -22,9 +22,10 @@ The importance matrix of a folded linear is the reference one divided by ``s^2``
 Sites whose consumers llama.cpp writes as a lattice-codebook type (:data:`CODEBOOK_TYPES`: iq1/iq2/iq3,
 which snap groups of 8 weights to a fixed set of points under one block scale) are left unfolded
 (:func:`without_codebook_sites`). The fold's alpha is scored with a scalar grid, and spreading column
-magnitudes is what a codebook cannot follow: on SmolLM2, folding up -> down into IQ2_XXS's iq2_xxs
-``ffn_down`` took perplexity from 23.5 to 49.7, while every scalar type (q2_k ... q6_k, q4_0, q5_0,
-iq4_nl) gained (results/gguf_scalefold.md).
+magnitudes is what a codebook cannot follow: on SmolLM2, folding every site took IQ2_XXS's perplexity
+from 23.77 to 47.57 (results/gguf_scalefold/smollm2-135m.all-sites.json; a diagnostic run traced it to
+the up -> down sites feeding its iq2_xxs ``ffn_down``), while the scalar-type presets gained
+(results/gguf_scalefold.md).
 """
 
 from __future__ import annotations
