@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto (default): lean where the architecture allows")
     ge.add_argument("--float-activations", action="store_true",
                     help="decode packed layers with float activations (exact to the stored weights) instead of rounding them "
-                         "to int8 per 32 columns as llama.cpp does (faster)")
+                         "to int8 per block of up to 128 columns, as llama.cpp does per 256 (faster)")
 
     commands.add_parser("models", help="list the built-in models")
     return parser

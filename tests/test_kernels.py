@@ -46,6 +46,8 @@ SHAPES = [
     (7, 77, None),  # one group per row, not a multiple of 32
     (33, 576, 128),  # SmolLM2 width: four groups of 128 and one of 64, no padding
     (5, 64, 256),  # group larger than the row
+    (6, 300, None),  # one group of 10 chunks: three int8 activation blocks in a group; 2 rows past the last 4
+    (5, 8256, 32),  # 258 groups: more than one window of the GEMV's stacked group scales
 ]
 BITS = (1, 2, 3, 4, 8)  # 8: the LM head's width
 
@@ -94,8 +96,8 @@ def test_chunk_layout_places_each_element_where_documented() -> None:
     expected_bit = {
         4: lambda s, l: [(8 * (l + 8 * (s & 1)) + 4 * (s >> 1) + k) for k in range(4)],
         2: lambda s, l: [(8 * l + 2 * s + k) for k in range(2)],
-        1: lambda s, l: [8 * s + l],
-        3: lambda s, l: [8 * l + 2 * s, 8 * l + 2 * s + 1, 64 + 8 * s + l],
+        1: lambda s, l: [8 * (l % 4) + 2 * s + l // 4],  # element e = 8s + l: byte e % 4, bit e // 4
+        3: lambda s, l: [8 * l + 2 * s, 8 * l + 2 * s + 1, 64 + 8 * (l % 4) + 2 * s + l // 4],
         8: lambda s, l: [8 * (8 * s + l) + k for k in range(8)],
     }
     for bits, where in expected_bit.items():
@@ -198,18 +200,27 @@ def test_int8_activation_gemv_is_exact_for_the_rounded_input(lib: KernelLibrary,
             assert not torch.equal(rounded, x)  # the rounding is really applied
 
 
-def test_int8_rounding_reference_follows_the_chunk_layout() -> None:
-    geometry = ChunkGeometry(100, 48, 2)  # groups 48, 48, 4: chunks of 32+16, 32+16, 4 columns
-    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize(
+    "cols,group,blocks",
+    [
+        (100, 48, ((0, 48), (48, 96), (96, 100))),  # groups of 48, 48, 4 columns: one block each
+        (300, None, ((0, 128), (128, 256), (256, 300))),  # one group of 10 chunks: blocks of 4, 4, 2 chunks
+        (512, 256, ((0, 128), (128, 256), (256, 384), (384, 512))),
+    ],
+)
+def test_int8_rounding_reference_follows_the_activation_blocks(cols: int, group: int | None, blocks: tuple) -> None:
+    geometry = ChunkGeometry(cols, group, 2)
+    x = torch.randn(3, cols, generator=torch.Generator().manual_seed(0))
     rounded = ops.round_activations_int8(x, geometry)
-    for start, stop in ((0, 32), (32, 48), (48, 80), (80, 96), (96, 100)):
+    for start, stop in blocks:
         block = x[:, start:stop]
         step = block.abs().amax(dim=-1, keepdim=True) / 127
         assert ((rounded[:, start:stop] - block).abs() <= step / 2 * (1 + 1e-6)).all()
         codes = rounded[:, start:stop] / step
         torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
         assert (codes.abs() <= 127 + 1e-4).all()
-    assert torch.equal(ops.round_activations_int8(torch.zeros(2, 100), geometry), torch.zeros(2, 100))
+        assert (codes.abs().amax(dim=-1) > 127 - 1e-4).all()  # the block's largest |x| maps to 127
+    assert torch.equal(ops.round_activations_int8(torch.zeros(2, cols), geometry), torch.zeros(2, cols))
 
 
 def test_int8_activations_apply_to_single_tokens_only(lib: KernelLibrary) -> None:

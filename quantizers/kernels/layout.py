@@ -17,7 +17,8 @@ SIMD vector, so a weight is converted once, at load time, into:
     ====  =====  ==============================================================
     4     16     byte ``l + 8 * (s & 1)``, nibble ``s >> 1``
     2     8      byte ``l``, bits ``2s .. 2s+1``
-    1     4      byte ``s``, bit ``l`` (bit ``8s + l`` of a little-endian word)
+    1     4      byte ``e % 4``, bit ``e // 4`` (``e = 8s + l``: a word broadcast to every
+                 lane puts element ``e``'s byte at vector byte ``e``)
     3     12     the 2-bit chunk of ``q & 3``, then the 1-bit chunk of ``q >> 2``
     8     32     byte ``8s + l`` (column order)
     ====  =====  ==============================================================
@@ -52,6 +53,9 @@ from quantizers.packing import unpack_codes
 CHUNK = 32
 """Columns per chunk: 4 slots of one 8-lane float vector."""
 KERNEL_BITS = (1, 2, 3, 4, 8)
+ACTIVATION_BLOCK_CHUNKS = 4
+"""Chunks (128 columns) per int8 activation block of the decode GEMV, inside one group; ``BQ_ACT_BLOCK``
+in lowbit.c."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,18 @@ class ChunkGeometry:
         return 0 if self.group_size is None else self.group_size
 
     @cached_property
+    def activation_blocks(self) -> np.ndarray:
+        """The int8 activation block of every chunk of a row: a group's chunks taken
+        :data:`ACTIVATION_BLOCK_CHUNKS` at a time (the C kernels' ``BQ_ACT_BLOCK``), numbered in order."""
+        blocks, first = [], 0
+        for g in range(self.groups):
+            count = self.chunks_full if g < self.groups - 1 else self.chunks - (self.groups - 1) * self.chunks_full
+            per_group = np.arange(count) // ACTIVATION_BLOCK_CHUNKS
+            blocks.append(first + per_group)
+            first += int(per_group[-1]) + 1
+        return np.concatenate(blocks)
+
+    @cached_property
     def column_positions(self) -> np.ndarray:
         """Position of every real column in the padded row of ``chunks * 32`` columns."""
         cols = np.arange(self.cols)
@@ -149,8 +165,9 @@ def _pack_slots(slots: np.ndarray, bits: int) -> np.ndarray:
         return np.concatenate([s[..., 0, :] | (s[..., 2, :] << 4), s[..., 1, :] | (s[..., 3, :] << 4)], axis=-1)
     if bits == 2:
         return s[..., 0, :] | (s[..., 1, :] << 2) | (s[..., 2, :] << 4) | (s[..., 3, :] << 6)
-    lane_bit = (1 << np.arange(8)).astype(np.uint8)
-    return (s * lane_bit).sum(axis=-1, dtype=np.uint8)  # byte s, bit l
+    elements = s.reshape(*s.shape[:-2], 8, 4)  # element e = 4 * i + j -> [i, j]: byte j, bit i
+    bit = (1 << np.arange(8, dtype=np.uint8))[:, None]
+    return (elements * bit).sum(axis=-2, dtype=np.uint8)
 
 
 def _unpack_slots(chunk: np.ndarray, bits: int) -> np.ndarray:
@@ -162,7 +179,8 @@ def _unpack_slots(chunk: np.ndarray, bits: int) -> np.ndarray:
         return np.stack([lo & 15, hi & 15, lo >> 4, hi >> 4], axis=-2)
     if bits == 2:
         return np.stack([(chunk >> (2 * s)) & 3 for s in range(4)], axis=-2)
-    return (chunk[..., :, None] >> np.arange(8, dtype=np.uint8)) & 1
+    elements = (chunk[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [bit i, byte j] = element 4i + j
+    return elements.reshape(*chunk.shape[:-1], 4, 8)
 
 
 @dataclass

@@ -27,7 +27,7 @@ class QuantLinear(nn.Module):
     (float32 or absent). The input may be any float dtype; the product runs in float32 and is
     returned in the input's dtype.
 
-    Single-token products (decode) round the input to int8 per 32 columns and use integer dot products,
+    Single-token products (decode) round the input to int8 per block of up to 128 columns and use integer dot products,
     like llama.cpp's quantized matmuls (:func:`~quantizers.kernels.ops.round_activations_int8`); set
     ``int8_activations = False`` for the float GEMV, exact to the stored weights. Several tokens
     (prefill, evaluation) always multiply with float activations.

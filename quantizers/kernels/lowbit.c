@@ -14,17 +14,20 @@
  *            of codes covers 8 consecutive columns, x[8s .. 8s+7]:
  *              4 bit: 16 bytes; byte l + 8*(s & 1), nibble (s >> 1)
  *              2 bit:  8 bytes; byte l, bits 2s..2s+1
- *              1 bit:  4 bytes; bit 8s + l of the little-endian 32-bit word (= byte s, bit l)
+ *              1 bit:  4 bytes; byte e % 4, bit e / 4 (so a 32-bit word broadcast to all lanes puts
+ *                      element e's byte at vector byte e, where one mask and a min make it the code)
  *              3 bit: 12 bytes; the 2-bit chunk of (q & 3) followed by the 1-bit chunk of (q >> 2)
  *              8 bit: 32 bytes; byte e (column order; used for the LM head, not as an allocation option)
  *            Unpacking a slot is then one zero-extension per 8 bytes, a shift and a mask.
  *   params - float16 pairs (scale, zero), rows x groups x 2; the zero is exact in fp16
  *            (an integer code, or 1/2 for the symmetric 1-bit grid).
  *
- * GEMV with int8 activations (bq_gemv_i8, the decode path): x is first quantized per chunk of 32
- * columns as llama.cpp's Q8_0 does (d = max|x| / 127, xq = round(x / d)), then each chunk of codes is
- * unpacked to 32 bytes and multiplied with xq by integer dot products (maddubs + madd; 8-bit codes
- * widened to int16 first), one float multiply-add per chunk. The result is the exact product of the weight with the int8-rounded x.
+ * GEMV with int8 activations (bq_gemv_i8, the decode path): x is first quantized per activation block
+ * of up to 128 columns inside a group (BQ_ACT_BLOCK chunks), like llama.cpp's Q8_K blocks of 256
+ * (d = max|x| / 127, xq = round(x / d)). Each chunk of codes is unpacked to 32 bytes and multiplied with
+ * xq by maddubs; a block's int16 pair sums are added in int16 and widened once per block, and four rows
+ * are reduced and scaled together (one 4-lane multiply-add per block). The result is the exact product
+ * of the weight with the int8-rounded x.
  *
  * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
  * with the per-group sums of x computed once per call, so the inner loop is only
@@ -61,7 +64,10 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 5
+#define BQ_ABI_VERSION 6
+#define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
+#define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
+#define BQ_STACK_COLS 8192 /* padded columns whose int8 activations a GEMV keeps on the stack */
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define BQ_PARALLEL_MIN_WORK 65536
@@ -133,8 +139,8 @@ BQ_INLINE uint32_t chunk_code(const uint8_t *p, int bits, int e) {
     case 8: return p[e];
     case 4: return (p[l + 8 * (s & 1)] >> (4 * (s >> 1))) & 15u;
     case 2: return (p[l] >> (2 * s)) & 3u;
-    case 1: return (p[s] >> l) & 1u;
-    default: return ((p[l] >> (2 * s)) & 3u) | (((uint32_t)(p[8 + s] >> l) & 1u) << 2);
+    case 1: return (p[e & 3] >> (e >> 2)) & 1u;
+    default: return ((p[l] >> (2 * s)) & 3u) | (((uint32_t)(p[8 + (e & 3)] >> (e >> 2)) & 1u) << 2);
     }
 }
 
@@ -158,27 +164,27 @@ BQ_INLINE float round_even(float v) {
     return v >= 0.0f ? (v + magic) - magic : -((-v + magic) - magic);
 }
 
-/* One chunk of Q8_0-style activations: xq = round(x * (127 / max|x|)) in [-127, 127] (ties to even);
- * stores d = max|x| / 127 and returns d * sum(xq). */
+/* One activation block of n (a multiple of 32) columns: xq = round(x * (127 / max|x|)) in [-127, 127]
+ * (ties to even); stores d = max|x| / 127 and returns d * sum(xq). */
 #if defined(__AVX2__)
-BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
+static float quantize_block(const float *src, int64_t n, int8_t *xq, float *d) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 v[4];
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(src + 8 * i);
-    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-                             _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t e = 0; e < n; e += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + e)));
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
     float amax = _mm_cvtss_f32(h);
     __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-    __m256i q[4];
-    for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)); /* nearest, ties to even */
-    /* packs interleave 128-bit lanes; the permute restores column order */
-    __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256((__m256i *)xq, bytes);
-    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m256i sum = _mm256_setzero_si256();
+    for (int64_t e = 0; e < n; e += BQ_CHUNK) {
+        __m256i q[4];
+        for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + e + 8 * i), inv)); /* nearest, ties to even */
+        /* packs interleave 128-bit lanes; the permute restores column order */
+        __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xq + e), _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    }
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
@@ -186,16 +192,16 @@ BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
     return *d * (float)_mm_cvtsi128_si32(s4);
 }
 #else
-BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
+static float quantize_block(const float *src, int64_t n, int8_t *xq, float *d) {
     float amax = 0.0f;
-    for (int e = 0; e < BQ_CHUNK; ++e) {
+    for (int64_t e = 0; e < n; ++e) {
         float a = src[e] < 0.0f ? -src[e] : src[e];
         amax = a > amax ? a : amax;
     }
     float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int isum = 0;
-    for (int e = 0; e < BQ_CHUNK; ++e) {
-        int v = (int)round_even(src[e] * inv);
+    int32_t isum = 0;
+    for (int64_t e = 0; e < n; ++e) {
+        int32_t v = (int32_t)round_even(src[e] * inv);
         xq[e] = (int8_t)v;
         isum += v;
     }
@@ -204,14 +210,19 @@ BQ_INLINE float quantize_chunk(const float *src, int8_t *xq, float *d) {
 }
 #endif
 
-/* Q8_0-style activations for every chunk k of the padded x (quantize_chunk), and gsum[g] = the sum over
- * group g's chunks of d[k] * sum(xq), the zero-point term of the quantized x. */
+/* Int8 activations per block of at most BQ_ACT_BLOCK chunks inside a group (quantize_block; block b
+ * covers chunks 4j .. 4j+3 of its group), and gsum[g] = the sum over group g's blocks of d[b] * sum(xq),
+ * the zero-point term of the quantized x. */
 static void quantize_activations(const float *xp, const Geometry *geo, int8_t *xq, float *d, float *gsum) {
-    int64_t k = 0;
+    int64_t k = 0, b = 0;
     for (int64_t g = 0; g < geo->groups; ++g) {
         int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
         float total = 0.0f;
-        for (int64_t c = 0; c < nc; ++c, ++k) total += quantize_chunk(xp + k * BQ_CHUNK, xq + k * BQ_CHUNK, d + k);
+        for (int64_t c0 = 0; c0 < nc; c0 += BQ_ACT_BLOCK, ++b) {
+            int64_t n = nc - c0 < BQ_ACT_BLOCK ? nc - c0 : BQ_ACT_BLOCK;
+            total += quantize_block(xp + k * BQ_CHUNK, n * BQ_CHUNK, xq + k * BQ_CHUNK, d + b);
+            k += n;
+        }
         gsum[g] = total;
     }
 }
@@ -231,10 +242,9 @@ BQ_INLINE __m256i load8_u8_to_i32(const uint8_t *p) {
 }
 
 BQ_INLINE __m256i load_bits_by_lane(const uint8_t *p) {
-    /* lane l holds the 32-bit word shifted right by l, so bit 8s of lane l is element 8s + l */
-    uint32_t w;
-    memcpy(&w, p, sizeof w);
-    return _mm256_srlv_epi32(_mm256_set1_epi32((int)w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    /* element 8s + l is bit 2s + l / 4 of byte l % 4: lane l holds the 32-bit word shifted right by
+     * 8 (l % 4) + l / 4, so bit 2s of lane l is element 8s + l */
+    return _mm256_srlv_epi32(_mm256_broadcastd_epi32(_mm_loadu_si32(p)), _mm256_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25));
 }
 
 /* The four slots (8 consecutive columns each) of one chunk as float codes. `bits` is a
@@ -260,18 +270,17 @@ BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, __m256 q[4]) {
         const __m256i m = _mm256_set1_epi32(1);
         __m256i a = load_bits_by_lane(p);
         q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
-        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 8), m));
-        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 16), m));
-        q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 24), m));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 2), m));
+        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 4), m));
+        q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 6), m));
     } else { /* 3 = 2-bit plane + 1-bit plane; the high bit is moved to bit 2 before the OR */
         const __m256i m3 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(4);
         __m256i a = load8_u8_to_i32(p), h = load_bits_by_lane(p + 8);
         q[0] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(a, m3), _mm256_and_si256(_mm256_slli_epi32(h, 2), m4)));
-        q[1] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 2), m3),
-                                                  _mm256_and_si256(_mm256_srli_epi32(h, 6), m4)));
+        q[1] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 2), m3), _mm256_and_si256(h, m4)));
         q[2] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(a, 4), m3),
-                                                  _mm256_and_si256(_mm256_srli_epi32(h, 14), m4)));
-        q[3] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(a, 6), _mm256_and_si256(_mm256_srli_epi32(h, 22), m4)));
+                                                  _mm256_and_si256(_mm256_srli_epi32(h, 2), m4)));
+        q[3] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(a, 6), _mm256_and_si256(_mm256_srli_epi32(h, 4), m4)));
     }
 }
 
@@ -355,77 +364,105 @@ BQ_INLINE __m256i unpack_chunk_bytes(const uint8_t *p, const int bits) {
     }
     __m256i lo2 = _mm256_setzero_si256();
     if (bits == 2 || bits == 3) { /* 64-bit lane s = the 8 bytes shifted right by 2s: byte l -> element 8s + l */
-        int64_t word; /* read only here: a 1-bit chunk has 4 bytes */
-        memcpy(&word, p, sizeof word);
-        __m256i v = _mm256_set1_epi64x(word);
+        __m256i v = _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p)); /* read only here: a 1-bit chunk has 4 bytes */
         lo2 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
         if (bits == 2) return lo2;
     }
-    /* 1-bit plane (at p for 1 bit, after the 8-byte 2-bit plane for 3 bits): vector byte e takes byte
-     * e >> 3 of the word and tests bit e & 7 */
-    uint32_t plane;
-    memcpy(&plane, p + (bits == 3 ? 8 : 0), sizeof plane);
-    const __m256i pick = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-    const __m256i bit = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
-    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)plane), pick), bit), bit);
-    if (bits == 1) return _mm256_and_si256(set, _mm256_set1_epi8(1));
-    return _mm256_or_si256(lo2, _mm256_and_si256(set, _mm256_set1_epi8(4)));
+    /* 1-bit plane (at p for 1 bit, after the 8-byte 2-bit plane for 3 bits): the word broadcast puts byte
+     * e % 4 at vector byte e; the mask keeps bit e / 4 and the min turns it into 0 or 1 */
+    const __m256i bit = _mm256_setr_epi8(1, 1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 32, 32, 32, 32,
+                                         64, 64, 64, 64, -128, -128, -128, -128);
+    __m256i plane = _mm256_broadcastd_epi32(_mm_loadu_si32(p + (bits == 3 ? 8 : 0)));
+    __m256i one = _mm256_min_epu8(_mm256_and_si256(plane, bit), _mm256_set1_epi8(1));
+    if (bits == 1) return one;
+    return _mm256_or_si256(lo2, _mm256_slli_epi16(one, 2));
 }
 
-/* Integer dot product of one chunk's codes with 32 int8 activations, as 8 int32 partial sums.
- * 1-4 bits: maddubs (u8 codes x s8 activations, pairs summed to int16: at most 2 * 15 * 127) and madd.
- * 8 bits would overflow those int16 pairs (2 * 255 * 127), so codes and activations are widened to
- * int16 first (x16 holds the chunk's activations widened once for all rows). */
-BQ_INLINE __m256i chunk_dot(const uint8_t *p, const int bits, __m256i xv, const __m256i x16[2]) {
-    if (bits == 8) {
-        __m256i codes = _mm256_loadu_si256((const __m256i *)p);
-        __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes)), x16[0]);
-        __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1)), x16[1]);
-        return _mm256_add_epi32(lo, hi);
+/* Scales of groups g0 .. g1-1 for R (1..4) rows as 4-float vectors, scales[g - g0] (rows past R repeat
+ * row 0), and the rows' zero-point terms over those groups, sum_g s[g] z[g] gsum[g]. Done before the
+ * dot products so that the fp16 conversions stay off their dependency chains. */
+BQ_INLINE __m128 group_scales4(const uint16_t *params, int64_t groups, int64_t g0, int64_t g1, const float *gsum, const int R,
+                               __m128 *scales) {
+    __m128 zterm = _mm_setzero_ps();
+    const uint16_t *row[4];
+    for (int r = 0; r < 4; ++r) row[r] = params + (int64_t)(r < R ? r : 0) * groups * 2;
+    for (int64_t g = g0; g < g1; ++g) {
+        int32_t a, b, c, e;
+        memcpy(&a, row[0] + 2 * g, 4);
+        memcpy(&b, row[1] + 2 * g, 4);
+        memcpy(&c, row[2] + 2 * g, 4);
+        memcpy(&e, row[3] + 2 * g, 4);
+        __m256 sz = _mm256_cvtph_ps(_mm_setr_epi32(a, b, c, e)); /* s0 z0 s1 z1 s2 z2 s3 z3 */
+        __m256 split = _mm256_permutevar8x32_ps(sz, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        __m128 s = _mm256_castps256_ps128(split);
+        scales[g - g0] = s;
+        zterm = _mm_fmadd_ps(_mm_mul_ps(s, _mm256_extractf128_ps(split, 1)), _mm_set1_ps(gsum[g]), zterm);
     }
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(unpack_chunk_bytes(p, bits), xv), _mm256_set1_epi16(1));
+    return zterm;
 }
 
-/* Int8-activation GEMV for R (1..4) consecutive rows sharing each chunk of xq: per chunk and row, one
- * integer dot product (chunk_dot) and one float FMA with the chunk's activation scale. */
+/* Lane r of the result = the sum of the 8 int32 lanes of v[r] (r = 0..3). */
+BQ_INLINE __m128i sum4_epi32(__m256i v0, __m256i v1, __m256i v2, __m256i v3) {
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+/* One chunk k of R (1..4) rows into their accumulators: int16 pair sums for 1-4 bits, int32 for 8. */
+BQ_INLINE void chunk_step(const uint8_t *codes, int64_t row_bytes, const int8_t *xq, int64_t k, const int bits, const int R,
+                          __m256i acc[4]) {
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k * BQ_CHUNK));
+    const uint8_t *pk = codes + k * 4 * bits;
+    if (bits == 8) {
+        const __m256i x16lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
+        const __m256i x16hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1));
+        for (int r = 0; r < R; ++r) {
+            const uint8_t *pr = pk + r * row_bytes;
+            __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)pr)), x16lo);
+            __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(pr + 16))), x16hi);
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(lo, hi));
+        }
+    } else {
+        for (int r = 0; r < R; ++r)
+            acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(unpack_chunk_bytes(pk + r * row_bytes, bits), xv));
+    }
+}
+
+/* Int8-activation GEMV for R (1..4) consecutive rows sharing each chunk of xq. Codes are unpacked to
+ * bytes and multiplied with xq by maddubs; the int16 pair sums of an activation block (at most
+ * BQ_ACT_BLOCK chunks) are added in int16 (at most 4 * 2 * 15 * 127 = 15240 for 4 bits), widened once
+ * per block (madd), summed across lanes for the R rows at once and scaled by the block's activation
+ * scale times each row's group scale in one 4-lane multiply-add. */
 BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
                             const float *d, const float *gsum, const Geometry *geo, const int bits, const int R, float *y) {
-    __m256 total[4];
-    float zterm[4];
-    const uint8_t *p[4];
-    for (int r = 0; r < R; ++r) {
-        total[r] = _mm256_setzero_ps();
-        zterm[r] = 0.0f;
-        p[r] = codes + r * row_bytes;
-    }
-    int64_t k = 0;
-    for (int64_t g = 0; g < geo->groups; ++g) {
-        int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
-        __m256 acc[4];
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-        for (int64_t c = 0; c < nc; ++c, ++k) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + k * BQ_CHUNK));
-            __m256i x16[2];
-            if (bits == 8) {
-                x16[0] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
-                x16[1] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(xv, 1));
-            }
-            __m256 dv = _mm256_broadcast_ss(d + k);
-            for (int r = 0; r < R; ++r) {
-                __m256i dot = chunk_dot(p[r], bits, xv, x16);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), dv, acc[r]);
-                p[r] += geo->chunk_bytes;
+    __m128 total = _mm_setzero_ps(), zterm = _mm_setzero_ps();
+    __m128 scales[BQ_STACK_GROUPS];
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    int64_t k = 0, b = 0;
+    for (int64_t g0 = 0; g0 < geo->groups; g0 += BQ_STACK_GROUPS) {
+        const int64_t g1 = g0 + BQ_STACK_GROUPS < geo->groups ? g0 + BQ_STACK_GROUPS : geo->groups;
+        zterm = _mm_add_ps(zterm, group_scales4(params, geo->groups, g0, g1, gsum, R, scales));
+        for (int64_t g = g0; g < g1; ++g) {
+            const int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+            const __m128 s = scales[g - g0];
+            for (int64_t c0 = 0; c0 < nc; c0 += BQ_ACT_BLOCK, ++b) {
+                const int64_t n = nc - c0 < BQ_ACT_BLOCK ? nc - c0 : BQ_ACT_BLOCK;
+                __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+                if (n == BQ_ACT_BLOCK) { /* a constant trip count, which the compiler unrolls */
+                    for (int64_t i = 0; i < BQ_ACT_BLOCK; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
+                } else {
+                    for (int64_t i = 0; i < n; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
+                }
+                k += n;
+                if (bits != 8)
+                    for (int r = 0; r < 4; ++r) acc[r] = _mm256_madd_epi16(acc[r], ones16);
+                __m128 dots = _mm_cvtepi32_ps(sum4_epi32(acc[0], acc[1], acc[2], acc[3]));
+                total = _mm_fmadd_ps(dots, _mm_mul_ps(s, _mm_set1_ps(d[b])), total);
             }
         }
-        for (int r = 0; r < R; ++r) {
-            const uint16_t *pr = params + (int64_t)r * geo->groups * 2 + g * 2;
-            float s = half_to_float(pr[0]), z = half_to_float(pr[1]);
-            total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), acc[r], total[r]);
-            zterm[r] += s * z * gsum[g];
-        }
     }
-    for (int r = 0; r < R; ++r) y[r] = hsum256(total[r]) - zterm[r];
+    float out[4];
+    _mm_storeu_ps(out, _mm_sub_ps(total, zterm));
+    for (int r = 0; r < R; ++r) y[r] = out[r];
 }
 
 #else /* ------------------------------------------------------------------ portable path */
@@ -498,18 +535,19 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
         const uint8_t *p = codes + r * row_bytes;
         const uint16_t *pr = params + (int64_t)r * geo->groups * 2;
         float total = 0.0f, zterm = 0.0f;
-        int64_t k = 0;
+        int64_t k = 0, b = 0;
         for (int64_t g = 0; g < geo->groups; ++g) {
             int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
-            float acc = 0.0f;
-            for (int64_t c = 0; c < nc; ++c, ++k) {
-                int32_t dot = 0;
-                for (int e = 0; e < BQ_CHUNK; ++e) dot += (int32_t)chunk_code(p, bits, e) * xq[k * BQ_CHUNK + e];
-                acc += d[k] * (float)dot;
-                p += geo->chunk_bytes;
-            }
             float s = half_to_float(pr[2 * g]), z = half_to_float(pr[2 * g + 1]);
-            total += s * acc;
+            for (int64_t c0 = 0; c0 < nc; c0 += BQ_ACT_BLOCK, ++b) {
+                int64_t c1 = c0 + BQ_ACT_BLOCK < nc ? c0 + BQ_ACT_BLOCK : nc;
+                int32_t dot = 0;
+                for (int64_t c = c0; c < c1; ++c, ++k) {
+                    for (int e = 0; e < BQ_CHUNK; ++e) dot += (int32_t)chunk_code(p, bits, e) * xq[k * BQ_CHUNK + e];
+                    p += geo->chunk_bytes;
+                }
+                total += s * (d[b] * (float)dot);
+            }
             zterm += s * z * gsum[g];
         }
         y[r] = total - zterm;
@@ -553,9 +591,14 @@ BQ_DEFINE_GEMV(8)
             gemv_i8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, d, gsum, geo, B, 4,   \
                          y + r);                                                                                  \
         }                                                                                                         \
-        for (int64_t r = 4 * quads; r < rows; ++r)                                                                \
-            gemv_i8_rows(codes + r * row_bytes, params + r * geo->groups * 2, row_bytes, xq, d, gsum, geo, B, 1,   \
-                         y + r);                                                                                  \
+        const uint8_t *tail = codes + 4 * quads * row_bytes;                                                      \
+        const uint16_t *tail_params = params + 4 * quads * geo->groups * 2;                                       \
+        switch (rows - 4 * quads) {                                                                               \
+        case 1: gemv_i8_rows(tail, tail_params, row_bytes, xq, d, gsum, geo, B, 1, y + 4 * quads); break;         \
+        case 2: gemv_i8_rows(tail, tail_params, row_bytes, xq, d, gsum, geo, B, 2, y + 4 * quads); break;         \
+        case 3: gemv_i8_rows(tail, tail_params, row_bytes, xq, d, gsum, geo, B, 3, y + 4 * quads); break;         \
+        default: break;                                                                                           \
+        }                                                                                                         \
     }
 
 BQ_DEFINE_GEMV_I8(1)

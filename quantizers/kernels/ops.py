@@ -1,8 +1,9 @@
 """``y = x @ W^T`` for a :class:`~quantizers.kernels.layout.KernelWeight`, through the C kernels.
 
 Batch 1 (decode) runs a GEMV kernel: by default (``int8_activations``) the one that first rounds the
-activations to int8 per 32 columns, as llama.cpp's Q8_0 does, and multiplies with integer dot products
-(:func:`round_activations_int8` is its reference), else the float one, exact to the stored weights.
+activations to int8 per block of up to 128 columns inside a weight group (llama.cpp rounds per 256 for
+its K-quants, Q8_K) and multiplies with integer dot products (:func:`round_activations_int8` is its
+reference), else the float one, exact to the stored weights.
 Batches up to :data:`GEMM_MAX_BATCH` run the small-batch GEMM kernel; larger batches (long prefills) dequantize the weight with the C unpacker and hand the
 product to torch's BLAS, which is faster there than anything written here. Without a compiler
 everything goes through :func:`reference_matmul`.
@@ -136,15 +137,20 @@ def reference_matmul(x: torch.Tensor, weight: KernelWeight) -> torch.Tensor:
 
 
 def round_activations_int8(x: torch.Tensor, geometry: ChunkGeometry) -> torch.Tensor:
-    """``x`` (..., cols) as the int8-activation GEMV sees it: per chunk of 32 columns of the weight's
-    layout (chunks never straddle a group), ``d = max|x| / 127`` and ``x -> round(x * (127 / max|x|)) * d``
-    (ties to even), in float32. The kernel's result is the exact product of this with the weight."""
+    """``x`` (..., cols) as the int8-activation GEMV sees it: per activation block of the weight's layout
+    (:attr:`ChunkGeometry.activation_blocks`: up to 128 columns, never straddling a group),
+    ``d = max|x| / 127`` and ``x -> round(x * (127 / max|x|)) * d`` (ties to even), in float32. The
+    kernel's result is the exact product of this with the weight."""
     x = x.float()
     padded = x.new_zeros(x.shape[:-1] + (geometry.padded_cols,))
     positions = torch.from_numpy(geometry.column_positions)
     padded[..., positions] = x
     chunks = padded.reshape(x.shape[:-1] + (geometry.chunks, CHUNK))
-    amax = chunks.abs().amax(dim=-1, keepdim=True)
+    blocks = torch.from_numpy(geometry.activation_blocks)
+    chunk_amax = chunks.abs().amax(dim=-1)
+    block_amax = chunk_amax.new_zeros(chunk_amax.shape[:-1] + (int(blocks.max()) + 1,))
+    block_amax = block_amax.index_reduce(-1, blocks, chunk_amax, "amax")
+    amax = block_amax[..., blocks].unsqueeze(-1)
     inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     rounded = torch.round(chunks * inverse) * (amax / 127.0)
     return rounded.reshape(padded.shape)[..., positions]
