@@ -65,6 +65,7 @@
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
 #define BQ_ABI_VERSION 6
+#define BQ_PREFETCH_BYTES 256 /* how far ahead of each row the decode GEMV prefetches its codes */
 #define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
 #define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
 #define BQ_STACK_COLS 8192 /* padded columns whose int8 activations a GEMV keeps on the stack */
@@ -386,7 +387,25 @@ BQ_INLINE __m128 group_scales4(const uint16_t *params, int64_t groups, int64_t g
     __m128 zterm = _mm_setzero_ps();
     const uint16_t *row[4];
     for (int r = 0; r < 4; ++r) row[r] = params + (int64_t)(r < R ? r : 0) * groups * 2;
-    for (int64_t g = g0; g < g1; ++g) {
+    __m256 zterm2 = _mm256_setzero_ps();
+    int64_t g = g0;
+    for (; g + 4 <= g1; g += 4) { /* four groups at once: each row's 4 (scale, zero) pairs, transposed */
+        __m256 q[4];
+        for (int r = 0; r < 4; ++r) q[r] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row[r] + 2 * g)));
+        /* q[r] = s(g) z(g) s(g+1) z(g+1) | s(g+2) z(g+2) s(g+3) z(g+3) of row r */
+        __m256d lo01 = _mm256_castps_pd(_mm256_unpacklo_ps(q[0], q[1])), lo23 = _mm256_castps_pd(_mm256_unpacklo_ps(q[2], q[3]));
+        __m256d hi01 = _mm256_castps_pd(_mm256_unpackhi_ps(q[0], q[1])), hi23 = _mm256_castps_pd(_mm256_unpackhi_ps(q[2], q[3]));
+        __m256 s02 = _mm256_castpd_ps(_mm256_unpacklo_pd(lo01, lo23)), z02 = _mm256_castpd_ps(_mm256_unpackhi_pd(lo01, lo23));
+        __m256 s13 = _mm256_castpd_ps(_mm256_unpacklo_pd(hi01, hi23)), z13 = _mm256_castpd_ps(_mm256_unpackhi_pd(hi01, hi23));
+        scales[g - g0] = _mm256_castps256_ps128(s02);
+        scales[g + 1 - g0] = _mm256_castps256_ps128(s13);
+        scales[g + 2 - g0] = _mm256_extractf128_ps(s02, 1);
+        scales[g + 3 - g0] = _mm256_extractf128_ps(s13, 1);
+        zterm2 = _mm256_fmadd_ps(_mm256_mul_ps(s02, z02), _mm256_set_m128(_mm_set1_ps(gsum[g + 2]), _mm_set1_ps(gsum[g])), zterm2);
+        zterm2 = _mm256_fmadd_ps(_mm256_mul_ps(s13, z13), _mm256_set_m128(_mm_set1_ps(gsum[g + 3]), _mm_set1_ps(gsum[g + 1])), zterm2);
+    }
+    zterm = _mm_add_ps(_mm256_castps256_ps128(zterm2), _mm256_extractf128_ps(zterm2, 1));
+    for (; g < g1; ++g) {
         int32_t a, b, c, e;
         memcpy(&a, row[0] + 2 * g, 4);
         memcpy(&b, row[1] + 2 * g, 4);
@@ -448,6 +467,10 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
                 const int64_t n = nc - c0 < BQ_ACT_BLOCK ? nc - c0 : BQ_ACT_BLOCK;
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
                 if (n == BQ_ACT_BLOCK) { /* a constant trip count, which the compiler unrolls */
+                    /* R rows are R streams at once, which the hardware prefetcher alone follows too late */
+                    for (int r = 0; r < R; ++r)
+                        for (int off = 0; off < BQ_ACT_BLOCK * 4 * bits; off += 64)
+                            _mm_prefetch((const char *)(codes + r * row_bytes + k * 4 * bits + off + BQ_PREFETCH_BYTES), _MM_HINT_T0);
                     for (int64_t i = 0; i < BQ_ACT_BLOCK; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
                 } else {
                     for (int64_t i = 0; i < n; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
