@@ -86,7 +86,7 @@ class ShapeRow:
     bandwidth_floor_seconds: float
     max_rel_error: float | None
     activations: str = "fp32"
-    """"fp32", or "int8": the decode GEMV on activations rounded to int8 per 32 columns."""
+    """"fp32", or "int8": the decode GEMV on activations rounded to int8 per block of up to 128 columns."""
 
 
 def time_call(fn: Callable[[], Any], min_seconds: float, batches: int = 5) -> float:
@@ -540,9 +540,10 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         "Notes",
         "- `fp32` activations: the kernels compute the simulated model's product up to summation order; GEMV folds the "
         "zero point as s * (sum x q - z * sum x) with per-group sums of x. `int8` activations (QuantLinear's default for a "
-        "single token, as llama.cpp's Q8_0 activations): x is rounded per 32 columns (scale max|x| / 127) and each chunk's "
-        "sum x q is an exact integer dot product (maddubs + madd); the result is the exact product of the weight with the "
-        "rounded x (its `rel err` is against that).",
+        "single token, like llama.cpp's Q8_K activations, which are rounded per 256): x is rounded per block of up to 128 "
+        "columns inside a weight group (scale max|x| / 127) and each block's sum x q is an exact integer dot product "
+        "(maddubs, int16 sums within the block, madd); the result is the exact product of the weight with the rounded x "
+        "(its `rel err` is against that).",
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",
