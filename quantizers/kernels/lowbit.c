@@ -65,7 +65,6 @@
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
 #define BQ_ABI_VERSION 6
-#define BQ_PREFETCH_BYTES 256 /* how far ahead of each row the decode GEMV prefetches its codes */
 #define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
 #define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
 #define BQ_STACK_COLS 8192 /* padded columns whose int8 activations a GEMV keeps on the stack */
@@ -467,10 +466,11 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
                 const int64_t n = nc - c0 < BQ_ACT_BLOCK ? nc - c0 : BQ_ACT_BLOCK;
                 __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
                 if (n == BQ_ACT_BLOCK) { /* a constant trip count, which the compiler unrolls */
-                    /* R rows are R streams at once, which the hardware prefetcher alone follows too late */
+                    /* R rows are R streams at once, which the hardware prefetcher alone follows too late on wide
+                     * rows: fetch the same block of the next four rows, which this thread reads next */
                     for (int r = 0; r < R; ++r)
                         for (int off = 0; off < BQ_ACT_BLOCK * 4 * bits; off += 64)
-                            _mm_prefetch((const char *)(codes + r * row_bytes + k * 4 * bits + off + BQ_PREFETCH_BYTES), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(codes + (r + 4) * row_bytes + k * 4 * bits + off), _MM_HINT_T0);
                     for (int64_t i = 0; i < BQ_ACT_BLOCK; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
                 } else {
                     for (int64_t i = 0; i < n; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
