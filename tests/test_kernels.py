@@ -8,6 +8,7 @@ kernels is a failure.
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import warnings
 from typing import Iterator
@@ -34,7 +35,7 @@ from allocator.options import quantizer_from_settings
 from quantizers import RTNQuantizer, XNORQuantizer
 from quantizers.kernels import build, ops
 from quantizers.kernels.build import FLAG_SETS, KernelLibrary, find_compiler, kernel_library
-from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference, pack_chunks, unpack_chunks
+from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference, lut_tiles, pack_chunks, unpack_chunks
 from quantizers.kernels.linear import QuantLinear
 from tests.conftest import WORDS, tiny_llama, tiny_tokenizer
 
@@ -48,6 +49,8 @@ SHAPES = [
     (5, 64, 256),  # group larger than the row
     (6, 300, None),  # one group of 10 chunks: three int8 activation blocks in a group; 2 rows past the last 4
     (5, 8256, 32),  # 258 groups: more than one window of the GEMV's stacked group scales
+    (64, 576, 128),  # rows in LUT tiles of 32: the 1-bit int8 GEMV looks its products up
+    (32, 100, 48),  # one LUT tile over padded groups
 ]
 BITS = (1, 2, 3, 4, 8)  # 8: the LM head's width
 
@@ -198,6 +201,46 @@ def test_int8_activation_gemv_is_exact_for_the_rounded_input(lib: KernelLibrary,
             got = ops.matmul(x, weight, bias, library=lib, int8_activations=True)
             assert ((got.double() - exact).abs() <= error_bound(rounded, weight) + 1e-6).all(), (rows, cols, group)
             assert not torch.equal(rounded, x)  # the rounding is really applied
+
+
+def test_lut_tiles_hold_the_chunk_layout_codes_and_params() -> None:
+    """Against the docstring of layout.lut_tiles, element by element (not the builder's own reshapes)."""
+    weight = KernelWeight.from_quantized(quantized_weight(64, 100, 48, 1))
+    tiles = lut_tiles(weight)
+    assert tiles is not None
+    codes, params = tiles[0].numpy(), tiles[1]
+    padded = np.zeros((64, weight.geometry.padded_cols), dtype=np.uint8)
+    padded[:, weight.geometry.column_positions] = weight.unpacked_codes().numpy()
+    for row in (0, 17, 40, 63):
+        tile, j = divmod(row, 32)
+        for pair in range(weight.geometry.padded_cols // 8):
+            byte = int(codes[tile, pair, j])
+            for half in range(2):
+                index = (byte >> (4 * half)) & 15
+                for i in range(4):
+                    assert (index >> i) & 1 == padded[row, 8 * pair + 4 * half + i]
+        for g in range(weight.geometry.groups):
+            assert params[tile, g, 0, j] == weight.params[row, g, 0] and params[tile, g, 1, j] == weight.params[row, g, 1]
+    assert lut_tiles(KernelWeight.from_quantized(quantized_weight(48, 100, 48, 1))) is None  # rows not a multiple of 32
+    assert lut_tiles(KernelWeight.from_quantized(quantized_weight(64, 100, 48, 2))) is None  # not 1-bit
+
+
+def test_lut_gemv_agrees_with_the_chunk_gemv(lib: KernelLibrary) -> None:
+    """Same int8 activations, same integer dot products: the two 1-bit paths differ only in float rounding."""
+    generator = torch.Generator().manual_seed(3)
+    for rows, cols, group, symmetric in ((64, 576, 128, True), (32, 300, None, False), (96, 640, 64, False)):
+        weight = KernelWeight.from_quantized(quantized_weight(rows, cols, group, 1, symmetric))
+        x = torch.randn(1, cols, generator=generator) * 3
+        prepared = ops.PreparedWeight(lib, weight, None, int8_activations=True)
+        assert prepared._lut is not None
+        with_lut = prepared(x)
+        plain = build.WeightDescriptor(weight.codes.data_ptr(), weight.params.data_ptr(), None, rows, cols,
+                                       weight.geometry.kernel_group_size, 1)
+        without = torch.empty(1, rows)
+        assert lib.lib.bq_gemv_i8_desc(ctypes.addressof(plain), x.data_ptr(), without.data_ptr()) == 0
+        rounded = ops.round_activations_int8(x, weight.geometry)
+        torch.testing.assert_close(with_lut, without, rtol=0, atol=float(error_bound(rounded, weight).max()))
+        assert not torch.equal(with_lut, torch.zeros_like(with_lut))
 
 
 @pytest.mark.parametrize(

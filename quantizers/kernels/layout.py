@@ -147,13 +147,18 @@ def pack_chunks(codes: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
 
 def unpack_chunks(packed: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
     """Inverse of :func:`pack_chunks`: codes (uint8, rows x cols)."""
+    return np.ascontiguousarray(_padded_codes(packed, geometry)[:, geometry.column_positions])
+
+
+def _padded_codes(packed: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
+    """Codes of the padded rows (uint8, rows x padded_cols; pads hold code 0)."""
     rows = packed.shape[0]
     chunk = packed.reshape(rows, geometry.chunks, geometry.chunk_bytes)
     if geometry.bits == 3:
         slots = _unpack_slots(chunk[..., :8], 2) | (_unpack_slots(chunk[..., 8:], 1) << 2)
     else:
         slots = _unpack_slots(chunk, geometry.bits)
-    return np.ascontiguousarray(slots.reshape(rows, geometry.padded_cols)[:, geometry.column_positions])
+    return slots.reshape(rows, geometry.padded_cols)
 
 
 def _pack_slots(slots: np.ndarray, bits: int) -> np.ndarray:
@@ -242,6 +247,34 @@ class KernelWeight:
         scales = self.params[..., 0].float()
         zeros = self.params[..., 1].float()
         return encode_uniform_grid(self.unpacked_codes(), scales, zeros, spec, layout)
+
+
+LUT_TILE_ROWS = 32
+"""Rows per LUT tile of the 1-bit int8 GEMV (two 16-byte pshufb lanes)."""
+
+
+def lut_tiles(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A 1-bit weight's codes and (scale, zero) pairs as the LUT tiles of the int8 GEMV (lowbit.c), or
+    None when the weight is not 1-bit or its rows are not a multiple of :data:`LUT_TILE_ROWS`.
+
+    Tile ``t`` holds rows ``32t .. 32t+31``. Codes (uint8, tiles x pairs x 32): for each pair ``p`` of
+    quads (8 padded columns), byte ``j`` is row ``j`` with the 4-bit index of quad ``2p`` in its low nibble
+    and of quad ``2p+1`` in its high nibble (bit ``i`` of an index = the code of the quad's column
+    ``i``). Pairs (float16, tiles x groups x 2 x 32): per group the 32 rows' scales, then their zeros.
+    The same bytes as the chunk layout, arranged so that one pshufb looks up 32 rows at once; the
+    decode path keeps them beside the chunk layout, which prefill and the float GEMV read.
+    """
+    rows = weight.shape[0]
+    if weight.bits != 1 or rows % LUT_TILE_ROWS:
+        return None
+    geometry = weight.geometry
+    codes = _padded_codes(weight.codes.numpy(), geometry).reshape(rows, -1, 4)
+    index = (codes << np.arange(4, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)  # rows x quads
+    pairs = index[:, 0::2] | (index[:, 1::2] << 4)  # rows x pairs
+    tiles = rows // LUT_TILE_ROWS
+    tile_codes = np.ascontiguousarray(pairs.reshape(tiles, LUT_TILE_ROWS, -1).transpose(0, 2, 1))
+    tile_params = weight.params.reshape(tiles, LUT_TILE_ROWS, geometry.groups, 2).permute(0, 2, 3, 1).contiguous()
+    return torch.from_numpy(tile_codes), tile_params
 
 
 def dequantize_reference(weight: KernelWeight) -> torch.Tensor:

@@ -29,6 +29,16 @@
  * are reduced and scaled together (one 4-lane multiply-add per block). The result is the exact product
  * of the weight with the int8-rounded x.
  *
+ * 1-bit GEMV with int8 activations through lookup tables (T-MAC, Wei et al. 2025): four 1-bit codes of a
+ * row are a 4-bit index into the 16 subset sums of the four int8 activations they multiply, so one
+ * pshufb does 32 rows x 4 columns. It needs the codes of 32 rows side by side (the "LUT tiles", built at
+ * load time beside the chunk layout by quantizers/kernels/layout.py:lut_tiles): tile t is rows
+ * 32t .. 32t+31; for each pair p of quads (8 padded columns) 32 bytes, byte j = row j (bytes 0-15 in
+ * the low 128-bit lane, 16-31 in the high one, so pshufb's per-lane tables serve all 32 rows), low
+ * nibble = the index of quad 2p (bit i = the code of column 8p + i), high nibble = quad 2p + 1. Its
+ * (scale, zero) pairs follow per tile and group as 32 scales then 32 zeros (float16, row order). The
+ * int8 activations and the result are those of the chunk-layout GEMV above.
+ *
  * GEMV (one token) uses sum_c x_c * s * (q_c - z) = s * (sum_c x_c q_c) - s * z * sum_c x_c
  * with the per-group sums of x computed once per call, so the inner loop is only
  * unpack + convert + FMA. GEMM (a few tokens) dequantizes 8 weights at a time exactly as the
@@ -64,7 +74,7 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 6
+#define BQ_ABI_VERSION 7
 #define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
 #define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
 #define BQ_STACK_COLS 8192 /* padded columns whose int8 activations a GEMV keeps on the stack */
@@ -488,6 +498,76 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
     for (int r = 0; r < R; ++r) y[r] = out[r];
 }
 
+/* The 16 subset sums of each quad of int8 activations (quads = padded columns / 4), as two 16-byte
+ * tables per quad: the low bytes and the high bytes of the int16 sums (|sum| <= 4 * 127). */
+static void build_lut(const int8_t *xq, int64_t quads, uint8_t *lut) {
+    /* entry e of a quad's table sums the activations whose bit is set in e */
+    const __m256i m0 = _mm256_setr_epi16(0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1);
+    const __m256i m1 = _mm256_setr_epi16(0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1);
+    const __m256i m2 = _mm256_setr_epi16(0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1);
+    const __m256i m3 = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i low = _mm256_set1_epi16(0xff);
+    for (int64_t q = 0; q < quads; ++q) {
+        const int8_t *x = xq + 4 * q;
+        __m256i t = _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(x[0]), m0), _mm256_and_si256(_mm256_set1_epi16(x[1]), m1));
+        t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(x[2]), m2), _mm256_and_si256(_mm256_set1_epi16(x[3]), m3)));
+        /* packus keeps 128-bit lanes: lo(e 0-7) hi(e 0-7) | lo(e 8-15) hi(e 8-15); the permute gathers lo | hi */
+        __m256i bytes = _mm256_packus_epi16(_mm256_and_si256(t, low), _mm256_srli_epi16(t, 8));
+        _mm256_storeu_si256((__m256i *)(lut + 32 * q), _mm256_permute4x64_epi64(bytes, 0xD8));
+    }
+}
+
+/* One LUT tile (32 rows) of the 1-bit int8 GEMV; y gets its 32 outputs in row order. */
+static void lut_tile(const uint8_t *tile, const uint16_t *tparams, const uint8_t *lut, const float *d, const float *gsum,
+                     const Geometry *geo, float *y) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    __m256 total[4], zterm[4]; /* rows 0-7, 8-15, 16-23, 24-31 */
+    for (int i = 0; i < 4; ++i) total[i] = zterm[i] = _mm256_setzero_ps();
+    int64_t pair = 0, b = 0;
+    for (int64_t g = 0; g < geo->groups; ++g) {
+        const int64_t nc = g == geo->groups - 1 ? geo->chunks_last : geo->chunks_full;
+        const uint16_t *sz = tparams + g * 64;
+        __m256 s[4];
+        for (int i = 0; i < 4; ++i) {
+            s[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sz + 8 * i)));
+            __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sz + 32 + 8 * i)));
+            zterm[i] = _mm256_fmadd_ps(_mm256_mul_ps(s[i], z), _mm256_set1_ps(gsum[g]), zterm[i]);
+        }
+        for (int64_t c0 = 0; c0 < nc; c0 += BQ_ACT_BLOCK, ++b) {
+            const int64_t pairs = 4 * (nc - c0 < BQ_ACT_BLOCK ? nc - c0 : BQ_ACT_BLOCK); /* at most 16: int16 sums <= 16 * 2 * 508 */
+            __m256i lo_rows = _mm256_setzero_si256(), hi_rows = _mm256_setzero_si256();
+            for (int64_t e = pair + pairs; pair < e; ++pair) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(tile + 32 * pair));
+                const __m256i i0 = _mm256_and_si256(v, nibble), i1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+                const uint8_t *t0 = lut + 64 * pair, *t1 = t0 + 32;
+                const __m256i lo0 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t0)), i0);
+                const __m256i hi0 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t0 + 16))), i0);
+                const __m256i lo1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)t1)), i1);
+                const __m256i hi1 = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t1 + 16))), i1);
+                /* unpack low/high bytes into int16: lanes hold rows 0-7 | 16-23 (lo) and 8-15 | 24-31 (hi) */
+                lo_rows = _mm256_add_epi16(lo_rows, _mm256_add_epi16(_mm256_unpacklo_epi8(lo0, hi0), _mm256_unpacklo_epi8(lo1, hi1)));
+                hi_rows = _mm256_add_epi16(hi_rows, _mm256_add_epi16(_mm256_unpackhi_epi8(lo0, hi0), _mm256_unpackhi_epi8(lo1, hi1)));
+            }
+            const __m256 dv = _mm256_set1_ps(d[b]);
+            const __m128i part[4] = {_mm256_castsi256_si128(lo_rows), _mm256_castsi256_si128(hi_rows),
+                                     _mm256_extracti128_si256(lo_rows, 1), _mm256_extracti128_si256(hi_rows, 1)};
+            for (int i = 0; i < 4; ++i)
+                total[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(part[i])), _mm256_mul_ps(s[i], dv), total[i]);
+        }
+    }
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(y + 8 * i, _mm256_sub_ps(total[i], zterm[i]));
+}
+
+static void gemv_i8_lut(const bq_weight *w, const int8_t *xq, const float *d, const float *gsum, const Geometry *geo,
+                        uint8_t *lut, float *y) {
+    build_lut(xq, geo->chunks * BQ_CHUNK / 4, lut);
+    const int64_t tiles = w->rows / 32, tile_bytes = 32 * geo->chunks * BQ_CHUNK / 8, tile_params = 64 * geo->groups;
+    int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
+    (void)parallel;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < tiles; ++t) lut_tile(w->lut_codes + t * tile_bytes, w->lut_params + t * tile_params, lut, d, gsum, geo, y + 32 * t);
+}
+
 #else /* ------------------------------------------------------------------ portable path */
 
 /* Plain loops over a chunk decoded into 32 floats: compilers vectorize the 32-wide dot and
@@ -755,9 +835,11 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     Geometry geo = geometry(w->cols, w->group_size, bits);
     int64_t row_bytes = geo.chunks * geo.chunk_bytes;
     int64_t width = geo.chunks * BQ_CHUNK;
-    /* one allocation: d (chunks floats), gsum (groups floats), padded x (width floats when needed), xq (width bytes) */
+    const int lut = BQ_AVX2 && bits == 1 && w->lut_codes && w->lut_params && w->rows % 32 == 0;
+    /* one allocation: d (chunks floats), gsum (groups floats), padded x (width floats when needed), xq (width bytes),
+     * and for the LUT path its tables (width / 4 x 32 bytes) */
     size_t floats = (size_t)(geo.chunks + geo.groups + (geo.padded ? width : 0));
-    float *scratch = (float *)malloc(floats * sizeof(float) + (size_t)width);
+    float *scratch = (float *)malloc(floats * sizeof(float) + (size_t)width + (lut ? (size_t)width * 8 + 32 : 0));
     if (!scratch) return -2;
     float *d = scratch, *gsum = scratch + geo.chunks;
     const float *xp = x;
@@ -769,7 +851,14 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     int8_t *xq = (int8_t *)(scratch + floats);
     quantize_activations(xp, &geo, xq, d, gsum);
     int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
+#if BQ_AVX2
+    if (lut) {
+        gemv_i8_lut(w, xq, d, gsum, &geo, (uint8_t *)xq + width, y);
+        bits = 0; /* done */
+    }
+#endif
     switch (bits) {
+    case 0: break;
     case 1: gemv_i8_b1(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 2: gemv_i8_b2(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 3: gemv_i8_b3(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;

@@ -17,6 +17,10 @@ typedef struct {
     int64_t cols;
     int64_t group_size;
     int64_t bits;
+    /* optional, 1-bit weights with rows % 32 == 0: the same codes and (scale, zero) pairs as LUT tiles
+     * (lowbit.c), which the int8 GEMV then uses; NULL otherwise */
+    const uint8_t *lut_codes;
+    const uint16_t *lut_params;
 } bq_weight;
 
 int bq_matmul_desc(const bq_weight *w, const float *x, int64_t batch, float *y);

@@ -16,7 +16,7 @@ import ctypes
 import torch
 
 from quantizers.kernels.build import KernelLibrary, WeightDescriptor, kernel_library
-from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference
+from quantizers.kernels.layout import CHUNK, ChunkGeometry, KernelWeight, dequantize_reference, lut_tiles
 
 GEMM_MAX_BATCH = 64
 """Largest number of tokens the GEMM kernel takes; above it, dequantize + torch matmul."""
@@ -49,7 +49,7 @@ class PreparedWeight:
     """
 
     __slots__ = ("lib", "codes", "params", "bias", "rows", "cols", "bits", "group_arg", "int8_activations", "_descriptor",
-                 "_address", "_key")
+                 "_address", "_key", "_lut")
 
     def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None,
                  int8_activations: bool = False) -> None:
@@ -63,7 +63,10 @@ class PreparedWeight:
         self.group_arg = weight.geometry.kernel_group_size
         self.int8_activations = int8_activations
         self._key = self.pointers(weight.codes, weight.params, bias)
-        self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits)
+        # 1-bit int8 decode reads LUT tiles kept beside the chunk layout (layout.lut_tiles)
+        self._lut = lut_tiles(weight) if int8_activations else None
+        self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits,
+                                            *((t.data_ptr() for t in self._lut) if self._lut else (None, None)))
         self._address = ctypes.addressof(self._descriptor)
 
     @staticmethod
