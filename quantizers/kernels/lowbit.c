@@ -498,16 +498,16 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
     for (int r = 0; r < R; ++r) y[r] = out[r];
 }
 
-/* The 16 subset sums of each quad of int8 activations (quads = padded columns / 4), as two 16-byte
- * tables per quad: the low bytes and the high bytes of the int16 sums (|sum| <= 4 * 127). */
-static void build_lut(const int8_t *xq, int64_t quads, uint8_t *lut) {
+/* The 16 subset sums of quads q0 .. q1-1 of int8 activations, as two 16-byte tables per quad: the low
+ * bytes and the high bytes of the int16 sums (|sum| <= 4 * 127). */
+static void build_lut(const int8_t *xq, int64_t q0, int64_t q1, uint8_t *lut) {
     /* entry e of a quad's table sums the activations whose bit is set in e */
     const __m256i m0 = _mm256_setr_epi16(0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1, 0, -1);
     const __m256i m1 = _mm256_setr_epi16(0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1, 0, 0, -1, -1);
     const __m256i m2 = _mm256_setr_epi16(0, 0, 0, 0, -1, -1, -1, -1, 0, 0, 0, 0, -1, -1, -1, -1);
     const __m256i m3 = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i low = _mm256_set1_epi16(0xff);
-    for (int64_t q = 0; q < quads; ++q) {
+    for (int64_t q = q0; q < q1; ++q) {
         const int8_t *x = xq + 4 * q;
         __m256i t = _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(x[0]), m0), _mm256_and_si256(_mm256_set1_epi16(x[1]), m1));
         t = _mm256_add_epi16(t, _mm256_add_epi16(_mm256_and_si256(_mm256_set1_epi16(x[2]), m2), _mm256_and_si256(_mm256_set1_epi16(x[3]), m3)));
@@ -560,12 +560,19 @@ static void lut_tile(const uint8_t *tile, const uint16_t *tparams, const uint8_t
 
 static void gemv_i8_lut(const bq_weight *w, const int8_t *xq, const float *d, const float *gsum, const Geometry *geo,
                         uint8_t *lut, float *y) {
-    build_lut(xq, geo->chunks * BQ_CHUNK / 4, lut);
     const int64_t tiles = w->rows / 32, tile_bytes = 32 * geo->chunks * BQ_CHUNK / 8, tile_params = 64 * geo->groups;
+    const int64_t quads = geo->chunks * BQ_CHUNK / 4, per = 64; /* quads per piece of the table built by one thread */
     int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
     (void)parallel;
-#pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t t = 0; t < tiles; ++t) lut_tile(w->lut_codes + t * tile_bytes, w->lut_params + t * tile_params, lut, d, gsum, geo, y + 32 * t);
+    /* one parallel region: the threads build the tables together, then (after the barrier) split the tiles */
+#pragma omp parallel if (parallel)
+    {
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < quads; q += per) build_lut(xq, q, q + per < quads ? q + per : quads, lut);
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t)
+            lut_tile(w->lut_codes + t * tile_bytes, w->lut_params + t * tile_params, lut, d, gsum, geo, y + 32 * t);
+    }
 }
 
 #else /* ------------------------------------------------------------------ portable path */
