@@ -544,6 +544,9 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         "columns inside a weight group (scale max|x| / 127) and each block's sum x q is an exact integer dot product "
         "(maddubs, int16 sums within the block, madd); the result is the exact product of the weight with the rounded x "
         "(its `rel err` is against that).",
+        "- 1-bit weights with rows in multiples of 32 take the int8 GEMV through lookup tables (T-MAC): the 16 subset sums "
+        "of every 4 int8 activations are tabled once per product and one pshufb looks up 32 rows x 4 columns, from LUT tiles "
+        "kept beside the chunk layout (the same bytes, so the same floor).",
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",

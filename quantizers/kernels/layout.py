@@ -32,6 +32,9 @@ SIMD vector, so a weight is converted once, at load time, into:
     1-bit grid), exact in float16, so ``(q - zero) * scale`` in float32 reproduces the stored
     form's dequantized weight bit for bit.
 
+1-bit weights whose rows are a multiple of 32 also get :func:`lut_tiles`, the same codes and pairs
+arranged 32 rows side by side for the lookup-table GEMV of the int8 decode path.
+
 Only groups that are not a multiple of 32 columns cost padding; SmolLM2's and Gemma3's shapes
 with group sizes 32/64/128 have none. The conversion is exact both ways
 (:meth:`KernelWeight.to_quantized` rebuilds the stored tensors byte for byte).
