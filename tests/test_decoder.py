@@ -16,6 +16,7 @@ from allocator.layers import quantizable_linears
 from allocator.packed import install_quantized
 from quantizers import RTNQuantizer
 from quantizers.kernels import QuantLinear
+from quantizers.kernels.layout import lut_tiles
 from tests.conftest import tiny_llama
 
 
@@ -173,3 +174,19 @@ def test_c_step_rejects_a_descriptor_whose_sizes_disagree() -> None:
     decoder.native_step.blocks[1].qkv_pieces = 4
     with pytest.raises(KernelError, match="code -1"):
         decoder.forward([3])
+
+
+def test_one_bit_layers_decode_through_the_lookup_tables() -> None:
+    """1-bit layers with rows in multiples of 32 take the LUT GEMV in both steps, close to float activations."""
+    model = packed_llama({kind: 1 for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")})
+    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert any(lut_tiles(m.weight_layout) is not None for m in packed)
+    ids = torch.randint(0, 30, (12,), generator=torch.Generator().manual_seed(5))
+    exact = stepwise_logits(LlamaDecoder(model, max_length=16), ids, list(range(4, 12)))
+    for module in packed:
+        module.int8_activations = True
+    native = stepwise_logits(LlamaDecoder(model, max_length=16, native=True), ids, list(range(4, 12)))
+    torch_step = stepwise_logits(LlamaDecoder(model, max_length=16, native=False), ids, list(range(4, 12)))
+    torch.testing.assert_close(native, torch_step, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    difference = (native[4:] - exact[4:]).abs().max() / exact.abs().max()
+    assert 0 < difference < 0.05, difference
