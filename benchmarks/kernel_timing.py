@@ -607,7 +607,7 @@ def streamed_summary(shape_rows: list[ShapeRow]) -> list[str]:
                       if r.mode == mode and r.bits == bits and r.activations == activations]
             if shares:
                 label = "fp32 F.linear" if bits is None else f"{bits}-bit kernel, {activations} activations"
-                lines.append(f"- {mode} GEMV, {label}: {statistics.median(shares):.0%} of the bandwidth floor "
+                lines.append(f"- {mode} GEMV, {label}: {statistics.median(shares):.1%} of the bandwidth floor "
                              f"(median over {len(shares)} shapes; {min(shares):.0%}-{max(shares):.0%})")
     return [*lines, ""] if lines else []
 
