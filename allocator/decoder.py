@@ -36,7 +36,6 @@ from allocator.errors import BitallocError
 from quantizers.kernels import QuantLinear, kernel_library
 from quantizers.kernels.build import FLOAT_BITS, MAX_PIECES, KernelLibrary, LlamaBlockDescriptor, LlamaDescriptor, WeightDescriptor
 from quantizers.kernels.ops import KernelError, check_weight
-from quantizers.kernels.layout import lut_tiles
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -103,7 +102,7 @@ def _describe(module: nn.Module, keep: list[torch.Tensor]) -> WeightDescriptor |
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous() or not bias.is_cpu):
             return None
         geometry = module.weight_layout.geometry
-        lut = lut_tiles(module.weight_layout)  # what the 1-bit int8 GEMV reads (None for other widths)
+        lut = module.lut_tiles()  # what the 1-bit int8 GEMV reads (None for other widths)
         tensors = [module.codes, module.params] + ([] if module.bias is None else [module.bias]) + list(lut or ())
         keep.extend(tensors)
         return WeightDescriptor(module.codes.data_ptr(), module.params.data_ptr(), None if module.bias is None else module.bias.data_ptr(),

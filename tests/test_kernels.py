@@ -375,6 +375,18 @@ def test_quant_linear_passes_gradients_to_its_input(lib: KernelLibrary) -> None:
     torch.testing.assert_close(x.grad, qt.dequantized.sum(dim=0).expand(4, 64))
 
 
+def test_loading_into_a_one_bit_module_rebuilds_its_lut_tiles(lib: KernelLibrary) -> None:
+    """load_state_dict copies into the same buffers: the LUT tiles derived from them must not survive it."""
+    module = QuantLinear.from_quantized(quantized_weight(64, 256, 128, 1, seed=1))
+    other = QuantLinear.from_quantized(quantized_weight(64, 256, 128, 1, seed=2))
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        module(x)  # binds the kernels and builds the tiles of the first weight
+        assert module.lut_tiles() is not None
+        module.load_state_dict(other.state_dict())
+        assert torch.equal(module(x), other(x))
+
+
 def test_quant_linear_state_dict_round_trip(lib: KernelLibrary) -> None:
     qt = quantized_weight(24, 100, 32, 3, seed=1)
     module = QuantLinear.from_quantized(qt, torch.randn(24))

@@ -16,7 +16,7 @@ from torch import nn
 from quantizers.base import QuantizedTensor
 from quantizers.kernels import ops
 from quantizers.kernels.build import kernel_library
-from quantizers.kernels.layout import ChunkGeometry, KernelWeight
+from quantizers.kernels.layout import ChunkGeometry, KernelWeight, lut_tiles
 
 
 class QuantLinear(nn.Module):
@@ -51,7 +51,10 @@ class QuantLinear(nn.Module):
         geometry = ChunkGeometry(in_features, group_size, bits)
         self.int8_activations = True
         self._prepared: ops.PreparedWeight | None = None
-        """The buffers bound to the kernels; rebuilt when a buffer is replaced (``.to()``, assign-loading)."""
+        """The buffers bound to the kernels; rebuilt when a buffer is replaced (``.to()``, assign-loading)
+        or loaded into (``load_state_dict``)."""
+        self._lut_cache: tuple[tuple[int, int], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        """(buffer pointers, :meth:`lut_tiles`) of the buffers they were built from."""
         self.register_buffer("codes", torch.zeros(out_features, geometry.row_bytes, dtype=torch.uint8))
         self.register_buffer("params", torch.zeros(out_features, geometry.groups, 2, dtype=torch.float16))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -104,6 +107,20 @@ class QuantLinear(nn.Module):
         """The stored form again (what :func:`allocator.packed.save_quantized` writes)."""
         return self.weight_layout.to_quantized()
 
+    def lut_tiles(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The LUT tiles the 1-bit int8 GEMV reads (:func:`~quantizers.kernels.layout.lut_tiles`), built once
+        per set of buffers and shared by the kernel binding and the C decode step; None for other widths."""
+        key = (self.codes.data_ptr(), self.params.data_ptr())
+        if self._lut_cache is None or self._lut_cache[0] != key:
+            self._lut_cache = (key, lut_tiles(self.weight_layout))
+        return self._lut_cache[1]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # loading copies into the buffers in place (same pointers): what was derived from them is stale
+        self._prepared = None
+        self._lut_cache = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = kernel_library()
         buffers = self._buffers  # direct dict reads: nn.Module.__getattr__ costs ~1 us per buffer
@@ -113,7 +130,8 @@ class QuantLinear(nn.Module):
             return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
         prepared = self._prepared
         if prepared is None or not prepared.matches(lib, codes, params, bias, self.int8_activations):
-            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias, self.int8_activations)
+            prepared = self._prepared = ops.PreparedWeight(lib, self.weight_layout, bias, self.int8_activations,
+                                                           lut=self.lut_tiles() if self.int8_activations else None)
         out = prepared(x)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -122,6 +140,7 @@ class QuantLinear(nn.Module):
         # point into the original's buffers anyway: copies and unpickled modules bind their own.
         state = self.__dict__.copy()
         state["_prepared"] = None
+        state["_lut_cache"] = None
         return state
 
     def extra_repr(self) -> str:

@@ -77,7 +77,6 @@
 #define BQ_ABI_VERSION 7
 #define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
 #define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
-#define BQ_STACK_COLS 8192 /* padded columns whose int8 activations a GEMV keeps on the stack */
 
 /* Below this many multiply-adds a parallel region costs more than it saves. */
 #define BQ_PARALLEL_MIN_WORK 65536
@@ -846,7 +845,7 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     /* one allocation: d (chunks floats), gsum (groups floats), padded x (width floats when needed), xq (width bytes),
      * and for the LUT path its tables (width / 4 x 32 bytes) */
     size_t floats = (size_t)(geo.chunks + geo.groups + (geo.padded ? width : 0));
-    float *scratch = (float *)malloc(floats * sizeof(float) + (size_t)width + (lut ? (size_t)width * 8 + 32 : 0));
+    float *scratch = (float *)malloc(floats * sizeof(float) + (size_t)width + (lut ? (size_t)width * 8 : 0));
     if (!scratch) return -2;
     float *d = scratch, *gsum = scratch + geo.chunks;
     const float *xp = x;
@@ -859,13 +858,11 @@ BQ_EXPORT int bq_gemv_i8_desc(const bq_weight *w, const float *x, float *y) {
     quantize_activations(xp, &geo, xq, d, gsum);
     int parallel = w->rows * w->cols >= BQ_PARALLEL_MIN_WORK;
 #if BQ_AVX2
-    if (lut) {
+    if (lut)
         gemv_i8_lut(w, xq, d, gsum, &geo, (uint8_t *)xq + width, y);
-        bits = 0; /* done */
-    }
+    else
 #endif
     switch (bits) {
-    case 0: break;
     case 1: gemv_i8_b1(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 2: gemv_i8_b2(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;
     case 3: gemv_i8_b3(w->codes, w->params, w->rows, row_bytes, xq, d, gsum, &geo, y, parallel); break;

@@ -52,7 +52,7 @@ class PreparedWeight:
                  "_address", "_key", "_lut")
 
     def __init__(self, lib: KernelLibrary, weight: KernelWeight, bias: torch.Tensor | None = None,
-                 int8_activations: bool = False) -> None:
+                 int8_activations: bool = False, lut: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         check_weight(weight)
         rows, cols = weight.shape
         if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (rows,) or not bias.is_contiguous()
@@ -63,8 +63,8 @@ class PreparedWeight:
         self.group_arg = weight.geometry.kernel_group_size
         self.int8_activations = int8_activations
         self._key = self.pointers(weight.codes, weight.params, bias)
-        # 1-bit int8 decode reads LUT tiles kept beside the chunk layout (layout.lut_tiles)
-        self._lut = lut_tiles(weight) if int8_activations else None
+        # 1-bit int8 decode reads LUT tiles kept beside the chunk layout (layout.lut_tiles; ``lut``: already built)
+        self._lut = (lut if lut is not None else lut_tiles(weight)) if int8_activations else None
         self._descriptor = WeightDescriptor(self._key[0], self._key[1], self._key[2] or None, rows, cols, self.group_arg, self.bits,
                                             *((t.data_ptr() for t in self._lut) if self._lut else (None, None)))
         self._address = ctypes.addressof(self._descriptor)
