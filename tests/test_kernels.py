@@ -112,6 +112,27 @@ def test_chunk_layout_places_each_element_where_documented() -> None:
             assert sorted(np.flatnonzero(stream).tolist()) == sorted(where(element // 8, element % 8)), (bits, element)
 
 
+def test_3bit_pairs_place_each_element_where_documented() -> None:
+    """Two chunks of a group share 24 bytes: nibble e holds A's code and B's high bit, then B's 2-bit plane."""
+    geometry = ChunkGeometry(2 * CHUNK, None, 3)
+    assert geometry.pair_roles.tolist() == [1, 2]
+    nibble = lambda e: [8 * (e % 16) + 4 * (e // 16) + k for k in range(4)]  # noqa: E731
+    for column in range(2 * CHUNK):
+        codes = np.zeros((1, 2 * CHUNK), dtype=np.uint8)
+        codes[0, column] = 7
+        stream = np.unpackbits(pack_chunks(codes, geometry)[0], bitorder="little")
+        e = column % CHUNK
+        if column < CHUNK:
+            expected = nibble(e)[:3]
+        else:
+            s, l = divmod(e, 8)
+            expected = [128 + 8 * l + 2 * s, 128 + 8 * l + 2 * s + 1, nibble(e)[3]]
+        assert sorted(np.flatnonzero(stream).tolist()) == sorted(expected), column
+    # an odd last chunk of a group stays single; groups pair up on their own
+    assert ChunkGeometry(96, 40, 3).pair_roles.tolist() == [1, 2, 1, 2, 0]
+    assert ChunkGeometry(160, 96, 3).pair_roles.tolist() == [1, 2, 0, 1, 2]
+
+
 def test_geometry_pads_only_short_groups() -> None:
     assert ChunkGeometry(576, 128, 3).row_bytes == 576 * 3 // 8  # no padding on SmolLM2's width
     assert ChunkGeometry(640, 128, 2).row_bytes == 640 * 2 // 8  # nor on Gemma3's

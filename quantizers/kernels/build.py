@@ -31,7 +31,7 @@ from pathlib import Path
 SOURCES = (Path(__file__).with_name("lowbit.c"), Path(__file__).with_name("llama_step.c"))
 HEADERS = (Path(__file__).with_name("lowbit.h"),)
 """Included by the sources: part of the library's cache key, not compiled on their own."""
-ABI_VERSION = 7
+ABI_VERSION = 8
 """Must equal ``BQ_ABI_VERSION`` in the C source: guards against loading a stale library."""
 DISABLE_ENV = "BITALLOC_KERNELS"
 COMMON_FLAGS = ("-shared", "-fPIC", "-std=c11")

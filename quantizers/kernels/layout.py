@@ -19,11 +19,16 @@ SIMD vector, so a weight is converted once, at load time, into:
     2     8      byte ``l``, bits ``2s .. 2s+1``
     1     4      byte ``e % 4``, bit ``e // 4`` (``e = 8s + l``: a word broadcast to every
                  lane puts element ``e``'s byte at vector byte ``e``)
-    3     12     the 2-bit chunk of ``q & 3``, then the 1-bit chunk of ``q >> 2``
+    3     12     chunks pair up inside a group (below); a group's odd last chunk is *single*:
+                 the 2-bit chunk of ``q & 3``, then the 1-bit chunk of ``q >> 2``
     8     32     byte ``8s + l`` (column order)
     ====  =====  ==============================================================
 
-    So 3-bit weights are two bit planes (2 + 1) and cost exactly 3 bits each, like the stored form.
+    3-bit chunks ``2i`` and ``2i + 1`` of a group (``A`` and ``B``) share 24 bytes: first 16 bytes of
+    nibbles, nibble ``e`` (byte ``e % 16``, low nibble for ``e < 16``) = ``A[e] | (B[e] >> 2) << 3``,
+    then the 2-bit chunk of ``B & 3``. One shift and mask give ``A``'s 32 codes, as for 4 bits, and
+    the spare nibble bit is ``B``'s high bit, so a pair decodes in 7 vector operations where two single
+    chunks take 12. So 3-bit weights cost exactly 3 bits each, like the stored form.
     8 bits serve the LM head, whose fp32 product is the largest single read of a decode step
     (:mod:`allocator.head`), and any 8-bit uniform-grid layer.
 
@@ -59,6 +64,8 @@ KERNEL_BITS = (1, 2, 3, 4, 8)
 ACTIVATION_BLOCK_CHUNKS = 4
 """Chunks (128 columns) per int8 activation block of the decode GEMV, inside one group; ``BQ_ACT_BLOCK``
 in lowbit.c."""
+SINGLE, PAIR_FIRST, PAIR_SECOND = 0, 1, 2
+"""Roles of a 3-bit chunk (:attr:`ChunkGeometry.pair_roles`); ``pair_role`` in lowbit.c."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,17 @@ class ChunkGeometry:
         return np.concatenate(blocks)
 
     @cached_property
+    def pair_roles(self) -> np.ndarray:
+        """Per chunk of a row, its part in a 3-bit pair (module docstring): :data:`SINGLE`,
+        :data:`PAIR_FIRST` or :data:`PAIR_SECOND`; chunks pair up inside each group."""
+        roles = []
+        for g in range(self.groups):
+            count = self.chunks_full if g < self.groups - 1 else self.chunks - (self.groups - 1) * self.chunks_full
+            c = np.arange(count)
+            roles.append(np.where((c | 1) < count, PAIR_FIRST + (c & 1), SINGLE))
+        return np.concatenate(roles)
+
+    @cached_property
     def column_positions(self) -> np.ndarray:
         """Position of every real column in the padded row of ``chunks * 32`` columns."""
         cols = np.arange(self.cols)
@@ -143,6 +161,13 @@ def pack_chunks(codes: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
     slots = padded.reshape(rows, geometry.chunks, 4, 8)  # [row, chunk, slot s, lane l]
     if geometry.bits == 3:
         chunk = np.concatenate([_pack_slots(slots & 3, 2), _pack_slots(slots >> 2, 1)], axis=-1)
+        first = np.flatnonzero(geometry.pair_roles == PAIR_FIRST)
+        a = padded.reshape(rows, geometry.chunks, CHUNK)[:, first]
+        b = padded.reshape(rows, geometry.chunks, CHUNK)[:, first + 1]
+        nibbles = (a & 7) | ((b >> 2) << 3)
+        pair = np.concatenate([nibbles[..., :16] | (nibbles[..., 16:] << 4), _pack_slots(slots[:, first + 1] & 3, 2)], axis=-1)
+        chunk[:, first] = pair[..., :12]
+        chunk[:, first + 1] = pair[..., 12:]
     else:
         chunk = _pack_slots(slots, geometry.bits)
     return np.ascontiguousarray(chunk.reshape(rows, geometry.row_bytes))
@@ -159,6 +184,11 @@ def _padded_codes(packed: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
     chunk = packed.reshape(rows, geometry.chunks, geometry.chunk_bytes)
     if geometry.bits == 3:
         slots = _unpack_slots(chunk[..., :8], 2) | (_unpack_slots(chunk[..., 8:], 1) << 2)
+        first = np.flatnonzero(geometry.pair_roles == PAIR_FIRST)
+        pair = np.concatenate([chunk[:, first], chunk[:, first + 1]], axis=-1)  # 24 bytes
+        nibbles = np.concatenate([pair[..., :16] & 15, pair[..., :16] >> 4], axis=-1)  # [row, pair, element]
+        slots[:, first] = (nibbles & 7).reshape(rows, -1, 4, 8)
+        slots[:, first + 1] = _unpack_slots(pair[..., 16:], 2) | ((nibbles >> 3) << 2).reshape(rows, -1, 4, 8)
     else:
         slots = _unpack_slots(chunk, geometry.bits)
     return slots.reshape(rows, geometry.padded_cols)

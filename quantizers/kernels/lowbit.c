@@ -74,7 +74,7 @@
 #define BQ_CHUNK 32
 #define BQ_TILE 8      /* tokens per GEMM tile */
 #define BQ_ROW_BLOCK 16 /* rows whose codes stay in L1 while the token tiles stream past */
-#define BQ_ABI_VERSION 7
+#define BQ_ABI_VERSION 8
 #define BQ_ACT_BLOCK 4 /* chunks per int8 activation block (128 columns), inside one group */
 #define BQ_STACK_GROUPS 256 /* groups per row whose scales a GEMV keeps on the stack */
 
@@ -141,15 +141,28 @@ static Geometry geometry(int64_t cols, int64_t group_size, int bits) {
     return g;
 }
 
-/* Code of element e (0..31) of one chunk: the scalar definition of the layout. */
-BQ_INLINE uint32_t chunk_code(const uint8_t *p, int bits, int e) {
+/* Roles of a 3-bit chunk (layout.py: SINGLE, PAIR_FIRST, PAIR_SECOND): chunks 2i and 2i+1 of a group
+ * share 24 bytes, 16 of nibbles (A's code + B's high bit) then B's 2-bit plane; an odd last chunk of a
+ * group is single (a 2-bit plane, then a 1-bit plane). */
+enum { BQ_SINGLE = 0, BQ_PAIR_FIRST = 1, BQ_PAIR_SECOND = 2 };
+
+/* Role of chunk c (0-based) of a group of nc chunks; ignored for widths other than 3. */
+BQ_INLINE int pair_role(int64_t c, int64_t nc) { return (c | 1) < nc ? BQ_PAIR_FIRST + (int)(c & 1) : BQ_SINGLE; }
+
+/* Code of element e (0..31) of one chunk (p points at its own 4 * bits bytes): the scalar definition
+ * of the layout. */
+BQ_INLINE uint32_t chunk_code(const uint8_t *p, int bits, int role, int e) {
     int s = e >> 3, l = e & 7;
     switch (bits) {
     case 8: return p[e];
     case 4: return (p[l + 8 * (s & 1)] >> (4 * (s >> 1))) & 15u;
     case 2: return (p[l] >> (2 * s)) & 3u;
     case 1: return (p[e & 3] >> (e >> 2)) & 1u;
-    default: return ((p[l] >> (2 * s)) & 3u) | (((uint32_t)(p[8 + (e & 3)] >> (e >> 2)) & 1u) << 2);
+    default:
+        if (role == BQ_PAIR_FIRST) return (p[e & 15] >> (4 * (e >> 4))) & 7u;
+        if (role == BQ_PAIR_SECOND) /* the nibbles start 12 bytes back, this chunk's 2-bit plane 4 bytes on */
+            return ((p[4 + l] >> (2 * s)) & 3u) | ((((uint32_t)p[(e & 15) - 12] >> (4 * (e >> 4) + 3)) & 1u) << 2);
+        return ((p[l] >> (2 * s)) & 3u) | (((uint32_t)(p[8 + (e & 3)] >> (e >> 2)) & 1u) << 2);
     }
 }
 
@@ -256,10 +269,36 @@ BQ_INLINE __m256i load_bits_by_lane(const uint8_t *p) {
     return _mm256_srlv_epi32(_mm256_broadcastd_epi32(_mm_loadu_si32(p)), _mm256_setr_epi32(0, 8, 16, 24, 1, 9, 17, 25));
 }
 
+/* A 3-bit pair (24 bytes at p) as two chunks of 32 code bytes in column order. The 16 nibble bytes,
+ * broadcast and shifted by 0 | 4 per 128-bit half, put nibble e in the low half of vector byte e: its
+ * low 3 bits are A's code and bit 3 is B's high bit, which joins B's 2-bit plane at bit 2. */
+BQ_INLINE void unpack_pair3_bytes(const uint8_t *p, __m256i *a, __m256i *b) {
+    const __m256i t = _mm256_srlv_epi64(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p)), _mm256_setr_epi64x(0, 0, 4, 4));
+    const __m256i plane = _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)(p + 16)));
+    const __m256i lo2 = _mm256_and_si256(_mm256_srlv_epi64(plane, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(3));
+    *a = _mm256_and_si256(t, _mm256_set1_epi8(7));
+    /* the 16-bit shift moves no set bit across bytes: only bit 3 of each byte survives the mask */
+    *b = _mm256_or_si256(lo2, _mm256_srli_epi16(_mm256_and_si256(t, _mm256_set1_epi8(8)), 1));
+}
+
 /* The four slots (8 consecutive columns each) of one chunk as float codes. `bits` is a
- * compile-time constant at every call site, so the switch disappears. */
-BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, __m256 q[4]) {
-    if (bits == 8) {
+ * compile-time constant at every call site, so the switch disappears; `role` matters for 3 bits. */
+BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, const int role, __m256 q[4]) {
+    if (bits == 3 && role == BQ_PAIR_FIRST) { /* the nibbles are placed as 4-bit codes are; their bit 3 is B's */
+        const __m256i m = _mm256_set1_epi32(7);
+        __m256i a = load8_u8_to_i32(p), b = load8_u8_to_i32(p + 8);
+        q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, m));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 4), m));
+        q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
+    } else if (bits == 3 && role == BQ_PAIR_SECOND) { /* 2-bit plane 4 bytes on, high bits: bit 3 of the nibbles 12 bytes back */
+        const __m256i m3 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(4);
+        __m256i lo = load8_u8_to_i32(p + 4), a = load8_u8_to_i32(p - 12), b = load8_u8_to_i32(p - 4);
+        q[0] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(lo, m3), _mm256_and_si256(_mm256_srli_epi32(a, 1), m4)));
+        q[1] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo, 2), m3), _mm256_and_si256(_mm256_srli_epi32(b, 1), m4)));
+        q[2] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lo, 4), m3), _mm256_and_si256(_mm256_srli_epi32(a, 5), m4)));
+        q[3] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(lo, 6), _mm256_and_si256(_mm256_srli_epi32(b, 5), m4)));
+    } else if (bits == 8) {
         for (int s = 0; s < 4; ++s) q[s] = _mm256_cvtepi32_ps(load8_u8_to_i32(p + 8 * s));
     } else if (bits == 4) {
         const __m256i m = _mm256_set1_epi32(15);
@@ -282,7 +321,7 @@ BQ_INLINE void unpack_chunk(const uint8_t *p, const int bits, __m256 q[4]) {
         q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 2), m));
         q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 4), m));
         q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 6), m));
-    } else { /* 3 = 2-bit plane + 1-bit plane; the high bit is moved to bit 2 before the OR */
+    } else { /* a single 3-bit chunk = 2-bit plane + 1-bit plane; the high bit is moved to bit 2 before the OR */
         const __m256i m3 = _mm256_set1_epi32(3), m4 = _mm256_set1_epi32(4);
         __m256i a = load8_u8_to_i32(p), h = load_bits_by_lane(p + 8);
         q[0] = _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(a, m3), _mm256_and_si256(_mm256_slli_epi32(h, 2), m4)));
@@ -310,9 +349,10 @@ BQ_INLINE void gemv_rows(const uint8_t *codes, const uint16_t *params, int64_t r
         for (int64_t c = 0; c < nc; ++c) {
             __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
             __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+            const int role = pair_role(c, nc);
             for (int r = 0; r < R; ++r) {
                 __m256 q[4];
-                unpack_chunk(p[r], bits, q);
+                unpack_chunk(p[r], bits, role, q);
                 acc[r][0] = _mm256_fmadd_ps(q[0], x0, acc[r][0]);
                 acc[r][1] = _mm256_fmadd_ps(q[1], x1, acc[r][1]);
                 acc[r][2] = _mm256_fmadd_ps(q[2], x2, acc[r][2]);
@@ -346,7 +386,7 @@ BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const floa
         __m256 vz = _mm256_set1_ps(half_to_float(params[2 * g + 1]));
         for (int64_t c = 0; c < nc; ++c) {
             __m256 q[4];
-            unpack_chunk(p, bits, q);
+            unpack_chunk(p, bits, pair_role(c, nc), q);
             for (int s = 0; s < 4; ++s) {
                 __m256 w = _mm256_mul_ps(_mm256_sub_ps(q[s], vz), vs);
                 for (int t = 0; t < T; ++t)
@@ -359,13 +399,14 @@ BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const floa
     for (int t = 0; t < T; ++t) y[t * ystride] = hsum256(acc[t]);
 }
 
-BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z, float *out) {
+BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, const int role, float s, float z, float *out) {
     __m256 q[4], vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
-    unpack_chunk(p, bits, q);
+    unpack_chunk(p, bits, role, q);
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(out + 8 * k, _mm256_mul_ps(_mm256_sub_ps(q[k], vz), vs));
 }
 
-/* One chunk's 32 codes as bytes in column order (vector byte e = element e), for the integer dot. */
+/* One chunk's 32 codes as bytes in column order (vector byte e = element e), for the integer dot; a
+ * 3-bit chunk here is a single one (pairs: unpack_pair3_bytes). */
 BQ_INLINE __m256i unpack_chunk_bytes(const uint8_t *p, const int bits) {
     if (bits == 4) { /* elements 0..15: low nibbles of bytes 0..15; 16..31: their high nibbles */
         __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
@@ -454,6 +495,17 @@ BQ_INLINE void chunk_step(const uint8_t *codes, int64_t row_bytes, const int8_t 
     }
 }
 
+/* A 3-bit pair (chunks k and k+1) of R (1..4) rows into their int16 accumulators. */
+BQ_INLINE void pair3_step(const uint8_t *codes, int64_t row_bytes, const int8_t *xq, int64_t k, const int R, __m256i acc[4]) {
+    const __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k * BQ_CHUNK));
+    const __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + (k + 1) * BQ_CHUNK));
+    for (int r = 0; r < R; ++r) {
+        __m256i a, b;
+        unpack_pair3_bytes(codes + r * row_bytes + k * 12, &a, &b);
+        acc[r] = _mm256_add_epi16(acc[r], _mm256_add_epi16(_mm256_maddubs_epi16(a, xa), _mm256_maddubs_epi16(b, xb)));
+    }
+}
+
 /* Int8-activation GEMV for R (1..4) consecutive rows sharing each chunk of xq. Codes are unpacked to
  * bytes and multiplied with xq by maddubs; the int16 pair sums of an activation block (at most
  * BQ_ACT_BLOCK chunks) are added in int16 (at most 4 * 2 * 15 * 127 = 15240 for 4 bits), widened once
@@ -480,9 +532,15 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
                     for (int r = 0; r < R; ++r)
                         for (int off = 0; off < BQ_ACT_BLOCK * 4 * bits; off += 64)
                             _mm_prefetch((const char *)(codes + (r + 4) * row_bytes + k * 4 * bits + off), _MM_HINT_T0);
-                    for (int64_t i = 0; i < BQ_ACT_BLOCK; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
-                } else {
-                    for (int64_t i = 0; i < n; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
+                    if (bits == 3) /* BQ_ACT_BLOCK is even, so a full block is whole pairs */
+                        for (int64_t i = 0; i < BQ_ACT_BLOCK; i += 2) pair3_step(codes, row_bytes, xq, k + i, R, acc);
+                    else
+                        for (int64_t i = 0; i < BQ_ACT_BLOCK; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
+                } else { /* a group's last block: for 3 bits, pairs and then an odd last chunk, which is single */
+                    int64_t i = 0;
+                    if (bits == 3)
+                        for (; i + 2 <= n; i += 2) pair3_step(codes, row_bytes, xq, k + i, R, acc);
+                    for (; i < n; ++i) chunk_step(codes, row_bytes, xq, k + i, bits, R, acc);
                 }
                 k += n;
                 if (bits != 8)
@@ -578,8 +636,8 @@ static void gemv_i8_lut(const bq_weight *w, const int8_t *xq, const float *d, co
 
 /* Plain loops over a chunk decoded into 32 floats: compilers vectorize the 32-wide dot and
  * multiply-add loops for whatever SIMD the target has. */
-BQ_INLINE void unpack_chunk_scalar(const uint8_t *p, const int bits, float *q) {
-    for (int e = 0; e < BQ_CHUNK; ++e) q[e] = (float)chunk_code(p, bits, e);
+BQ_INLINE void unpack_chunk_scalar(const uint8_t *p, const int bits, const int role, float *q) {
+    for (int e = 0; e < BQ_CHUNK; ++e) q[e] = (float)chunk_code(p, bits, role, e);
 }
 
 BQ_INLINE void gemv_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const float *xp,
@@ -594,7 +652,7 @@ BQ_INLINE void gemv_rows(const uint8_t *codes, const uint16_t *params, int64_t r
             float acc[BQ_CHUNK] = {0};
             for (int64_t c = 0; c < nc; ++c) {
                 float q[BQ_CHUNK];
-                unpack_chunk_scalar(p, bits, q);
+                unpack_chunk_scalar(p, bits, pair_role(c, nc), q);
                 for (int e = 0; e < BQ_CHUNK; ++e) acc[e] += q[e] * xc[e];
                 p += geo->chunk_bytes;
                 xc += BQ_CHUNK;
@@ -620,7 +678,8 @@ BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const floa
         float s = half_to_float(params[2 * g]), z = half_to_float(params[2 * g + 1]);
         for (int64_t c = 0; c < nc; ++c) {
             float w[BQ_CHUNK];
-            for (int e = 0; e < BQ_CHUNK; ++e) w[e] = ((float)chunk_code(p, bits, e) - z) * s;
+            const int role = pair_role(c, nc);
+            for (int e = 0; e < BQ_CHUNK; ++e) w[e] = ((float)chunk_code(p, bits, role, e) - z) * s;
             for (int t = 0; t < T; ++t)
                 for (int e = 0; e < BQ_CHUNK; ++e) acc[t][e] += w[e] * xp[t * xstride + col + e];
             p += geo->chunk_bytes;
@@ -634,8 +693,8 @@ BQ_INLINE void gemm_row(const uint8_t *codes, const uint16_t *params, const floa
     }
 }
 
-BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, float s, float z, float *out) {
-    for (int e = 0; e < BQ_CHUNK; ++e) out[e] = ((float)chunk_code(p, bits, e) - z) * s;
+BQ_INLINE void dequant_chunk(const uint8_t *p, const int bits, const int role, float s, float z, float *out) {
+    for (int e = 0; e < BQ_CHUNK; ++e) out[e] = ((float)chunk_code(p, bits, role, e) - z) * s;
 }
 
 BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_t row_bytes, const int8_t *xq,
@@ -652,7 +711,8 @@ BQ_INLINE void gemv_i8_rows(const uint8_t *codes, const uint16_t *params, int64_
                 int64_t c1 = c0 + BQ_ACT_BLOCK < nc ? c0 + BQ_ACT_BLOCK : nc;
                 int32_t dot = 0;
                 for (int64_t c = c0; c < c1; ++c, ++k) {
-                    for (int e = 0; e < BQ_CHUNK; ++e) dot += (int32_t)chunk_code(p, bits, e) * xq[k * BQ_CHUNK + e];
+                    const int role = pair_role(c, nc);
+                    for (int e = 0; e < BQ_CHUNK; ++e) dot += (int32_t)chunk_code(p, bits, role, e) * xq[k * BQ_CHUNK + e];
                     p += geo->chunk_bytes;
                 }
                 total += s * (d[b] * (float)dot);
@@ -907,11 +967,11 @@ BQ_EXPORT int bq_dequantize(const uint8_t *codes, const uint16_t *params, int64_
                 int64_t n = len - c * BQ_CHUNK < BQ_CHUNK ? len - c * BQ_CHUNK : BQ_CHUNK;
                 /* dispatch once per chunk; dequantization is not on the hot decode path */
                 switch (bits) {
-                case 1: dequant_chunk(p, 1, s, z, buf); break;
-                case 2: dequant_chunk(p, 2, s, z, buf); break;
-                case 3: dequant_chunk(p, 3, s, z, buf); break;
-                case 4: dequant_chunk(p, 4, s, z, buf); break;
-                default: dequant_chunk(p, 8, s, z, buf); break;
+                case 1: dequant_chunk(p, 1, BQ_SINGLE, s, z, buf); break;
+                case 2: dequant_chunk(p, 2, BQ_SINGLE, s, z, buf); break;
+                case 3: dequant_chunk(p, 3, pair_role(c, nc), s, z, buf); break;
+                case 4: dequant_chunk(p, 4, BQ_SINGLE, s, z, buf); break;
+                default: dequant_chunk(p, 8, BQ_SINGLE, s, z, buf); break;
                 }
                 memcpy(dst + g * geo.group_size + c * BQ_CHUNK, buf, (size_t)n * sizeof(float));
                 p += geo.chunk_bytes;
