@@ -547,6 +547,9 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
         "- 1-bit weights with rows in multiples of 32 take the int8 GEMV through lookup tables (T-MAC): the 16 subset sums "
         "of every 4 int8 activations are tabled once per product and one pshufb looks up 32 rows x 4 columns, from LUT tiles "
         "kept beside the chunk layout (the same bytes, so the same floor).",
+        "- 3-bit chunks pair up inside a group (16 bytes of nibbles holding the first chunk's codes and the second's high "
+        "bits, then the second's 2-bit plane): a pair unpacks in 7 vector operations where two chunks as separate 2 + 1 "
+        "bit planes took 12 (before commit 0f6af7b; kernels.md at 77192f6 has those timings).",
         f"- Batches above {GEMM_MAX_BATCH} tokens dequantize the weight (C unpacker) and use torch's BLAS.",
         "- Small shapes are bound by call overhead and caches rather than DRAM bandwidth; the `streamed` rows and the "
         "end-to-end numbers are the decode-relevant ones.",
