@@ -29,6 +29,10 @@ RUN_KL_ANCHORS = ["gptq-w3g128"]
 """What ``bitalloc run`` measures the single-layer KL of (one forward per layer): on SmolLM2 the gain
 calibrated on this option alone ranked measured allocations as well as measuring every option."""
 
+TRAIN_ACTION_MAPPINGS = ("price", "index")
+"""envs.bitalloc_env.ACTION_MAPPINGS (default first), spelled out so that building the parser does not
+import gymnasium."""
+
 
 def _kl_anchors(given: list[str] | None, options: list) -> list[str] | None:
     """``--kl-anchors`` checked against the options' labels: None (every option) for none or ``all``."""
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--bpw-range", type=float, nargs=2, default=[1.5, 4.0], metavar=("LOW", "HIGH"),
                     help="range the per-episode budgets are drawn from (default 1.5 4.0 bpw)")
     tr.add_argument("--checkpoint-every", type=_positive_int, default=5000, help="steps between checkpoints (default 5000)")
+    tr.add_argument("--action-mapping", choices=TRAIN_ACTION_MAPPINGS, default="price",
+                    help="how an action picks a unit's option: price (default; scales the price that paces the budget) or index "
+                         "(envs/FEATURES.md)")
     tr.add_argument("--loss", help="table loss to train on (default: kl, else kl_est if profiled with --measure-kl, else hessian_err)")
     tr.add_argument("--corpus", default=DEFAULT_CORPUS, help=corpus_help + " (to profile --models)")
     tr.add_argument("--samples", type=_positive_int, default=defaults.samples, help="calibration sequences (to profile --models)")
@@ -554,7 +561,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise BitallocError(f"--out {args.out} exists and is not a directory")
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
-                         constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every)
+                         constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
+                         action_mapping=args.action_mapping)
     tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
     tables += [_profile_for(model, args) for model in models]
     start = time.perf_counter()

@@ -119,7 +119,7 @@ def load_sources(args: argparse.Namespace) -> dict[str, Source]:
 
 def train_config(args: argparse.Namespace, loss: str) -> TrainConfig:
     return TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=tuple(args.bpw_range),
-                       constraints=Constraints(loss=loss), checkpoint_every=args.checkpoint_every)
+                       constraints=Constraints(loss=loss), checkpoint_every=args.checkpoint_every, action_mapping=args.action_mapping)
 
 
 def run_directory(source: Source, config: TrainConfig) -> Path:
@@ -368,7 +368,7 @@ def select_policy(source: Source, record: dict[str, Any], loss: str) -> Path:
         return best
     card = read_card(run_dir / POLICY_FILE)
     env = BitAllocEnv([source.table], bpw_range=card.bpw_range, constraints=Constraints(loss=loss), reward=card.reward,
-                      normalization=card.normalization)
+                      normalization=card.normalization, action_mapping=card.action_mapping)
     budgets = eval_budgets(card.bpw_range)
     scores = {}
     for steps, path in checkpoint_zips(run_dir):
@@ -796,6 +796,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=3000,
                         help="steps between checkpoints (default 3000; each one is scored in stage 3, and keeps a replay buffer)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--action-mapping", choices=("price", "index"), default="price", help="envs/FEATURES.md (default price)")
     parser.add_argument("--bpw-range", type=float, nargs=2, default=[1.5, 4.0], metavar=("LOW", "HIGH"))
     parser.add_argument("--budgets", default="2.5,3.0", help="measured budgets in bpw (default 2.5,3.0)")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")

@@ -9,8 +9,20 @@ o, then gate/up, then down), so a tied group takes one option in one step; with
   ``envs/FEATURES.md``), a float32 vector in ``Box(-10, 10)``;
 - action: ``Box(0, 1, shape=(1,))``. The unit's usable options are reduced to the ones not
   dominated in (stored bits, table loss) (more bits always buys less predicted loss), sorted by
-  bits; ``a`` picks option ``min(floor(a * n), n - 1)`` of those ``n``, so 0 is the lightest, 1 the
-  heaviest and every option owns an equal share of the interval.
+  bits, and the action picks one of those ``n`` by the environment's ``action_mapping``:
+
+  - ``"index"`` (the default): option ``min(floor(a * n), n - 1)``, so 0 is the lightest, 1 the
+    heaviest and every option owns an equal share of the interval;
+  - ``"price"``: ``a`` scales a price on bits. At step ``t`` the LP relaxation of the units not yet
+    allocated (:class:`envs.reward.LPRelaxation`: hull segments bought in order of the steepest
+    loss decrease per bit) spends the bits still left at a price ``mu*_t``, the loss decrease per
+    bit of the last segment it buys (infinite when even the lightest options do not fit, 0 when
+    the heaviest do). The action sets ``mu = mu*_t * exp(PRICE_RANGE * (1 - 2a))`` and the unit
+    takes the option minimizing ``loss + mu * bits`` (the lightest on ties): a higher action buys
+    more bits, from the lightest option at ``mu = inf`` to the heaviest at 0. So ``a = 0.5`` paces
+    the budget by the relaxation of what is left, and the policy learns where to pay more or less
+    than that price; ``mu`` is in the table's own loss units, so an action means the same on
+    models whose losses differ in scale.
 
 The budget is drawn per episode, uniformly in stored bits over ``bpw_range`` clipped to the
 table's feasible range (the lightest to the heaviest non-dominated allocation), so one policy
@@ -29,6 +41,7 @@ the bits, the loss and the reference loss. All randomness comes from the generat
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -70,9 +83,41 @@ def pareto_options(problem: Problem) -> list[np.ndarray]:
     return out
 
 
+ACTION_MAPPINGS = ("index", "price")
+"""How an action in [0, 1] picks a unit's option (module doc)."""
+
+
 def action_to_index(action: float, count: int) -> int:
-    """Position among ``count`` options (lightest first) of an action in [0, 1]."""
+    """Position among ``count`` options (lightest first) of an action in [0, 1] (``"index"`` mapping)."""
     return min(int(action * count), count - 1)
+
+
+PRICE_RANGE = 0.3
+"""``"price"`` mapping: the action scales the paced price by ``exp(±PRICE_RANGE)`` at its ends."""
+
+
+def paced_price(relaxation: LPRelaxation, first_unit: int, bits_left: float) -> float:
+    """``mu*``: the loss decrease per bit of the last hull segment the LP relaxation of units
+    ``first_unit`` on buys with ``bits_left`` (inf when their lightest options do not fit, 0 when
+    all their segments do)."""
+    spend = bits_left - float(relaxation.start_bits[first_unit:].sum())
+    if spend < 0:
+        return math.inf
+    mask = relaxation.segment_unit >= first_unit
+    spent = np.cumsum(relaxation.segment_bits[mask])
+    if not len(spent) or spend >= spent[-1]:
+        return 0.0
+    k = int(np.searchsorted(spent, spend, side="right"))
+    return max(-float(relaxation.segment_cost[mask][k] / relaxation.segment_bits[mask][k]), 0.0)
+
+
+def price_choice(costs: np.ndarray, bits: np.ndarray, paced: float, action: float) -> int:
+    """Position (lightest first) of the option minimizing ``cost + mu * bits`` with ``mu`` the
+    paced price scaled down by a higher action (``"price"`` mapping); the lightest when ``mu`` is infinite."""
+    if math.isinf(paced):
+        return 0
+    mu = paced * math.exp(PRICE_RANGE * (1.0 - 2.0 * action))  # a higher action buys more bits, as with "index"
+    return int(np.argmin(costs + mu * bits))  # first minimum: options are sorted lightest first
 
 
 @dataclass
@@ -111,6 +156,7 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
     :param normalization: layer-feature normalization; default: fitted on ``tables``.
     :param quality: ``"table"``, or one backend per table (e.g. :class:`envs.quality.KLQuality`).
     :param render_mode: ``None`` or ``"ansi"``.
+    :param action_mapping: ``"index"`` or ``"price"`` (module doc).
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -124,8 +170,12 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         normalization: FeatureNormalization | None = None,
         quality: str | Sequence[QualityBackend] = "table",
         render_mode: str | None = None,
+        action_mapping: str = "index",
     ) -> None:
         super().__init__()
+        if action_mapping not in ACTION_MAPPINGS:
+            raise BitallocError(f"action mapping {action_mapping!r}: one of {', '.join(ACTION_MAPPINGS)}")
+        self.action_mapping = action_mapping
         loaded = [_load(t) for t in ([tables] if isinstance(tables, (SensitivityTable, str, Path)) else tables)]
         if not loaded:
             raise BitallocError("the environment needs at least one sensitivity table")
@@ -233,7 +283,11 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         value = min(max(value, 0.0), 1.0)
         unit = self._step
         choices = model.options[unit]
-        option = int(choices[action_to_index(value, len(choices))])
+        if self.action_mapping == "price":
+            paced = paced_price(model.relaxation, unit, problem.budget_bits - self._used)
+            option = int(choices[price_choice(problem.cost[unit, choices], problem.weight[unit, choices].astype(np.float64), paced, value)])
+        else:
+            option = int(choices[action_to_index(value, len(choices))])
         self._choice[unit] = option
         self._used += int(problem.weight[unit, option])
         self._previous = value

@@ -61,6 +61,7 @@ def apply_policy(
         constraints=constraints,
         reward=policy.card.reward,
         normalization=policy.card.normalization,
+        action_mapping=policy.card.action_mapping,
     )
     info = rollout(env, policy.act, {"budget_bits": problem.budget_bits})
     raw = info["raw_choice"]

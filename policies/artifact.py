@@ -40,6 +40,7 @@ from allocator.errors import BitallocError
 from allocator.sensitivity import SensitivityTable
 from allocator.solvers.base import Constraints
 from allocator.storage import atomic_path, write_json
+from envs.bitalloc_env import ACTION_MAPPINGS
 from envs.observation import OBS_CLIP, OBSERVATION_VERSION, FeatureNormalization, observation_names
 from envs.reward import RewardConfig
 
@@ -89,6 +90,9 @@ class PolicyCard:
     constraints: dict[str, Any]
     reward: RewardConfig
     policy_kwargs: dict[str, Any]
+    action_mapping: str = "index"
+    """How an action picks a unit's option (:data:`envs.bitalloc_env.ACTION_MAPPINGS`); sidecars
+    written before the choice existed used ``"index"``."""
     zip_sha256: str = ""
     replay_buffer_sha256: str = ""
     observation_version: str = OBSERVATION_VERSION
@@ -114,6 +118,7 @@ class PolicyCard:
             "constraints": self.constraints,
             "reward": self.reward.as_dict(),
             "policy_kwargs": self.policy_kwargs,
+            "action_mapping": self.action_mapping,
             "zip_sha256": self.zip_sha256,
             "replay_buffer_sha256": self.replay_buffer_sha256,
             "versions": self.versions,
@@ -148,6 +153,7 @@ class PolicyCard:
                 constraints=dict(data["constraints"]),
                 reward=RewardConfig.from_dict(data["reward"]),
                 policy_kwargs=dict(data["policy_kwargs"]),
+                action_mapping=str(data.get("action_mapping", "index")),
                 zip_sha256=str(data["zip_sha256"]),
                 replay_buffer_sha256=str(data.get("replay_buffer_sha256", "")),
                 observation_version=str(data["observation_version"]),
@@ -158,6 +164,8 @@ class PolicyCard:
             raise BitallocError(f"{source}: incomplete policy sidecar ({type(exc).__name__}: {exc})") from None
         if card.observation_names != observation_names(normalization.feature_names):
             raise BitallocError(f"{source}: observation_names do not match the features of its normalization")
+        if card.action_mapping not in ACTION_MAPPINGS:
+            raise BitallocError(f"{source}: action_mapping {card.action_mapping!r}, this code maps {', '.join(ACTION_MAPPINGS)}")
         net_arch = card.policy_kwargs.get("net_arch")
         if not isinstance(net_arch, list) or not all(isinstance(n, int) and n > 0 for n in net_arch):
             raise BitallocError(f"{source}: policy_kwargs.net_arch must be a list of layer widths")

@@ -89,6 +89,8 @@ class TrainConfig:
     gamma: float = 0.99
     checkpoint_every: int = 5_000
     device: str = "cpu"
+    action_mapping: str = "price"
+    """``"price"`` or ``"index"`` (:mod:`envs.bitalloc_env`)."""
 
     def __post_init__(self) -> None:
         if self.timesteps < 1 or self.checkpoint_every < 1 or self.batch_size < 1 or self.buffer_size < 1:
@@ -248,7 +250,8 @@ def train(
     write_json(run_path, record)
 
     normalization = FeatureNormalization.fit(tables)
-    env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward, normalization=normalization)
+    env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward, normalization=normalization,
+                      action_mapping=config.action_mapping)
     policy_kwargs = {"net_arch": list(config.net_arch)}
     card = PolicyCard(
         normalization=normalization,
@@ -260,6 +263,7 @@ def train(
         constraints=config.constraints.as_dict(),
         reward=config.reward,
         policy_kwargs=policy_kwargs,
+        action_mapping=config.action_mapping,
         versions=versions(),
     )
     checkpoints = out_dir / CHECKPOINTS
@@ -288,7 +292,7 @@ def train(
         every = min(config.checkpoint_every, config.timesteps)
         budgets = eval_budgets(config.bpw_range)
         eval_env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward,
-                               normalization=normalization)
+                               normalization=normalization, action_mapping=config.action_mapping)
         callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _best_callback(card, every, out_dir, eval_env, budgets),
                                   _stats_callback()])
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=latest is None, progress_bar=progress)

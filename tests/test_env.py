@@ -18,7 +18,7 @@ from allocator.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, build_problem, solve
 from allocator.solvers.convex import relax
 from envs import ENV_ID, BitAllocEnv, FeatureNormalization, RewardConfig
-from envs.bitalloc_env import pareto_options
+from envs.bitalloc_env import ACTION_MAPPINGS, paced_price, pareto_options, price_choice
 from envs.observation import BUDGET_FEATURES, observation_names
 from envs.reward import LPRelaxation, budget_penalty
 
@@ -134,6 +134,39 @@ def test_actions_map_to_non_dominated_options_lightest_first() -> None:
     assert list(low["raw_choice"]) == [k[0] for k in options]
     assert list(high["raw_choice"]) == [k[-1] for k in options]
     assert low["raw_bits"] == env.models[0].min_bits and high["raw_bits"] == env.models[0].max_bits
+
+
+def test_price_actions_pace_the_budget_by_the_relaxation_of_the_units_left() -> None:
+    for seed in range(3):
+        table = synthetic(seed, layers=21 + 7 * seed, missing=0.2)
+        env = BitAllocEnv(table, action_mapping="price")
+        model = env.models[0]
+        relaxation = model.relaxation
+        assert paced_price(relaxation, 0, model.min_bits - 1) == math.inf
+        assert paced_price(relaxation, 0, model.max_bits) == 0.0
+        prices = [paced_price(relaxation, 0, b) for b in np.linspace(model.min_bits, model.max_bits, 25)]
+        assert all(a >= b for a, b in zip(prices, prices[1:])) and prices[0] > prices[-1]  # more bits, a lower price
+        steps = np.diff(model.problem.weight, axis=1)
+        largest_step = int(np.abs(steps[np.isfinite(steps)]).max())
+        for bpw in (2.0, 2.5, 3.0, 3.5):
+            _, _, info = run_episode(env, lambda _: 0.5, options={"bpw": bpw})
+            # the price held at the relaxation's keeps the raw allocation within one option step of the budget
+            assert abs(info["raw_bits"] - info["budget_bits"]) <= largest_step
+            assert info["loss"] >= solve(table, Budget.bpw(bpw), env.constraints).predicted_loss * (1 - 1e-9)
+    # a higher action is a lower price: never a lighter option
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        bits = np.cumsum(rng.integers(1, 50, size=5)).astype(np.float64)
+        costs = np.sort(rng.random(5))[::-1] * 10
+        picks = [price_choice(costs, bits, 0.03, a) for a in np.linspace(0, 1, 11)]
+        assert picks == sorted(picks)
+    assert price_choice(np.array([3.0, 1.0]), np.array([1.0, 2.0]), math.inf, 1.0) == 0
+    with pytest.raises(BitallocError, match="action mapping"):
+        BitAllocEnv(synthetic(), action_mapping="bits")
+    assert ACTION_MAPPINGS == ("index", "price")
+    from allocator.cli import TRAIN_ACTION_MAPPINGS  # spelled out there to keep the CLI light
+
+    assert set(TRAIN_ACTION_MAPPINGS) == set(ACTION_MAPPINGS)
 
 
 def test_lp_relaxation_equals_the_highs_lp_and_bounds_the_optimum() -> None:

@@ -62,7 +62,8 @@ def test_training_keeps_the_best_checkpoint(trained: Path) -> None:
     run_dir = trained.parent
     best = json.loads((run_dir / "best.json").read_text())
     assert read_card(run_dir / "best_policy.zip").timesteps == best["steps"] and best["budgets"] == list(EVAL_BPW)
-    env = BitAllocEnv([synthetic(1)], normalization=read_card(trained).normalization)
+    card = read_card(trained)
+    env = BitAllocEnv([synthetic(1)], normalization=card.normalization, action_mapping=card.action_mapping)
     scores = {steps: policy_score(load_checkpoint(run_dir / "checkpoints" / f"sac_{steps}_steps.zip", env), env, EVAL_BPW)
               for steps in (150, 300)}
     assert scores[best["steps"]] == pytest.approx(best["score"]) and best["score"] == pytest.approx(min(scores.values()))
@@ -151,10 +152,16 @@ def test_the_sidecar_guards_the_zip(trained: Path, tmp_path: Path) -> None:
         ("version", lambda d: d.update(schema_version=99), "sidecar schema 99"),
         ("observation", lambda d: d.update(observation_version="bitalloc-obs-v0"), "train it again"),
         ("incomplete", lambda d: d.pop("normalization"), "incomplete policy sidecar"),
+        ("mapping", lambda d: d.update(action_mapping="bits"), "action_mapping 'bits'"),
     ):
         path = copy(name)
         edit(path, change)
         refused(path, message)
+    # the action mapping travels in the sidecar; one written before it existed used the index mapping
+    assert read_card(trained).action_mapping == "price"
+    older = copy("older")
+    edit(older, lambda d: d.pop("action_mapping"))
+    assert read_card(older).action_mapping == "index"
     refused(tmp_path / "nowhere.zip", "no policy at")
 
 
