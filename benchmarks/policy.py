@@ -53,7 +53,10 @@ from allocator.pareto import Measured, allocation_hash, measure_allocations
 from allocator.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
-from policies.apply import apply_policy
+from allocator.solvers import build_problem
+from allocator.solvers.repair import repair
+from envs.bitalloc_env import BitAllocEnv
+from policies.apply import apply_policy, rollout
 from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
 from policies.sac import (BEST_FILE, BEST_RECORD, CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, eval_budgets, latest_checkpoint,
                           policy_score, train)
@@ -339,6 +342,20 @@ def compare(policy: LoadedPolicy, source: Source, bpw: float, optima: Optima) ->
             "ilp_optimal": bool(ilp.solver.info.get("optimal", False))}
 
 
+def paced_baseline(source: Source, bpw: float, optima: Optima) -> dict[str, Any]:
+    """The price mapping with every action 0.5 (nothing learned: the LP relaxation of the units left
+    sets each price), repaired as a policy's rollout is, against the ILP."""
+    ilp = optima.get(source.name, bpw)
+    if isinstance(ilp, str):
+        return {"budget": bpw, "infeasible": ilp}
+    problem = build_problem(source.table, Budget.bpw(bpw), optima.constraints)
+    env = BitAllocEnv([source.table], constraints=optima.constraints, action_mapping="price")
+    info = rollout(env, lambda _: np.array([0.5], dtype=np.float32), {"budget_bits": problem.budget_bits})
+    loss = problem.total_cost(repair(problem, info["raw_choice"]))
+    return {"budget": bpw, "loss": loss, "ilp_loss": ilp.predicted_loss, "gap": gap_percent(loss, ilp.predicted_loss),
+            "rollout_bpw": info["raw_bits"] / problem.total_numel}
+
+
 def checkpoint_zips(run_dir: Path) -> list[tuple[int, Path]]:
     """(steps, zip) of every checkpoint with a sidecar, and the final policy, by steps (one per step count)."""
     found: dict[int, Path] = {}
@@ -403,6 +420,7 @@ def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str,
         for target, source in sources.items():
             for bpw in TABLE_BUDGETS:
                 finals.append({"policy": name, "table": target, "zero_shot": target != name, **compare(policy, source, bpw, optima)})
+    paced = [{"table": target, **paced_baseline(source, bpw, optima)} for target, source in sources.items() for bpw in TABLE_BUDGETS]
     checkpoints: dict[str, list] = {}
     for name in trained:
         curve = training_curve(runs[name], trained[name])
@@ -419,7 +437,7 @@ def stage_table(sources: dict[str, Source], trained: dict[str, dict], loss: str,
             checkpoints[name].append(entry)
             print(f"[table] {name} policy at {steps} steps: own-table gap mean {_f(entry['tables'][name]['mean_gap'], '.2f')}%")
     record = {"schema": SCHEMA, "stage": "table", "key": key, "provenance": provenance(), "tables": {n: _table_summary(s.table) for n, s in sources.items()},
-              "final": finals, "feature_shift": shifts, "checkpoints": checkpoints, "wall_seconds": time.perf_counter() - start}
+              "final": finals, "paced": paced, "feature_shift": shifts, "checkpoints": checkpoints, "wall_seconds": time.perf_counter() - start}
     write_json(path, record)
     return record
 
@@ -631,6 +649,16 @@ def table_section(table: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['policy']} | {where} | {r['budget']:g} | {r['policy_loss']:.5g} | {r['ilp_loss']:.5g} | {r['gap']:.2f}% | "
                      f"{r['rollout_bpw']:.3f} | {r['policy_bpw']:.3f} | {r['changed_by_repair']}/{r['units']} | "
                      f"{r['layers_unlike_ilp']}/{r['layers']} | {r['policy_seconds'] * 1000:.0f} | {r['ilp_seconds'] * 1000:.0f} |")
+    if table.get("paced"):
+        lines += ["", "Nothing learned: the `price` action mapping with every action 0.5, so that each unit's price is the one at which "
+                  "the LP relaxation of the units left spends the bits left (then repaired like a policy's rollout). What a trained "
+                  "policy adds is its difference to this row:", "",
+                  "| table | budget | loss | ILP loss | gap | rollout bpw |", "|---|---|---|---|---|---|"]
+        for r in table["paced"]:
+            if "infeasible" in r:
+                lines.append(f"| {r['table']} | {r['budget']:g} | infeasible: {r['infeasible']} ||||")
+                continue
+            lines.append(f"| {r['table']} | {r['budget']:g} | {r['loss']:.5g} | {r['ilp_loss']:.5g} | {r['gap']:.2f}% | {r['rollout_bpw']:.3f} |")
     lines += ["", "Layer features of each table under each policy's normalization (fitted on its training table): mean |z| and "
               "share of values beyond the clip:", ""]
     for name, shifts in table["feature_shift"].items():
