@@ -737,6 +737,17 @@ def reading(trained: dict[str, dict], table: dict[str, Any], measured: dict[str,
                  for origin, g in rows.items() if g]
         if parts:
             out.append(f"- Predicted-loss gap to the ILP on {target} over {'/'.join(f'{b:g}' for b in TABLE_BUDGETS)} bpw: " + "; ".join(parts) + ".")
+    paced = {(r["table"], r["budget"]): r["gap"] for r in table.get("paced", []) if "gap" in r}
+    if paced:
+        compared = [(r, paced[r["table"], r["budget"]]) for r in finals if (r["table"], r["budget"]) in paced]
+        better = [(r, g) for r, g in compared if r["gap"] < g - 0.01]
+        worse = [(r, g) for r, g in compared if r["gap"] > g + 0.01]
+        out.append(f"- Against the price mapping with nothing learned (every action 0.5): the policies are closer to the ILP in "
+                   f"{len(better)} of {len(compared)} (policy, table, budget) cases, further in {len(worse)}, equal (within 0.01%) in the "
+                   f"rest" + ("; largest gains: " + "; ".join(f"{r['policy']} policy on {r['table']} at {r['budget']:g} bpw {g:.2f}% -> "
+                                                                f"{r['gap']:.2f}%" for r, g in sorted(better, key=lambda x: x[0]['gap'] - x[1])[:3])
+                              if better else "") + ". With this mapping each unit's price comes from the table being allocated (its LP "
+                   "relaxation), so a policy carries to another model the small corrections it learned, not the model's sensitivities.")
     losing = [r for r in finals if r["gap"] > WITHIN]
     for r in losing:
         where = f"{r['policy']} policy on {r['table']}{' (zero-shot)' if r['zero_shot'] else ''} at {r['budget']:g} bpw"
