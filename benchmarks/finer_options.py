@@ -2,17 +2,19 @@
 
 Issue 4's lever for the mixed-at-(b - 0.5) target: give the solver 3-bit GPTQ at groups of 64 and 32
 (3.31 and 3.63 bpw) between gptq-w3g128 (3.16) and gptq-w4g128 (4.17). The model is profiled with the
-default options plus these (64 x 512 calibration tokens, kept weights), the single-layer KL of the
-gptq-w3g128 anchor is measured (1 x 256 tokens; ``kl_est`` prices every option from it, as ``bitalloc
-run`` does), and ``bitalloc pareto`` solves the ILP on ``kl_est`` at the budgets and measures every
-allocation and every uniform option on the same evaluation windows as results/allocation.md (16k tokens).
-The default-options ILP of allocation.md (loss ``kl``: every option's KL measured) is quoted beside it.
+default options plus these (64 x 512 calibration tokens, kept weights) and the single-layer KL of every
+option is measured (1 x 256 tokens), as for allocation.md's ``kl`` sweep; ``bitalloc pareto`` solves the
+ILP at the budgets on each ``--losses`` entry (``kl``; ``kl_est``: priced from the gptq-w3g128 anchor's
+KL, as ``bitalloc run`` does) and measures every allocation and every uniform option on the same
+evaluation windows as results/allocation.md (16k tokens). allocation.md's default-options ILP on ``kl``
+is quoted beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 from _common import RESULTS, provenance
 
@@ -25,7 +27,6 @@ from allocator.profile import cached_table_path, profile_model
 from allocator.storage import write_json
 
 EXTRA = ("gptq3:group_size=64", "gptq3:group_size=32")
-ANCHOR = "gptq-w3g128"
 TARGETS = {3.5: "gptq-w4g128", 2.5: "gptq-w3g128"}
 """Mixed budget -> the uniform option it must not be worse than (allocation.md's target check)."""
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--budgets", default="2.5,3.0,3.5")
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--losses", default="kl,kl_est", help="losses the ILP is solved on, one sweep each")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out = RESULTS / "finer_options" / args.model
@@ -42,53 +44,64 @@ def main() -> None:
     loaded = load_model(args.model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, options=parse_options(["default", *EXTRA]), samples=64, seqlen=512)
-    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, [ANCHOR], windows=1, seqlen=256)
+    kl_table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
     del loaded
-    code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", "kl_est", "--from", str(min(budgets)),
-                     "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(args.tokens), "--out", str(out)])
-    if code != 0:
-        raise SystemExit("pareto failed")
-    sweep = json.loads((out / "pareto.json").read_text())
+    sweeps = {}
+    for loss in args.losses.split(","):
+        directory = out / loss
+        directory.mkdir(parents=True, exist_ok=True)
+        earlier = sorted(out.glob("*/pareto.json"))
+        if not (directory / "pareto.json").is_file() and earlier:
+            shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
+        code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
+                         "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(args.tokens),
+                         "--out", str(directory)])
+        if code != 0:
+            raise SystemExit(f"pareto failed ({loss})")
+        sweeps[loss] = json.loads((directory / "pareto.json").read_text())
     before = json.loads((RESULTS / "allocation" / args.model / "kl" / "pareto.json").read_text())
+    table = kl_table
     meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
             "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
     write_json(out / "run.json", meta)
-    (RESULTS / "finer_options.md").write_text(report(args.model, sweep, before, meta))
+    (RESULTS / "finer_options.md").write_text(report(args.model, sweeps, before, meta))
     print(RESULTS / "finer_options.md")
 
 
-def report(model: str, sweep: dict, before: dict, meta: dict) -> str:
-    points = sweep["points"]
-    uniform = {p["option"]: p for p in points if p["solver"] == "uniform"}
-    ilp = {p["target_bpw"]: p for p in points if p["solver"] == "ilp"}
+def report(model: str, sweeps: dict[str, dict], before: dict, meta: dict) -> str:
+    sweep = next(iter(sweeps.values()))
+    uniform = {p["option"]: p for p in sweep["points"] if p["solver"] == "uniform"}
     old = {p["target_bpw"]: p for p in before["points"] if p["solver"] == "ilp"}
     kl = meta["kl_measurement"]
     lines = [f"# Finer options between the GPTQ steps ({model})", "", meta["provenance"].rstrip(),
              f"- options: {', '.join(meta['labels'])}",
              f"- profile: {meta['profile_layer_seconds'] / 60:.1f} min of per-layer work; single-layer KL of {kl.get('anchors')} "
-             f"({kl.get('windows')} x {kl.get('seqlen')} calibration tokens): {kl.get('seconds', 0) / 60:.1f} min; loss solved: kl_est",
+             f"({kl.get('windows')} x {kl.get('seqlen')} calibration tokens): {kl.get('seconds', 0) / 60:.1f} min",
              f"- evaluation: {sweep['settings']['eval']['tokens']} tokens of the enwiki evaluation split (the windows of "
              f"results/allocation.md), reference perplexity {sweep['reference_perplexity']:.3f}; every allocation is built from the "
-             "profile's kept one-shot weights", "",
-             "## ILP with the finer options, against the default options", "",
-             "| budget | bpw | ppl | KL | options used | default-options ILP (allocation.md, loss kl): ppl | KL |",
-             "|---|---|---|---|---|---|---|"]
-    for bpw in sorted(ilp):
-        p, q = ilp[bpw], old.get(bpw)
-        used = ", ".join(f"{k} x{v}" for k, v in sorted(p["bits_histogram"].items()))
-        lines.append(f"| {bpw:g} | {p['bpw']:.3f} | {p['perplexity']:.2f} | {p['kl']:.4f} | {used} | "
-                     f"{q['perplexity']:.2f} | {q['kl']:.4f} |" if q else f"| {bpw:g} | {p['bpw']:.3f} | {p['perplexity']:.2f} | "
-                     f"{p['kl']:.4f} | {used} | - | - |")
+             "profile's kept one-shot weights"]
+    for loss, sweep in sweeps.items():
+        ilp = {p["target_bpw"]: p for p in sweep["points"] if p["solver"] == "ilp"}
+        lines += ["", f"## ILP on `{loss}` with the finer options, against the default options", "",
+                  "| budget | bpw | ppl | KL | options used | default-options ILP (allocation.md, loss kl): ppl | KL |",
+                  "|---|---|---|---|---|---|---|"]
+        for bpw in sorted(ilp):
+            p, q = ilp[bpw], old.get(bpw)
+            used = ", ".join(f"{k} x{v}" for k, v in sorted(p["bits_histogram"].items()))
+            lines.append(f"| {bpw:g} | {p['bpw']:.3f} | {p['perplexity']:.2f} | {p['kl']:.4f} | {used} | "
+                         + (f"{q['perplexity']:.2f} | {q['kl']:.4f} |" if q else "- | - |"))
     lines += ["", "## Uniform options (same windows)", "", "| option | bpw | ppl | KL |", "|---|---|---|---|"]
     for label, p in sorted(uniform.items(), key=lambda kv: kv[1]["bpw"]):
         lines.append(f"| {label} | {p['bpw']:.3f} | {p['perplexity']:.2f} | {p['kl']:.4f} |")
     lines += ["", "## Target (mixed at b - 0.5 bpw no worse than uniform GPTQ at b)", ""]
-    for bpw, label in sorted(TARGETS.items()):
-        if bpw in ilp and label in uniform:
-            m, u = ilp[bpw], uniform[label]
-            verdict = "meets" if m["perplexity"] <= u["perplexity"] else "misses"
-            lines.append(f"- ILP at {bpw:g} bpw with the finer options: ppl {m['perplexity']:.2f} vs uniform {label} at {u['bpw']:.3f} bpw: "
-                         f"{u['perplexity']:.2f} -> {verdict} the target")
+    for loss, sweep in sweeps.items():
+        ilp = {p["target_bpw"]: p for p in sweep["points"] if p["solver"] == "ilp"}
+        for bpw, label in sorted(TARGETS.items()):
+            if bpw in ilp and label in uniform:
+                m, u = ilp[bpw], uniform[label]
+                verdict = "meets" if m["perplexity"] <= u["perplexity"] else "misses"
+                lines.append(f"- ILP on `{loss}` at {bpw:g} bpw with the finer options: ppl {m['perplexity']:.2f} vs uniform {label} "
+                             f"at {u['bpw']:.3f} bpw: {u['perplexity']:.2f} -> {verdict} the target")
     lines += ["", "Notes", "- The 4-bit caveat of results/allocation.md applies: the references are dequantized from 4-bit grids.", ""]
     return "\n".join(lines)
 
