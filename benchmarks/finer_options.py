@@ -4,10 +4,9 @@ Issue 4's lever for the mixed-at-(b - 0.5) target: give the solver 3-bit GPTQ at
 (3.31 and 3.63 bpw) between gptq-w3g128 (3.16) and gptq-w4g128 (4.17). The model is profiled with the
 default options plus these (64 x 512 calibration tokens, kept weights) and the single-layer KL of every
 option is measured (1 x 256 tokens), as for allocation.md's ``kl`` sweep; ``bitalloc pareto`` solves the
-ILP at the budgets on each ``--losses`` entry (``kl``; ``kl_est``: priced from the gptq-w3g128 anchor's
-KL, as ``bitalloc run`` does) and measures every allocation and every uniform option on the same
-evaluation windows as results/allocation.md (16k tokens). allocation.md's default-options ILP on ``kl``
-is quoted beside it.
+ILP at the budgets on each ``--losses`` entry (default ``kl``, like for like with allocation.md) and
+measures every allocation and every uniform option on the same evaluation windows as
+results/allocation.md (16k tokens). allocation.md's default-options ILP on ``kl`` is quoted beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--budgets", default="2.5,3.0,3.5")
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--losses", default="kl,kl_est", help="losses the ILP is solved on, one sweep each")
+    parser.add_argument("--losses", default="kl", help="losses the ILP is solved on, one sweep each (default kl)")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     out = RESULTS / "finer_options" / args.model
@@ -50,7 +49,7 @@ def main() -> None:
     for loss in args.losses.split(","):
         directory = out / loss
         directory.mkdir(parents=True, exist_ok=True)
-        earlier = sorted(out.glob("*/pareto.json"))
+        earlier = sorted(out.glob("*/pareto.json"))  # another loss's sweep
         if not (directory / "pareto.json").is_file() and earlier:
             shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
         code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
