@@ -43,7 +43,7 @@ def main() -> None:
     loaded = load_model(args.model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, options=parse_options(["default", *EXTRA]), samples=64, seqlen=512)
-    kl_table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
+    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
     del loaded
     sweeps = {}
     for loss in args.losses.split(","):
@@ -59,7 +59,6 @@ def main() -> None:
             raise SystemExit(f"pareto failed ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
     before = json.loads((RESULTS / "allocation" / args.model / "kl" / "pareto.json").read_text())
-    table = kl_table
     meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
             "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
     write_json(out / "run.json", meta)

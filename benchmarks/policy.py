@@ -52,9 +52,8 @@ from allocator.errors import BitallocError
 from allocator.pareto import Measured, allocation_hash, measure_allocations
 from allocator.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
-from allocator.storage import cache_dir, write_json
-from allocator.solvers import build_problem
 from allocator.solvers.repair import repair
+from allocator.storage import cache_dir, write_json
 from envs.bitalloc_env import BitAllocEnv
 from policies.apply import apply_policy, rollout
 from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
@@ -348,9 +347,9 @@ def paced_baseline(source: Source, bpw: float, optima: Optima) -> dict[str, Any]
     ilp = optima.get(source.name, bpw)
     if isinstance(ilp, str):
         return {"budget": bpw, "infeasible": ilp}
-    problem = build_problem(source.table, Budget.bpw(bpw), optima.constraints)
     env = BitAllocEnv([source.table], constraints=optima.constraints, action_mapping="price")
-    info = rollout(env, lambda _: np.array([0.5], dtype=np.float32), {"budget_bits": problem.budget_bits})
+    info = rollout(env, lambda _: np.array([0.5], dtype=np.float32), {"bpw": bpw})
+    problem = env.problem
     loss = problem.total_cost(repair(problem, info["raw_choice"]))
     return {"budget": bpw, "loss": loss, "ilp_loss": ilp.predicted_loss, "gap": gap_percent(loss, ilp.predicted_loss),
             "rollout_bpw": info["raw_bits"] / problem.total_numel}

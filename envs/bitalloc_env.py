@@ -103,12 +103,12 @@ def paced_price(relaxation: LPRelaxation, first_unit: int, bits_left: float) -> 
     spend = bits_left - float(relaxation.start_bits[first_unit:].sum())
     if spend < 0:
         return math.inf
-    mask = relaxation.segment_unit >= first_unit
-    spent = np.cumsum(relaxation.segment_bits[mask])
+    segments = np.flatnonzero(relaxation.segment_unit >= first_unit)  # in the relaxation's buying order
+    spent = np.cumsum(relaxation.segment_bits[segments])
     if not len(spent) or spend >= spent[-1]:
         return 0.0
-    k = int(np.searchsorted(spent, spend, side="right"))
-    return max(-float(relaxation.segment_cost[mask][k] / relaxation.segment_bits[mask][k]), 0.0)
+    last = segments[int(np.searchsorted(spent, spend, side="right"))]
+    return max(-float(relaxation.segment_cost[last] / relaxation.segment_bits[last]), 0.0)
 
 
 def price_choice(costs: np.ndarray, bits: np.ndarray, paced: float, action: float) -> int:

@@ -123,13 +123,17 @@ class ChunkGeometry:
         """The group size argument of the C kernels (0 = one group per row)."""
         return 0 if self.group_size is None else self.group_size
 
+    @property
+    def group_chunks(self) -> list[int]:
+        """Chunks in each group of a row (all ``chunks_full`` but possibly the last)."""
+        return [self.chunks_full] * (self.groups - 1) + [self.chunks - (self.groups - 1) * self.chunks_full]
+
     @cached_property
     def activation_blocks(self) -> np.ndarray:
         """The int8 activation block of every chunk of a row: a group's chunks taken
         :data:`ACTIVATION_BLOCK_CHUNKS` at a time (the C kernels' ``BQ_ACT_BLOCK``), numbered in order."""
         blocks, first = [], 0
-        for g in range(self.groups):
-            count = self.chunks_full if g < self.groups - 1 else self.chunks - (self.groups - 1) * self.chunks_full
+        for count in self.group_chunks:
             per_group = np.arange(count) // ACTIVATION_BLOCK_CHUNKS
             blocks.append(first + per_group)
             first += int(per_group[-1]) + 1
@@ -140,8 +144,7 @@ class ChunkGeometry:
         """Per chunk of a row, its part in a 3-bit pair (module docstring): :data:`SINGLE`,
         :data:`PAIR_FIRST` or :data:`PAIR_SECOND`; chunks pair up inside each group."""
         roles = []
-        for g in range(self.groups):
-            count = self.chunks_full if g < self.groups - 1 else self.chunks - (self.groups - 1) * self.chunks_full
+        for count in self.group_chunks:
             c = np.arange(count)
             roles.append(np.where((c | 1) < count, PAIR_FIRST + (c & 1), SINGLE))
         return np.concatenate(roles)
@@ -162,8 +165,8 @@ def pack_chunks(codes: np.ndarray, geometry: ChunkGeometry) -> np.ndarray:
     if geometry.bits == 3:
         chunk = np.concatenate([_pack_slots(slots & 3, 2), _pack_slots(slots >> 2, 1)], axis=-1)
         first = np.flatnonzero(geometry.pair_roles == PAIR_FIRST)
-        a = padded.reshape(rows, geometry.chunks, CHUNK)[:, first]
-        b = padded.reshape(rows, geometry.chunks, CHUNK)[:, first + 1]
+        by_chunk = padded.reshape(rows, geometry.chunks, CHUNK)
+        a, b = by_chunk[:, first], by_chunk[:, first + 1]
         nibbles = (a & 7) | ((b >> 2) << 3)
         pair = np.concatenate([nibbles[..., :16] | (nibbles[..., 16:] << 4), _pack_slots(slots[:, first + 1] & 3, 2)], axis=-1)
         chunk[:, first] = pair[..., :12]
