@@ -40,30 +40,39 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     out = RESULTS / "finer_options" / args.model
 
-    loaded = load_model(args.model)
-    corpus = load_corpus("enwiki")
-    table = profile_model(loaded, corpus, options=parse_options(["default", *EXTRA]), samples=64, seqlen=512)
-    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
-    del loaded
-    sweeps = {}
-    for loss in args.losses.split(","):
-        directory = out / loss
-        directory.mkdir(parents=True, exist_ok=True)
-        earlier = sorted(out.glob("*/pareto.json"))  # another loss's sweep
-        if not (directory / "pareto.json").is_file() and earlier:
-            shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
-        code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
-                         "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(args.tokens),
-                         "--out", str(directory)])
-        if code != 0:
-            raise SystemExit(f"pareto failed ({loss})")
-        sweeps[loss] = json.loads((directory / "pareto.json").read_text())
+    table, sweeps = profile_and_sweep(args.model, ["default", *EXTRA], None, args.losses.split(","), budgets, args.tokens, out)
     before = json.loads((RESULTS / "allocation" / args.model / "kl" / "pareto.json").read_text())
     meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
             "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
     write_json(out / "run.json", meta)
     (RESULTS / "finer_options.md").write_text(report(args.model, sweeps, before, meta))
     print(RESULTS / "finer_options.md")
+
+
+def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str] | None, losses: list[str], budgets: list[float],
+                      tokens: int, out) -> tuple:
+    """Profile ``model`` with these options (64 x 512 calibration tokens, weights kept), measure the single-layer KL
+    of ``kl_anchors`` (None: every option; 1 x 256 tokens), and run ``bitalloc pareto`` (ILP at ``budgets`` and every
+    uniform option, ``tokens`` evaluation tokens) once per loss into ``out/<loss>``. Returns (table, {loss: sweep})."""
+    loaded = load_model(model)
+    corpus = load_corpus("enwiki")
+    table = profile_model(loaded, corpus, options=parse_options(option_specs), samples=64, seqlen=512)
+    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, windows=1, seqlen=256)
+    del loaded
+    sweeps = {}
+    for loss in losses:
+        directory = out / loss
+        directory.mkdir(parents=True, exist_ok=True)
+        earlier = sorted(out.glob("*/pareto.json"))  # another loss's sweep
+        if not (directory / "pareto.json").is_file() and earlier:
+            shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
+        code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
+                         "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(tokens),
+                         "--out", str(directory)])
+        if code != 0:
+            raise SystemExit(f"pareto failed ({loss})")
+        sweeps[loss] = json.loads((directory / "pareto.json").read_text())
+    return table, sweeps
 
 
 def report(model: str, sweeps: dict[str, dict], before: dict, meta: dict) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, single_threaded
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
-from quantizers.grid import GridSpec, fit_minmax, quantize_codes
+from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, quantize_codes
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
@@ -45,6 +45,9 @@ class GPTQQuantizer(Quantizer):
         act_order: process columns by decreasing diag(H). Group parameters are then fitted on the
             original weights of each natural column group ("static groups"), so the stored form
             needs no per-column group index.
+        clip: how each group's grid is fitted: ``minmax`` (the paper) or ``mse`` (the shrunk range with
+            the least rounding error, weighted by diag(H) of the group's columns; see
+            :mod:`quantizers.grid`).
     """
 
     name = "gptq"
@@ -58,12 +61,16 @@ class GPTQQuantizer(Quantizer):
         damp_ratio: float = 0.01,
         block_size: int = 128,
         act_order: bool = False,
+        clip: str = "minmax",
     ) -> None:
+        if clip not in CLIP_METHODS:
+            raise ValueError(f"unknown clip method {clip!r}; choose from {', '.join(CLIP_METHODS)}")
         self.spec = GridSpec(bits, symmetric)
         self.group_size = group_size
         self.damp_ratio = damp_ratio
         self.block_size = block_size
         self.act_order = act_order
+        self.clip = clip
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         if hessian is None:
@@ -83,10 +90,11 @@ class GPTQQuantizer(Quantizer):
         scales = torch.empty(rows, layout.count)
         zeros = torch.empty(rows, layout.count)
         column_group = layout.column_groups()
+        importance = torch.diag(h)
         if self.act_order:
             for g in range(layout.count):
                 start, stop = layout.bounds(g)
-                scales[:, g], zeros[:, g] = fit_minmax(w[:, start:stop], self.spec)
+                scales[:, g], zeros[:, g] = fit_grid(w[:, start:stop], self.spec, self.clip, importance[start:stop])
             order = torch.argsort(torch.diag(h), descending=True)
         else:
             order = torch.arange(cols)
@@ -107,7 +115,7 @@ class GPTQQuantizer(Quantizer):
                     # Fit the group on its current (already error-compensated) weights.
                     stop = layout.bounds(group)[1]
                     current = torch.cat([block[:, i:], w[:, block_stop:]], dim=1)[:, : stop - col]
-                    scales[:, group], zeros[:, group] = fit_minmax(current, self.spec)
+                    scales[:, group], zeros[:, group] = fit_grid(current, self.spec, self.clip, importance[col:stop])
                 scale, zero = scales[:, group], zeros[:, group]
                 column = block[:, i]
                 q = quantize_codes(column[:, None], scale, zero, self.spec)[:, 0]
@@ -133,8 +141,10 @@ class GPTQQuantizer(Quantizer):
             "damp_ratio": self.damp_ratio,
             "block_size": self.block_size,
             "act_order": self.act_order,
+            # only when not the paper's min-max, so tables and bit maps written before the option existed still match
+            **({} if self.clip == "minmax" else {"clip": self.clip}),
         }
 
     def label(self) -> str:
         group = "" if self.group_size is None else f"g{self.group_size}"
-        return f"gptq-w{self.spec.bits}{group}{'-sym' if self.spec.symmetric else ''}{'-act' if self.act_order else ''}"
+        return f"gptq-w{self.spec.bits}{group}{'-sym' if self.spec.symmetric else ''}{'-act' if self.act_order else ''}{'' if self.clip == 'minmax' else '-' + self.clip}"

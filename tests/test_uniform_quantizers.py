@@ -5,6 +5,7 @@ import torch
 
 from quantizers import GPTQQuantizer, RTNQuantizer, build_quantizer, decode
 from quantizers.base import GroupLayout
+from quantizers.grid import GridSpec, dequantize_codes, fit_clipped, fit_minmax, quantize_codes
 
 
 def weight_and_hessian(rows: int = 48, cols: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +30,7 @@ QUANTIZER_GRID = [
     for group in (None, 32, 64)  # 64 leaves a shorter last group on width 96
     for sym in (False, True)
 ]
+CLIPPED_GRID = [(cls, bits, sym) for cls in (RTNQuantizer, GPTQQuantizer) for bits in (2, 3) for sym in (False, True)]
 
 
 @pytest.mark.parametrize("cls,bits,group,sym", QUANTIZER_GRID)
@@ -85,8 +87,53 @@ def test_gptq_requires_hessian() -> None:
         GPTQQuantizer(3).quantize(torch.randn(4, 8))
 
 
+def weighted_rounding_error(w: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor], spec: GridSpec, weights: torch.Tensor) -> torch.Tensor:
+    scale, zero = fit
+    return ((w - dequantize_codes(quantize_codes(w, scale, zero, spec), scale, zero)) ** 2) @ weights
+
+
+@pytest.mark.parametrize("bits,sym", [(2, False), (3, False), (4, False), (3, True)])
+def test_mse_fit_is_never_worse_than_minmax_and_clips_an_outlier(bits: int, sym: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 128, generator=g)
+    w[:, 0] *= 6  # one outlier per row stretches the min-max range
+    weights = torch.rand(128, generator=g) + 0.1
+    spec = GridSpec(bits, sym)
+    minmax = weighted_rounding_error(w, fit_minmax(w, spec), spec, weights)
+    clipped_fit = fit_clipped(w, spec, weights)
+    clipped = weighted_rounding_error(w, clipped_fit, spec, weights)
+    assert (clipped <= minmax + 1e-6).all()
+    assert clipped.sum() < 0.9 * minmax.sum()
+    assert (clipped_fit[0] <= fit_minmax(w, spec)[0]).all()  # only ever a narrower range
+    # the binary symmetric grid is already L2-optimal: left as fitted
+    binary = GridSpec(1, True)
+    assert all(torch.equal(a, b) for a, b in zip(fit_clipped(w, binary, weights), fit_minmax(w, binary)))
+
+
+@pytest.mark.parametrize("cls,bits,sym", CLIPPED_GRID)
+def test_mse_clip_keeps_the_stored_form_and_lowers_the_hessian_error(cls, bits, sym) -> None:
+    weight, hessian = weight_and_hessian()
+    weight[:, 40] *= 6  # outliers inside one group's columns, so clipping has something to win
+    plain = cls(bits, 32, sym).quantize(weight, hessian)
+    clipped_quantizer = cls(bits, 32, sym, clip="mse")
+    clipped = clipped_quantizer.quantize(weight, hessian)
+    assert clipped.storage_bits == plain.storage_bits == clipped_quantizer.storage_bits(*weight.shape)
+    assert torch.equal(decode(clipped), clipped.dequantized)
+    assert hessian_error(weight, hessian, clipped.dequantized) < hessian_error(weight, hessian, plain.dequantized)
+
+
+def test_clip_is_named_in_settings_and_label_only_when_not_minmax() -> None:
+    assert "clip" not in GPTQQuantizer(3).settings() and "clip" not in RTNQuantizer(3).settings()
+    assert GPTQQuantizer(3, clip="mse").settings()["clip"] == "mse"
+    assert GPTQQuantizer(3, clip="mse").label() == "gptq-w3g128-mse"
+    assert RTNQuantizer(2, 64, clip="mse").label() == "rtn-w2g64-mse"
+    with pytest.raises(ValueError, match="clip"):
+        GPTQQuantizer(3, clip="percentile")
+
+
 def test_build_quantizer_round_trips_settings() -> None:
-    for quantizer in (RTNQuantizer(3, 64, True), GPTQQuantizer(2, None, act_order=True)):
+    for quantizer in (RTNQuantizer(3, 64, True), GPTQQuantizer(2, None, act_order=True), GPTQQuantizer(3, clip="mse"),
+                      RTNQuantizer(2, clip="mse")):
         rebuilt = build_quantizer(**{k: v for k, v in quantizer.settings().items() if k != "quantizer"}, name=quantizer.name)
         assert rebuilt.settings() == quantizer.settings()
     with pytest.raises(ValueError):
