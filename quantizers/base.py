@@ -46,6 +46,11 @@ class QuantizedTensor:
         return self.storage_bits / self.numel
 
 
+def per_row_if_negative_one(group_size: int | None) -> int | None:
+    """GPTQ's and GPTQModel's convention: ``group_size=-1`` means one group per row, which this package writes None."""
+    return None if group_size == -1 else group_size
+
+
 @dataclass(frozen=True)
 class GroupLayout:
     """Consecutive input columns that share one scale (and zero point).
@@ -56,6 +61,10 @@ class GroupLayout:
 
     in_features: int
     group_size: int | None
+
+    def __post_init__(self) -> None:
+        if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive number of columns, -1 or None (one group per row), got {self.group_size!r}")
 
     @property
     def size(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
 from quantizers.binary_formats import (
     PBLLM,
     decode_pbllm,
@@ -72,11 +72,10 @@ class PBLLMQuantizer(Quantizer):
             raise ValueError(f"salient_fraction must be in [0, 1], got {salient_fraction}")
         if salient_format not in SALIENT_FORMATS:
             raise ValueError(f"salient_format must be one of {SALIENT_FORMATS}, got {salient_format!r}")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be positive or None, got {group_size}")
         self.salient_fraction = salient_fraction
         self.salient_format = salient_format
-        self.group_size = group_size
+        self.group_size = per_row_if_negative_one(group_size)
+        GroupLayout(1, self.group_size)  # validates it
         self.block_size = block_size
         self.damp_ratio = damp_ratio
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
 from quantizers.binary_formats import W1P1, decode_w1p1, encode_w1p1, sign_bits, signs_from_bits, to_scale, w1p1_storage_bits
 from quantizers.obs import prepare_hessian, quantize_with_error_feedback
 
@@ -99,9 +99,8 @@ class W1P1Quantizer(Quantizer):
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be positive or None, got {group_size}")
-        self.group_size = group_size
+        self.group_size = per_row_if_negative_one(group_size)
+        GroupLayout(1, self.group_size)  # validates it
         self.error_feedback = error_feedback
         self.weighting = weighting
         self.em_iterations = em_iterations

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.binary_formats import to_scale
 from quantizers.grid import GridSpec
@@ -33,9 +33,8 @@ class XNORQuantizer(Quantizer):
     name = "xnor"
 
     def __init__(self, group_size: int | None = None) -> None:
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be positive or None, got {group_size}")
-        self.group_size = group_size
+        self.group_size = per_row_if_negative_one(group_size)
+        GroupLayout(1, self.group_size)  # validates it
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         w = weight.detach().float()

@@ -138,3 +138,14 @@ def test_build_quantizer_round_trips_settings() -> None:
         assert rebuilt.settings() == quantizer.settings()
     with pytest.raises(ValueError):
         build_quantizer("nope")
+
+
+@pytest.mark.parametrize("name,settings", [("gptq", {"bits": 3}), ("rtn", {"bits": 3}), ("xnor", {}), ("w1p1", {}), ("pbllm", {})])
+def test_group_size_minus_one_is_one_group_per_row_and_other_non_positive_sizes_raise(name: str, settings: dict) -> None:
+    per_row = build_quantizer(name, **settings, group_size=None)
+    minus_one = build_quantizer(name, **settings, group_size=-1)
+    assert minus_one.settings() == per_row.settings() and minus_one.label() == per_row.label()
+    assert minus_one.storage_bits(64, 96) == per_row.storage_bits(64, 96) > 0
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="group_size"):
+            build_quantizer(name, **settings, group_size=bad)
