@@ -645,7 +645,7 @@ def main() -> None:
     parser.add_argument("--decode-eval-tokens", type=int, default=512,
                         help="evaluation tokens decoded one at a time to compare float and int8 activations (0: skip)")
     parser.add_argument("--llama-gguf", action="append", default=[], metavar="LABEL=PATH",
-                        help="also time llama.cpp's decode of this GGUF in the same run (repeatable; e.g. one from benchmarks/gguf.py)")
+                        help="also time llama.cpp's decode of this GGUF in the same run (repeatable; e.g. one from benchmarks/gguf_presets.py)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end decode")
     parser.add_argument("--no-streamed", action="store_true", help="skip the cache-overflowing GEMV timings")
     parser.add_argument("--smoke", action="store_true", help="one small shape, 2-bit, few tokens: checks the script runs")

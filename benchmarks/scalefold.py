@@ -61,7 +61,7 @@ Notes
 - KL is the mean per-token KL(reference || quantized) in nats over the same windows as the perplexity.
 - Export: a packed model's saved fold goes into its GGUF (`bitalloc export --quantized`; `export --scale-fold` for a bit
   map or preset). llama.cpp's quantizers on the folded model, and the folded F32 file checked against the reference, are
-  in results/gguf_scalefold.md (benchmarks/gguf.py --scale-fold).
+  in results/gguf_scalefold.md (benchmarks/gguf_presets.py --scale-fold).
 """
 
 

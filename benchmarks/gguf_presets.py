@@ -5,10 +5,10 @@ dequantized: the weights bitalloc's float reference holds) and evaluated by llam
 (llama-cpp-python) on exactly the token ids of bitalloc's HF evaluation; the HF fp32 reference runs
 on the same windows for the KL. bpw is measured from each file's tensor bytes.
 
-    python benchmarks/gguf.py                                   # presets + bit maps solved at --bpw from the default profile
-    python benchmarks/gguf.py --models smollm2-135m --bitmaps a.json b.json --bpw ""
-    python benchmarks/gguf.py --models smollm2-135m --tokens 1024 --presets Q4_K_M --bpw "" --out-md /tmp/smoke.md
-    python benchmarks/gguf.py --scale-fold search                # every file also made from the scale-folded model
+    python benchmarks/gguf_presets.py                                   # presets + bit maps solved at --bpw from the default profile
+    python benchmarks/gguf_presets.py --models smollm2-135m --bitmaps a.json b.json --bpw ""
+    python benchmarks/gguf_presets.py --models smollm2-135m --tokens 1024 --presets Q4_K_M --bpw "" --out-md /tmp/smoke.md
+    python benchmarks/gguf_presets.py --scale-fold search                # every file also made from the scale-folded model
 
 With ``--scale-fold ALPHA|search`` every preset and bit map is made twice, from the reference and
 from its scale fold (allocator/gguf_fold.py; the fold a profile or a mixed bit map gets: every site,
@@ -23,17 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# This file is named like the `gguf` package: put its directory after site-packages so that
-# `import gguf` (inside allocator.gguf_export) finds the package, not this script.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
-
-from _common import RESULTS, provenance  # noqa: E402
+from _common import RESULTS, provenance
 
 from allocator.bitmap import BitMap
 from allocator.corpus import load_corpus
