@@ -96,7 +96,7 @@ def test_default_options_and_specs() -> None:
     assert [o.label for o in parsed] == ["gptq-w3g64", "gptq-w4g128", "keep8", "dyngroup-g4"]
     for option in parsed:
         assert quantizer_from_settings(option.settings).settings() == dict(option.settings)
-    for bad in (["magic"], ["gptq3:bits"], ["gptq3:nope=1"], ["gptq2", "gptq-w2g128"], ["xnor:group_size=-1"], []):
+    for bad in (["magic"], ["gptq3:bits"], ["gptq3:nope=1"], ["gptq2", "gptq-w2g128"], ["xnor:group_size=0"], ["gptq3:group_size=-1", "gptq3:group_size=none"], []):
         with pytest.raises(BitallocError):
             parse_options(bad)
 
