@@ -7,7 +7,10 @@ b): 2 bits in groups of 32 (2.56 bpw), 3 bits with one group per row (3.03) and 
 each with the paper's min-max grid and with ``clip=mse``. They are profiled (64 x 512 calibration tokens, kept
 one-shot weights, as in allocation.md) and measured on allocation.md's evaluation windows; the mixed allocations
 at b - 0.5 are the ILP rows already measured on those windows in allocation.md (min-max GPTQ options) and
-clip_search.md (mse GPTQ options).
+clip_search.md (mse GPTQ options). ``--ladder`` adds a third: the ILP with the budget-matched mse configurations
+themselves among its options (the 1-bit family and mse GPTQ at 2 bits g128/g32, 3 bits per-row/g128/g32 and 4 bits
+g128, every option's single-layer KL measured), so a mixed allocation can take, layer by layer, whatever the
+uniform side uses.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 from pathlib import Path
 
 from _common import RESULTS, provenance
+
+from finer_options import profile_and_sweep
 
 from allocator.corpus import load_corpus
 from allocator.models import load_model
@@ -35,6 +40,9 @@ TOKENS = {"smollm2-135m": 16384, "gemma3-270m": 4096}
 MIXED_SOURCES = {"min-max GPTQ options (allocation.md)": ("allocation", "{model}/{loss}/pareto.json"),
                  "mse GPTQ options (clip_search.md)": ("clip_search", "{model}/{loss}/pareto.json")}
 LOSS = {"smollm2-135m": "kl", "gemma3-270m": "kl_est"}
+LADDER = ["binary", "gptq2:clip=mse", "gptq2:group_size=32,clip=mse", "gptq3:group_size=-1,clip=mse", "gptq3:clip=mse",
+          "gptq3:group_size=32,clip=mse", "gptq4:clip=mse"]
+LADDER_SOURCE = "mse GPTQ ladder options (--ladder)"
 
 
 def option_specs() -> list[str]:
@@ -82,15 +90,20 @@ def report() -> str:
         for b, spec in BUDGET_MATCHED.items():
             label = parse_options([spec])[0].label
             plain, clipped = uniform[label], uniform[f"{label}-mse"]
-            for source, (directory, pattern) in MIXED_SOURCES.items():
-                sweep = json.loads((RESULTS / directory / pattern.format(model=model, loss=loss)).read_text())
+            sources = {source: RESULTS / directory / pattern.format(model=model, loss=loss) for source, (directory, pattern) in MIXED_SOURCES.items()}
+            sources[LADDER_SOURCE] = RESULTS / "budget_matched" / model / "ladder" / "kl" / "pareto.json"
+            for source, sweep_path in sources.items():
+                if not sweep_path.is_file():
+                    continue
+                sweep = json.loads(sweep_path.read_text())
                 mixed = next(p for p in sweep["points"] if p["solver"] == "ilp" and p["target_bpw"] == b - 0.5)
                 # like for like: a mixed allocation against the uniform GPTQ of its own grid fit
-                reference = clipped if source.startswith("mse") else plain
+                mse = "mse" in source
+                reference = clipped if mse else plain
                 verdict = "meets" if mixed["perplexity"] <= reference["measured"]["perplexity"] else "misses"
                 lines.append(f"| {b:g} | {label} | {plain['bpw']:.3f} | {plain['measured']['perplexity']:.2f} | "
                              f"{clipped['measured']['perplexity']:.2f} | {source} at {mixed['bpw']:.3f} bpw | "
-                             f"{mixed['perplexity']:.2f} | {verdict} (vs {'mse' if source.startswith('mse') else 'min-max'}) |")
+                             f"{mixed['perplexity']:.2f} | {verdict} (vs {'mse' if mse else 'min-max'}) |")
     lines += ["", "Notes",
               "- Every row is one-shot (each layer quantized alone on the reference inputs, kept weights), as in allocation.md.",
               "- The uniform side is given at least b bpw (the next configuration up), never fewer."]
@@ -101,12 +114,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(TOKENS))
     parser.add_argument("--render", action="store_true", help="only rewrite budget_matched.md from the saved results")
+    parser.add_argument("--ladder", action="store_true", help="also profile and sweep the ladder option set (every option's KL)")
     args = parser.parse_args()
     for model in args.models.split(","):
         if model not in TOKENS:
             raise SystemExit(f"unknown model {model!r}; choose from {', '.join(TOKENS)}")
         if not args.render:
             measure(model, RESULTS / "budget_matched" / model)
+        if args.ladder and not args.render:
+            out = RESULTS / "budget_matched" / model / "ladder"
+            table, _ = profile_and_sweep(model, LADDER, None, ["kl"], [b - 0.5 for b in BUDGET_MATCHED], TOKENS[model], out)
+            write_json(out / "run.json", {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
+                                          "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels})
     (RESULTS / "budget_matched.md").write_text(report())
     print(RESULTS / "budget_matched.md")
 
