@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--tokens", type=_positive_int, default=defaults.tokens, help="evaluation tokens")
     pa.add_argument("--chunk", type=_positive_int, default=4, help="allocations evaluated per reference pass")
     pa.add_argument("--no-measure", action="store_true", help="only solve (predicted loss and bpw, no evaluation)")
+    pa.add_argument("--no-uniform", action="store_true", help="leave out the uniform points (one option on every layer)")
     pa.add_argument("--no-progress", action="store_true")
 
     ru = commands.add_parser("run", help="the main job: profile -> solve -> quantize -> eval for one budget, printing a table")
@@ -760,7 +761,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         if missing:
             raise BitallocError(f"{len(missing)} layers of this profile have no kept weights in {weights.directory}; "
                                 "run bitalloc profile again with the same settings (it keeps them by default)")
-    points, allocations, notes = plan_sweep(table, budgets, solvers, constraints)
+    points, allocations, notes = plan_sweep(table, budgets, solvers, constraints, uniform=not args.no_uniform)
     for note in notes:
         logging.getLogger("bitalloc").warning("skipped: %s", note)
     settings = {"budgets": budgets, "solvers": solvers, "loss": args.loss, "tie": not args.no_tie,

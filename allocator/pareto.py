@@ -84,8 +84,9 @@ def plan_sweep(
     budgets: Sequence[float],
     solvers: Sequence[str],
     constraints: Constraints = Constraints(),
+    uniform: bool = True,
 ) -> tuple[list[SweepPoint], dict[str, dict[str, str]], list[str]]:
-    """Solve every (solver, budget) and add the uniform points.
+    """Solve every (solver, budget) and, if ``uniform``, add one point per option applied to every layer.
 
     Returns the points, the allocations by hash (module -> option label) and notes on budgets
     that could not be met (infeasible for the table's options, e.g. below its lowest option).
@@ -107,7 +108,7 @@ def plan_sweep(
             points.append(
                 SweepPoint(solver, bpw, None, bitmap.predicted_bpw, bitmap.predicted_loss, bitmap.solver.seconds, key, _histogram(options))
             )
-    for index, label in enumerate(table.labels):
+    for index, label in enumerate(table.labels if uniform else []):
         usable = table.available(constraints.loss)[:, index]
         if not usable.all():
             notes.append(f"uniform {label}: not available for every layer")

@@ -50,10 +50,11 @@ def main() -> None:
 
 
 def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str] | None, losses: list[str], budgets: list[float],
-                      tokens: int, out) -> tuple:
+                      tokens: int, out, uniform: bool = True) -> tuple:
     """Profile ``model`` with these options (64 x 512 calibration tokens, weights kept), measure the single-layer KL
     of ``kl_anchors`` (None: every option; 1 x 256 tokens), and run ``bitalloc pareto`` (ILP at ``budgets`` and every
-    uniform option, ``tokens`` evaluation tokens) once per loss into ``out/<loss>``. Returns (table, {loss: sweep})."""
+    uniform option unless ``uniform`` is False, ``tokens`` evaluation tokens) once per loss into ``out/<loss>``.
+    Returns (table, {loss: sweep})."""
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, options=parse_options(option_specs), samples=64, seqlen=512)
@@ -68,7 +69,7 @@ def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str]
             shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
         code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
                          "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(tokens),
-                         "--out", str(directory)])
+                         "--out", str(directory), *([] if uniform else ["--no-uniform"])])
         if code != 0:
             raise SystemExit(f"pareto failed ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())

@@ -239,6 +239,19 @@ def test_pareto_sweep_measures_each_allocation_once_and_resumes(profiled, tiny_m
     assert code == 0 and f"{distinct} distinct allocations" in stdout and f"{distinct} measured before" in stdout
 
 
+def test_pareto_no_uniform_leaves_out_only_the_uniform_points(profiled, tmp_path, capsys) -> None:
+    common = ["pareto", "--profile", str(profiled), "--from", "2.0", "--to", "3.0", "--step", "0.5", "--solvers", "ilp,greedy",
+              "--no-measure"]
+    names = {}
+    for flag in ([], ["--no-uniform"]):
+        out = tmp_path / ("without" if flag else "with")
+        code, stdout, _ = run(capsys, *common, *flag, "--out", str(out))
+        assert code == 0, stdout
+        names[bool(flag)] = {p["name"] for p in json.loads((out / "pareto.json").read_text())["points"]}
+    uniform = {n for n in names[False] if n.startswith("uniform:")}
+    assert uniform and names[True] == names[False] - uniform
+
+
 def test_pareto_bad_input_is_one_line(profiled, tmp_path, capsys) -> None:
     code, _, err = run(capsys, "pareto", "--profile", str(profiled), "--solvers", "ilp,magic", "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, "unknown solver 'magic'")
