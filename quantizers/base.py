@@ -46,11 +46,6 @@ class QuantizedTensor:
         return self.storage_bits / self.numel
 
 
-def per_row_if_negative_one(group_size: int | None) -> int | None:
-    """GPTQ's and GPTQModel's convention: ``group_size=-1`` means one group per row, which this package writes None."""
-    return None if group_size == -1 else group_size
-
-
 @dataclass(frozen=True)
 class GroupLayout:
     """Consecutive input columns that share one scale (and zero point).
@@ -81,6 +76,14 @@ class GroupLayout:
     def column_groups(self) -> torch.Tensor:
         """Group index of every input column (int64, length ``in_features``)."""
         return torch.arange(self.in_features) // self.size
+
+
+def checked_group_size(group_size: int | None) -> int | None:
+    """A quantizer's ``group_size`` setting: positive, or one group per row, written None here and -1 in GPTQ and
+    GPTQModel (accepted as such). Anything else raises ValueError."""
+    group_size = None if group_size == -1 else group_size
+    GroupLayout(1, group_size)  # validates it
+    return group_size
 
 
 class Quantizer(abc.ABC):

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one, single_threaded
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size, single_threaded
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, quantize_codes
 
@@ -66,8 +66,7 @@ class GPTQQuantizer(Quantizer):
         if clip not in CLIP_METHODS:
             raise ValueError(f"unknown clip method {clip!r}; choose from {', '.join(CLIP_METHODS)}")
         self.spec = GridSpec(bits, symmetric)
-        self.group_size = per_row_if_negative_one(group_size)
-        GroupLayout(1, self.group_size)  # validates it
+        self.group_size = checked_group_size(group_size)
         self.damp_ratio = damp_ratio
         self.block_size = block_size
         self.act_order = act_order

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
 from quantizers.binary_formats import (
     PBLLM,
     decode_pbllm,
@@ -74,8 +74,7 @@ class PBLLMQuantizer(Quantizer):
             raise ValueError(f"salient_format must be one of {SALIENT_FORMATS}, got {salient_format!r}")
         self.salient_fraction = salient_fraction
         self.salient_format = salient_format
-        self.group_size = per_row_if_negative_one(group_size)
-        GroupLayout(1, self.group_size)  # validates it
+        self.group_size = checked_group_size(group_size)
         self.block_size = block_size
         self.damp_ratio = damp_ratio
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, quantize_codes
 
@@ -24,8 +24,7 @@ class RTNQuantizer(Quantizer):
         if clip not in CLIP_METHODS:
             raise ValueError(f"unknown clip method {clip!r}; choose from {', '.join(CLIP_METHODS)}")
         self.spec = GridSpec(bits, symmetric)
-        self.group_size = per_row_if_negative_one(group_size)
-        GroupLayout(1, self.group_size)  # validates it
+        self.group_size = checked_group_size(group_size)
         self.clip = clip
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
 from quantizers.binary_formats import W1P1, decode_w1p1, encode_w1p1, sign_bits, signs_from_bits, to_scale, w1p1_storage_bits
 from quantizers.obs import prepare_hessian, quantize_with_error_feedback
 
@@ -99,8 +99,7 @@ class W1P1Quantizer(Quantizer):
     ) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.group_size = per_row_if_negative_one(group_size)
-        GroupLayout(1, self.group_size)  # validates it
+        self.group_size = checked_group_size(group_size)
         self.error_feedback = error_feedback
         self.weighting = weighting
         self.em_iterations = em_iterations

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, per_row_if_negative_one
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.binary_formats import to_scale
 from quantizers.grid import GridSpec
@@ -33,8 +33,7 @@ class XNORQuantizer(Quantizer):
     name = "xnor"
 
     def __init__(self, group_size: int | None = None) -> None:
-        self.group_size = per_row_if_negative_one(group_size)
-        GroupLayout(1, self.group_size)  # validates it
+        self.group_size = checked_group_size(group_size)
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         w = weight.detach().float()
