@@ -2,8 +2,8 @@
 
 results/allocation.md checks the target against GPTQ at 3 and 4 bits with groups of 128 (3.16 and 4.17 bpw), the
 nearest integer widths. Here "uniform GPTQ at b bpw" is taken as written, for b = 2.5, 3.0 and 3.5: the uniform
-GPTQ configuration (per-row or power-of-two groups) whose stored size is the first at or above b (so the uniform side never gets fewer bits than
-b): 2 bits in groups of 32 (2.56 bpw), 3 bits with one group per row (3.03) and 3 bits in groups of 32 (3.59),
+GPTQ configuration (per-row or power-of-two groups) whose stored size is the first at or above b (so the uniform
+side never gets fewer bits than b): 2 bits in groups of 32 (2.56 bpw), 3 bits with one group per row (3.03) and 3 bits in groups of 32 (3.59),
 each with the paper's min-max grid and with ``clip=mse``. They are profiled (64 x 512 calibration tokens, kept
 one-shot weights, as in allocation.md) and measured on allocation.md's evaluation windows; the mixed allocations
 at b - 0.5 are the ILP rows already measured on those windows in allocation.md (min-max GPTQ options) and
