@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from _common import RESULTS, provenance
@@ -74,6 +75,35 @@ def measure(model: str, out: Path) -> None:
     measure_allocations(loaded.model, windows, weights, allocations, done, record, chunk=3)
 
 
+def uniform_curve(model: str, loss: str, mse: bool) -> list[tuple[float, float]]:
+    """Measured (bpw, ppl) of uniform GPTQ of one grid fit: the budget-matched points and the g128 ones of
+    clip_search.md (mse) or allocation.md (min-max), sorted by bpw."""
+    saved = json.loads((RESULTS / "budget_matched" / model / "uniform.json").read_text())["points"]
+    points = [(p["bpw"], p["measured"]["perplexity"]) for label, p in saved.items() if label.endswith("-mse") == mse]
+    g128 = json.loads((RESULTS / ("clip_search" if mse else "allocation") / model / loss / "pareto.json").read_text())
+    points += [(p["bpw"], p["perplexity"]) for p in g128["points"] if p["solver"] == "uniform" and p["option"].startswith("gptq-")]
+    return sorted(points)
+
+
+def uniform_bpw_for(ppl: float, curve: list[tuple[float, float]]) -> str:
+    """The bpw uniform GPTQ needs for ``ppl``: linear in log ppl between neighbouring measured points."""
+    for (b0, p0), (b1, p1) in zip(curve, curve[1:]):
+        if p1 <= ppl <= p0:
+            return f"{b0 + (b1 - b0) * (math.log(p0) - math.log(ppl)) / (math.log(p0) - math.log(p1)):.2f}"
+    return f"< {curve[0][0]:.2f}" if ppl > curve[0][1] else f"> {curve[-1][0]:.2f}"
+
+
+def ladder_lines(model: str) -> list[str]:
+    """Where the ``--ladder`` rows come from (their own run), if there are any."""
+    path = RESULTS / "budget_matched" / model / "ladder" / "run.json"
+    if not path.is_file():
+        return []
+    meta = json.loads(path.read_text())
+    run = "; ".join(line.removeprefix("- ") for line in meta["provenance"].splitlines() if line.startswith(("- command", "- commit")))
+    return [f"- ladder rows: {run}; options {', '.join(meta['labels'])}, every option's single-layer KL measured "
+            "(its timings shared the CPU with other jobs)"]
+
+
 def report() -> str:
     lines = ["# Mixed at b - 0.5 bpw against uniform GPTQ at b bpw", "", __doc__.split("\n\n", 1)[1].strip()]
     for model, loss in LOSS.items():
@@ -84,9 +114,10 @@ def report() -> str:
         uniform = saved["points"]
         lines += ["", f"## {model}", "", saved["provenance"].rstrip(),
                   f"- evaluation: {saved['tokens']} tokens, reference perplexity {saved['reference_perplexity']:.3f}; "
-                  f"mixed rows: ILP on `{loss}`", "",
-                  "| b | uniform GPTQ | bpw | ppl (min-max) | ppl (mse) | mixed at b - 0.5 | ppl | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"mixed rows: ILP on `{loss}`", *ladder_lines(model), "",
+                  "| b | uniform GPTQ | bpw | ppl (min-max) | ppl (mse) | mixed at b - 0.5 | ppl | verdict | "
+                  "uniform bpw at this ppl |", "|---|---|---|---|---|---|---|---|---|"]
+        curves = {mse: uniform_curve(model, loss, mse) for mse in (False, True)}
         for b, spec in BUDGET_MATCHED.items():
             label = parse_options([spec])[0].label
             plain, clipped = uniform[label], uniform[f"{label}-mse"]
@@ -103,10 +134,14 @@ def report() -> str:
                 verdict = "meets" if mixed["perplexity"] <= reference["measured"]["perplexity"] else "misses"
                 lines.append(f"| {b:g} | {label} | {plain['bpw']:.3f} | {plain['measured']['perplexity']:.2f} | "
                              f"{clipped['measured']['perplexity']:.2f} | {source} at {mixed['bpw']:.3f} bpw | "
-                             f"{mixed['perplexity']:.2f} | {verdict} (vs {'mse' if mse else 'min-max'}) |")
+                             f"{mixed['perplexity']:.2f} | {verdict} (vs {'mse' if mse else 'min-max'}) | "
+                             f"{uniform_bpw_for(mixed['perplexity'], curves[mse])} |")
     lines += ["", "Notes",
               "- Every row is one-shot (each layer quantized alone on the reference inputs, kept weights), as in allocation.md.",
-              "- The uniform side is given at least b bpw (the next configuration up), never fewer."]
+              "- The uniform side is given at least b bpw (the next configuration up), never fewer.",
+              "- Uniform bpw at this ppl: where the measured uniform GPTQ curve of the same grid fit (the table's points and "
+              "the g128 ones, linear in log ppl between neighbours) reaches the mixed row's ppl; the target asks for at "
+              "least the mixed bpw + 0.5."]
     return "\n".join(lines) + "\n"
 
 
