@@ -57,10 +57,6 @@ class GroupLayout:
     in_features: int
     group_size: int | None
 
-    def __post_init__(self) -> None:
-        if self.group_size is not None and (isinstance(self.group_size, bool) or self.group_size < 1):
-            raise ValueError(f"group_size must be a positive number of columns, -1 or None (one group per row), got {self.group_size!r}")
-
     @property
     def size(self) -> int:
         return self.in_features if self.group_size is None else self.group_size
@@ -82,7 +78,8 @@ def checked_group_size(group_size: int | None) -> int | None:
     """A quantizer's ``group_size`` setting: positive, or one group per row, written None here and -1 in GPTQ and
     GPTQModel (accepted as such). Anything else raises ValueError."""
     group_size = None if group_size == -1 else group_size
-    GroupLayout(1, group_size)  # validates it
+    if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
+        raise ValueError(f"group_size must be a positive number of columns, -1 or None (one group per row), got {group_size!r}")
     return group_size
 
 
