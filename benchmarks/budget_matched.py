@@ -1,16 +1,17 @@
 """Issue 4's target read literally: mixed at b - 0.5 bpw against uniform GPTQ at b bpw -> results/budget_matched.md.
 
 results/allocation.md checks the target against GPTQ at 3 and 4 bits with groups of 128 (3.16 and 4.17 bpw), the
-nearest integer widths. Here "uniform GPTQ at b bpw" is taken as written, for b = 2.5, 3.0 and 3.5: the uniform
-GPTQ configuration (per-row or power-of-two groups) whose stored size is the first at or above b (so the uniform
-side never gets fewer bits than b): 2 bits in groups of 32 (2.56 bpw), 3 bits with one group per row (3.03) and 3 bits in groups of 32 (3.59),
-each with the paper's min-max grid and with ``clip=mse``. They are profiled (64 x 512 calibration tokens, kept
-one-shot weights, as in allocation.md) and measured on allocation.md's evaluation windows; the mixed allocations
-at b - 0.5 are the ILP rows already measured on those windows in allocation.md (min-max GPTQ options) and
-clip_search.md (mse GPTQ options). ``--ladder`` adds a third: the ILP with the budget-matched mse configurations
-themselves among its options (the 1-bit family and mse GPTQ at 2 bits g128/g32, 3 bits per-row/g128/g32 and 4 bits
-g128, every option's single-layer KL measured), so a mixed allocation can take, layer by layer, whatever the
-uniform side uses. Its uniform points are not measured again (they are in clip_search.md and the table below).
+nearest integer widths. Here "uniform GPTQ at b bpw" is taken as written, for b = 2.5, 3.0 and 3.5: the uniform GPTQ
+configuration (per-row or power-of-two groups) whose stored size is the first at or above b (so the uniform side
+never gets fewer bits than b): 2 bits in groups of 32 (2.56 bpw), 3 bits with one group per row (3.03) and 3 bits in
+groups of 32 (3.59), each with the paper's min-max grid and with ``clip=mse``. They are profiled (64 x 512
+calibration tokens, kept one-shot weights, as in allocation.md) and measured on allocation.md's evaluation windows;
+the mixed allocations at b - 0.5 are the ILP rows already measured on those windows in allocation.md (min-max GPTQ
+options) and clip_search.md (mse GPTQ options). ``--ladder`` adds a third: the ILP with the budget-matched mse
+configurations themselves among its options (the 1-bit family and mse GPTQ at 2 bits g128/g32, 3 bits
+per-row/g128/g32 and 4 bits g128, every option's single-layer KL measured), so a mixed allocation can take, layer by
+layer, whatever the uniform side uses. Its uniform points are not measured again (they are in clip_search.md and the
+table below).
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ BUDGET_MATCHED = {2.5: "gptq2:group_size=32", 3.0: "gptq3:group_size=-1", 3.5: "
 """b -> the GPTQ configuration whose bpw is the first at or above b (both models' shapes)."""
 TOKENS = {"smollm2-135m": 16384, "gemma3-270m": 4096}
 """Evaluation tokens: allocation.md's per model, so its windows and reference are shared."""
-MIXED_SOURCES = {"min-max GPTQ options (allocation.md)": ("allocation", "{model}/{loss}/pareto.json"),
-                 "mse GPTQ options (clip_search.md)": ("clip_search", "{model}/{loss}/pareto.json")}
+MIXED_SOURCES = {"min-max GPTQ options (allocation.md)": "allocation", "mse GPTQ options (clip_search.md)": "clip_search"}
+"""Mixed rows already measured: their label -> the results directory of their sweep (``<model>/<loss>/pareto.json``)."""
 LOSS = {"smollm2-135m": "kl", "gemma3-270m": "kl_est"}
 LADDER = ["binary", "gptq2:clip=mse", "gptq2:group_size=32,clip=mse", "gptq3:group_size=-1,clip=mse", "gptq3:clip=mse",
           "gptq3:group_size=32,clip=mse", "gptq4:clip=mse"]
 LADDER_SOURCE = "mse GPTQ ladder options (--ladder)"
+LADDER_LOSS = "kl"
+
+
+def ladder_dir(model: str) -> Path:
+    return RESULTS / "budget_matched" / model / "ladder"
 
 
 def option_specs() -> list[str]:
@@ -95,7 +101,7 @@ def uniform_bpw_for(ppl: float, curve: list[tuple[float, float]]) -> str:
 
 def ladder_lines(model: str) -> list[str]:
     """Where the ``--ladder`` rows come from (their own run), if there are any."""
-    path = RESULTS / "budget_matched" / model / "ladder" / "run.json"
+    path = ladder_dir(model) / "run.json"
     if not path.is_file():
         return []
     meta = json.loads(path.read_text())
@@ -118,15 +124,13 @@ def report() -> str:
                   "| b | uniform GPTQ | bpw | ppl (min-max) | ppl (mse) | mixed at b - 0.5 | ppl | verdict | "
                   "uniform bpw at this ppl |", "|---|---|---|---|---|---|---|---|---|"]
         curves = {mse: uniform_curve(model, loss, mse) for mse in (False, True)}
+        sweep_paths = {source: RESULTS / directory / model / loss / "pareto.json" for source, directory in MIXED_SOURCES.items()}
+        sweep_paths[LADDER_SOURCE] = ladder_dir(model) / LADDER_LOSS / "pareto.json"
+        sweeps = {source: json.loads(path.read_text()) for source, path in sweep_paths.items() if path.is_file()}
         for b, spec in BUDGET_MATCHED.items():
             label = parse_options([spec])[0].label
             plain, clipped = uniform[label], uniform[f"{label}-mse"]
-            sources = {source: RESULTS / directory / pattern.format(model=model, loss=loss) for source, (directory, pattern) in MIXED_SOURCES.items()}
-            sources[LADDER_SOURCE] = RESULTS / "budget_matched" / model / "ladder" / "kl" / "pareto.json"
-            for source, sweep_path in sources.items():
-                if not sweep_path.is_file():
-                    continue
-                sweep = json.loads(sweep_path.read_text())
+            for source, sweep in sweeps.items():
                 mixed = next(p for p in sweep["points"] if p["solver"] == "ilp" and p["target_bpw"] == b - 0.5)
                 # like for like: a mixed allocation against the uniform GPTQ of its own grid fit
                 mse = "mse" in source
@@ -157,11 +161,9 @@ def main() -> None:
         if not args.render:
             measure(model, RESULTS / "budget_matched" / model)
         if args.ladder and not args.render:
-            out = RESULTS / "budget_matched" / model / "ladder"
-            table, _ = profile_and_sweep(model, LADDER, None, ["kl"], [b - 0.5 for b in BUDGET_MATCHED], TOKENS[model], out,
-                                         uniform=False)  # every uniform option is measured in the two sweeps above
-            write_json(out / "run.json", {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
-                                          "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels})
+            # every uniform option is measured in the two sweeps above
+            profile_and_sweep(model, LADDER, None, [LADDER_LOSS], [b - 0.5 for b in BUDGET_MATCHED], TOKENS[model],
+                              ladder_dir(model), uniform=False)
     (RESULTS / "budget_matched.md").write_text(report())
     print(RESULTS / "budget_matched.md")
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from _common import RESULTS, provenance
+from _common import RESULTS
 from finer_options import profile_and_sweep
 
-from allocator.storage import write_json
 
 OPTION_SPECS = ["binary", "gptq2:clip=mse", "gptq3:clip=mse", "gptq4:clip=mse"]
 SETTINGS = {
@@ -40,9 +39,7 @@ def main() -> None:
             continue
         settings = SETTINGS[model]
         out = RESULTS / "clip_search" / model
-        table, _ = profile_and_sweep(model, OPTION_SPECS, settings["kl_anchors"], [settings["loss"]], BUDGETS, settings["tokens"], out)
-        write_json(out / "run.json", {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
-                                      "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels})
+        profile_and_sweep(model, OPTION_SPECS, settings["kl_anchors"], [settings["loss"]], BUDGETS, settings["tokens"], out)
     (RESULTS / "clip_search.md").write_text(report())
     print(RESULTS / "clip_search.md")
 

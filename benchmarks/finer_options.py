@@ -40,21 +40,18 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     out = RESULTS / "finer_options" / args.model
 
-    table, sweeps = profile_and_sweep(args.model, ["default", *EXTRA], None, args.losses.split(","), budgets, args.tokens, out)
+    sweeps, meta = profile_and_sweep(args.model, ["default", *EXTRA], None, args.losses.split(","), budgets, args.tokens, out)
     before = json.loads((RESULTS / "allocation" / args.model / "kl" / "pareto.json").read_text())
-    meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
-            "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
-    write_json(out / "run.json", meta)
     (RESULTS / "finer_options.md").write_text(report(args.model, sweeps, before, meta))
     print(RESULTS / "finer_options.md")
 
 
 def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str] | None, losses: list[str], budgets: list[float],
-                      tokens: int, out, uniform: bool = True) -> tuple:
+                      tokens: int, out, uniform: bool = True) -> tuple[dict[str, dict], dict]:
     """Profile ``model`` with these options (64 x 512 calibration tokens, weights kept), measure the single-layer KL
     of ``kl_anchors`` (None: every option; 1 x 256 tokens), and run ``bitalloc pareto`` (ILP at ``budgets`` and every
     uniform option unless ``uniform`` is False, ``tokens`` evaluation tokens) once per loss into ``out/<loss>``.
-    Returns (table, {loss: sweep})."""
+    Writes ``out/run.json`` (provenance, profile and KL timings, option labels) and returns ({loss: sweep}, that record)."""
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, options=parse_options(option_specs), samples=64, seqlen=512)
@@ -73,7 +70,10 @@ def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str]
         if code != 0:
             raise SystemExit(f"pareto failed ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
-    return table, sweeps
+    meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
+            "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
+    write_json(out / "run.json", meta)
+    return sweeps, meta
 
 
 def report(model: str, sweeps: dict[str, dict], before: dict, meta: dict) -> str:
