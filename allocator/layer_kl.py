@@ -43,6 +43,8 @@ KL_MEASURED = KL
 KL_CALIBRATED = "kl_est"
 DEFAULT_KL_SEQLEN = 256
 """Tokens per KL window (the measurement costs one forward over them per (layer, option))."""
+KL_ESTIMATE_ANCHORS = "kl_est_anchors"
+"""Metadata key: the options ``kl_est`` is calibrated on (a measurement of every option may serve fewer anchors)."""
 CHECKPOINT_EVERY = 8
 """Layers between saves of the partial measurement (an interrupted run resumes from it)."""
 
@@ -110,16 +112,28 @@ def anchor_mask(table: SensitivityTable, anchors: Sequence[str] | None) -> np.nd
     return available & columns[None, :]
 
 
-def with_kl_losses(table: SensitivityTable, kl: np.ndarray, settings: dict) -> SensitivityTable:
+def with_kl_losses(table: SensitivityTable, kl: np.ndarray, settings: dict, calibrate_on: np.ndarray | None = None) -> SensitivityTable:
     """A copy of ``table`` with ``kl`` (measured, NaN where not) and ``kl_est`` added as losses;
-    ``settings`` (windows, seqlen, anchors, and optionally the measurement's seconds) go to its metadata."""
-    losses = {**table.losses, KL_MEASURED: kl, KL_CALIBRATED: calibrated_kl(table.loss(HESSIAN_ERR), kl)}
+    ``settings`` (windows, seqlen, anchors, and optionally the measurement's seconds) go to its metadata.
+
+    ``kl_est`` is calibrated on the (layer, option) pairs set in ``calibrate_on`` (default: every measured one), so
+    a table measured on every option still gives the estimate its anchors alone would give."""
+    basis = kl if calibrate_on is None else np.where(calibrate_on, kl, np.nan)
+    losses = {**table.losses, KL_MEASURED: kl, KL_CALIBRATED: calibrated_kl(table.loss(HESSIAN_ERR), basis)}
     descriptions = dict(table.metadata.get("losses", {}))
     descriptions[KL_MEASURED] = (f"mean per-token KL(reference || model), only this layer quantized (kept weight), on "
                                  f"{settings['windows']} x {settings['seqlen']} calibration tokens; NaN where not measured")
-    descriptions[KL_CALIBRATED] = "g_l * hessian_err, g_l = geometric mean of kl / hessian_err over the layer's measured options"
-    metadata = {**table.metadata, "kl_measurement": settings, "losses": descriptions}
+    descriptions[KL_CALIBRATED] = "g_l * hessian_err, g_l = geometric mean of kl / hessian_err over the layer's anchor options"
+    anchors = settings["anchors"] if calibrate_on is None else calibrated_labels(table, calibrate_on)
+    metadata = {**table.metadata, "kl_measurement": settings, KL_ESTIMATE_ANCHORS: anchors, "losses": descriptions}
     return dataclasses.replace(table, losses=losses, metadata=metadata)
+
+
+def calibrated_labels(table: SensitivityTable, calibrate_on: np.ndarray) -> list[str] | str:
+    """The option labels a calibration mask covers, or "all" where it covers every available option."""
+    if np.array_equal(calibrate_on, table.bits >= 0):
+        return "all"
+    return sorted(label for label, used in zip(table.labels, calibrate_on.any(axis=0)) if used)
 
 
 def _covers(done: dict | None, wanted: dict) -> bool:
@@ -146,7 +160,7 @@ def add_kl_losses(
 
     Interrupted measurements resume from ``<table>.kl-<settings>.npy`` (the recorded seconds are then
     those of the last session); a table that already holds losses measured on the same windows for
-    these options (or all) is returned as it is.
+    these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors.
     """
     key = table.key
     seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
@@ -154,8 +168,13 @@ def add_kl_losses(
         raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
     measure = anchor_mask(table, anchors)
     settings = {"windows": windows, "seqlen": seqlen, "anchors": sorted(anchors) if anchors else "all"}
-    if _covers(table.metadata.get("kl_measurement"), settings) and KL_CALIBRATED in table.losses:
-        return table
+    done = table.metadata.get("kl_measurement")
+    if _covers(done, settings) and KL_CALIBRATED in table.losses:
+        if table.metadata.get(KL_ESTIMATE_ANCHORS, done["anchors"]) == settings["anchors"]:
+            return table
+        result = with_kl_losses(table, table.loss(KL_MEASURED), done, calibrate_on=measure)  # re-calibrated, not re-measured
+        result.save(Path(table_path))
+        return result
     weights = OptionWeights.beside(table_path, table.labels)
     tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
     probe = KLProbe(loaded.model, tokens[:windows, :seqlen])
@@ -163,10 +182,10 @@ def add_kl_losses(
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
     start = time.perf_counter()
     kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
-    result = with_kl_losses(table, kl, {**settings, "seconds": time.perf_counter() - start})
+    result = with_kl_losses(table, kl, {**settings, "seconds": time.perf_counter() - start}, calibrate_on=measure)
     result.save(Path(table_path))
     checkpoint.unlink(missing_ok=True)
     return result
 
 
-__all__ = ["KL_CALIBRATED", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_losses"]
+__all__ = ["KL_CALIBRATED", "KL_ESTIMATE_ANCHORS", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_losses"]

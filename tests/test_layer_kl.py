@@ -7,7 +7,7 @@ import pytest
 
 import allocator.layer_kl as layer_kl
 from allocator.errors import BitallocError
-from allocator.layer_kl import KL_CALIBRATED, KL_MEASURED, add_kl_losses, calibrated_kl, layer_gains
+from allocator.layer_kl import KL_CALIBRATED, KL_ESTIMATE_ANCHORS, KL_MEASURED, add_kl_losses, calibrated_kl, layer_gains
 from allocator.options import parse_options
 from allocator.profile import HESSIAN_ERR, KL, cached_table_path, profile_model
 from allocator.sensitivity import SensitivityTable
@@ -80,6 +80,30 @@ def test_anchors_measure_only_their_columns_and_resume(loaded, corpus, isolated_
     assert not list(path.parent.glob("*.kl-*.npy"))
     with pytest.raises(BitallocError, match="not in this profile"):
         add_kl_losses(loaded, table, path, corpus.calibration, anchors=["gptq3"], progress=False)
+
+
+def test_a_table_measured_on_every_option_serves_an_anchor_request_without_measuring(loaded, corpus, isolated_cache, monkeypatch) -> None:
+    """kl_est asked of one anchor is that anchor's calibration, even where every option's KL is already measured."""
+    table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
+    path = cached_table_path(table)
+    every = add_kl_losses(loaded, table, path, corpus.calibration, windows=1, seqlen=16, progress=False)
+    assert every.metadata[KL_ESTIMATE_ANCHORS] == "all"
+    anchor = table.labels[1]
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(layer_kl, "measure_kept_kl", no_measuring)
+    served = add_kl_losses(loaded, every, path, corpus.calibration, anchors=[anchor], windows=1, seqlen=16, progress=False)
+    kl = every.loss(KL_MEASURED)
+    only_anchor = np.where(np.array(table.labels) == anchor, kl, np.nan)
+    assert np.allclose(served.loss(KL_CALIBRATED), calibrated_kl(every.loss(HESSIAN_ERR), only_anchor))
+    assert not np.allclose(served.loss(KL_CALIBRATED), every.loss(KL_CALIBRATED))
+    assert np.array_equal(served.loss(KL_MEASURED), kl, equal_nan=True)  # every option's measurement is kept
+    reloaded = SensitivityTable.load(path)
+    assert reloaded.metadata[KL_ESTIMATE_ANCHORS] == [anchor] and reloaded.metadata["kl_measurement"]["anchors"] == "all"
+    again = add_kl_losses(loaded, served, path, corpus.calibration, windows=1, seqlen=16, progress=False)
+    assert np.allclose(again.loss(KL_CALIBRATED), every.loss(KL_CALIBRATED))  # and back, still without measuring
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
