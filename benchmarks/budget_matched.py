@@ -41,7 +41,8 @@ TOKENS = {"smollm2-135m": 16384, "gemma3-270m": 4096}
 """Evaluation tokens: allocation.md's per model, so its windows and reference are shared."""
 MIXED_SOURCES = {"min-max GPTQ options (allocation.md)": "allocation", "mse GPTQ options (clip_search.md)": "clip_search"}
 """Mixed rows already measured: their label -> the results directory of their sweep (``<model>/<loss>/pareto.json``)."""
-LOSS = {"smollm2-135m": "kl", "gemma3-270m": "kl_est"}
+LOSSES = {"smollm2-135m": ["kl"], "gemma3-270m": ["kl_est", "kl"]}
+"""The losses of the mixed sweeps per model; the first is allocation.md's (the min-max rows exist only on it)."""
 LADDER = ["binary", "gptq2:clip=mse", "gptq2:group_size=32,clip=mse", "gptq3:group_size=-1,clip=mse", "gptq3:clip=mse",
           "gptq3:group_size=32,clip=mse", "gptq4:clip=mse"]
 LADDER_SOURCE = "mse GPTQ ladder options (--ladder)"
@@ -112,7 +113,7 @@ def ladder_lines(model: str) -> list[str]:
 
 def report() -> str:
     lines = ["# Mixed at b - 0.5 bpw against uniform GPTQ at b bpw", "", __doc__.split("\n\n", 1)[1].strip()]
-    for model, loss in LOSS.items():
+    for model, losses in LOSSES.items():
         path = RESULTS / "budget_matched" / model / "uniform.json"
         if not path.is_file():
             continue
@@ -120,11 +121,15 @@ def report() -> str:
         uniform = saved["points"]
         lines += ["", f"## {model}", "", saved["provenance"].rstrip(),
                   f"- evaluation: {saved['tokens']} tokens, reference perplexity {saved['reference_perplexity']:.3f}; "
-                  f"mixed rows: ILP on `{loss}`", *ladder_lines(model), "",
+                  f"mixed rows: ILP on {' and '.join(f'`{loss}`' for loss in losses)}", *ladder_lines(model), "",
                   "| b | uniform GPTQ | bpw | ppl (min-max) | ppl (mse) | mixed at b - 0.5 | ppl | verdict | "
                   "uniform bpw at this ppl |", "|---|---|---|---|---|---|---|---|---|"]
-        curves = {mse: uniform_curve(model, loss, mse) for mse in (False, True)}
-        sweep_paths = {source: RESULTS / directory / model / loss / "pareto.json" for source, directory in MIXED_SOURCES.items()}
+        curves = {mse: uniform_curve(model, losses[0], mse) for mse in (False, True)}
+        sweep_paths = {}
+        for loss in losses:
+            named = (lambda source: source) if len(losses) == 1 else (lambda source: f"{source}, ILP on `{loss}`")
+            sweep_paths.update({named(source): RESULTS / directory / model / loss / "pareto.json"
+                                for source, directory in MIXED_SOURCES.items()})
         sweep_paths[LADDER_SOURCE] = ladder_dir(model) / LADDER_LOSS / "pareto.json"
         sweeps = {source: json.loads(path.read_text()) for source, path in sweep_paths.items() if path.is_file()}
         for b, spec in BUDGET_MATCHED.items():

@@ -20,10 +20,12 @@ from finer_options import profile_and_sweep
 
 OPTION_SPECS = ["binary", "gptq2:clip=mse", "gptq3:clip=mse", "gptq4:clip=mse"]
 SETTINGS = {
-    # as in results/allocation.md: SmolLM2 with every option's KL measured, Gemma3 from one anchor
-    "smollm2-135m": {"tokens": 16384, "kl_anchors": None, "loss": "kl"},
-    "gemma3-270m": {"tokens": 4096, "kl_anchors": ["gptq-w3g128-mse"], "loss": "kl_est"},
+    # as in results/allocation.md: SmolLM2 with every option's KL measured, Gemma3 from one anchor; Gemma3 then also
+    # with every option's KL measured (its one-anchor kl_est misprices the 1-bit options, see clip_search.md)
+    "smollm2-135m": {"tokens": 16384, "sweeps": [(None, "kl")]},
+    "gemma3-270m": {"tokens": 4096, "sweeps": [(["gptq-w3g128-mse"], "kl_est"), (None, "kl")]},
 }
+"""Per model: evaluation tokens, and the (KL anchors or None for every option, loss) of each ILP sweep, in order."""
 BUDGETS = [2.0, 2.5, 3.0, 3.5]
 
 
@@ -39,7 +41,8 @@ def main() -> None:
             continue
         settings = SETTINGS[model]
         out = RESULTS / "clip_search" / model
-        profile_and_sweep(model, OPTION_SPECS, settings["kl_anchors"], [settings["loss"]], BUDGETS, settings["tokens"], out)
+        for anchors, loss in settings["sweeps"]:
+            profile_and_sweep(model, OPTION_SPECS, anchors, [loss], BUDGETS, settings["tokens"], out)
     (RESULTS / "clip_search.md").write_text(report())
     print(RESULTS / "clip_search.md")
 
@@ -49,6 +52,22 @@ def uniform_gptq(sweep: dict) -> dict[int, dict]:
     return {int(p["option"].split("-w")[1][0]): p for p in sweep["points"] if p["solver"] == "uniform" and p["option"].startswith("gptq-")}
 
 
+def used(point: dict) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in sorted(point["bits_histogram"].items()))
+
+
+def kl_line(meta: dict, sweeps: list[tuple[list[str] | None, str]]) -> str:
+    """The KL measurement's line: what was measured, and what each ``kl_est`` sweep was calibrated on."""
+    kl = meta["kl_measurement"]
+    measured = "every option" if kl.get("anchors") == "all" else ", ".join(kl.get("anchors", []))
+    line = (f"- single-layer KL of {measured} ({kl.get('windows')} x {kl.get('seqlen')} calibration tokens): "
+            f"{kl.get('seconds', 0) / 60:.1f} min")
+    for anchors, loss in sweeps:
+        if anchors is not None and loss == "kl_est":
+            line += f"; `kl_est` calibrated on {', '.join(anchors)} only"
+    return line
+
+
 def report() -> str:
     lines = ["# GPTQ with a searched clipping range in the option set", "", __doc__.split("\n\n", 1)[1].strip(), ""]
     for model, settings in SETTINGS.items():
@@ -56,26 +75,27 @@ def report() -> str:
         if not run_path.is_file():
             continue
         meta = json.loads(run_path.read_text())
-        loss = settings["loss"]
-        new = json.loads((RESULTS / "clip_search" / model / loss / "pareto.json").read_text())
-        old = json.loads((RESULTS / "allocation" / model / loss / "pareto.json").read_text())
-        kl = meta["kl_measurement"]
+        losses = [loss for _, loss in settings["sweeps"] if (RESULTS / "clip_search" / model / loss / "pareto.json").is_file()]
+        new = {loss: json.loads((RESULTS / "clip_search" / model / loss / "pareto.json").read_text()) for loss in losses}
+        first = losses[0]  # allocation.md's loss for this model: the min-max rows are quoted from its sweep
+        old = json.loads((RESULTS / "allocation" / model / first / "pareto.json").read_text())
         lines += [f"## {model}", "", meta["provenance"].rstrip(), f"- options: {', '.join(meta['labels'])}",
-                  f"- profile: {meta['profile_layer_seconds'] / 60:.1f} min of per-layer work; single-layer KL of "
-                  f"{kl.get('anchors') or 'every option'} ({kl.get('windows')} x {kl.get('seqlen')} calibration tokens): "
-                  f"{kl.get('seconds', 0) / 60:.1f} min",
-                  f"- evaluation: {new['settings']['eval']['tokens']} tokens (the windows of results/allocation.md), reference "
-                  f"perplexity {new['reference_perplexity']:.3f}; ILP on `{loss}`", ""]
-        ilp_new = {p["target_bpw"]: p for p in new["points"] if p["solver"] == "ilp"}
+                  f"- profile: {meta['profile_layer_seconds'] / 60:.1f} min of per-layer work", kl_line(meta, settings["sweeps"]),
+                  f"- evaluation: {new[first]['settings']['eval']['tokens']} tokens (the windows of results/allocation.md), "
+                  f"reference perplexity {new[first]['reference_perplexity']:.3f}", ""]
+        ilp_new = {loss: {p["target_bpw"]: p for p in sweep["points"] if p["solver"] == "ilp"} for loss, sweep in new.items()}
         ilp_old = {p["target_bpw"]: p for p in old["points"] if p["solver"] == "ilp"}
-        lines += ["| budget | ILP, min-max GPTQ options (allocation.md): ppl | KL | ILP, mse GPTQ options: ppl | KL | options used |",
-                  "|---|---|---|---|---|---|"]
-        for bpw in sorted(ilp_new):
-            p, q = ilp_new[bpw], ilp_old.get(bpw)
-            used = ", ".join(f"{k} x{v}" for k, v in sorted(p["bits_histogram"].items()))
-            before = f"{q['perplexity']:.2f} | {q['kl']:.4f}" if q else "- | -"
-            lines.append(f"| {bpw:g} | {before} | {p['perplexity']:.2f} | {p['kl']:.4f} | {used} |")
-        u_new, u_old = uniform_gptq(new), uniform_gptq(old)
+        header = f"| budget | ILP on `{first}`, min-max GPTQ options (allocation.md): ppl | KL |"
+        header += "".join(f" ILP on `{loss}`, mse GPTQ options: ppl | KL | options used |" for loss in losses)
+        lines += [header, "|---|---|---|" + "---|---|---|" * len(losses)]
+        for bpw in sorted(ilp_new[first]):
+            q = ilp_old.get(bpw)
+            row = f"| {bpw:g} | " + (f"{q['perplexity']:.2f} | {q['kl']:.4f} |" if q else "- | - |")
+            for loss in losses:
+                p = ilp_new[loss].get(bpw)
+                row += f" {p['perplexity']:.2f} | {p['kl']:.4f} | {used(p)} |" if p else " - | - | - |"
+            lines.append(row)
+        u_new, u_old = uniform_gptq(new[first]), uniform_gptq(old)
         lines += ["", "Uniform GPTQ g128 (one option on every linear, kept one-shot weights):", "",
                   "| bits | bpw | min-max: ppl | KL | mse: ppl | KL |", "|---|---|---|---|---|---|"]
         for bits in sorted(u_new):
@@ -84,15 +104,16 @@ def report() -> str:
             lines.append(f"| {bits} | {p['bpw']:.3f} | {before} | {p['perplexity']:.2f} | {p['kl']:.4f} |")
         lines += ["", "Target (mixed at b - 0.5 bpw no worse than uniform GPTQ at b), each mixed allocation against uniform GPTQ "
                   "of its own option set and against the paper's min-max GPTQ:", ""]
-        for bits, target in ((3, 2.5), (4, 3.5)):
-            if target not in ilp_new or bits not in u_new:
-                continue
-            m = ilp_new[target]["perplexity"]
-            for name, u in (("mse", u_new.get(bits)), ("min-max", u_old.get(bits))):
-                if u:
-                    verdict = "meets" if m <= u["perplexity"] else "misses"
-                    lines.append(f"- ILP (mse options) at {target:g} bpw: ppl {m:.2f} vs uniform {name} gptq-w{bits}g128 at "
-                                 f"{u['bpw']:.3f} bpw: {u['perplexity']:.2f} -> {verdict}")
+        for loss in losses:
+            for bits, target in ((3, 2.5), (4, 3.5)):
+                if target not in ilp_new[loss] or bits not in u_new:
+                    continue
+                m = ilp_new[loss][target]["perplexity"]
+                for name, u in (("mse", u_new.get(bits)), ("min-max", u_old.get(bits))):
+                    if u:
+                        verdict = "meets" if m <= u["perplexity"] else "misses"
+                        lines.append(f"- ILP on `{loss}` (mse options) at {target:g} bpw: ppl {m:.2f} vs uniform {name} "
+                                     f"gptq-w{bits}g128 at {u['bpw']:.3f} bpw: {u['perplexity']:.2f} -> {verdict}")
         lines.append("")
     lines += ["Notes", "- The 4-bit caveat of results/allocation.md applies: both references are dequantized from 4-bit grids.",
               "- Both columns are one-shot (each layer quantized alone on the reference inputs), as in allocation.md.", ""]

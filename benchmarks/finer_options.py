@@ -19,7 +19,7 @@ from _common import RESULTS, provenance
 
 from allocator.cli import main as bitalloc
 from allocator.corpus import load_corpus
-from allocator.layer_kl import add_kl_losses
+from allocator.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
 from allocator.models import load_model
 from allocator.options import parse_options
 from allocator.profile import cached_table_path, profile_model
@@ -71,7 +71,8 @@ def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str]
             raise SystemExit(f"pareto failed ({loss})")
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
     meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
-            "kl_measurement": table.metadata.get("kl_measurement", {}), "labels": table.labels}
+            "kl_measurement": table.metadata.get("kl_measurement", {}), "kl_est_anchors": table.metadata.get(KL_ESTIMATE_ANCHORS),
+            "labels": table.labels}
     write_json(out / "run.json", meta)
     return sweeps, meta
 
