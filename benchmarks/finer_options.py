@@ -47,15 +47,15 @@ def main() -> None:
 
 
 def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str] | None, losses: list[str], budgets: list[float],
-                      tokens: int, out, uniform: bool = True) -> tuple[dict[str, dict], dict]:
+                      tokens: int, out, uniform: bool = True, kl_windows: int = 1, kl_seqlen: int = 256) -> tuple[dict[str, dict], dict]:
     """Profile ``model`` with these options (64 x 512 calibration tokens, weights kept), measure the single-layer KL
-    of ``kl_anchors`` (None: every option; 1 x 256 tokens), and run ``bitalloc pareto`` (ILP at ``budgets`` and every
+    of ``kl_anchors`` (None: every option; ``kl_windows`` x ``kl_seqlen`` tokens, default 1 x 256), and run ``bitalloc pareto`` (ILP at ``budgets`` and every
     uniform option unless ``uniform`` is False, ``tokens`` evaluation tokens) once per loss into ``out/<loss>``.
     Writes ``out/run.json`` (provenance, profile and KL timings, option labels) and returns ({loss: sweep}, that record)."""
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, options=parse_options(option_specs), samples=64, seqlen=512)
-    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, windows=1, seqlen=256)
+    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, windows=kl_windows, seqlen=kl_seqlen)
     del loaded
     sweeps = {}
     for loss in losses:
