@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 KL_MEASURED = KL
 KL_CALIBRATED = "kl_est"
+KL_LOCAL = "kl_local"
 DEFAULT_KL_SEQLEN = 256
 """Tokens per KL window (the measurement costs one forward over them per (layer, option))."""
 KL_ESTIMATE_ANCHORS = "kl_est_anchors"
@@ -188,4 +189,50 @@ def add_kl_losses(
     return result
 
 
-__all__ = ["KL_CALIBRATED", "KL_ESTIMATE_ANCHORS", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_losses"]
+def with_kl_around(
+    loaded: LoadedModel,
+    table: SensitivityTable,
+    table_path: Path,
+    calibration_text: str,
+    base: Mapping[str, str],
+    windows: int = 1,
+    seqlen: int | None = None,
+    progress: bool = True,
+) -> SensitivityTable:
+    """A copy of ``table`` with ``kl_local`` added: for every (layer, option), the measured KL increase of
+    switching that one layer of the ``base`` allocation (layer name -> option label) to that option, every
+    other layer at its base option (kept weights), against the unquantized reference; 0 at the base option.
+
+    ``kl`` linearizes the model's KL around the float model (each layer quantized alone); near a real
+    allocation the layers' errors interact (results/allocation.md: the summed prediction overshoots the
+    measured KL), so re-solving on ``kl_local`` is a first-order step around ``base`` instead. Not saved
+    to the table (it belongs to one allocation); an interrupted measurement resumes from a checkpoint
+    keyed by the base allocation and the windows.
+    """
+    key = table.key
+    seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
+    if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
+        raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
+    unknown = sorted(set(table.names) ^ set(base))
+    if unknown:
+        raise BitallocError(f"the base allocation must name every profiled layer exactly (first mismatch: {unknown[0]})")
+    weights = OptionWeights.beside(table_path, table.labels)
+    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
+    probe = KLProbe(loaded.model, tokens[:windows, :seqlen], base=weights.assemble(dict(base)))
+    at_base = probe.mean_kl({})
+    measure = anchor_mask(table, None) & (np.array(table.labels)[None, :] != np.array([base[n] for n in table.names])[:, None])
+    settings = {"windows": windows, "seqlen": seqlen, "base": dict(sorted(base.items()))}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    start = time.perf_counter()
+    kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, Path(table_path).with_suffix(f".kl-local-{digest}.npy"), progress)
+    local = np.where(measure, kl - at_base, np.where(anchor_mask(table, None), 0.0, np.nan))
+    descriptions = {**table.metadata.get("losses", {}), KL_LOCAL: (
+        f"KL increase of switching one layer of a base allocation (KL {at_base:.4f}) to this option, on {windows} x {seqlen} "
+        "calibration tokens; 0 at the base option")}
+    metadata = {**table.metadata, "losses": descriptions,
+                "kl_local": {"windows": windows, "seqlen": seqlen, "base_kl": at_base, "seconds": time.perf_counter() - start}}
+    Path(table_path).with_suffix(f".kl-local-{digest}.npy").unlink(missing_ok=True)
+    return dataclasses.replace(table, losses={**table.losses, KL_LOCAL: local}, metadata=metadata)
+
+
+__all__ = ["KL_CALIBRATED", "KL_ESTIMATE_ANCHORS", "KL_LOCAL", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_around", "with_kl_losses"]

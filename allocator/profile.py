@@ -116,20 +116,25 @@ class KLProbe:
     An overlay that changes only blocks ``>= b`` leaves every block's input before ``b`` as it is,
     so where it can the probe keeps each window's input to every decoder block and runs only blocks
     ``b..`` plus the final norm and head (about half the forward on average). That shortcut is used
-    only if, on the reference weights, it reproduces the full forward's log-probabilities; otherwise
+    only if, on the ``base`` weights, it reproduces the full forward's log-probabilities; otherwise
     (an architecture whose head this does not understand) every call runs the whole model.
+
+    ``base`` (module name -> weight) is swapped in under every overlay: the KL is then that of a whole
+    quantized allocation with one more change, still against the unquantized reference, which is how
+    the single-layer losses are re-measured around an allocation instead of around the float model.
     """
 
-    def __init__(self, model: PreTrainedModel, windows: torch.Tensor) -> None:
+    def __init__(self, model: PreTrainedModel, windows: torch.Tensor, base: Mapping[str, torch.Tensor] | None = None) -> None:
         self.model = model
         self.windows = windows
+        self.base = dict(base or {})
         with torch.inference_mode():
             self.reference = [next_token_logprobs(model, w[None]) for w in windows]
         self.tokens = sum(r.shape[0] for r in self.reference)
         self._block_inputs: list[list[torch.Tensor]] | None = None
         self._kwargs: list[dict[str, Any]] = []
         self._prefix = ""
-        with torch.inference_mode():
+        with torch.inference_mode(), swapped_weights(model, self.base):
             self._prepare_tail()
 
     def _prepare_tail(self) -> None:
@@ -144,7 +149,10 @@ class KLProbe:
             inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
         self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
         self._norm, self._head = norm, head
-        if not torch.allclose(self._tail_logprobs(0, 0), self.reference[0], rtol=1e-4, atol=1e-4):
+        whole = next_token_logprobs(self.model, self.windows[:1]) if self.base else self.reference[0]
+        if self._first_block(self.base) is None and self.base:
+            self._block_inputs = None  # the base changes weights outside the blocks: whole forwards
+        elif not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=1e-4, atol=1e-4):
             log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
             self._block_inputs = None
 
@@ -173,7 +181,7 @@ class KLProbe:
         """KL with the weights of ``overlay`` (module name -> weight) swapped in."""
         total = 0.0
         start = self._first_block(overlay) if self._block_inputs is not None else None
-        with swapped_weights(self.model, overlay):
+        with swapped_weights(self.model, {**self.base, **overlay}):
             for index, (window, reference) in enumerate(zip(self.windows, self.reference)):
                 if start is None:
                     logprobs = next_token_logprobs(self.model, window[None])

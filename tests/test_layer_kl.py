@@ -136,3 +136,29 @@ def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
     embedding = {"model.embed_tokens": model.model.embed_tokens.weight * 1.5}
     assert probe._first_block(embedding) is None and probe._first_block(two | {"lm_head": model.lm_head.weight}) is None
     assert probe.mean_kl(embedding) == pytest.approx(whole.mean_kl(embedding), rel=1e-4) and whole.mean_kl(embedding) > 1e-5
+
+
+def test_kl_around_an_allocation_is_the_whole_allocation_s_kl_increase(loaded, corpus, isolated_cache) -> None:
+    """kl_local[l, o] is KL(base with layer l at o) - KL(base), both measured on the whole quantized model; 0 at the base."""
+    from allocator.layer_kl import KL_LOCAL, with_kl_around
+    from allocator.option_weights import OptionWeights
+    from allocator.profile import KLProbe
+    from allocator.tokens import calibration_samples
+
+    table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
+    path = cached_table_path(table)
+    base = {name: table.labels[-1 - (i % 2)] for i, name in enumerate(table.names)}  # gptq4 and gptq2, alternating
+    local = with_kl_around(loaded, table, path, corpus.calibration, base, windows=2, seqlen=16, progress=False).loss(KL_LOCAL)
+    at_base = np.array([[label == base[name] for label in table.labels] for name in table.names])
+    assert np.all(local[at_base] == 0.0) and np.isfinite(local).all()
+    weights = OptionWeights.beside(path, table.labels)
+    tokens = calibration_samples(loaded.tokenizer, corpus.calibration, 4, 32, loaded.add_bos, table.key.seed)[:2, :16]
+    whole = KLProbe(loaded.model, tokens)  # no base: the allocation given whole, as an overlay
+    base_kl = whole.mean_kl(weights.assemble(base))
+    assert KLProbe(loaded.model, tokens, base=weights.assemble(base))._block_inputs is not None  # the shortcut holds on the base
+    for row, column in ((0, 0), (len(table.names) - 1, 0), (len(table.names) // 2, 1)):
+        name = table.names[row]
+        switched = weights.assemble({**base, name: table.labels[column]})
+        assert np.isclose(local[row, column], whole.mean_kl(switched) - base_kl, rtol=1e-3, atol=1e-6)
+    with pytest.raises(BitallocError, match="every profiled layer"):
+        with_kl_around(loaded, table, path, corpus.calibration, {table.names[0]: table.labels[0]}, progress=False)
