@@ -114,7 +114,11 @@ def report(model: str) -> str:
                          f"{target} | {uniform_bpw_for(m['perplexity'], curve)} | {minutes} |")
     lines += ["", "Notes", "- One-shot kept weights throughout, as in allocation.md; the uniform side is budget_matched.md's mse "
               "configuration at or above budget + 0.5 bpw.",
-              "- The KL on calibration tokens (1 x 256) is what kl_local is measured against; the measured columns are the evaluation windows.", ""]
+              "- The KL on calibration tokens (1 x 256) is what kl_local is measured against; the measured columns are the evaluation windows.",
+              "- 'predicted after the step' is the local model's own forecast (base KL + the summed kl_local of the new choices). A forecast "
+              "far below the base that the evaluation does not bear out means the step moved too many layers for a first-order model "
+              "and summed the measurement's noise (each small kl_local is read off one 256-token window), so an unconstrained step "
+              "is not a fix; a trust region (few layers moved per step) and longer KL windows are what it would take.", ""]
     return "\n".join(lines)
 
 
