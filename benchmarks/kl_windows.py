@@ -84,7 +84,7 @@ def report(model: str) -> str:
              f"median relative change {agree['median_relative_change']:.1%}",
              f"- evaluation: {longer['settings']['eval']['tokens']} tokens, reference perplexity {longer['reference_perplexity']:.3f}", "",
              f"| budget | ILP on 1 x 256 KL: ppl | KL | ILP on {size} KL: ppl | KL | options used | uniform mse GPTQ at budget + 0.5: "
-             f"ppl | verdict | uniform bpw at this ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"ppl | verdict | uniform bpw at this ppl |", "|---|---|---|---|---|---|---|---|---|"]
     ilp = {name: {p["target_bpw"]: p for p in sweep["points"] if p["solver"] == "ilp"} for name, sweep in
            (("shorter", shorter), ("longer", longer))}
     curve = uniform_curve(model, "kl", mse=True)
