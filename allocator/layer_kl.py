@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,6 +36,9 @@ from allocator.option_weights import OptionWeights
 from allocator.profile import HESSIAN_ERR, KL, KLProbe
 from allocator.sensitivity import SensitivityTable
 from allocator.tokens import calibration_samples
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,23 @@ def _covers(done: dict | None, wanted: dict) -> bool:
     return done.get("anchors") == "all" or (wanted["anchors"] != "all" and set(wanted["anchors"]) <= set(done.get("anchors", [])))
 
 
+def _kl_seqlen(table: SensitivityTable, windows: int, seqlen: int | None) -> int:
+    """The KL window length (default :data:`DEFAULT_KL_SEQLEN` or the profile's, if shorter), checked
+    against the profile's calibration draw."""
+    key = table.key
+    seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
+    if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
+        raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
+    return seqlen
+
+
+def _kl_windows(loaded: LoadedModel, table: SensitivityTable, calibration_text: str, windows: int, seqlen: int) -> torch.Tensor:
+    """The first ``windows`` windows of the table's own calibration draw, cut to ``seqlen`` tokens."""
+    key = table.key
+    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
+    return tokens[:windows, :seqlen]
+
+
 def add_kl_losses(
     loaded: LoadedModel,
     table: SensitivityTable,
@@ -163,10 +183,7 @@ def add_kl_losses(
     those of the last session); a table that already holds losses measured on the same windows for
     these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors.
     """
-    key = table.key
-    seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
-    if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
-        raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
+    seqlen = _kl_seqlen(table, windows, seqlen)
     measure = anchor_mask(table, anchors)
     settings = {"windows": windows, "seqlen": seqlen, "anchors": sorted(anchors) if anchors else "all"}
     done = table.metadata.get("kl_measurement")
@@ -177,8 +194,7 @@ def add_kl_losses(
         result.save(Path(table_path))
         return result
     weights = OptionWeights.beside(table_path, table.labels)
-    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
-    probe = KLProbe(loaded.model, tokens[:windows, :seqlen])
+    probe = KLProbe(loaded.model, _kl_windows(loaded, table, calibration_text, windows, seqlen))
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
     start = time.perf_counter()
@@ -209,29 +225,27 @@ def with_kl_around(
     to the table (it belongs to one allocation); an interrupted measurement resumes from a checkpoint
     keyed by the base allocation and the windows.
     """
-    key = table.key
-    seqlen = min(DEFAULT_KL_SEQLEN, key.seqlen) if seqlen is None else seqlen
-    if not 1 <= windows <= key.samples or not 2 <= seqlen <= key.seqlen:
-        raise BitallocError(f"the KL is measured on 1 to {key.samples} windows of 2 to {key.seqlen} tokens, got {windows} x {seqlen}")
+    seqlen = _kl_seqlen(table, windows, seqlen)
     unknown = sorted(set(table.names) ^ set(base))
     if unknown:
         raise BitallocError(f"the base allocation must name every profiled layer exactly (first mismatch: {unknown[0]})")
     weights = OptionWeights.beside(table_path, table.labels)
-    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)
-    probe = KLProbe(loaded.model, tokens[:windows, :seqlen], base=weights.assemble(dict(base)))
+    probe = KLProbe(loaded.model, _kl_windows(loaded, table, calibration_text, windows, seqlen), base=weights.assemble(dict(base)))
     at_base = probe.mean_kl({})
-    measure = anchor_mask(table, None) & (np.array(table.labels)[None, :] != np.array([base[n] for n in table.names])[:, None])
+    available = anchor_mask(table, None)
+    measure = available & (np.array(table.labels)[None, :] != np.array([base[n] for n in table.names])[:, None])
     settings = {"windows": windows, "seqlen": seqlen, "base": dict(sorted(base.items()))}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoint = Path(table_path).with_suffix(f".kl-local-{digest}.npy")
     start = time.perf_counter()
-    kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, Path(table_path).with_suffix(f".kl-local-{digest}.npy"), progress)
-    local = np.where(measure, kl - at_base, np.where(anchor_mask(table, None), 0.0, np.nan))
+    kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
+    local = np.where(measure, kl - at_base, np.where(available, 0.0, np.nan))
     descriptions = {**table.metadata.get("losses", {}), KL_LOCAL: (
         f"KL increase of switching one layer of a base allocation (KL {at_base:.4f}) to this option, on {windows} x {seqlen} "
         "calibration tokens; 0 at the base option")}
     metadata = {**table.metadata, "losses": descriptions,
                 "kl_local": {"windows": windows, "seqlen": seqlen, "base_kl": at_base, "seconds": time.perf_counter() - start}}
-    Path(table_path).with_suffix(f".kl-local-{digest}.npy").unlink(missing_ok=True)
+    checkpoint.unlink(missing_ok=True)
     return dataclasses.replace(table, losses={**table.losses, KL_LOCAL: local}, metadata=metadata)
 
 

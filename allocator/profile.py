@@ -149,10 +149,11 @@ class KLProbe:
             inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
         self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
         self._norm, self._head = norm, head
-        whole = next_token_logprobs(self.model, self.windows[:1]) if self.base else self.reference[0]
-        if self._first_block(self.base) is None and self.base:
+        if self.base and self._first_block(self.base) is None:
             self._block_inputs = None  # the base changes weights outside the blocks: whole forwards
-        elif not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=1e-4, atol=1e-4):
+            return
+        whole = next_token_logprobs(self.model, self.windows[:1]) if self.base else self.reference[0]
+        if not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=1e-4, atol=1e-4):
             log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
             self._block_inputs = None
 
