@@ -92,6 +92,16 @@ def uniform_curve(model: str, loss: str, mse: bool) -> list[tuple[float, float]]
     return sorted(points)
 
 
+def mse_uniform_above(model: str, bpw: float) -> dict | None:
+    """The measured uniform mse GPTQ configuration that mixed at ``bpw`` is held against (the one at or above
+    ``bpw`` + 0.5, from uniform.json), or None where ``bpw`` + 0.5 is not one of :data:`BUDGET_MATCHED`."""
+    spec = BUDGET_MATCHED.get(bpw + 0.5)
+    if spec is None:
+        return None
+    saved = json.loads((RESULTS / "budget_matched" / model / "uniform.json").read_text())["points"]
+    return saved.get(parse_options([spec])[0].label + "-mse")
+
+
 def uniform_bpw_for(ppl: float, curve: list[tuple[float, float]]) -> str:
     """The bpw uniform GPTQ needs for ``ppl``: linear in log ppl between neighbouring measured points."""
     for (b0, p0), (b1, p1) in zip(curve, curve[1:]):

@@ -15,7 +15,7 @@ import argparse
 import json
 
 from _common import RESULTS
-from finer_options import profile_and_sweep
+from finer_options import options_used, profile_and_sweep
 
 
 OPTION_SPECS = ["binary", "gptq2:clip=mse", "gptq3:clip=mse", "gptq4:clip=mse"]
@@ -50,10 +50,6 @@ def main() -> None:
 def uniform_gptq(sweep: dict) -> dict[int, dict]:
     """Uniform GPTQ points by bit width (labels ``gptq-w<bits>g128[-mse]``)."""
     return {int(p["option"].split("-w")[1][0]): p for p in sweep["points"] if p["solver"] == "uniform" and p["option"].startswith("gptq-")}
-
-
-def used(point: dict) -> str:
-    return ", ".join(f"{k} x{v}" for k, v in sorted(point["bits_histogram"].items()))
 
 
 def kl_line(meta: dict, sweeps: list[tuple[list[str] | None, str]]) -> str:
@@ -93,7 +89,7 @@ def report() -> str:
             row = f"| {bpw:g} | " + (f"{q['perplexity']:.2f} | {q['kl']:.4f} |" if q else "- | - |")
             for loss in losses:
                 p = ilp_new[loss].get(bpw)
-                row += f" {p['perplexity']:.2f} | {p['kl']:.4f} | {used(p)} |" if p else " - | - | - |"
+                row += f" {p['perplexity']:.2f} | {p['kl']:.4f} | {options_used(p)} |" if p else " - | - | - |"
             lines.append(row)
         u_new, u_old = uniform_gptq(new[first]), uniform_gptq(old)
         lines += ["", "Uniform GPTQ g128 (one option on every linear, kept one-shot weights):", "",

@@ -77,6 +77,11 @@ def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str]
     return sweeps, meta
 
 
+def options_used(point: dict) -> str:
+    """A sweep point's bits histogram as report text: ``label xcount, ...``."""
+    return ", ".join(f"{k} x{v}" for k, v in sorted(point["bits_histogram"].items()))
+
+
 def report(model: str, sweeps: dict[str, dict], before: dict, meta: dict) -> str:
     sweep = next(iter(sweeps.values()))
     uniform = {p["option"]: p for p in sweep["points"] if p["solver"] == "uniform"}
@@ -96,7 +101,7 @@ def report(model: str, sweeps: dict[str, dict], before: dict, meta: dict) -> str
                   "|---|---|---|---|---|---|---|"]
         for bpw in sorted(ilp):
             p, q = ilp[bpw], old.get(bpw)
-            used = ", ".join(f"{k} x{v}" for k, v in sorted(p["bits_histogram"].items()))
+            used = options_used(p)
             lines.append(f"| {bpw:g} | {p['bpw']:.3f} | {p['perplexity']:.2f} | {p['kl']:.4f} | {used} | "
                          + (f"{q['perplexity']:.2f} | {q['kl']:.4f} |" if q else "- | - |"))
     lines += ["", "## Uniform options (same windows)", "", "| option | bpw | ppl | KL |", "|---|---|---|---|"]

@@ -13,35 +13,38 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from _common import RESULTS
-from budget_matched import BUDGET_MATCHED, TOKENS, uniform_bpw_for, uniform_curve
+from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_curve
 from clip_search import BUDGETS, OPTION_SPECS
-from finer_options import profile_and_sweep
+from finer_options import options_used, profile_and_sweep
 
 from allocator.corpus import load_corpus
 from allocator.layer_kl import KL_MEASURED
 from allocator.models import load_model
 from allocator.options import parse_options
-from allocator.profile import profile_model
+from allocator.profile import cached_table_path, profile_model
+from allocator.sensitivity import SensitivityTable
 from allocator.storage import write_json
 
 BASELINE = (1, 256)
 """The measurement clip_search.md's ``kl`` rows were solved on (windows, tokens)."""
 
 
-def baseline_kl(model: str) -> np.ndarray:
-    """The cached profile's 1 x 256 single-layer KL (measured by clip_search.py), before it is replaced."""
+def baseline_kl(model: str) -> tuple[np.ndarray, Path]:
+    """The cached profile's 1 x 256 single-layer KL (measured by clip_search.py), before it is replaced, and the
+    profile's path."""
     loaded = load_model(model)
     table = profile_model(loaded, load_corpus("enwiki"), options=parse_options(OPTION_SPECS), samples=64, seqlen=512)
     done = table.metadata.get("kl_measurement") or {}
     if (done.get("windows"), done.get("seqlen"), done.get("anchors")) != (*BASELINE, "all"):
         raise SystemExit(f"the cached {model} profile holds no {BASELINE[0]} x {BASELINE[1]} KL of every option; "
                          "run benchmarks/clip_search.py first")
-    return table.loss(KL_MEASURED)
+    return table.loss(KL_MEASURED), cached_table_path(table)
 
 
 def agreement(before: np.ndarray, after: np.ndarray) -> dict:
@@ -60,12 +63,11 @@ def main() -> None:
     args = parser.parse_args()
     out = RESULTS / "kl_windows" / args.model
     if not args.render:
-        before = baseline_kl(args.model)
+        before, table_path = baseline_kl(args.model)
         _, meta = profile_and_sweep(args.model, OPTION_SPECS, None, ["kl"], BUDGETS, TOKENS[args.model], out, uniform=False,
                                     kl_windows=args.windows, kl_seqlen=args.seqlen)
-        loaded = load_model(args.model)
-        table = profile_model(loaded, load_corpus("enwiki"), options=parse_options(OPTION_SPECS), samples=64, seqlen=512)
-        write_json(out / "run.json", {**meta, "agreement_with_1x256": agreement(before, table.loss(KL_MEASURED))})
+        after = SensitivityTable.load(table_path).loss(KL_MEASURED)  # profile_and_sweep saved the longer measurement there
+        write_json(out / "run.json", {**meta, "agreement_with_1x256": agreement(before, after)})
     (RESULTS / "kl_windows.md").write_text(report(args.model))
     print(RESULTS / "kl_windows.md")
 
@@ -74,7 +76,6 @@ def report(model: str) -> str:
     meta = json.loads((RESULTS / "kl_windows" / model / "run.json").read_text())
     longer = json.loads((RESULTS / "kl_windows" / model / "kl" / "pareto.json").read_text())
     shorter = json.loads((RESULTS / "clip_search" / model / "kl" / "pareto.json").read_text())
-    uniform = json.loads((RESULTS / "budget_matched" / model / "uniform.json").read_text())["points"]
     kl, agree = meta["kl_measurement"], meta["agreement_with_1x256"]
     size = f"{kl['windows']} x {kl['seqlen']}"
     lines = [f"# A longer single-layer KL measurement ({model})", "", __doc__.split("\n\n", 1)[1].strip(), "",
@@ -90,15 +91,13 @@ def report(model: str) -> str:
     curve = uniform_curve(model, "kl", mse=True)
     for bpw in sorted(ilp["longer"]):
         p, q = ilp["longer"][bpw], ilp["shorter"].get(bpw)
-        used = ", ".join(f"{k} x{v}" for k, v in sorted(p["bits_histogram"].items()))
-        spec = BUDGET_MATCHED.get(bpw + 0.5)
-        reference = uniform.get(parse_options([spec])[0].label + "-mse") if spec else None
+        reference = mse_uniform_above(model, bpw)
         target = "- | - |"
         if reference:
             ppl = reference["measured"]["perplexity"]
             target = f"{ppl:.2f} ({reference['bpw']:.3f} bpw) | {'meets' if p['perplexity'] <= ppl else 'misses'} |"
         lines.append(f"| {bpw:g} | " + (f"{q['perplexity']:.2f} | {q['kl']:.4f}" if q else "- | -")
-                     + f" | {p['perplexity']:.2f} | {p['kl']:.4f} | {used} | {target} {uniform_bpw_for(p['perplexity'], curve)} |")
+                     + f" | {p['perplexity']:.2f} | {p['kl']:.4f} | {options_used(p)} | {target} {uniform_bpw_for(p['perplexity'], curve)} |")
     lines += ["", "Notes", "- One-shot kept weights throughout, as in allocation.md; the uniform side is budget_matched.md's mse "
               "configuration at or above budget + 0.5 bpw.", ""]
     return "\n".join(lines)

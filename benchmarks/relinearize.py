@@ -15,7 +15,7 @@ import argparse
 import json
 
 from _common import RESULTS, provenance
-from budget_matched import BUDGET_MATCHED, TOKENS, uniform_bpw_for, uniform_curve
+from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_curve
 from clip_search import OPTION_SPECS
 
 from allocator.corpus import load_corpus
@@ -87,7 +87,6 @@ def run(model: str, budgets: list[float], steps: int, out) -> None:
 
 def report(model: str) -> str:
     saved = json.loads((RESULTS / "relinearize" / model / "runs.json").read_text())
-    uniform = json.loads((RESULTS / "budget_matched" / model / "uniform.json").read_text())["points"]
     curve = uniform_curve(model, "kl", mse=True)
     lines = [f"# Re-linearized single-layer KL ({model})", "", __doc__.split("\n\n", 1)[1].strip(), "", saved["provenance"].rstrip(),
              f"- options: {', '.join(saved['labels'])}",
@@ -96,8 +95,7 @@ def report(model: str) -> str:
              "measured ppl | KL | uniform mse GPTQ at budget + 0.5: ppl | verdict | uniform bpw at this ppl | measuring kl_local (min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for budget, record in saved["budgets"].items():
-        spec = BUDGET_MATCHED.get(float(budget) + 0.5)
-        reference = uniform.get(parse_options([spec])[0].label + "-mse") if spec else None
+        reference = mse_uniform_above(model, float(budget))
         for index, key in enumerate(sorted(record.get("measured", {}))):
             m = record["measured"][key]
             step = record["steps"][index - 1] if index else None
