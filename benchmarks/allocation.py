@@ -25,11 +25,11 @@ from scipy.stats import pearsonr, spearmanr
 from _common import RESULTS, provenance
 
 from allocator.cli import main as bitalloc
-from allocator.corpus import load_corpus
-from allocator.layer_kl import add_kl_losses, calibrated_kl
-from allocator.models import load_model
-from allocator.pareto import plan_sweep
-from allocator.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.measure.layer_kl import add_kl_losses, calibrated_kl
+from allocator.model.loading import load_model
+from allocator.jobs.pareto import plan_sweep
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.solvers import Constraints
 from allocator.storage import cache_dir, write_json
 
@@ -37,7 +37,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 SOLVERS = "ilp,ilp-cvxpy,convex,baq,dp,greedy"
 GPTQ_BY_BITS = {2: "gptq-w2g128", 3: "gptq-w3g128", 4: "gptq-w4g128"}
 LOSSES = ("kl", "kl_est", "hessian_err")
-"""The sweeps, in report order: the measured single-layer KL (allocator/layer_kl.py; ``kl`` when every
+"""The sweeps, in report order: the measured single-layer KL (allocator/measure/layer_kl.py; ``kl`` when every
 option's KL is measured, --kl-anchors all, else ``kl_est`` from anchors only), then the profile's
 default proxy."""
 

@@ -21,11 +21,11 @@ import time
 import torch
 from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
-from allocator.corpus import load_corpus
-from allocator.layers import quantizable_linears
-from allocator.models import load_model
-from allocator.pipeline import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
-from allocator.apply import quantize_model
+from allocator.model.corpus import load_corpus
+from allocator.model.layers import quantizable_linears
+from allocator.model.loading import load_model
+from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
+from allocator.quantize.apply import quantize_model
 from allocator.storage import write_json
 from quantizers import build_quantizer
 

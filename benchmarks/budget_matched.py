@@ -25,13 +25,13 @@ from _common import RESULTS, provenance
 
 from finer_options import profile_and_sweep
 
-from allocator.corpus import load_corpus
-from allocator.models import load_model
-from allocator.option_weights import OptionWeights
-from allocator.options import parse_options
-from allocator.pareto import Measured, measure_allocations, plan_sweep
-from allocator.pipeline import EvalSettings, evaluation_tokens
-from allocator.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
+from allocator.measure.option_weights import OptionWeights
+from allocator.table.options import parse_options
+from allocator.jobs.pareto import Measured, measure_allocations, plan_sweep
+from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.solvers import Constraints
 from allocator.storage import write_json
 

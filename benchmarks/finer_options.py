@@ -18,11 +18,11 @@ import shutil
 from _common import RESULTS, provenance
 
 from allocator.cli import main as bitalloc
-from allocator.corpus import load_corpus
-from allocator.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
-from allocator.models import load_model
-from allocator.options import parse_options
-from allocator.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.measure.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
+from allocator.model.loading import load_model
+from allocator.table.options import parse_options
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.storage import write_json
 
 EXTRA = ("gptq3:group_size=64", "gptq3:group_size=32")

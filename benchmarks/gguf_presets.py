@@ -11,7 +11,7 @@ on the same windows for the KL. bpw is measured from each file's tensor bytes.
     python benchmarks/gguf_presets.py --scale-fold search                # every file also made from the scale-folded model
 
 With ``--scale-fold ALPHA|search`` every preset and bit map is made twice, from the reference and
-from its scale fold (allocator/gguf_fold.py; the fold a profile or a mixed bit map gets: every site,
+from its scale fold (allocator/gguf/fold.py; the fold a profile or a mixed bit map gets: every site,
 alpha scored with RTN 3-bit g128), and the folded F32 file itself is evaluated (it must match the
 reference); results go to results/gguf_scalefold.md unless --out-md says otherwise.
 
@@ -29,9 +29,9 @@ from typing import Any
 
 from _common import RESULTS, provenance
 
-from allocator.bitmap import BitMap
-from allocator.corpus import load_corpus
-from allocator.gguf_export import (
+from allocator.table.bitmap import BitMap
+from allocator.model.corpus import load_corpus
+from allocator.gguf.export import (
     IMATRIX_PRESETS,
     IMATRIX_TYPES,
     ExportResult,
@@ -45,12 +45,12 @@ from allocator.gguf_export import (
     source_gguf,
     tensor_plan,
 )
-from allocator.gguf_fold import write_folded_gguf
-from allocator.llama_eval import REFERENCE, evaluate_ggufs
-from allocator.models import load_model
-from allocator.pipeline import EvalSettings, calibration_tokens, evaluation_tokens
-from allocator.scalefold import ScaleFoldSettings, compute_scale_fold, parse_alpha
-from allocator.sensitivity import SensitivityTable
+from allocator.gguf.fold import write_folded_gguf
+from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs
+from allocator.model.loading import load_model
+from allocator.jobs.compare import EvalSettings, calibration_tokens, evaluation_tokens
+from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold, parse_alpha
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
 
@@ -68,7 +68,7 @@ def _bitmaps_for(model: str, args: argparse.Namespace, loaded: Any) -> dict[str,
             maps[f"bitalloc {Path(path).stem} ({bitmap.solver.name} {bitmap.predicted_bpw:.2f})"] = bitmap
     budgets = [float(b) for b in args.bpw.split(",") if b.strip()]
     if budgets:
-        from allocator.profile import profile_model
+        from allocator.measure.profile import profile_model
 
         table = profile_model(loaded, load_corpus("enwiki"), samples=args.samples, progress=True)  # cached after the first run
         loss = args.loss if args.loss != "auto" else ("kl" if "kl" in table.loss_names else None)
@@ -235,8 +235,8 @@ def native_reading(data: dict[str, Any]) -> str:
 
 
 FOLD_NOTE = """\
-- Scale fold (+sf-...): the fold `bitalloc export --scale-fold` computes (allocator/scalefold.py; for a preset or a mixed
-  map every site, alpha scored with RTN 3-bit g128) applied to the F32 GGUF (allocator/gguf_fold.py), then llama.cpp
+- Scale fold (+sf-...): the fold `bitalloc export --scale-fold` computes (allocator/quantize/scalefold.py; for a preset or a mixed
+  map every site, alpha scored with RTN 3-bit g128) applied to the F32 GGUF (allocator/gguf/fold.py), then llama.cpp
   quantizes it with the folded importance matrix. Fold sites whose consumer tensors llama.cpp writes as a codebook type
   (iq1/iq2/iq3: IQ2_XXS's ffn_down, the 1-bit options of the bit maps) are left unfolded. With every site folded (commit
   ea39cfd, saved as gguf_scalefold/smollm2-135m.all-sites.json) SmolLM2's IQ2_XXS went from ppl 23.77 to 47.57 and the two

@@ -45,13 +45,13 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, provenance
 
-from allocator.apply import QuantizedModel, quantize_model
-from allocator.decoder import LlamaDecoder
-from allocator.head import quantize_head
-from allocator.llama_eval import decode_speed, load_llama
-from allocator.layers import quantizable_linears, swapped_weights
-from allocator.models import load_model
-from allocator.packed import install_quantized
+from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.runtime.decoder import LlamaDecoder
+from allocator.quantize.head import quantize_head
+from allocator.gguf.llama_eval import decode_speed, load_llama
+from allocator.model.layers import quantizable_linears, swapped_weights
+from allocator.model.loading import load_model
+from allocator.runtime.packed import install_quantized
 from allocator.storage import write_json
 from quantizers import RTNQuantizer
 from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library, round_activations_int8
@@ -323,8 +323,8 @@ def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int,
     """Perplexity of the evaluation split decoded one token at a time (every product a single-token GEMV,
     the path int8 activations change) by each model's lean decoder (C step), and the mean KL of every
     model's next-token distribution from the first one's."""
-    from allocator.corpus import load_corpus
-    from allocator.pipeline import EvalSettings, evaluation_tokens
+    from allocator.model.corpus import load_corpus
+    from allocator.jobs.compare import EvalSettings, evaluation_tokens
 
     decoders = {label: LlamaDecoder(model, seqlen, native=True) for label, model in models.items()}
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens, seqlen=seqlen))
@@ -349,9 +349,9 @@ def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int,
 
 def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> dict[str, float]:
     """Perplexity and KL of the packed linears with the float head and with the quantized head."""
-    from allocator.corpus import load_corpus
-    from allocator.evaluate import evaluate
-    from allocator.pipeline import EvalSettings, evaluation_tokens
+    from allocator.model.corpus import load_corpus
+    from allocator.evaluate.perplexity import evaluate
+    from allocator.jobs.compare import EvalSettings, evaluation_tokens
 
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens))
     linears = quantized.dequantized_weights()
@@ -514,7 +514,7 @@ def markdown(shape_rows: list[ShapeRow], bandwidth: float, stream_bytes: int, e2
             f"Prompt {e2e['prompt_tokens']} tokens (prefill through the GEMM kernel), then {e2e['new_tokens']} greedy "
             f"tokens one at a time with the KV cache (GEMV kernel); medians over repeats, interleaved over all rows. "
             "\"transformers\" rows run the HF model's forward per token; \"lean decoder\" rows run "
-            "allocator/decoder.py (`bitalloc generate`) on the same modules: its \"torch step\" in torch operations, its "
+            "allocator/runtime/decoder.py (`bitalloc generate`) on the same modules: its \"torch step\" in torch operations, its "
             "\"C step\" as one call per token into quantizers/kernels/llama_step.c (norms, rotary, attention and SiLU in C, "
             "fp32). Prompts run in torch in every bitalloc row; llama.cpp rows run the GGUF as written.\n",
             "| model | decode tokens/s | ms/token | prefill tokens/s | greedy tokens equal to the packed + head row |",

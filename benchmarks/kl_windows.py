@@ -23,12 +23,12 @@ from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_c
 from clip_search import BUDGETS, OPTION_SPECS
 from finer_options import options_used, profile_and_sweep
 
-from allocator.corpus import load_corpus
-from allocator.layer_kl import KL_MEASURED
-from allocator.models import load_model
-from allocator.options import parse_options
-from allocator.profile import cached_table_path, profile_model
-from allocator.sensitivity import SensitivityTable
+from allocator.model.corpus import load_corpus
+from allocator.measure.layer_kl import KL_MEASURED
+from allocator.model.loading import load_model
+from allocator.table.options import parse_options
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.table.sensitivity import SensitivityTable
 from allocator.storage import write_json
 
 BASELINE = (1, 256)

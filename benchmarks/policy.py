@@ -49,8 +49,8 @@ import numpy as np
 
 from _common import RESULTS, provenance
 from allocator.errors import BitallocError
-from allocator.pareto import Measured, allocation_hash, measure_allocations
-from allocator.sensitivity import SensitivityTable
+from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from allocator.solvers.repair import repair
 from allocator.storage import cache_dir, write_json
@@ -455,8 +455,8 @@ def time_to_within(entries: list[dict], name: str) -> dict[str, Any] | None:
 
 def kept_weights(source: Source):  # -> OptionWeights
     """The profile's kept weights: beside the given table, else beside its cache entry (as pareto finds them)."""
-    from allocator.option_weights import OptionWeights
-    from allocator.profile import cached_table_path
+    from allocator.measure.option_weights import OptionWeights
+    from allocator.measure.profile import cached_table_path
 
     table = source.table
     candidates = [OptionWeights.beside(source.path, table.labels)] if source.path is not None else []
@@ -548,10 +548,10 @@ def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, Lo
         write_json(path, record)
         return record
     if todo:
-        from allocator.corpus import load_corpus
-        from allocator.models import load_model
-        from allocator.pipeline import EvalSettings, evaluation_tokens
-        from allocator.profile import model_fingerprint
+        from allocator.model.corpus import load_corpus
+        from allocator.model.loading import load_model
+        from allocator.jobs.compare import EvalSettings, evaluation_tokens
+        from allocator.measure.profile import model_fingerprint
 
         start = time.perf_counter()
         weights = kept_weights(sources[name])

@@ -4,7 +4,7 @@ results/allocation.md: the ILP's additive ``kl`` (each layer's KL with only that
 around the float model) ranks allocations well but overshoots their measured KL, so near a real allocation the
 layers' errors interact. Here, per budget, the ILP's allocation on clip_search.py's profile (mse GPTQ options,
 1 x 256-token single-layer KL) is the base; every (layer, option)'s KL increase is measured with every other layer
-at its base option (``kl_local``, allocator.layer_kl.with_kl_around, the same calibration tokens), the ILP is solved
+at its base option (``kl_local``, allocator.measure.layer_kl.with_kl_around, the same calibration tokens), the ILP is solved
 again on it at the same budget (``--steps`` times, each around the last allocation), and the base and every step
 are measured on the evaluation windows of results/allocation.md, against budget_matched.md's like-for-like target.
 """
@@ -18,14 +18,14 @@ from _common import RESULTS, provenance
 from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_curve
 from clip_search import OPTION_SPECS
 
-from allocator.corpus import load_corpus
-from allocator.layer_kl import KL_LOCAL, KL_MEASURED, with_kl_around
-from allocator.models import load_model
-from allocator.option_weights import OptionWeights
-from allocator.options import parse_options
-from allocator.pareto import Measured, measure_allocations
-from allocator.pipeline import EvalSettings, evaluation_tokens
-from allocator.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.measure.layer_kl import KL_LOCAL, KL_MEASURED, with_kl_around
+from allocator.model.loading import load_model
+from allocator.measure.option_weights import OptionWeights
+from allocator.table.options import parse_options
+from allocator.jobs.pareto import Measured, measure_allocations
+from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
 

@@ -1,6 +1,6 @@
 """Scale folding on and off: RTN and GPTQ at 2/3/4 bits and one 1-bit method -> results/scalefold.md.
 
-For every quantizer the model is quantized as it is and after scale folding (allocator/scalefold.py)
+For every quantizer the model is quantized as it is and after scale folding (allocator/quantize/scalefold.py)
 with each alpha setting asked for (default: the global alpha 0.5 and the per-site search), and
 every variant is evaluated against the untransformed float reference on the same windows (the
 folded float model computes the same function, so the reference is shared). With
@@ -22,14 +22,15 @@ from typing import Any
 import torch
 from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
-from allocator.apply import QuantizedModel, quantize_model
-from allocator.corpus import load_corpus
-from allocator.layers import quantizable_linears
-from allocator.models import load_model
-from allocator.pipeline import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
-from allocator.options import assignment_from_settings
-from allocator.scalefold import DEFAULT_ALPHA, ScaleFoldSettings, parse_alpha, quantize_with_scale_fold
-from allocator.sensitivity import SensitivityTable
+from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.model.corpus import load_corpus
+from allocator.model.layers import quantizable_linears
+from allocator.model.loading import load_model
+from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
+from allocator.table.options import assignment_from_settings
+from allocator.quantize.scalefold import DEFAULT_ALPHA, ScaleFoldSettings, parse_alpha
+from allocator.quantize.apply import quantize_with_scale_fold
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, solve
 from allocator.storage import write_json
 from quantizers import Quantizer, build_quantizer
@@ -42,7 +43,7 @@ COLUMNS = ["method", "scale fold", "bpw", "model MB", "ppl", "ppl ratio", "KL", 
 
 NOTES = """\
 Notes
-- Scale folding (allocator/scalefold.py): per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (calibration
+- Scale folding (allocator/quantize/scalefold.py): per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1-alpha) (calibration
   absmax of the activations, column max of the weights over the linears sharing that input), divided by its geometric
   mean and clamped to [2^-10, 2^10]; folded at input_layernorm -> q/k/v, v_proj -> o_proj (one scale per value row,
   shared by the query heads of its kv head), post_attention_layernorm (Gemma3: pre_feedforward_layernorm) -> gate/up and

@@ -12,10 +12,10 @@ import time
 
 from _common import RESULTS, evaluation_protocol, model_section, provenance
 
-from allocator.corpus import load_corpus
-from allocator.models import load_model
-from allocator.pipeline import EvalSettings, VariantRow, compare_variants
-from allocator.report import markdown_table, rows_to_json
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
+from allocator.jobs.compare import EvalSettings, VariantRow, compare_variants
+from allocator.evaluate.report import markdown_table, rows_to_json
 from quantizers import build_quantizer
 
 MODELS = ("smollm2-135m", "gemma3-270m")

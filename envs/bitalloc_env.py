@@ -51,7 +51,7 @@ import numpy as np
 from gymnasium import spaces
 
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, build_problem
 from allocator.solvers.repair import downgrade
 from envs.observation import (

@@ -3,7 +3,7 @@
 The full list of observation columns, their formulas and their scales is in ``envs/FEATURES.md``
 (kept in step with :func:`observation_names`). In short, one observation is three parts:
 
-1. the unit's layer features (:mod:`allocator.features`, ``F`` columns), z-scored per column by a
+1. the unit's layer features (:mod:`allocator.measure.features`, ``F`` columns), z-scored per column by a
    :class:`FeatureNormalization` fitted on the training tables (stored in the policy artifact and
    reused unchanged on a new model), clipped to +-``clip``; for a tie group the numel-weighted mean
    of its layers' normalized rows;
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Problem
 
 OBSERVATION_VERSION = "bitalloc-obs-v1"

@@ -7,7 +7,7 @@ divides by (:mod:`envs.reward`):
   loss over the chosen options; reference: the LP-relaxation optimum at the budget.
 - :class:`KLQuality` (``"kl"``, slow, for validation and fine-tuning): the measured mean per-token
   KL(reference || model) on calibration windows, with the profile's kept per-(layer, option)
-  weights (:class:`allocator.option_weights.OptionWeights`) swapped into the reference model;
+  weights (:class:`allocator.measure.option_weights.OptionWeights`) swapped into the reference model;
   reference: the measured KL of a solver's allocation at the same budget (cached per budget).
   One forward pass over the windows per episode.
 """
@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import greedy
 from allocator.solvers.base import Problem
 from envs.reward import LPRelaxation
 
 if TYPE_CHECKING:  # the KL backend's imports pull in transformers; the table backend needs none of it
-    from allocator.corpus import Corpus
-    from allocator.models import LoadedModel
-    from allocator.option_weights import OptionWeights
-    from allocator.profile import KLProbe
+    from allocator.model.corpus import Corpus
+    from allocator.model.loading import LoadedModel
+    from allocator.measure.option_weights import OptionWeights
+    from allocator.measure.profile import KLProbe
 
 
 class QualityBackend(Protocol):
@@ -91,9 +91,9 @@ class KLQuality:
         """The backend for ``table`` of ``loaded``: ``windows`` calibration windows of ``seqlen``
         tokens (default: the profile's) drawn as the profile drew them, and the weights kept beside
         the table (at ``table_path``, default: its place in the profile cache)."""
-        from allocator.option_weights import OptionWeights
-        from allocator.profile import KLProbe, cached_table_path
-        from allocator.tokens import calibration_samples
+        from allocator.measure.option_weights import OptionWeights
+        from allocator.measure.profile import KLProbe, cached_table_path
+        from allocator.model.tokens import calibration_samples
 
         if table.key.model != loaded.name:
             raise BitallocError(f"the table was profiled on {table.key.model}, not on {loaded.name}")

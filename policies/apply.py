@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from allocator.bitmap import BitMap
-from allocator.sensitivity import SensitivityTable
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, build_problem, finish
 from allocator.solvers.repair import repair
 from envs.bitalloc_env import BitAllocEnv

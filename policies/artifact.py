@@ -37,7 +37,7 @@ import numpy as np
 
 from allocator import __version__
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Constraints
 from allocator.storage import atomic_path, write_json
 from envs.bitalloc_env import ACTION_MAPPINGS

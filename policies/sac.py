@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints
 from allocator.solvers.repair import repair
 from allocator.storage import write_json

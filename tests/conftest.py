@@ -50,7 +50,7 @@ def random_text(paragraphs: int = 40, words: int = 60, seed: int = 0) -> str:
 @pytest.fixture(scope="module")
 def loaded() -> "LoadedModel":
     """The tiny llama as bitalloc loads a model (one per test module: tests may swap its weights)."""
-    from allocator.models import LoadedModel
+    from allocator.model.loading import LoadedModel
 
     return LoadedModel("tiny-llama", tiny_llama(), tiny_tokenizer(), add_bos=False)
 
@@ -58,7 +58,7 @@ def loaded() -> "LoadedModel":
 @pytest.fixture(scope="module")
 def corpus() -> "Corpus":
     """Random-word calibration and evaluation texts that never overlap."""
-    from allocator.corpus import Corpus
+    from allocator.model.corpus import Corpus
 
     return Corpus("random", random_text(seed=3), random_text(seed=4))
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from allocator.corpus import clean_wiki_text, load_corpus
+from allocator.model.corpus import clean_wiki_text, load_corpus
 from allocator.errors import BitallocError
-from allocator.tokens import calibration_samples, evaluation_windows
+from allocator.model.tokens import calibration_samples, evaluation_windows
 from tests.conftest import tiny_tokenizer
 
 

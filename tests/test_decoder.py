@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from allocator.apply import quantize_model
-from allocator.decoder import LlamaDecoder, fuse_linears
+from allocator.quantize.apply import quantize_model
+from allocator.runtime.decoder import LlamaDecoder, fuse_linears
 from allocator.errors import BitallocError
-from allocator.layers import quantizable_linears
-from allocator.packed import install_quantized
+from allocator.model.layers import quantizable_linears
+from allocator.runtime.packed import install_quantized
 from quantizers import RTNQuantizer
 from quantizers.kernels import QuantLinear
 from quantizers.kernels.layout import lut_tiles
@@ -113,8 +113,8 @@ def test_decoder_refuses_other_architectures_and_overlong_sequences() -> None:
 
 def test_native_step_runs_float_layers_and_a_packed_head_beside_packed_ones() -> None:
     """A layer kept in float (a dequantized format) and an 8-bit head take the C step as well."""
-    from allocator.apply import QuantizedModel
-    from allocator.head import quantize_head
+    from allocator.quantize.apply import QuantizedModel
+    from allocator.quantize.head import quantize_head
 
     model = packed_llama()
     float_model = tiny_llama()
@@ -148,7 +148,7 @@ def test_native_step_needs_silu_and_the_kernels(monkeypatch: pytest.MonkeyPatch)
     assert LlamaDecoder(model, max_length=8).native_step is None  # falls back to torch
     with pytest.raises(BitallocError, match="C decode step needs"):
         LlamaDecoder(model, max_length=8, native=True)
-    monkeypatch.setattr("allocator.decoder.kernel_library", lambda: None)
+    monkeypatch.setattr("allocator.runtime.decoder.kernel_library", lambda: None)
     assert LlamaDecoder(tiny_llama(), max_length=8).native_step is None
 
 

@@ -20,11 +20,11 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from allocator.bitmap import BitMap, ModuleEntry, SolverRecord, gguf_tensor_name  # noqa: E402
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord, gguf_tensor_name  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import BitallocError  # noqa: E402
-from allocator.evaluate import next_token_logprobs  # noqa: E402
-from allocator.gguf_export import (  # noqa: E402
+from allocator.evaluate.perplexity import next_token_logprobs  # noqa: E402
+from allocator.gguf.export import (  # noqa: E402
     LINEAR_TENSOR,
     compute_imatrix,
     effective_type,
@@ -36,12 +36,13 @@ from allocator.gguf_export import (  # noqa: E402
     quantize_gguf,
     type_bpw,
 )
-from allocator.gguf_fold import GGUFFold, write_folded_gguf  # noqa: E402
-from allocator.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
-from allocator.models import LoadedModel  # noqa: E402
-from allocator.layers import quantizable_linears, swapped_weights  # noqa: E402
-from allocator.packed import save_quantized  # noqa: E402
-from allocator.scalefold import FoldGroup, ScaleFold, ScaleFoldSettings, compute_scale_fold, quantize_with_scale_fold  # noqa: E402
+from allocator.gguf.fold import GGUFFold, write_folded_gguf  # noqa: E402
+from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
+from allocator.model.loading import LoadedModel  # noqa: E402
+from allocator.model.layers import quantizable_linears, swapped_weights  # noqa: E402
+from allocator.runtime.packed import save_quantized  # noqa: E402
+from allocator.quantize.scalefold import FoldGroup, ScaleFold, ScaleFoldSettings, compute_scale_fold  # noqa: E402
+from allocator.quantize.apply import quantize_with_scale_fold  # noqa: E402
 from quantizers import RTNQuantizer  # noqa: E402
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 320, 4, 2, 2
@@ -341,7 +342,7 @@ def test_cli_export_of_a_folded_packed_model(tiny, isolated_cache, tmp_path, cap
 
 
 def test_ggml_type_profile_prices_real_bytes_and_exports_at_the_budget(tiny, windows, isolated_cache, tmp_path) -> None:
-    from allocator.gguf_profile import profile_ggml_types
+    from allocator.gguf.native_profile import profile_ggml_types
     from allocator.solvers import Budget, Constraints, solve
 
     model, path = tiny
@@ -374,7 +375,7 @@ def test_cli_ggml_type_profile_refuses_bitalloc_options(capsys) -> None:
 
 
 def test_cli_ggml_type_names_are_checked_before_anything_loads(capsys) -> None:
-    from allocator.gguf_profile import check_ggml_types
+    from allocator.gguf.native_profile import check_ggml_types
 
     assert check_ggml_types(["Q4_K", "q4_k", "iq4_nl"]) == ["q4_k", "iq4_nl"]
     assert main(["profile", "--model", "no-such-model-xyz", "--ggml-types", "q4_k", "q9_z"]) == 2

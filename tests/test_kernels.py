@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from allocator.apply import QuantizedModel, quantize_model
-from allocator.evaluate import REFERENCE, evaluate, next_token_logprobs
-from allocator.layers import quantizable_linears, swapped_weights
-from allocator.models import LoadedModel
-from allocator.packed import (
+from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.evaluate.perplexity import REFERENCE, evaluate, next_token_logprobs
+from allocator.model.layers import quantizable_linears, swapped_weights
+from allocator.model.loading import LoadedModel
+from allocator.runtime.packed import (
     DEQUANTIZED,
     KERNEL,
     install_quantized,
@@ -31,7 +31,7 @@ from allocator.packed import (
     quantized_from_modules,
     save_quantized,
 )
-from allocator.options import quantizer_from_settings
+from allocator.table.options import quantizer_from_settings
 from quantizers import RTNQuantizer, XNORQuantizer
 from quantizers.kernels import build, ops
 from quantizers.kernels.build import FLAG_SETS, KernelLibrary, find_compiler, kernel_library
@@ -507,8 +507,8 @@ def test_install_refuses_a_mismatched_model() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_lm_head_saves_loads_and_runs(lib: KernelLibrary, tmp_path, bits: int) -> None:
-    from allocator.accounting import model_size_bytes
-    from allocator.head import head_name, quantize_head
+    from allocator.evaluate.accounting import model_size_bytes
+    from allocator.quantize.head import head_name, quantize_head
 
     reference = tiny_llama()
     reference.config.tie_word_embeddings = True
@@ -553,8 +553,8 @@ def test_malformed_head_entries_get_one_line_errors(tmp_path) -> None:
     import json
 
     from allocator.errors import BitallocError
-    from allocator.head import quantize_head
-    from allocator.packed import CONFIG_FILE, check_float_weights
+    from allocator.quantize.head import quantize_head
+    from allocator.runtime.packed import CONFIG_FILE, check_float_weights
 
     reference = tiny_llama()
     name = next(iter(quantizable_linears(reference)))

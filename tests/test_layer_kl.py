@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import allocator.layer_kl as layer_kl
+import allocator.measure.layer_kl as layer_kl
 from allocator.errors import BitallocError
-from allocator.layer_kl import KL_CALIBRATED, KL_ESTIMATE_ANCHORS, KL_MEASURED, add_kl_losses, calibrated_kl, layer_gains
-from allocator.options import parse_options
-from allocator.profile import HESSIAN_ERR, KL, cached_table_path, profile_model
-from allocator.sensitivity import SensitivityTable
+from allocator.measure.layer_kl import KL_CALIBRATED, KL_ESTIMATE_ANCHORS, KL_MEASURED, add_kl_losses, calibrated_kl, layer_gains
+from allocator.table.options import parse_options
+from allocator.measure.profile import HESSIAN_ERR, KL, cached_table_path, profile_model
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 
 OPTIONS = ["xnor", "gptq2", "gptq4"]
@@ -111,7 +111,7 @@ def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
     """The block-wise shortcut gives the whole forward's KL, for a change in any block or outside them."""
     import torch
 
-    from allocator.profile import KLProbe
+    from allocator.measure.profile import KLProbe
     from tests.conftest import tiny_llama
     from tests.test_scalefold import tiny_gemma3
 
@@ -140,10 +140,10 @@ def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
 
 def test_kl_around_an_allocation_is_the_whole_allocation_s_kl_increase(loaded, corpus, isolated_cache) -> None:
     """kl_local[l, o] is KL(base with layer l at o) - KL(base), both measured on the whole quantized model; 0 at the base."""
-    from allocator.layer_kl import KL_LOCAL, with_kl_around
-    from allocator.option_weights import OptionWeights
-    from allocator.profile import KLProbe
-    from allocator.tokens import calibration_samples
+    from allocator.measure.layer_kl import KL_LOCAL, with_kl_around
+    from allocator.measure.option_weights import OptionWeights
+    from allocator.measure.profile import KLProbe
+    from allocator.model.tokens import calibration_samples
 
     table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
     path = cached_table_path(table)

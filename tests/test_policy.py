@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allocator.bitmap import BitMap
+from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from policies.apply import NAME, apply_policy
 from policies.artifact import load_policy, read_card, sidecar_path

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-import allocator.profile as profile_module
-from allocator.calibration import InputStatistics, capture_block_inputs
+import allocator.measure.profile as profile_module
+from allocator.model.calibration import InputStatistics, capture_block_inputs
 from allocator.errors import BitallocError
-from allocator.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer, module_kinds
-from allocator.layers import quantizable_linears
-from allocator.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
-from allocator.profile import HESSIAN_ERR, KL, WEIGHT_ERR, cached_table_path, profile_model
-from allocator.sensitivity import SensitivityTable
+from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer, module_kinds
+from allocator.model.layers import quantizable_linears
+from allocator.table.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
+from allocator.measure.profile import HESSIAN_ERR, KL, WEIGHT_ERR, cached_table_path, profile_model
+from allocator.table.sensitivity import SensitivityTable
 from tests.conftest import WORDS
 
 FAST_OPTIONS = ["xnor", "gptq2", "gptq4"]
@@ -28,7 +28,7 @@ def full_table(loaded, corpus, tmp_path_factory) -> SensitivityTable:
 
 
 def count_layer_calls(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> list[str]:
-    """Count :func:`allocator.profile.profile_layer` calls (optionally interrupting after some)."""
+    """Count :func:`allocator.measure.profile.profile_layer` calls (optionally interrupting after some)."""
     calls: list[str] = []
 
     def counting(name, *args, **kwargs):
@@ -144,7 +144,7 @@ def test_profile_table_covers_every_layer_and_option(full_table, loaded) -> None
 
 def test_hessian_err_is_the_layer_output_error(loaded, corpus, full_table) -> None:
     """tr(E H E^T) = 2 * mean over calibration tokens of ||E x||^2, for the first layer."""
-    from allocator.tokens import calibration_samples
+    from allocator.model.tokens import calibration_samples
 
     tokens = calibration_samples(loaded.tokenizer, corpus.calibration, 4, 32, False, 0)
     inputs = capture_block_inputs(loaded.model, tokens)
@@ -196,7 +196,7 @@ def test_interrupted_profile_resumes_where_it_stopped(loaded, corpus, isolated_c
 
 def test_profile_keeps_every_option_weight(loaded, corpus, isolated_cache) -> None:
     """The kept weights are the ones the losses describe, and a bit map assembles from them."""
-    from allocator.option_weights import OptionWeights
+    from allocator.measure.option_weights import OptionWeights
 
     options = parse_options(FAST_OPTIONS)
     table = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)

@@ -1,4 +1,4 @@
-"""Scale folding (allocator/scalefold.py): the float function is kept, outliers stop hurting RTN,
+"""Scale folding (allocator/quantize/scalefold.py): the float function is kept, outliers stop hurting RTN,
 the CLI flags, and the packed format carries the folded norms."""
 
 from __future__ import annotations
@@ -10,17 +10,18 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel
 
-import allocator.scalefold as scalefold
-from allocator.apply import quantize_model
-from allocator.calibration import HessianAccumulator
+import allocator.quantize.scalefold as scalefold
+from allocator.quantize.apply import quantize_model
+from allocator.model.calibration import HessianAccumulator
 from allocator.errors import BitallocError
-from allocator.evaluate import REFERENCE, evaluate
-from allocator.layers import quantizable_linears, swapped_weights
-from allocator.options import quantizer_from_settings
-from allocator.packed import CONFIG_FILE, check_float_weights, load_quantized, save_quantized
-from allocator.profile import CODE_VERSION, cached_table_path
-from allocator.scalefold import ScaleFoldSettings, compute_scale_fold, hessian_error, quantize_with_scale_fold
-from allocator.sensitivity import SensitivityTable
+from allocator.evaluate.perplexity import REFERENCE, evaluate
+from allocator.model.layers import quantizable_linears, swapped_weights
+from allocator.table.options import quantizer_from_settings
+from allocator.runtime.packed import CONFIG_FILE, check_float_weights, load_quantized, save_quantized
+from allocator.measure.profile import CODE_VERSION, cached_table_path
+from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold, hessian_error
+from allocator.quantize.apply import quantize_with_scale_fold
+from allocator.table.sensitivity import SensitivityTable
 from quantizers import RTNQuantizer
 from tests.cli_helpers import run
 from tests.conftest import WORDS, tiny_llama

@@ -17,7 +17,7 @@ import re
 import numpy as np
 import pytest
 
-from allocator.bitmap import (
+from allocator.table.bitmap import (
     BitMap,
     GGML_TYPES,
     ggml_type,
@@ -27,7 +27,7 @@ from allocator.bitmap import (
     llama_cpp_tensor_types,
 )
 from allocator.errors import BitallocError
-from allocator.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey, tie_groups
+from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey, tie_groups
 from allocator.solvers import SOLVERS, Budget, Constraints, build_problem, solve
 
 EXACT = ("ilp", "ilp-cvxpy", "dp")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable
 
-from allocator.bitmap import BitMap
+from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import baq, convex, dp, greedy, ilp, ilp_cvxpy
 from allocator.solvers.base import Budget, Constraints, Problem, build_problem
 

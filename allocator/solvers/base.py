@@ -11,7 +11,7 @@ All solvers solve the same multiple-choice knapsack::
 Ties are applied by substitution: every tie group (or, with ties off, every layer) becomes one
 *unit* whose cost and bits under option o are the sums over its layers, so a unit choice is
 exactly a tied choice and the model is smaller. :func:`build_problem` does this reduction and the
-feasibility check; :func:`finish` turns a unit choice back into a :class:`~allocator.bitmap.BitMap`.
+feasibility check; :func:`finish` turns a unit choice back into a :class:`~allocator.table.bitmap.BitMap`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from allocator.bitmap import BitMap, ModuleEntry, SolverRecord
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 
 _BPW_TOLERANCE = 1e-9
 

@@ -15,9 +15,9 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import csr_array
 
-from allocator.bitmap import BitMap
+from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.ilp import decode, model_arrays
 from allocator.solvers.repair import repair

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from allocator.bitmap import BitMap
-from allocator.sensitivity import SensitivityTable
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.repair import fill, repair
 

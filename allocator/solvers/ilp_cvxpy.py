@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from allocator.bitmap import BitMap
+from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.ilp import decode, model_arrays
 from allocator.solvers.repair import repair

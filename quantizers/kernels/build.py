@@ -154,13 +154,23 @@ def kernel_library() -> KernelLibrary | None:
     return None
 
 
-def _build(compiler: str, flags: tuple[str, ...]) -> Path:
-    from allocator.storage import cache_dir  # lazy: quantizers must not pull in allocator at import
+def kernel_cache_dir() -> Path:
+    """``$BITALLOC_CACHE/kernels`` (default ``~/.cache/bitalloc/kernels``), created.
 
+    The same root as :func:`allocator.storage.cache_dir`, read here because quantizers sit below
+    allocator and import nothing from it.
+    """
+    root = Path(os.environ.get("BITALLOC_CACHE") or Path.home() / ".cache" / "bitalloc")
+    path = root / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(b"\0".join([source, _compiler_identity(compiler).encode(), " ".join(flags + COMMON_FLAGS).encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_dir("kernels") / f"lowbit-{key}.so"
+    target = kernel_cache_dir() / f"lowbit-{key}.so"
     if target.is_file():
         return target
     # Compile next to the target and rename: concurrent processes never load a half-written file.

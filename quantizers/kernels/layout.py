@@ -30,7 +30,7 @@ SIMD vector, so a weight is converted once, at load time, into:
     the spare nibble bit is ``B``'s high bit, so a pair decodes in 7 vector operations where two single
     chunks take 12. So 3-bit weights cost exactly 3 bits each, like the stored form.
     8 bits serve the LM head, whose fp32 product is the largest single read of a decode step
-    (:mod:`allocator.head`), and any 8-bit uniform-grid layer.
+    (:mod:`allocator.quantize.head`), and any 8-bit uniform-grid layer.
 
 ``params`` (float16, rows x groups x 2)
     ``(scale, zero)`` per (row, group). The zero is an integer code (or 1/2 for the symmetric

@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
         return ops.dequantize(weight).to(self.codes.device)
 
     def to_quantized(self) -> QuantizedTensor:
-        """The stored form again (what :func:`allocator.packed.save_quantized` writes)."""
+        """The stored form again (what :func:`allocator.runtime.packed.save_quantized` writes)."""
         return self.weight_layout.to_quantized()
 
     def lut_tiles(self) -> tuple[torch.Tensor, torch.Tensor] | None:

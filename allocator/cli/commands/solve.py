@@ -1,0 +1,91 @@
+"""``bitalloc solve``: allocate options to layers under a size budget -> bit map."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from allocator.cli.common import other_bytes, profile_for
+from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
+
+NAME = "solve"
+HELP = "allocate options to layers under a size budget -> bit map"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from allocator.jobs.compare import EvalSettings
+    from allocator.model.corpus import DEFAULT_CORPUS
+
+    defaults = EvalSettings()
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", type=Path, help="sensitivity table (.npz from bitalloc profile)")
+    source.add_argument("--model", help=model_help() + "; profiled first (cached) with --corpus/--samples/--seqlen")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", type=float, help="average stored bits per weight of the quantized linears")
+    budget.add_argument("--bytes", type=int, help="stored bytes of the quantized linears")
+    budget.add_argument("--model-bytes", type=int, help="whole-model bytes (other tensors at float16 taken off)")
+    method = parser.add_mutually_exclusive_group()
+    method.add_argument("--solver", default=None, help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
+    method.add_argument("--policy", help="allocate with this trained policy instead of a solver: a policy.zip (from bitalloc train), "
+                        "its run directory, or the name of a shipped policy (policies/pretrained/, e.g. smollm2-135m-sac)")
+    parser.add_argument("--loss", help="loss to minimize: kl, else kl_est (with --measure-kl), else hessian_err by default; or weight_err")
+    parser.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different options")
+    parser.add_argument("--out", type=Path, help="write the result here (default: print it)")
+    parser.add_argument("--format", choices=["json", "tensor-type", "gptqmodel"], default="json",
+                        help="json: the bit map; tensor-type: llama-quantize --tensor-type lines; gptqmodel: its dynamic config")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP + " (to profile --model)")
+    parser.add_argument("--samples", type=positive_int, default=defaults.samples, help="calibration sequences (to profile --model)")
+    parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --model)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.table.bitmap import gptqmodel_dynamic, llama_cpp_tensor_types
+    from allocator.table.sensitivity import SensitivityTable
+    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, solve
+    from allocator.storage import atomic_path
+
+    policy = None
+    if args.policy is not None:
+        from policies.artifact import load_policy
+        from policies.pretrained import resolve
+
+        policy = load_policy(resolve(args.policy))  # a bad policy (or unknown name) fails before any profiling
+    table = SensitivityTable.load(args.profile) if args.profile is not None else profile_for(args.model, args)
+    if args.bpw is not None:
+        budget = Budget.bpw(args.bpw)
+    elif args.bytes is not None:
+        budget = Budget.bytes(args.bytes)
+    else:
+        budget = Budget.bytes(args.model_bytes, other_bytes=other_bytes(table))
+    constraints = Constraints(loss=args.loss, tie=not args.no_tie)
+    table.loss(args.loss)  # an unknown loss name fails here, in one line
+    if policy is not None:
+        from policies.apply import apply_policy
+
+        bitmap = apply_policy(policy, table, budget, constraints)
+    else:
+        bitmap = solve(table, budget, constraints, solver=args.solver or DEFAULT_SOLVER)
+    if args.format == "json":
+        text = json.dumps(bitmap.to_json(), indent=2) + "\n"
+    elif args.format == "tensor-type":
+        text = "".join(line + "\n" for line in llama_cpp_tensor_types(bitmap))
+    else:
+        text = json.dumps(gptqmodel_dynamic(bitmap), indent=2) + "\n"
+    summary = (f"{bitmap.solver.name}: {bitmap.predicted_bpw:.4f} bpw, {bitmap.total_bytes} bytes of {len(bitmap.modules)} modules "
+               f"(budget {budget}), predicted {bitmap.loss_name} {bitmap.predicted_loss:.6g}, {bitmap.solver.seconds * 1000:.1f} ms")
+    if args.out is None:
+        sys.stdout.write(text)
+        print(summary, file=sys.stderr)
+        return 0
+    if not args.out.parent.is_dir():
+        from allocator.errors import BitallocError
+
+        raise BitallocError(f"--out: directory {args.out.parent} does not exist")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    print(summary)
+    print(args.out)
+    return 0

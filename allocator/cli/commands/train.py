@@ -1,0 +1,66 @@
+"""``bitalloc train``: train a SAC allocation policy on sensitivity tables -> policy.zip + policy.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from allocator.cli.common import TRAIN_ACTION_MAPPINGS, profile_for
+from allocator.cli.parser import CORPUS_HELP, positive_int
+
+NAME = "train"
+HELP = "train a SAC allocation policy on sensitivity tables -> policy.zip + policy.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from allocator.jobs.compare import EvalSettings
+    from allocator.model.corpus import DEFAULT_CORPUS
+
+    defaults = EvalSettings()
+    parser.add_argument("--models", help="comma-separated models to profile and train on (built-in names, .gguf paths, HF directories)")
+    parser.add_argument("--profile", type=Path, nargs="+", default=[], help="sensitivity tables (.npz) to train on, besides --models")
+    parser.add_argument("--timesteps", type=positive_int, default=20000, help="environment steps in total (default 20000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the policy, the budgets and the tables drawn")
+    parser.add_argument("--out", type=Path, required=True, help="run directory: run.json, checkpoints/, logs/, policy.zip + policy.json")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    parser.add_argument("--bpw-range", type=float, nargs=2, default=[1.5, 4.0], metavar=("LOW", "HIGH"),
+                        help="range the per-episode budgets are drawn from (default 1.5 4.0 bpw)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=5000, help="steps between checkpoints (default 5000)")
+    parser.add_argument("--action-mapping", choices=TRAIN_ACTION_MAPPINGS, default="price",
+                        help="how an action picks a unit's option: price (default; scales the price that paces the budget) or index "
+                        "(envs/FEATURES.md)")
+    parser.add_argument("--loss", help="table loss to train on (default: kl, else kl_est if profiled with --measure-kl, else hessian_err)")
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP + " (to profile --models)")
+    parser.add_argument("--samples", type=positive_int, default=defaults.samples, help="calibration sequences (to profile --models)")
+    parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --models)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.errors import BitallocError
+    from allocator.table.sensitivity import SensitivityTable
+    from allocator.solvers import Constraints
+    from policies.sac import TrainConfig, train
+
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    if not models and not args.profile:
+        raise BitallocError("give --models or --profile: the sensitivity tables to train on")
+    if args.out.exists() and not args.out.is_dir():
+        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
+                         constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
+                         action_mapping=args.action_mapping)
+    tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
+    tables += [profile_for(model, args) for model in models]
+    start = time.perf_counter()
+    try:
+        path = train(tables, args.out, config, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"bitalloc: interrupted; run the same command with --resume to continue from the last checkpoint in {args.out}", file=sys.stderr)
+        return 130
+    print(f"SAC policy trained on {', '.join(t.key.model for t in tables)} for {args.timesteps} steps "
+          f"(budgets {args.bpw_range[0]:g}-{args.bpw_range[1]:g} bpw); {time.perf_counter() - start:.1f} s")
+    print(path)
+    return 0

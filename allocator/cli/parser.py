@@ -1,0 +1,84 @@
+"""The ``bitalloc`` argument parser: one-line errors, shared argument types and flags.
+
+Each command declares its own arguments (:mod:`allocator.cli.commands`); building the parser
+imports no model code, so ``bitalloc --help`` and bad flags answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+CORPUS_HELP = "enwiki (built in), wikitext2 (online) or a text file"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors in one line (no usage dump) and exits with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"bitalloc: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def model_help() -> str:
+    from allocator.model.loading import DEFAULT_MODEL
+
+    return f"built-in name, .gguf path, HF directory or hub id (default {DEFAULT_MODEL})"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def group_size(text: str) -> int | None:
+    if text.lower() in ("none", "row", "-1", "0"):
+        return None  # one group per output row
+    return positive_int(text)
+
+
+class NotGiven:
+    """Default of flags whose absence matters (``--group-size none`` is a real value)."""
+
+    def __repr__(self) -> str:
+        return "default"
+
+
+NOT_GIVEN = NotGiven()
+
+
+def alpha(text: str) -> float | None:
+    from allocator.errors import BitallocError
+    from allocator.quantize.scalefold import parse_alpha
+
+    try:
+        return parse_alpha(text)
+    except BitallocError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    from allocator.quantize.scalefold import DEFAULT_ALPHA
+
+    parser.add_argument("--scale-fold", action="store_true",
+                        help=f"fold activation outliers into the weights (compensated in the norms) before {what}")
+    parser.add_argument("--scale-fold-alpha", type=alpha, default=NOT_GIVEN, metavar="ALPHA",
+                        help=f"s = max|x|^alpha / max|w|^(1-alpha): a number in [0, 1] (default {DEFAULT_ALPHA}) or "
+                             "'search' (per fold site on a grid, by the Hessian-weighted error of the quantizer)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from allocator.cli.commands import COMMANDS
+
+    parser = OneLineParser(prog="bitalloc", description="Per-layer low-bit allocation, quantization and evaluation of LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for command in COMMANDS:
+        command.add_arguments(commands.add_parser(command.NAME, help=command.HELP))
+    return parser

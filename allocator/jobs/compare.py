@@ -1,0 +1,137 @@
+"""The main job: load a model and text, quantize variants, and evaluate them side by side."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import torch
+
+from allocator.evaluate.accounting import model_size_bytes
+from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.model.corpus import Corpus
+from allocator.evaluate.perplexity import REFERENCE, evaluate
+from allocator.model.layers import quantizable_linears
+from allocator.model.loading import LoadedModel
+from allocator.quantize.scalefold import ScaleFoldSettings
+from allocator.quantize.apply import quantize_with_scale_fold
+from allocator.model.tokens import calibration_samples, evaluation_windows
+from quantizers import Quantizer
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seqlen: int = 512
+    tokens: int = 16384
+    """Evaluation tokens: ``tokens // seqlen`` non-overlapping windows."""
+    samples: int = 64
+    """Calibration sequences of ``seqlen`` tokens (used by Hessian-based quantizers)."""
+    seed: int = 0
+    true_sequential: bool = True
+
+
+@dataclass
+class VariantRow:
+    name: str
+    bpw: float | None
+    """Stored bits per weight of the quantized linears (None for the float reference)."""
+    model_mb: float
+    perplexity: float
+    ppl_ratio: float
+    kl: float
+    quantize_seconds: float
+    eval_seconds: float
+    eval_tokens: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
+    """The seeded calibration samples of ``settings`` (``samples`` x ``seqlen`` token ids)."""
+    return calibration_samples(loaded.tokenizer, corpus.calibration, settings.samples, settings.seqlen, loaded.add_bos, settings.seed)
+
+
+def evaluation_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
+    """The evaluation windows of ``settings`` (``tokens // seqlen`` x ``seqlen`` token ids)."""
+    return evaluation_windows(loaded.tokenizer, corpus.evaluation, settings.seqlen, settings.tokens, loaded.add_bos)
+
+
+def quantize_assignment(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    assignment: Mapping[str, Quantizer],
+    settings: EvalSettings = EvalSettings(),
+    progress: bool = True,
+    scale_fold: ScaleFoldSettings | None = None,
+) -> QuantizedModel:
+    """Quantize the modules of ``assignment`` (calibrating on ``corpus`` when a quantizer needs it);
+    with ``scale_fold``, on the scale-folded model (:func:`allocator.quantize.apply.quantize_with_scale_fold`,
+    which always calibrates)."""
+    if scale_fold is not None:
+        samples = calibration_tokens(loaded, corpus, settings)
+        return quantize_with_scale_fold(loaded.model, assignment, samples, scale_fold, settings.true_sequential, progress)
+    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in assignment.values()) else None
+    return quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
+
+
+def compare_variants(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    variants: Mapping[str, Quantizer],
+    settings: EvalSettings = EvalSettings(),
+    progress: bool = True,
+) -> list[VariantRow]:
+    """Quantize all decoder linears with each quantizer and evaluate every variant against the
+    float reference on the same windows. The first row is the reference."""
+    windows = evaluation_tokens(loaded, corpus, settings)  # first: bad settings fail before quantizing
+    # Tokenize the calibration text once for all variants, not once per variant.
+    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in variants.values()) else None
+    linears = list(quantizable_linears(loaded.model))
+    quantized: dict[str, QuantizedModel] = {}
+    quantize_seconds: dict[str, float] = {}
+    for name, quantizer in variants.items():
+        start = time.perf_counter()
+        assignment = {layer: quantizer for layer in linears}
+        quantized[name] = quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
+        quantize_seconds[name] = time.perf_counter() - start
+    return compare_quantized(loaded, corpus, quantized, settings, quantize_seconds, progress, windows)
+
+
+def compare_quantized(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    quantized: Mapping[str, QuantizedModel],
+    settings: EvalSettings = EvalSettings(),
+    quantize_seconds: Mapping[str, float] | None = None,
+    progress: bool = True,
+    windows: torch.Tensor | None = None,
+) -> list[VariantRow]:
+    """Evaluate already quantized variants (module name -> quantized tensor, any subset of the
+    linears) against the float reference on the same windows (default: :func:`evaluation_tokens`).
+    The first row is the reference."""
+    model = loaded.model
+    if windows is None:
+        windows = evaluation_tokens(loaded, corpus, settings)
+    results = evaluate(model, windows, {n: q.dequantized_weights() for n, q in quantized.items()}, progress)
+    reference = results[REFERENCE]
+    rows = [_row(REFERENCE, None, model_size_bytes(model), reference, reference.perplexity, 0.0)]
+    for name, qm in quantized.items():
+        seconds = (quantize_seconds or {}).get(name, 0.0)
+        rows.append(_row(name, qm.bits_per_weight, model_size_bytes(model, qm), results[name], reference.perplexity, seconds))
+    return rows
+
+
+def _row(name, bpw, size_bytes, result, reference_ppl, quantize_seconds) -> VariantRow:
+    return VariantRow(
+        name=name,
+        bpw=bpw,
+        model_mb=size_bytes / 1e6,
+        perplexity=result.perplexity,
+        ppl_ratio=result.perplexity / reference_ppl,
+        kl=result.kl,
+        quantize_seconds=quantize_seconds,
+        eval_seconds=result.seconds,
+        eval_tokens=result.tokens,
+    )

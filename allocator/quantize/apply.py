@@ -1,0 +1,188 @@
+"""Quantize a model's linear layers by an assignment of module name -> quantizer.
+
+Calibration-aware quantizers run as GPTQ does: block by block in model order, each block fed
+the outputs of the already-quantized blocks before it, and inside a block the linears that share
+an input (q/k/v, then o, then gate/up, then down) are quantized in execution order so later ones
+see the earlier ones' error ("true sequential"). The reference model itself is never modified:
+each block is quantized on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from allocator.model.calibration import HessianAccumulator, StopForward, capture_block_inputs, run_block
+from allocator.errors import BitallocError
+from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
+from allocator.quantize.scalefold import ScaleFold, ScaleFoldSettings, compute_scale_fold, search_quantizers
+from quantizers import QuantizedTensor, Quantizer
+
+
+
+@dataclass
+class QuantizedModel:
+    """The quantized linear weights of a model, by qualified module name."""
+
+    tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
+    float_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Float weights that replace the reference's outside ``tensors`` (module name -> weight): what a
+    function-preserving transform (scale folding) changed and is not quantized, e.g. the norms."""
+    scale_fold: ScaleFold | None = None
+    """The scale fold the quantized weights were made under (:mod:`allocator.quantize.scalefold`), if any."""
+    head: dict[str, QuantizedTensor] = field(default_factory=dict)
+    """The quantized LM head, if any (:mod:`allocator.quantize.head`): outside the bit map, so not counted in
+    :attr:`storage_bits` / :attr:`bits_per_weight` (which describe the decoder linears)."""
+
+    def dequantized_weights(self) -> dict[str, torch.Tensor]:
+        """Everything to swap into the reference model: the float overrides, the dequantized linears and head."""
+        return {**self.float_weights, **{name: qt.dequantized for name, qt in {**self.tensors, **self.head}.items()}}
+
+    @property
+    def storage_bits(self) -> int:
+        return sum(qt.storage_bits for qt in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(qt.numel for qt in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.storage_bits / max(self.numel, 1)
+
+
+def quantize_model(
+    model: PreTrainedModel,
+    assignment: Mapping[str, Quantizer],
+    samples: torch.Tensor | None = None,
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Quantize every module named in ``assignment``; ``samples`` (N x seqlen token ids) feed
+    the quantizers that need input Hessians."""
+    linears = quantizable_linears(model)
+    unknown = sorted(set(assignment) - set(linears))
+    if unknown:
+        raise BitallocError(f"not a quantizable linear of this model: {unknown[0]}")
+    if not any(q.uses_hessian for q in assignment.values()):
+        result = QuantizedModel()
+        for name in tqdm(list(assignment), desc="quantize", disable=not progress):
+            result.tensors[name] = assignment[name].quantize(linears[name].weight)
+        return result
+    if samples is None:
+        raise BitallocError("calibration samples are needed for Hessian-based quantizers")
+    return _quantize_sequential(model, assignment, samples, true_sequential, progress)
+
+
+@torch.inference_mode()
+def _quantize_sequential(
+    model: PreTrainedModel,
+    assignment: Mapping[str, Quantizer],
+    samples: torch.Tensor,
+    true_sequential: bool,
+    progress: bool,
+) -> QuantizedModel:
+    result = QuantizedModel()
+    inputs = capture_block_inputs(model, samples)
+    hidden = inputs.hidden_states
+    prefix = decoder_prefix(model)
+    layers = decoder_layers(model)
+    for index in tqdm(range(len(layers)), desc="quantize blocks", disable=not progress):
+        block = copy.deepcopy(layers[index])
+        kwargs = inputs.block_kwargs[index]
+        wanted = {local: f"{prefix}.{index}.{local}" for local in layer_linears(block) if f"{prefix}.{index}.{local}" in assignment}
+        if wanted:
+            groups = _input_groups(block, hidden[0], kwargs) if true_sequential else [list(layer_linears(block))]
+            for group in groups:
+                members = [local for local in group if local in wanted]
+                if members:
+                    _quantize_group(block, members, {m: assignment[wanted[m]] for m in members}, hidden, kwargs, result, wanted)
+        hidden = [run_block(block, h, kwargs) for h in hidden]
+        del block
+    return result
+
+
+def _input_groups(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> list[list[str]]:
+    """Linear modules of ``block`` in call order, grouped by the input tensor they share."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
+        for name, module in layer_linears(block).items()
+    ]
+    try:
+        run_block(block, hidden, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[list[str]] = []
+    previous = None
+    for name, tensor in calls:  # the tensors stay referenced in ``calls``, so identity is safe
+        if previous is not None and tensor is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = tensor
+    return groups
+
+
+def _quantize_group(
+    block: nn.Module,
+    members: list[str],
+    quantizers: dict[str, Quantizer],
+    hidden: list[torch.Tensor],
+    kwargs: dict[str, Any],
+    result: QuantizedModel,
+    qualified: dict[str, str],
+) -> None:
+    modules = layer_linears(block)
+    needs_hessian = [m for m in members if quantizers[m].uses_hessian]
+    accumulators = {m: HessianAccumulator(modules[m].in_features) for m in needs_hessian}
+    if needs_hessian:
+        last = needs_hessian[-1]
+
+        def hook(module: nn.Module, args: tuple, name: str) -> None:
+            accumulators[name].add(args[0])
+            if name == last:
+                raise StopForward  # nothing after this module is needed for these Hessians
+
+        handles = [modules[m].register_forward_pre_hook(lambda mod, args, m=m: hook(mod, args, m)) for m in needs_hessian]
+        try:
+            for h in hidden:
+                try:
+                    run_block(block, h, kwargs)
+                except StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+    for m in members:
+        hessian = accumulators[m].hessian() if m in accumulators else None
+        qt = quantizers[m].quantize(modules[m].weight, hessian)
+        modules[m].weight.data.copy_(qt.dequantized.to(modules[m].weight.dtype))
+        result.tensors[qualified[m]] = qt
+
+
+def quantize_with_scale_fold(
+    model: PreTrainedModel,
+    assignment: Mapping[str, Quantizer],
+    samples: torch.Tensor,
+    settings: ScaleFoldSettings = ScaleFoldSettings(),
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> QuantizedModel:
+    """Fold scales into a virtual copy of ``model`` (an overlay; the model is unchanged), then
+    quantize ``assignment`` on it (:func:`quantize_model`). The result carries the
+    folded float tensors that are not quantized (the norms) and the fold's record, so
+    ``dequantized_weights()`` swapped into the reference model runs the folded, quantized model."""
+    fold, overlay = compute_scale_fold(model, samples, settings, search_quantizers(assignment), progress)
+    with swapped_weights(model, overlay):
+        quantized = quantize_model(model, assignment, samples, true_sequential, progress)
+    quantized.float_weights = {name: weight.detach().float().clone() for name, weight in overlay.items() if name not in quantized.tensors}
+    quantized.scale_fold = fold
+    return quantized

@@ -1,0 +1,1 @@
+"""The runtime stage: the packed model on disk, QuantLinear installation, and the lean decoder."""
