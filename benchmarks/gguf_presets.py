@@ -31,20 +31,9 @@ from _common import RESULTS, provenance
 
 from allocator.table.bitmap import BitMap
 from allocator.model.corpus import load_corpus
-from allocator.gguf.export import (
-    IMATRIX_PRESETS,
-    IMATRIX_TYPES,
-    ExportResult,
-    cached_imatrix,
-    export_bitmap,
-    export_float,
-    export_preset,
-    float_gguf,
-    gguf_tensor_shapes,
-    measure_gguf,
-    source_gguf,
-    tensor_plan,
-)
+from allocator.gguf.export import ExportResult, export_bitmap, export_float, export_preset, tensor_plan
+from allocator.gguf.files import float_gguf, gguf_tensor_shapes, measure_gguf, source_gguf
+from allocator.gguf.imatrix import cached_imatrix, needs_imatrix
 from allocator.gguf.fold import write_folded_gguf
 from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs
 from allocator.model.loading import load_model
@@ -102,8 +91,8 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
     shapes = gguf_tensor_shapes(float_gguf(source_gguf(model)))
     presets = [p.strip().upper() for p in args.presets.split(",") if p.strip()]
     bitmaps = _bitmaps_for(model, args, loaded)
-    needs = any(p in IMATRIX_PRESETS for p in presets) or any(
-        t.written in IMATRIX_TYPES for b in bitmaps.values() for t in tensor_plan(b, shapes).values())
+    needs = any(needs_imatrix(preset=p) for p in presets) or any(
+        needs_imatrix(bitmap=b, plan=tensor_plan(b, shapes)) for b in bitmaps.values())
     imatrix = None
     native_table = SensitivityTable.load(args.native_tables[model]) if model in args.native_tables else None
     needs = needs or (native_table is not None and bool(native_table.metadata.get("imatrix")))
@@ -128,14 +117,13 @@ def measure_model(model: str, args: argparse.Namespace, settings: EvalSettings) 
         exports[name], requested[name], make_seconds[name] = ExportResult(path, measure_gguf(path), {}, False, True), None, fold_seconds
     for suffix, fold in folds.items():
         for preset in presets:
-            use = imatrix if (args.imatrix == "all" or preset in IMATRIX_PRESETS) else None
+            use = imatrix if (args.imatrix == "all" or needs_imatrix(preset=preset)) else None
             name = preset + (" +imatrix" if use is not None else "") + suffix
             tick = time.perf_counter()
             exports[name] = export_preset(preset, model, work / f"{model}-{preset}{suffix.strip()}.gguf", use, scale_fold=fold)
             make_seconds[name], requested[name] = time.perf_counter() - tick, None
         for i, (label, bitmap) in enumerate(bitmaps.items()):
-            need = any(t.written in IMATRIX_TYPES for t in tensor_plan(bitmap, shapes).values())
-            use = imatrix if (args.imatrix == "all" or need) else None
+            use = imatrix if (args.imatrix == "all" or needs_imatrix(bitmap=bitmap, plan=tensor_plan(bitmap, shapes))) else None
             tick = time.perf_counter()
             exports[label + suffix] = export_bitmap(bitmap, work / f"{model}-bitmap{i}{suffix.strip()}.gguf", model, use, scale_fold=fold)
             make_seconds[label + suffix], requested[label + suffix] = time.perf_counter() - tick, bitmap.predicted_bpw

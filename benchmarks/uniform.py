@@ -14,7 +14,8 @@ from _common import RESULTS, evaluation_protocol, model_section, provenance
 
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
-from allocator.jobs.compare import EvalSettings, VariantRow, compare_variants
+from allocator.evaluate.rows import VariantRow
+from allocator.jobs.compare import EvalSettings, compare_variants
 from allocator.evaluate.report import markdown_table, rows_to_json
 from quantizers import build_quantizer
 

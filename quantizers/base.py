@@ -88,6 +88,8 @@ class Quantizer(abc.ABC):
 
     name: ClassVar[str]
     uses_hessian: ClassVar[bool] = False
+    one_bit: ClassVar[bool] = False
+    """Whether this is a 1-bit format (its ``bits`` setting, if any, is not a uniform grid width)."""
     """True when :meth:`quantize` needs the layer's input Hessian."""
 
     @abc.abstractmethod

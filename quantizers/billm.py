@@ -140,6 +140,7 @@ class BiLLMQuantizer(Quantizer):
     """
 
     name = "billm"
+    one_bit = True
     uses_hessian = True
 
     def __init__(

@@ -71,6 +71,7 @@ class DynGroupQuantizer(Quantizer):
     """
 
     name = "dyngroup"
+    one_bit = True
 
     def __init__(
         self,

@@ -58,6 +58,7 @@ class PBLLMQuantizer(Quantizer):
     """
 
     name = "pbllm"
+    one_bit = True
     uses_hessian = True
 
     def __init__(

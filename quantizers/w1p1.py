@@ -86,6 +86,7 @@ class W1P1Quantizer(Quantizer):
     """
 
     name = "w1p1"
+    one_bit = True
     uses_hessian = True
 
     def __init__(

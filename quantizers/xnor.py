@@ -31,6 +31,7 @@ class XNORQuantizer(Quantizer):
     """
 
     name = "xnor"
+    one_bit = True
 
     def __init__(self, group_size: int | None = None) -> None:
         self.group_size = checked_group_size(group_size)

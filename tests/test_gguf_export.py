@@ -20,22 +20,15 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord, gguf_tensor_name  # noqa: E402
+from allocator.model.arch import gguf_tensor_name  # noqa: E402
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import BitallocError  # noqa: E402
 from allocator.evaluate.perplexity import next_token_logprobs  # noqa: E402
-from allocator.gguf.export import (  # noqa: E402
-    LINEAR_TENSOR,
-    compute_imatrix,
-    effective_type,
-    export_bitmap,
-    export_preset,
-    float_gguf,
-    measure_gguf,
-    preset_ftype,
-    quantize_gguf,
-    type_bpw,
-)
+from allocator.gguf.export import export_bitmap, export_preset, preset_ftype, quantize_gguf  # noqa: E402
+from allocator.gguf.files import LINEAR_TENSOR, float_gguf, measure_gguf  # noqa: E402
+from allocator.gguf.ggml_types import effective_type, type_bpw  # noqa: E402
+from allocator.gguf.imatrix import compute_imatrix  # noqa: E402
 from allocator.gguf.fold import GGUFFold, write_folded_gguf  # noqa: E402
 from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
 from allocator.model.loading import LoadedModel  # noqa: E402
@@ -375,7 +368,7 @@ def test_cli_ggml_type_profile_refuses_bitalloc_options(capsys) -> None:
 
 
 def test_cli_ggml_type_names_are_checked_before_anything_loads(capsys) -> None:
-    from allocator.gguf.native_profile import check_ggml_types
+    from allocator.gguf.ggml_types import check_ggml_types
 
     assert check_ggml_types(["Q4_K", "q4_k", "iq4_nl"]) == ["q4_k", "iq4_nl"]
     assert main(["profile", "--model", "no-such-model-xyz", "--ggml-types", "q4_k", "q9_z"]) == 2

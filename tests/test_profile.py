@@ -9,7 +9,8 @@ import torch
 import allocator.measure.profile as profile_module
 from allocator.model.calibration import InputStatistics, capture_block_inputs
 from allocator.errors import BitallocError
-from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer, module_kinds
+from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer
+from allocator.model.arch import module_kinds
 from allocator.model.layers import quantizable_linears
 from allocator.table.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
 from allocator.measure.profile import HESSIAN_ERR, KL, WEIGHT_ERR, cached_table_path, profile_model

@@ -8,11 +8,22 @@ everything: it is the one part of ``allocator`` that imports ``envs`` and ``poli
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Sequence
 
 from allocator.cli.common import RUN_KL_ANCHORS, TRAIN_ACTION_MAPPINGS, quiet_libraries
-from allocator.cli.parser import EXIT_BAD_INPUT, build_parser
+from allocator.cli.parser import EXIT_BAD_INPUT, OneLineParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from allocator.cli.commands import COMMANDS
+
+    parser = OneLineParser(prog="bitalloc", description="Per-layer low-bit allocation, quantization and evaluation of LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for command in COMMANDS:
+        command.add_arguments(commands.add_parser(command.NAME, help=command.HELP))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

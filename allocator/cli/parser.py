@@ -1,7 +1,7 @@
-"""The ``bitalloc`` argument parser: one-line errors, shared argument types and flags.
+"""What the ``bitalloc`` argument parser is made of: one-line errors, shared argument types and flags.
 
-Each command declares its own arguments (:mod:`allocator.cli.commands`); building the parser
-imports no model code, so ``bitalloc --help`` and bad flags answer at once.
+Each command declares its own arguments with these (:mod:`allocator.cli.commands`);
+:func:`allocator.cli.build_parser` puts them together.
 """
 
 from __future__ import annotations
@@ -72,13 +72,3 @@ def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--scale-fold-alpha", type=alpha, default=NOT_GIVEN, metavar="ALPHA",
                         help=f"s = max|x|^alpha / max|w|^(1-alpha): a number in [0, 1] (default {DEFAULT_ALPHA}) or "
                              "'search' (per fold site on a grid, by the Hessian-weighted error of the quantizer)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from allocator.cli.commands import COMMANDS
-
-    parser = OneLineParser(prog="bitalloc", description="Per-layer low-bit allocation, quantization and evaluation of LLMs.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for command in COMMANDS:
-        command.add_arguments(commands.add_parser(command.NAME, help=command.HELP))
-    return parser

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
-from allocator.jobs.pareto import UNIFORM, SweepPoint
+from allocator.solvers import UNIFORM
 from allocator.storage import atomic_path
+
+
+class MeasuredPoint(Protocol):
+    """What the plot reads of a sweep point (:class:`allocator.jobs.pareto.SweepPoint`)."""
+
+    solver: str
+    option: str | None
+    bpw: float
+    perplexity: float | None
 
 MARKERS = "os^vD<>pP*X"
 
 
-def plot_pareto(points: Sequence[SweepPoint], path: Path, title: str, reference_ppl: float | None = None) -> Path:
+def plot_pareto(points: Sequence[MeasuredPoint], path: Path, title: str, reference_ppl: float | None = None) -> Path:
     """Measured ppl (log scale) vs bpw: one line per solver, uniform options as labelled markers."""
     import matplotlib
 

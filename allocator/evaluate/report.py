@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.table import Table
 
-from allocator.jobs.compare import VariantRow
+from allocator.evaluate.rows import VariantRow
 from allocator.storage import write_json
 
 SCHEMA_VERSION = 1

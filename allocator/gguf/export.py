@@ -43,201 +43,36 @@ On SmolLM2 only ``ffn_down`` (input 1536) keeps K/IQ types; on Gemma3 ``attn_out
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 import re
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from allocator.table.bitmap import GGUF_TENSOR_NAMES, BitMap, ggml_type, gguf_tensor_name
 from allocator.errors import BitallocError
+from allocator.gguf.constants import DEFAULT_EMBEDDING_TYPE, GGML_LOG_LEVEL_ERROR, IMATRIX_PRESETS, IMATRIX_TYPES, PRESETS
+from allocator.gguf.files import float_gguf, gguf_tensor_shapes, measure_gguf, source_gguf, GGUFStats
+from allocator.gguf.fold import GGUFFold, without_codebook_sites, write_folded_gguf
+from allocator.gguf.ggml_types import effective_type, ggml_type, quant_type
+from allocator.model.arch import gguf_tensor_name
 from allocator.storage import atomic_path, cache_dir
+from allocator.table.bitmap import BitMap
 
 if TYPE_CHECKING:
-    import torch
-
-    from allocator.gguf.fold import GGUFFold
-    from allocator.model.loading import LoadedModel
     from allocator.quantize.scalefold import ScaleFold
 
 log = logging.getLogger(__name__)
-
-FLOAT_GGUF_VERSION = 1
-IMATRIX_VERSION = 1
-
-PRESETS: tuple[str, ...] = (
-    "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
-    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
-    "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ4_NL", "IQ4_XS",
-)
-"""llama.cpp file types ``bitalloc export --preset`` accepts (``LLAMA_FTYPE_MOSTLY_<name>``)."""
-
-IMATRIX_PRESETS = frozenset({"Q2_K_S", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS"})
-"""Presets llama.cpp refuses to make without an importance matrix (some of their tensors need one)."""
-
-IMATRIX_TYPES = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"})
-"""Tensor types llama.cpp refuses to quantize to without an importance matrix."""
-
-ROW_FALLBACK: dict[str, str] = {
-    **dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"), "iq4_nl"),
-    **dict.fromkeys(("q2_k", "q3_k", "tq1_0", "tq2_0"), "q4_0"),
-    "q4_k": "q5_0",
-    "q5_k": "q5_1",
-    "q6_k": "q8_0",
-}
-"""llama.cpp's replacement for a 256-block type on rows whose length is not a multiple of 256
-(llama-quant.cpp ``tensor_type_fallback``); a row that the replacement's block does not divide
-either becomes f16."""
-
-LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(" + "|".join(GGUF_TENSOR_NAMES.values()) + r")\.weight$")
-"""GGUF names of the decoder linears (the tensors bitalloc's bpw budget counts)."""
-
-DEFAULT_EMBEDDING_TYPE = "q8_0"
-"""Type of ``token_embd`` (and an untied ``output``) in bit-map exports; presets choose their own."""
 
 
 # -- types ----------------------------------------------------------------------------------
 
 
-def _quant_type(name: str):  # -> gguf.GGMLQuantizationType
-    import gguf
-
-    try:
-        return gguf.GGMLQuantizationType[name.upper()]
-    except KeyError:
-        raise BitallocError(f"unknown ggml type {name!r}") from None
-
-
-def block_size(name: str) -> int:
-    """Weights per block of the ggml type ``name``: rows must be a multiple of it."""
-    import gguf
-
-    return int(gguf.GGML_QUANT_SIZES[_quant_type(name)][0])
-
-
-def type_bpw(name: str) -> float:
-    """Stored bits per weight of ggml type ``name`` (block bytes x 8 / block size)."""
-    import gguf
-
-    block, size = gguf.GGML_QUANT_SIZES[_quant_type(name)]
-    return size * 8 / block
-
-
-def effective_type(requested: str, row_length: int) -> str:
-    """The type llama.cpp really writes for ``requested`` on rows of ``row_length`` weights."""
-    import gguf
-
-    requested = requested.lower()
-    block = gguf.GGML_QUANT_SIZES[_quant_type(requested)][0]
-    if row_length % block == 0:
-        return requested
-    fallback = ROW_FALLBACK.get(requested, requested)
-    if row_length % gguf.GGML_QUANT_SIZES[_quant_type(fallback)][0] != 0:
-        return "f16"
-    return fallback
-
-
 # -- the float GGUF -------------------------------------------------------------------------
-
-
-def source_gguf(model: str) -> Path:
-    """The shipped GGUF of ``model`` (a built-in name or a ``.gguf`` path)."""
-    from allocator.model.loading import BUILTIN_MODELS
-
-    if model in BUILTIN_MODELS:
-        return BUILTIN_MODELS[model].locate_gguf()
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise BitallocError(f"model file not found: {model}")
-        return path
-    raise BitallocError(f"GGUF export needs a built-in model or a .gguf file, not {model!r} "
-                        "(convert an HF model with llama.cpp's convert_hf_to_gguf.py first)")
-
-
-def _sha16(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def float_gguf(source: Path) -> Path:
-    """The F32 copy of ``source`` (cached under ``$BITALLOC_CACHE/gguf``; written on first use)."""
-    target = cache_dir("gguf") / f"{source.stem}-{_sha16(source)}-f32-v{FLOAT_GGUF_VERSION}.gguf"
-    if not target.is_file():
-        log.info("writing the F32 reference GGUF %s (once)", target.name)
-        write_float_gguf(source, target)
-    return target
-
-
-def write_float_gguf(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` with every tensor dequantized to F32 and the metadata kept
-    (``general.file_type`` becomes ALL_F32), atomically."""
-    rewrite_gguf(source, target)
-
-
-def gguf_field(reader: Any, key: str) -> Any:
-    """The value of metadata ``key`` of a ``gguf.GGUFReader``; a missing key is a :class:`BitallocError`."""
-    fld = reader.fields.get(key)
-    if fld is None:
-        raise BitallocError(f"the GGUF has no {key}")
-    return fld.contents()
-
-
-def dequantized_array(tensor: Any) -> np.ndarray:
-    """A ``gguf.ReaderTensor`` as float32 rows x columns (numpy order: ``ne`` reversed)."""
-    from gguf.quants import dequantize
-
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    return dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
-
-
-def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> None:
-    """Copy ``source`` to ``target`` as an ALL_F32 GGUF with the metadata kept, atomically: each
-    tensor dequantized to float32 (rows x columns) and passed through ``transform(name, array)``."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(source)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(f"cannot read GGUF {source}: {str(exc).splitlines()[0]}") from None
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None:
-        raise BitallocError(f"{source} has no general.architecture")
-    with atomic_path(target) as tmp:
-        writer = gguf.GGUFWriter(tmp, str(arch_field.contents()))
-        for name, fld in reader.fields.items():
-            if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type", "general.alignment"):
-                continue
-            main = fld.types[0]
-            sub = fld.types[-1] if main == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(name, fld.contents(), main, sub_type=sub)
-        writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
-        for tensor in reader.tensors:
-            data = dequantized_array(tensor)
-            if transform is not None:
-                data = transform(tensor.name, data)
-            writer.add_tensor(tensor.name, np.ascontiguousarray(data, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-
-
-def gguf_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> GGUF shape (``ne``: row length first) of the GGUF at ``path``."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    return {t.name: tuple(int(n) for n in t.shape.tolist()) for t in reader.tensors}
 
 
 # -- plans: which type each tensor gets ------------------------------------------------------
@@ -270,58 +105,6 @@ def tensor_plan(bitmap: BitMap, shapes: Mapping[str, Sequence[int]]) -> dict[str
 # -- importance matrix ----------------------------------------------------------------------
 
 
-def compute_imatrix(loaded: LoadedModel, samples: torch.Tensor, batch_size: int = 4) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> per input column mean of x^2 over every calibration token that enters
-    that decoder linear (float32), from one forward pass of the float model over ``samples``."""
-    import torch
-
-    from allocator.model.layers import quantizable_linears
-
-    linears = quantizable_linears(loaded.model)
-    sums = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
-    rows = dict.fromkeys(linears, 0)
-
-    def hook_for(name: str):
-        def hook(_module: Any, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] += (x * x).sum(dim=0).double()
-            rows[name] += x.shape[0]
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in linears.items()]
-    try:
-        with torch.inference_mode():
-            for batch in samples.split(batch_size):
-                loaded.model(batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {gguf_tensor_name(name) + ".weight": (sums[name] / max(rows[name], 1)).float().numpy() for name in linears}
-
-
-def cached_imatrix(model: str, loaded: LoadedModel, corpus_name: str, samples: int, seqlen: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """:func:`compute_imatrix` on ``samples`` seeded calibration windows, cached as ``.npz``."""
-    from allocator.model.corpus import load_corpus
-    from allocator.measure.profile import model_fingerprint
-    from allocator.model.tokens import calibration_samples
-
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".gguf") else model)
-    key = f"{safe}-{model_fingerprint(loaded.model)[:12]}-{corpus_name}-{samples}x{seqlen}-s{seed}-v{IMATRIX_VERSION}"
-    path = cache_dir("imatrix") / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}.npz"
-    if path.is_file():
-        with np.load(path) as data:
-            return {name: data[name] for name in data.files}
-    corpus = load_corpus(corpus_name)
-    windows = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
-    log.info("importance matrix: %d x %d calibration tokens (cached at %s)", samples, seqlen, path)
-    matrix = compute_imatrix(loaded, windows)
-    with atomic_path(path) as tmp:
-        with tmp.open("wb") as handle:
-            np.savez(handle, **matrix)
-    return matrix
-
-
 # -- llama.cpp's quantizer ------------------------------------------------------------------
 
 
@@ -334,9 +117,6 @@ def require_llama_cpp():  # -> module llama_cpp
     _install_log_sink(llama_cpp)
     return llama_cpp
 
-
-GGML_LOG_LEVEL_ERROR = 4
-"""``enum ggml_log_level`` in ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5."""
 
 _LOG_SINK: list[Any] = []
 _ERRORS: list[str] = []
@@ -397,16 +177,16 @@ def quantize_gguf(
     params.pure = bool(pure)
     keep: list[Any] = []  # ctypes buffers that must live until llama_model_quantize returns
     if token_embedding_type is not None:
-        params.token_embedding_type = int(_quant_type(token_embedding_type))
+        params.token_embedding_type = int(quant_type(token_embedding_type))
     if output_tensor_type is not None:
-        params.output_tensor_type = int(_quant_type(output_tensor_type))
+        params.output_tensor_type = int(quant_type(output_tensor_type))
     if tensor_types:
         overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
         for i, (name, type_name) in enumerate(tensor_types.items()):
             pattern = ("^" + re.escape(name) + "$").encode()
             keep.append(pattern)
             overrides[i].pattern = pattern
-            overrides[i].type = int(_quant_type(type_name))
+            overrides[i].type = int(quant_type(type_name))
         overrides[len(tensor_types)].pattern = None  # terminator
         keep.append(overrides)
         params.tt_overrides = ctypes.cast(overrides, type(params.tt_overrides))
@@ -440,63 +220,6 @@ def quantize_gguf(
 # -- measuring a GGUF -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GGUFStats:
-    """What a GGUF file really stores."""
-
-    path: str
-    file_bytes: int
-    tensor_bytes: int
-    params: int
-    linear_bytes: int
-    linear_params: int
-    types: dict[str, str] = field(default_factory=dict)
-    """Tensor name -> ggml type name (lower case)."""
-
-    @property
-    def linear_bpw(self) -> float:
-        """Bits per weight of the decoder linears, from their tensor bytes."""
-        return self.linear_bytes * 8 / max(self.linear_params, 1)
-
-    @property
-    def file_bpw(self) -> float:
-        """Bits per weight of every tensor in the file (embeddings, norms and LM head included)."""
-        return self.tensor_bytes * 8 / max(self.params, 1)
-
-    def linear_type_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for name, kind in self.types.items():
-            if LINEAR_TENSOR.match(name):
-                counts[kind] = counts.get(kind, 0) + 1
-        return dict(sorted(counts.items()))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "file_bytes": self.file_bytes, "tensor_bytes": self.tensor_bytes, "params": self.params,
-                "linear_bytes": self.linear_bytes, "linear_params": self.linear_params, "linear_bpw": self.linear_bpw,
-                "file_bpw": self.file_bpw, "linear_types": self.linear_type_counts()}
-
-
-def measure_gguf(path: Path) -> GGUFStats:
-    """Read ``path`` with ``gguf.GGUFReader`` and count its tensor bytes."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(f"cannot read GGUF {path}: {str(exc).splitlines()[0]}") from None
-    tensor_bytes = params = linear_bytes = linear_params = 0
-    types: dict[str, str] = {}
-    for tensor in reader.tensors:
-        n_bytes, n = int(tensor.n_bytes), int(tensor.n_elements)
-        tensor_bytes += n_bytes
-        params += n
-        types[tensor.name] = tensor.tensor_type.name.lower()
-        if LINEAR_TENSOR.match(tensor.name):
-            linear_bytes += n_bytes
-            linear_params += n
-    return GGUFStats(str(path), Path(path).stat().st_size, tensor_bytes, params, linear_bytes, linear_params, types)
-
-
 # -- the two exports ------------------------------------------------------------------------
 
 
@@ -520,7 +243,6 @@ def _quantizer_source(float_path: Path, scale_fold: ScaleFold | None, written: M
     if scale_fold is None:
         yield float_path, None, 0
         return
-    from allocator.gguf.fold import without_codebook_sites, write_folded_gguf
 
     fold, unfolded = without_codebook_sites(scale_fold, written)
     with tempfile.TemporaryDirectory(prefix="folded-", dir=cache_dir("gguf")) as work:

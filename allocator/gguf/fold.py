@@ -37,14 +37,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from allocator.table.bitmap import GGUF_TENSOR_NAMES, gguf_tensor_name
 from allocator.errors import BitallocError
-from allocator.gguf.export import gguf_field
+from allocator.gguf.constants import CODEBOOK_TYPES
+from allocator.gguf.files import gguf_field, rewrite_gguf
+from allocator.model.arch import gguf_tensor_name, is_block_linear
 from allocator.quantize.scalefold import HeadLayout, ScaleFold
-
-
-CODEBOOK_TYPES = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"})
-"""llama.cpp types that quantize to lattice codebooks (grids of 8-weight points), not per-weight scalar levels."""
 
 
 def without_codebook_sites(fold: ScaleFold, written: Mapping[str, str]) -> tuple[ScaleFold, int]:
@@ -59,10 +56,6 @@ def without_codebook_sites(fold: ScaleFold, written: Mapping[str, str]) -> tuple
         else:
             groups.append(group)
     return ScaleFold(fold.settings, groups), dropped
-
-
-def _is_linear(module: str) -> bool:
-    return any(module.endswith("." + local) for local in GGUF_TENSOR_NAMES)
 
 
 @dataclass
@@ -91,7 +84,7 @@ class GGUFFold:
             if group.alpha is None:  # the search kept s = 1
                 continue
             scales = group.scales.double()
-            if _is_linear(group.source):
+            if is_block_linear(group.source):
                 producer = gguf_tensor_name(group.source) + ".weight"
             else:
                 producer = names.get_name(group.source + ".weight", try_suffixes=(".weight",))
@@ -153,7 +146,6 @@ def write_folded_gguf(source: Path, fold: ScaleFold, target: Path) -> GGUFFold:
     """Write the F32 GGUF ``source`` folded by ``fold`` to ``target`` (atomically); returns the mapping."""
     import gguf
 
-    from allocator.gguf.export import rewrite_gguf
 
     plan = GGUFFold.from_record(fold, gguf.GGUFReader(source))
     rewrite_gguf(source, target, plan.apply)

@@ -26,66 +26,30 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from allocator.table.bitmap import GGML_QUANTIZER, gguf_tensor_name
 from allocator.errors import BitallocError
-from allocator.gguf.export import (
-    IMATRIX_TYPES,
-    block_size,
-    dequantized_array,
-    float_gguf,
-    gguf_field,
-    quantize_gguf,
-    require_llama_cpp,
-    source_gguf,
-)
+from allocator.gguf.constants import DEFAULT_GGML_TYPES, GGML_PROFILE_VERSION, GGML_QUANTIZER, IMATRIX_TYPES
+from allocator.gguf.export import quantize_gguf, require_llama_cpp
+from allocator.gguf.files import dequantized_array, float_gguf, gguf_field, source_gguf
+from allocator.gguf.ggml_types import check_ggml_types, type_fits
+from allocator.model.arch import gguf_tensor_name
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
 from allocator.measure.profile import KL, WEIGHT_ERR, KLProbe, profile_cache_path
-from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey, tie_groups
+from allocator.model.arch import tie_groups
+from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 from allocator.storage import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
-GGML_PROFILE_VERSION = 1
-
-DEFAULT_GGML_TYPES: tuple[str, ...] = ("iq2_xxs", "iq2_xs", "q2_k", "iq3_xxs", "q3_k", "iq4_nl", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
-"""Candidate types: the K- and IQ-types from 2 to 6.6 bpw (rows a multiple of 256), the 32-block
-types llama.cpp falls back to on other rows (iq4_nl 4.5, q5_0 5.5, q8_0 8.5)."""
-
-
-IMATRIX_SAMPLES = 32
-"""Calibration windows of the importance matrix the types are quantized with (as ``bitalloc export`` makes it)."""
-
-
-def check_ggml_types(types: Sequence[str]) -> list[str]:
-    """Lower-cased, de-duplicated ``types``; an unknown or unsized type is a :class:`BitallocError`."""
-    import gguf
-
-    known = {q.name.lower() for q in gguf.GGMLQuantizationType if q in gguf.GGML_QUANT_SIZES}
-    out: list[str] = []
-    for name in types:
-        lowered = name.lower()
-        if lowered not in known or lowered in ("f32", "f64", "i8", "i16", "i32", "i64"):
-            raise BitallocError(f"unknown llama.cpp tensor type {name!r}")
-        if lowered not in out:
-            out.append(lowered)
-    return out
-
 
 def ggml_option(type_name: str) -> Option:
     return Option(type_name, {"quantizer": GGML_QUANTIZER, "type": type_name})
-
-
-def type_fits(type_name: str, row_length: int) -> bool:
-    """Whether llama.cpp can store rows of ``row_length`` in ``type_name`` blocks."""
-    return row_length % block_size(type_name) == 0
 
 
 def hf_rows(array: np.ndarray, heads: int) -> np.ndarray:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -12,6 +12,7 @@ from allocator.evaluate.accounting import model_size_bytes
 from allocator.quantize.apply import QuantizedModel, quantize_model
 from allocator.model.corpus import Corpus
 from allocator.evaluate.perplexity import REFERENCE, evaluate
+from allocator.evaluate.rows import VariantRow
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
 from allocator.quantize.scalefold import ScaleFoldSettings
@@ -29,23 +30,6 @@ class EvalSettings:
     """Calibration sequences of ``seqlen`` tokens (used by Hessian-based quantizers)."""
     seed: int = 0
     true_sequential: bool = True
-
-
-@dataclass
-class VariantRow:
-    name: str
-    bpw: float | None
-    """Stored bits per weight of the quantized linears (None for the float reference)."""
-    model_mb: float
-    perplexity: float
-    ppl_ratio: float
-    kl: float
-    quantize_seconds: float
-    eval_seconds: float
-    eval_tokens: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def calibration_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:

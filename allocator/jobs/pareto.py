@@ -34,11 +34,10 @@ from allocator.errors import BitallocError
 from allocator.evaluate.perplexity import evaluate
 from allocator.measure.option_weights import OptionWeights
 from allocator.table.sensitivity import SensitivityTable
-from allocator.solvers import Budget, Constraints, solve
+from allocator.solvers import UNIFORM, Budget, Constraints, solve
 from allocator.storage import write_json
 
 SWEEP_SCHEMA_VERSION = 1
-UNIFORM = "uniform"
 
 
 @dataclass

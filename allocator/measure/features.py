@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from allocator.model.arch import module_kinds
 from quantizers import RTNQuantizer
 
 FEATURE_SCHEMA = "bitalloc-features-v1"
@@ -65,27 +66,9 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 """Column names of :func:`feature_matrix` (documented one per line in the module docstring)."""
 
-KIND_OF_LEAF: dict[str, tuple[str, ...]] = {
-    # llama / mistral / qwen / gemma naming
-    "q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),
-    "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",),
-    # fused projections (phi-3 style)
-    "qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up"),
-    # other common spellings
-    "wq": ("q",), "wk": ("k",), "wv": ("v",), "wo": ("o",),
-    "query": ("q",), "key": ("k",), "value": ("v",), "dense": ("o",), "out_proj": ("o",),
-    "w1": ("gate",), "w3": ("up",), "w2": ("down",),
-    "fc1": ("up",), "fc2": ("down",),
-}
-"""Last component of a module name -> the kinds it stands for."""
 
 RTN_GROUP_SIZE = 128
 EPS = 1e-12
-
-
-def module_kinds(name: str) -> tuple[str, ...]:
-    """Kinds of a module by its qualified name (``...self_attn.q_proj`` -> ``("q",)``); ``()`` if unknown."""
-    return KIND_OF_LEAF.get(name.rpartition(".")[2], ())
 
 
 def _log(value: float) -> float:

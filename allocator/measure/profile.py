@@ -53,7 +53,8 @@ from allocator.model.loading import LoadedModel
 from allocator.measure.option_weights import OptionWeights
 from allocator.table.options import default_options, quantizer_from_settings
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
-from allocator.table.sensitivity import Option, SensitivityTable, TableKey, tie_groups
+from allocator.model.arch import tie_groups
+from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from allocator.storage import cache_dir, write_json
 from allocator.model.tokens import calibration_samples
 from quantizers import Quantizer

@@ -81,6 +81,7 @@ from transformers import PreTrainedModel
 
 from allocator.model.calibration import HessianAccumulator, capture_block_inputs, run_block
 from allocator.errors import BitallocError
+from allocator.model.arch import FOLD_SITES
 from allocator.model.layers import decoder_layers, decoder_prefix, swapped_weights
 from allocator.table.options import quantizer_from_settings
 from quantizers import Quantizer, build_quantizer
@@ -335,29 +336,32 @@ def _has(block: nn.Module, name: str) -> bool:
 
 
 def _block_sites(block: nn.Module) -> list[_Site]:
-    """The fold sites of a llama/qwen/gemma-style block that exist here, in execution order."""
+    """The fold sites of a llama/qwen/gemma-style block that exist here, in execution order
+    (names: :data:`allocator.model.arch.FOLD_SITES`)."""
+    names = FOLD_SITES
     sites: list[_Site] = []
-    attn = "self_attn"
-    q, k, v, o = (_linear(block, f"{attn}.{p}_proj") for p in "qkvo")
-    if q is not None and k is not None and v is not None and _has(block, "input_layernorm"):
-        offset = _norm_offset(block.get_submodule("input_layernorm"))
+    q, k, v = (_linear(block, name) for name in names.qkv)
+    o = _linear(block, names.output)
+    if q is not None and k is not None and v is not None and _has(block, names.attention_norm):
+        offset = _norm_offset(block.get_submodule(names.attention_norm))
         if offset is not None:
-            sites.append(_Site("input_layernorm", (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), norm_offset=offset))
-    if v is not None and o is not None and v.bias is None and not _has(block, f"{attn}.v_norm"):
-        module = block.get_submodule(attn)
+            sites.append(_Site(names.attention_norm, names.qkv, norm_offset=offset))
+    if v is not None and o is not None and v.bias is None and not _has(block, names.value_norm):
+        module = block.get_submodule(names.value.rpartition(".")[0])
         head_dim = getattr(module, "head_dim", None)
         if isinstance(head_dim, int) and head_dim > 0 and v.out_features % head_dim == 0 and o.in_features % v.out_features == 0:
             kv_heads = v.out_features // head_dim
             n_rep = o.in_features // v.out_features
-            sites.append(_Site(f"{attn}.v_proj", (f"{attn}.o_proj",), heads=HeadLayout(kv_heads, n_rep, head_dim)))
-    gate, up, down = (_linear(block, f"mlp.{p}_proj") for p in ("gate", "up", "down"))
-    norm_name = "pre_feedforward_layernorm" if _has(block, "pre_feedforward_layernorm") else "post_attention_layernorm"
+            sites.append(_Site(names.value, (names.output,), heads=HeadLayout(kv_heads, n_rep, head_dim)))
+    gate, up = (_linear(block, name) for name in names.gate_up)
+    down = _linear(block, names.down)
+    norm_name = next((n for n in names.mlp_norms if _has(block, n)), names.mlp_norms[-1])
     if gate is not None and up is not None and _has(block, norm_name):
         offset = _norm_offset(block.get_submodule(norm_name))
         if offset is not None:
-            sites.append(_Site(norm_name, ("mlp.gate_proj", "mlp.up_proj"), norm_offset=offset))
+            sites.append(_Site(norm_name, names.gate_up, norm_offset=offset))
     if gate is not None and up is not None and down is not None and up.bias is None:
-        sites.append(_Site("mlp.up_proj", ("mlp.down_proj",)))
+        sites.append(_Site(names.up, (names.down,)))
     return sites
 
 

@@ -31,6 +31,8 @@ SOLVERS: dict[str, Callable[..., BitMap]] = {
     greedy.NAME: greedy.solve,
 }
 DEFAULT_SOLVER = ilp.NAME
+UNIFORM = "uniform"
+"""Solver name of an allocation with one option on every layer (the uniform points of a sweep)."""
 
 
 def solve(
@@ -51,4 +53,4 @@ def solve(
     return function(table, budget, constraints, **settings)
 
 
-__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "build_problem", "solve"]
+__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "build_problem", "solve"]

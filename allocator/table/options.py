@@ -24,6 +24,15 @@ from allocator.table.sensitivity import Option
 from quantizers import QUANTIZERS, Quantizer, build_quantizer
 
 DEFAULT_GROUP_SIZE = 128
+
+FLOAT_QUANTIZERS = frozenset({"none", "float", "fp16", "keep"})
+"""Quantizer names in option settings that leave the weight in float16."""
+
+
+def is_one_bit(quantizer: str) -> bool:
+    """Whether the quantizer named ``quantizer`` in option settings is a 1-bit format."""
+    return quantizer in QUANTIZERS and QUANTIZERS[quantizer].one_bit
+
 KEEP_LABEL = "keep8"
 KEEP_SETTINGS: dict[str, Any] = {"quantizer": "rtn", "bits": 8, "group_size": None, "symmetric": True}
 

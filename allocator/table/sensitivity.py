@@ -37,6 +37,7 @@ import numpy as np
 
 from allocator import __version__
 from allocator.errors import BitallocError
+from allocator.model.arch import BLOCK_LINEARS, tie_groups
 from allocator.storage import atomic_path
 
 TABLE_SCHEMA_VERSION = 1
@@ -45,31 +46,6 @@ NOT_APPLICABLE = -1
 PREFERRED_LOSSES = ("kl", "kl_est")
 """Measured single-layer KL first (allocator/measure/layer_kl.py): it predicts measured quality of whole
 allocations far better than the Hessian-weighted output error (benchmarks/results/allocation.md)."""
-
-TIED_LINEARS: dict[str, str] = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-    "w1": "gate_up",  # Mixtral-style expert naming: w1 = gate, w3 = up, w2 = down
-    "w3": "gate_up",
-}
-"""Last name component -> the fused group it belongs to within its parent module."""
-
-
-def tie_groups(names: Sequence[str], tied: Mapping[str, str] = TIED_LINEARS) -> np.ndarray:
-    """Tie-group id of every layer: layers under the same parent whose last name component falls in
-    the same class of ``tied`` share an id (``...3.self_attn.{q,k,v}_proj``; ``...3.mlp.{gate,up}_proj``);
-    every other layer gets an id of its own. Ids are 0, 1, ... in order of first appearance."""
-    ids: dict[tuple[str, str], int] = {}
-    out = np.empty(len(names), dtype=np.int64)
-    for i, name in enumerate(names):
-        parent, _, leaf = name.rpartition(".")
-        key = (parent, tied[leaf]) if leaf in tied else ("", name)
-        out[i] = ids.setdefault(key, len(ids))
-    return out
-
 
 @dataclass(frozen=True)
 class Option:
@@ -331,15 +307,8 @@ class SensitivityTable:
         options = list(options) if options is not None else list(SYNTHETIC_OPTIONS)
         inter = int(math.ceil(hidden * 8 / 3 / 32) * 32)
         kv = max(hidden // 3 // 32 * 32, 32)
-        block = [
-            ("self_attn.q_proj", hidden, hidden),
-            ("self_attn.k_proj", kv, hidden),
-            ("self_attn.v_proj", kv, hidden),
-            ("self_attn.o_proj", hidden, hidden),
-            ("mlp.gate_proj", inter, hidden),
-            ("mlp.up_proj", inter, hidden),
-            ("mlp.down_proj", hidden, inter),
-        ]
+        shapes_in_block = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+        block = [(local, out_f, in_f) for local, (out_f, in_f) in zip(BLOCK_LINEARS, shapes_in_block)]
         names, shapes = [], []
         for i in range(num_layers):
             local, out_f, in_f = block[i % len(block)]

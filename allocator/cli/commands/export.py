@@ -42,9 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.table.bitmap import BitMap, is_ggml_native
+    from allocator.gguf.imatrix import needs_imatrix
+    from allocator.table.bitmap import BitMap
     from allocator.errors import BitallocError
-    from allocator.gguf.export import IMATRIX_PRESETS, IMATRIX_TYPES, export_bitmap, export_preset, float_gguf, gguf_tensor_shapes, preset_ftype, require_llama_cpp, source_gguf, tensor_plan
+    from allocator.gguf.export import export_bitmap, export_preset, preset_ftype, require_llama_cpp, tensor_plan
+    from allocator.gguf.files import float_gguf, gguf_tensor_shapes, source_gguf
 
     if args.out.suffix != ".gguf":
         raise BitallocError(f"--out {args.out} must end in .gguf")
@@ -71,11 +73,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source = source_gguf(model)
     if bitmap is not None:
-        needs = any(p.written in IMATRIX_TYPES for p in tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))).values())
-        # GGUF-native options (profile --ggml-types) were measured on files made with the importance matrix
-        needs = needs or is_ggml_native(bitmap)
+        needs = needs_imatrix(bitmap=bitmap, plan=tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))))
     else:
-        needs = args.preset.upper() in IMATRIX_PRESETS
+        needs = needs_imatrix(preset=args.preset)
     loaded = None
     imatrix = None
     if args.imatrix == "on" or (args.imatrix == "auto" and needs) or args.eval or fold_settings is not None:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if fold_settings is not None:
         fold = export_scale_fold(loaded, bitmap, fold_settings, args)
     if args.imatrix == "on" or (args.imatrix == "auto" and needs):
-        from allocator.gguf.export import cached_imatrix
+        from allocator.gguf.imatrix import cached_imatrix
 
         imatrix = cached_imatrix(model, loaded, args.corpus, args.imatrix_samples, args.seqlen, args.seed)
     if bitmap is not None:
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 def export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # -> ScaleFold
     """The fold ``bitalloc quantize --scale-fold`` computes for ``bitmap`` with the same calibration
     (for a preset: every site, scored as a profile scores it)."""
-    from allocator.table.bitmap import is_ggml_native
+    from allocator.gguf.ggml_types import is_ggml_native
     from allocator.model.corpus import load_corpus
     from allocator.table.options import assignment_from_settings
     from allocator.jobs.compare import EvalSettings, calibration_tokens

@@ -92,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
 def profile_ggml_types_command(args: argparse.Namespace) -> int:
     from allocator.model.corpus import load_corpus
     from allocator.errors import BitallocError
-    from allocator.gguf.export import cached_imatrix, require_llama_cpp, source_gguf
-    from allocator.gguf.native_profile import DEFAULT_GGML_TYPES, IMATRIX_SAMPLES, check_ggml_types, profile_ggml_types
+    from allocator.gguf.export import require_llama_cpp
+    from allocator.gguf.files import source_gguf
+    from allocator.gguf.imatrix import cached_imatrix
+    from allocator.gguf.constants import DEFAULT_GGML_TYPES, IMATRIX_SAMPLES
+    from allocator.gguf.ggml_types import check_ggml_types
+    from allocator.gguf.native_profile import profile_ggml_types
     from allocator.model.loading import load_model
     from allocator.measure.profile import cached_table_path, save_table
     from allocator.table.sensitivity import TableKey

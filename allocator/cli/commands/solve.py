@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.table.bitmap import gptqmodel_dynamic, llama_cpp_tensor_types
+    from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
+    from allocator.runtime.gptqmodel import gptqmodel_dynamic
     from allocator.table.sensitivity import SensitivityTable
     from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, solve
     from allocator.storage import atomic_path
