@@ -24,7 +24,7 @@ from clip_search import BUDGETS, OPTION_SPECS
 from finer_options import options_used, profile_and_sweep
 
 from allocator.model.corpus import load_corpus
-from allocator.measure.layer_kl import KL_MEASURED
+from allocator.table.losses import KL_MEASURED
 from allocator.model.loading import load_model
 from allocator.table.options import parse_options
 from allocator.measure.profile import cached_table_path, profile_model

@@ -19,7 +19,8 @@ from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_c
 from clip_search import OPTION_SPECS
 
 from allocator.model.corpus import load_corpus
-from allocator.measure.layer_kl import KL_LOCAL, KL_MEASURED, with_kl_around
+from allocator.measure.layer_kl import with_kl_around
+from allocator.table.losses import KL_LOCAL, KL_MEASURED
 from allocator.model.loading import load_model
 from allocator.measure.option_weights import OptionWeights
 from allocator.table.options import parse_options

@@ -27,7 +27,6 @@ from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import load_model
 from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
-from allocator.table.options import assignment_from_settings
 from allocator.quantize.scalefold import DEFAULT_ALPHA, ScaleFoldSettings, parse_alpha
 from allocator.quantize.apply import quantize_with_scale_fold
 from allocator.table.sensitivity import SensitivityTable
@@ -87,7 +86,7 @@ def uniform_assignment(loaded, quantizer: Quantizer) -> tuple[str, dict[str, Qua
 def mixed_assignment(table: SensitivityTable, bpw: float) -> tuple[str, dict[str, Quantizer]]:
     """The ILP bit map of ``table`` at ``bpw`` on its default loss, as per-layer quantizers."""
     bitmap = solve(table, Budget.bpw(bpw))
-    return f"ilp@{bpw:g}({bitmap.loss_name})", assignment_from_settings(bitmap.assignment())
+    return f"ilp@{bpw:g}({bitmap.loss_name})", bitmap.assignment().quantizers()
 
 
 def measure_batch(loaded, corpus, name: str, assignment: dict[str, Quantizer], folds: list[ScaleFoldSettings],

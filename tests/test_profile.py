@@ -13,7 +13,8 @@ from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_ma
 from allocator.model.arch import module_kinds
 from allocator.model.layers import quantizable_linears
 from allocator.table.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
-from allocator.measure.profile import HESSIAN_ERR, KL, WEIGHT_ERR, cached_table_path, profile_model
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
 from allocator.table.sensitivity import SensitivityTable
 from tests.conftest import WORDS
 

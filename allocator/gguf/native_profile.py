@@ -40,7 +40,8 @@ from allocator.gguf.ggml_types import check_ggml_types, type_fits
 from allocator.model.arch import gguf_tensor_name
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
-from allocator.measure.profile import KL, WEIGHT_ERR, KLProbe, profile_cache_path
+from allocator.measure.profile import KLProbe, profile_cache_path
+from allocator.table.losses import KL, WEIGHT_ERR
 from allocator.model.arch import tie_groups
 from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 from allocator.storage import atomic_path, cache_dir

@@ -18,6 +18,7 @@ from allocator.model.loading import LoadedModel
 from allocator.quantize.scalefold import ScaleFoldSettings
 from allocator.quantize.apply import quantize_with_scale_fold
 from allocator.model.tokens import calibration_samples, evaluation_windows
+from allocator.table.assignment import Assignment
 from quantizers import Quantizer
 
 
@@ -45,19 +46,20 @@ def evaluation_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSetting
 def quantize_assignment(
     loaded: LoadedModel,
     corpus: Corpus,
-    assignment: Mapping[str, Quantizer],
+    assignment: Assignment | Mapping[str, Quantizer],
     settings: EvalSettings = EvalSettings(),
     progress: bool = True,
     scale_fold: ScaleFoldSettings | None = None,
 ) -> QuantizedModel:
-    """Quantize the modules of ``assignment`` (calibrating on ``corpus`` when a quantizer needs it);
-    with ``scale_fold``, on the scale-folded model (:func:`allocator.quantize.apply.quantize_with_scale_fold`,
-    which always calibrates)."""
+    """Quantize the modules of ``assignment`` (settings, or quantizers already built; calibrating on
+    ``corpus`` when a quantizer needs it); with ``scale_fold``, on the scale-folded model
+    (:func:`allocator.quantize.apply.quantize_with_scale_fold`, which always calibrates)."""
+    quantizers = assignment.quantizers() if isinstance(assignment, Assignment) else assignment
     if scale_fold is not None:
         samples = calibration_tokens(loaded, corpus, settings)
-        return quantize_with_scale_fold(loaded.model, assignment, samples, scale_fold, settings.true_sequential, progress)
-    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in assignment.values()) else None
-    return quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
+        return quantize_with_scale_fold(loaded.model, quantizers, samples, scale_fold, settings.true_sequential, progress)
+    samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in quantizers.values()) else None
+    return quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress)
 
 
 def compare_variants(

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from allocator.errors import BitallocError
 from allocator.model.loading import LoadedModel
 from allocator.measure.option_weights import OptionWeights
-from allocator.measure.profile import HESSIAN_ERR, KL, KLProbe
+from allocator.measure.profile import KLProbe
+from allocator.table.losses import HESSIAN_ERR, KL_CALIBRATED, KL_LOCAL, KL_MEASURED
 from allocator.table.sensitivity import SensitivityTable
 from allocator.model.tokens import calibration_samples
 
@@ -42,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KL_MEASURED = KL
-KL_CALIBRATED = "kl_est"
-KL_LOCAL = "kl_local"
 DEFAULT_KL_SEQLEN = 256
 """Tokens per KL window (the measurement costs one forward over them per (layer, option))."""
 KL_ESTIMATE_ANCHORS = "kl_est_anchors"
@@ -244,7 +242,7 @@ def with_kl_around(
         f"KL increase of switching one layer of a base allocation (KL {at_base:.4f}) to this option, on {windows} x {seqlen} "
         "calibration tokens; 0 at the base option")}
     metadata = {**table.metadata, "losses": descriptions,
-                "kl_local": {"windows": windows, "seqlen": seqlen, "base_kl": at_base, "seconds": time.perf_counter() - start}}
+                KL_LOCAL: {"windows": windows, "seqlen": seqlen, "base_kl": at_base, "seconds": time.perf_counter() - start}}
     checkpoint.unlink(missing_ok=True)
     return dataclasses.replace(table, losses={**table.losses, KL_LOCAL: local}, metadata=metadata)
 

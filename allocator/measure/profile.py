@@ -57,6 +57,7 @@ from allocator.model.arch import tie_groups
 from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from allocator.storage import cache_dir, write_json
 from allocator.model.tokens import calibration_samples
+from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
 from quantizers import Quantizer
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,6 @@ PROFILE_VERSION = 1
 """Bump when what a profile measures changes (invalidates cached tables)."""
 CODE_VERSION = f"{__version__}+profile{PROFILE_VERSION}+{FEATURE_SCHEMA}"
 PROFILE_CACHE = "profiles"
-HESSIAN_ERR = "hessian_err"
-WEIGHT_ERR = "weight_err"
-KL = "kl"
 LOSS_DESCRIPTIONS = {
     HESSIAN_ERR: "tr((W-Q) H (W-Q)^T), H = 2 X^T X / n of the reference inputs (layer quantized alone)",
     WEIGHT_ERR: "||W-Q||_F^2",

@@ -1,4 +1,4 @@
-"""Quantize a model's linear layers by an assignment of module name -> quantizer.
+"""Quantize a model's linear layers by a map of module name -> quantizer (:meth:`allocator.table.assignment.Assignment.quantizers`).
 
 Calibration-aware quantizers run as GPTQ does: block by block in model order, each block fed
 the outputs of the already-quantized blocks before it, and inside a block the linears that share
@@ -59,31 +59,31 @@ class QuantizedModel:
 
 def quantize_model(
     model: PreTrainedModel,
-    assignment: Mapping[str, Quantizer],
+    quantizers: Mapping[str, Quantizer],
     samples: torch.Tensor | None = None,
     true_sequential: bool = True,
     progress: bool = True,
 ) -> QuantizedModel:
-    """Quantize every module named in ``assignment``; ``samples`` (N x seqlen token ids) feed
+    """Quantize every module named in ``quantizers``; ``samples`` (N x seqlen token ids) feed
     the quantizers that need input Hessians."""
     linears = quantizable_linears(model)
-    unknown = sorted(set(assignment) - set(linears))
+    unknown = sorted(set(quantizers) - set(linears))
     if unknown:
         raise BitallocError(f"not a quantizable linear of this model: {unknown[0]}")
-    if not any(q.uses_hessian for q in assignment.values()):
+    if not any(q.uses_hessian for q in quantizers.values()):
         result = QuantizedModel()
-        for name in tqdm(list(assignment), desc="quantize", disable=not progress):
-            result.tensors[name] = assignment[name].quantize(linears[name].weight)
+        for name in tqdm(list(quantizers), desc="quantize", disable=not progress):
+            result.tensors[name] = quantizers[name].quantize(linears[name].weight)
         return result
     if samples is None:
         raise BitallocError("calibration samples are needed for Hessian-based quantizers")
-    return _quantize_sequential(model, assignment, samples, true_sequential, progress)
+    return _quantize_sequential(model, quantizers, samples, true_sequential, progress)
 
 
 @torch.inference_mode()
 def _quantize_sequential(
     model: PreTrainedModel,
-    assignment: Mapping[str, Quantizer],
+    quantizers: Mapping[str, Quantizer],
     samples: torch.Tensor,
     true_sequential: bool,
     progress: bool,
@@ -96,13 +96,13 @@ def _quantize_sequential(
     for index in tqdm(range(len(layers)), desc="quantize blocks", disable=not progress):
         block = copy.deepcopy(layers[index])
         kwargs = inputs.block_kwargs[index]
-        wanted = {local: f"{prefix}.{index}.{local}" for local in layer_linears(block) if f"{prefix}.{index}.{local}" in assignment}
+        wanted = {local: f"{prefix}.{index}.{local}" for local in layer_linears(block) if f"{prefix}.{index}.{local}" in quantizers}
         if wanted:
             groups = _input_groups(block, hidden[0], kwargs) if true_sequential else [list(layer_linears(block))]
             for group in groups:
                 members = [local for local in group if local in wanted]
                 if members:
-                    _quantize_group(block, members, {m: assignment[wanted[m]] for m in members}, hidden, kwargs, result, wanted)
+                    _quantize_group(block, members, {m: quantizers[wanted[m]] for m in members}, hidden, kwargs, result, wanted)
         hidden = [run_block(block, h, kwargs) for h in hidden]
         del block
     return result
@@ -170,19 +170,19 @@ def _quantize_group(
 
 def quantize_with_scale_fold(
     model: PreTrainedModel,
-    assignment: Mapping[str, Quantizer],
+    quantizers: Mapping[str, Quantizer],
     samples: torch.Tensor,
     settings: ScaleFoldSettings = ScaleFoldSettings(),
     true_sequential: bool = True,
     progress: bool = True,
 ) -> QuantizedModel:
     """Fold scales into a virtual copy of ``model`` (an overlay; the model is unchanged), then
-    quantize ``assignment`` on it (:func:`quantize_model`). The result carries the
+    quantize ``quantizers`` on it (:func:`quantize_model`). The result carries the
     folded float tensors that are not quantized (the norms) and the fold's record, so
     ``dequantized_weights()`` swapped into the reference model runs the folded, quantized model."""
-    fold, overlay = compute_scale_fold(model, samples, settings, search_quantizers(assignment), progress)
+    fold, overlay = compute_scale_fold(model, samples, settings, search_quantizers(quantizers), progress)
     with swapped_weights(model, overlay):
-        quantized = quantize_model(model, assignment, samples, true_sequential, progress)
+        quantized = quantize_model(model, quantizers, samples, true_sequential, progress)
     quantized.float_weights = {name: weight.detach().float().clone() for name, weight in overlay.items() if name not in quantized.tensors}
     quantized.scale_fold = fold
     return quantized

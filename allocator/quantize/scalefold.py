@@ -278,14 +278,14 @@ def search_proxy(quantizer: Quantizer) -> Quantizer:
     return quantizer
 
 
-def search_quantizers(assignment: Mapping[str, Quantizer]) -> dict[str, Quantizer]:
-    """Scoring quantizer per layer: the uniform assignment's proxy, or RTN 3-bit g128 for a mixed one."""
-    distinct = {json.dumps(q.settings(), sort_keys=True) for q in assignment.values()}
+def search_quantizers(quantizers: Mapping[str, Quantizer]) -> dict[str, Quantizer]:
+    """Scoring quantizer per layer: a uniform map's proxy, or RTN 3-bit g128 for a mixed one."""
+    distinct = {json.dumps(q.settings(), sort_keys=True) for q in quantizers.values()}
     if len(distinct) == 1:
-        proxy = search_proxy(next(iter(assignment.values())))
+        proxy = search_proxy(next(iter(quantizers.values())))
     else:
         proxy = quantizer_from_settings(MIXED_SEARCH_SETTINGS)
-    return {name: proxy for name in assignment}
+    return {name: proxy for name in quantizers}
 
 
 # ----------------------------------------------------------------------------- fold sites of a block

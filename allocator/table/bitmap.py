@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from allocator.errors import BitallocError
+from allocator.table.assignment import Assignment
 from allocator.storage import write_json
 
 BITMAP_SCHEMA_VERSION = 1
@@ -93,9 +94,9 @@ class BitMap:
         """Module name -> option label."""
         return {name: e.option for name, e in self.modules.items()}
 
-    def assignment(self) -> dict[str, dict[str, Any]]:
-        """Module name -> quantizer settings (what :mod:`allocator.quantize.apply` needs)."""
-        return {name: dict(e.settings) for name, e in self.modules.items()}
+    def assignment(self) -> Assignment:
+        """Module name -> quantizer settings (what :mod:`allocator.quantize.apply` applies)."""
+        return Assignment({name: e.settings for name, e in self.modules.items()})
 
     # -- JSON -------------------------------------------------------------------------------
 

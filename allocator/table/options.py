@@ -199,22 +199,9 @@ def quantizer_from_flags(
     return quantizer_from_settings(settings)
 
 
-def assignment_from_settings(modules: Mapping[str, Mapping[str, Any]]) -> dict[str, Quantizer]:
-    """Module name -> quantizer for per-module settings (one instance per distinct setting)."""
-    built: dict[str, Quantizer] = {}
-    out: dict[str, Quantizer] = {}
-    for module, settings in modules.items():
-        key = repr(sorted(settings.items()))
-        if key not in built:
-            built[key] = quantizer_from_settings(settings)
-        out[module] = built[key]
-    return out
-
-
 __all__: Sequence[str] = [
     "DEFAULT_OPTION_SPECS",
     "KEEP_LABEL",
-    "assignment_from_settings",
     "default_options",
     "option_for",
     "parse_options",

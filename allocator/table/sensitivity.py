@@ -38,14 +38,12 @@ import numpy as np
 from allocator import __version__
 from allocator.errors import BitallocError
 from allocator.model.arch import BLOCK_LINEARS, tie_groups
+from allocator.table.losses import HESSIAN_ERR, PREFERRED_LOSSES
 from allocator.storage import atomic_path
 
 TABLE_SCHEMA_VERSION = 1
 NOT_APPLICABLE = -1
 """Value of ``bits[l, o]`` for an option that cannot be applied to layer ``l``."""
-PREFERRED_LOSSES = ("kl", "kl_est")
-"""Measured single-layer KL first (allocator/measure/layer_kl.py): it predicts measured quality of whole
-allocations far better than the Hessian-weighted output error (benchmarks/results/allocation.md)."""
 
 @dataclass(frozen=True)
 class Option:
@@ -288,7 +286,7 @@ class SensitivityTable:
         options: Sequence[Option] | None = None,
         seed: int = 0,
         hidden: int = 256,
-        loss_names: Iterable[str] = ("hessian_err",),
+        loss_names: Iterable[str] = (HESSIAN_ERR,),
         noise: float = 0.3,
         missing: float = 0.0,
         num_features: int = 11,

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import DEFAULT_MODEL, load_model
-    from allocator.table.options import assignment_from_settings, quantizer_from_flags
+    from allocator.table.options import quantizer_from_flags
     from allocator.runtime.packed import check_float_weights, check_matches, load_quantized
     from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
     from allocator.evaluate.report import print_rows, rows_to_json
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if bitmap is not None:
         name = f"bitmap:{args.bitmap.stem}{suffix}"
         tick = time.perf_counter()
-        quantized[name] = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress, scale_fold)
+        quantized[name] = quantize_assignment(loaded, corpus, bitmap.assignment().quantizers(), settings, progress, scale_fold)
         seconds[name] = time.perf_counter() - tick
     if packed is not None:
         check_matches(packed.quantized, linears, str(args.quantized))

@@ -125,12 +125,11 @@ def export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # ->
     (for a preset: every site, scored as a profile scores it)."""
     from allocator.gguf.ggml_types import is_ggml_native
     from allocator.model.corpus import load_corpus
-    from allocator.table.options import assignment_from_settings
     from allocator.jobs.compare import EvalSettings, calibration_tokens
     from allocator.quantize.scalefold import compute_scale_fold, search_quantizers
 
     samples = calibration_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed))
     # a GGUF-native map names llama.cpp types, not bitalloc quantizers: score its sites as a profile does
-    scorers = search_quantizers(assignment_from_settings(bitmap.assignment())) if bitmap is not None and not is_ggml_native(bitmap) else None
+    scorers = search_quantizers(bitmap.assignment().quantizers()) if bitmap is not None and not is_ggml_native(bitmap) else None
     fold, _ = compute_scale_fold(loaded.model, samples, settings, scorers, progress=not args.no_progress)
     return fold

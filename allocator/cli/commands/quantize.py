@@ -39,12 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import load_corpus
     from allocator.quantize.head import head_quantizer, quantize_head
     from allocator.model.loading import load_model
-    from allocator.table.options import assignment_from_settings
     from allocator.runtime.packed import save_quantized
     from allocator.jobs.compare import EvalSettings, quantize_assignment
 
     bitmap = BitMap.load(args.bitmap)
-    assignment = assignment_from_settings(bitmap.assignment())
+    assignment = bitmap.assignment().quantizers()
     scale_fold = scale_fold_settings(args)
     if args.out.exists() and not args.out.is_dir():
         from allocator.errors import BitallocError

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import load_corpus
     from allocator.errors import BitallocError
     from allocator.model.loading import load_model
-    from allocator.table.options import assignment_from_settings, parse_options
+    from allocator.table.options import parse_options
     from allocator.runtime.packed import save_quantized
     from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
     from allocator.measure.layer_kl import add_kl_losses
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {bitmap.predicted_bpw:.4f} bpw; " + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())))
     print("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
     tick = time.perf_counter()
-    quantized = quantize_assignment(loaded, corpus, assignment_from_settings(bitmap.assignment()), settings, progress)
+    quantized = quantize_assignment(loaded, corpus, bitmap.assignment().quantizers(), settings, progress)
     seconds = time.perf_counter() - tick
     name = f"{args.solver}@{args.bpw:g}bpw"
     print("[4/4] eval")

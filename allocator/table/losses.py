@@ -1,0 +1,24 @@
+"""Loss names: the columns a sensitivity table can hold, and which one solvers prefer.
+
+Each loss is an L x O matrix of predicted damage per (layer, option); solvers minimize its sum.
+Who makes each: :mod:`allocator.measure.profile` (``hessian_err``, ``weight_err``, ``kl``) and
+:mod:`allocator.measure.layer_kl` (``kl_est``, ``kl_local``).
+"""
+
+from __future__ import annotations
+
+HESSIAN_ERR = "hessian_err"
+"""tr((W-Q) H (W-Q)^T) of the layer quantized alone, in that layer's own output units."""
+WEIGHT_ERR = "weight_err"
+"""||W-Q||_F^2."""
+KL = "kl"
+"""Measured mean per-token KL(reference || model) with only this layer quantized."""
+KL_MEASURED = KL
+KL_CALIBRATED = "kl_est"
+"""Each layer's hessian_err times that layer's measured KL gain (one anchor option prices all)."""
+KL_LOCAL = "kl_local"
+"""Single-layer KL re-measured around a whole allocation (every other layer at its base option)."""
+
+PREFERRED_LOSSES = (KL, KL_CALIBRATED)
+"""Measured single-layer KL first (allocator/measure/layer_kl.py): it predicts measured quality of whole
+allocations far better than the Hessian-weighted output error (benchmarks/results/allocation.md)."""
