@@ -271,6 +271,17 @@ def test_run_is_profile_solve_quantize_eval(tiny_model_dir, text_file, tmp_path,
     assert packed.quantized.bits_per_weight == pytest.approx(bitmap.predicted_bpw)
     rows = json.loads((out / "rows.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["reference", "ilp@3bpw"] and rows[1]["bpw"] == pytest.approx(bitmap.predicted_bpw)
+    # a trained policy is one more solver: the same job, the profile above reused from the cache
+    code, stdout, _ = run(capsys, "run", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
+                          "--options", "xnor:group_size=128", "gptq", "--bpw", "3.0", "--tokens", "128", "--policy", "smollm2-135m-sac",
+                          "--no-progress")
+    assert code == 0, stdout
+    assert "[2/4] solve: sac-policy at" in stdout and "sac-policy@3bpw" in stdout
+
+
+def test_run_policy_and_solver_exclude_each_other(capsys) -> None:
+    code, _, err = run(capsys, "run", "--solver", "ilp", "--policy", "smollm2-135m-sac")
+    assert_one_line_error(code, err, "not allowed with argument")
 
 
 def test_run_bad_solver_is_one_line(capsys) -> None:

@@ -109,6 +109,19 @@ class PackedModel:
                       budget=dict(source.get("budget") or {}), table_key=str(source.get("table_key", "")))
 
 
+def bitmap_source(bitmap: BitMap, bitmap_ref: str, calibration: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``source`` record of a packed model quantized by ``bitmap`` (saved as ``bitmap_ref``) on ``calibration``."""
+    return {
+        "bitmap": bitmap_ref,
+        "solver": bitmap.solver.name,
+        "budget": bitmap.budget,
+        "loss_name": bitmap.loss_name,
+        "predicted_loss": bitmap.predicted_loss,
+        "table_key": bitmap.table_key,
+        "calibration": dict(calibration),
+    }
+
+
 def save_quantized(
     directory: Path | str,
     model: str,

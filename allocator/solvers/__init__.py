@@ -14,7 +14,7 @@ Every solver module exposes ``solve(table, budget, constraints=Constraints(), **
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
@@ -35,14 +35,28 @@ UNIFORM = "uniform"
 """Solver name of an allocation with one option on every layer (the uniform points of a sweep)."""
 
 
+class Solver(Protocol):
+    """Anything that allocates like the solvers here: a named solver bound by :func:`solve`, or a
+    learned policy (``policies.solver.PolicySolver``), so every flow can take either."""
+
+    name: str
+
+    def __call__(self, table: SensitivityTable, budget: Budget, constraints: Constraints = ...) -> BitMap: ...
+
+
 def solve(
     table: SensitivityTable,
     budget: Budget,
     constraints: Constraints = Constraints(),
-    solver: str = DEFAULT_SOLVER,
+    solver: str | Solver = DEFAULT_SOLVER,
     **settings: Any,
 ) -> BitMap:
-    """Allocate options to the layers of ``table`` under ``budget`` with the named solver."""
+    """Allocate options to the layers of ``table`` under ``budget`` with the named solver, or with a
+    :class:`Solver` object (a trained policy)."""
+    if not isinstance(solver, str):
+        if settings:
+            raise BitallocError(f"{solver.name} takes no solver settings")
+        return solver(table, budget, constraints)
     if solver not in SOLVERS:
         raise BitallocError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
     function = SOLVERS[solver]
@@ -53,4 +67,4 @@ def solve(
     return function(table, budget, constraints, **settings)
 
 
-__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "build_problem", "solve"]
+__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "Solver", "build_problem", "solve"]

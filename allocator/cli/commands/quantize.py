@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import load_corpus
     from allocator.quantize.head import head_quantizer, quantize_head
     from allocator.model.loading import load_model
-    from allocator.runtime.packed import save_quantized
+    from allocator.runtime.packed import bitmap_source, save_quantized
     from allocator.jobs.compare import EvalSettings, quantize_assignment
 
     bitmap = BitMap.load(args.bitmap)
@@ -60,15 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for name, entry in bitmap.modules.items():
         if quantized.tensors[name].storage_bits != entry.storage_bits:
             log.warning("%s stores %d bits, the bit map predicted %d", name, quantized.tensors[name].storage_bits, entry.storage_bits)
-    source = {
-        "bitmap": str(args.bitmap),
-        "solver": bitmap.solver.name,
-        "budget": bitmap.budget,
-        "loss_name": bitmap.loss_name,
-        "predicted_loss": bitmap.predicted_loss,
-        "table_key": bitmap.table_key,
-        "calibration": {"corpus": args.corpus, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed},
-    }
+    source = bitmap_source(bitmap, str(args.bitmap), {"corpus": args.corpus, "samples": args.samples, "seqlen": args.seqlen, "seed": args.seed})
     if scale_fold is not None:
         source["scale_fold"] = scale_fold.as_dict()
     if args.lm_head_bits:

@@ -45,15 +45,14 @@ def run(args: argparse.Namespace) -> int:
     from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
     from allocator.runtime.gptqmodel import gptqmodel_dynamic
     from allocator.table.sensitivity import SensitivityTable
-    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, solve
+    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve
     from allocator.storage import atomic_path
 
-    policy = None
+    solver: str | Solver = args.solver or DEFAULT_SOLVER
     if args.policy is not None:
-        from policies.artifact import load_policy
-        from policies.pretrained import resolve
+        from policies.solver import PolicySolver
 
-        policy = load_policy(resolve(args.policy))  # a bad policy (or unknown name) fails before any profiling
+        solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
     table = SensitivityTable.load(args.profile) if args.profile is not None else profile_for(args.model, args)
     if args.bpw is not None:
         budget = Budget.bpw(args.bpw)
@@ -63,12 +62,7 @@ def run(args: argparse.Namespace) -> int:
         budget = Budget.bytes(args.model_bytes, other_bytes=other_bytes(table))
     constraints = Constraints(loss=args.loss, tie=not args.no_tie)
     table.loss(args.loss)  # an unknown loss name fails here, in one line
-    if policy is not None:
-        from policies.apply import apply_policy
-
-        bitmap = apply_policy(policy, table, budget, constraints)
-    else:
-        bitmap = solve(table, budget, constraints, solver=args.solver or DEFAULT_SOLVER)
+    bitmap = solve(table, budget, constraints, solver=solver)
     if args.format == "json":
         text = json.dumps(bitmap.to_json(), indent=2) + "\n"
     elif args.format == "tensor-type":

@@ -1,0 +1,95 @@
+"""The main job (``bitalloc run``): profile -> single-layer KL -> solve -> quantize -> eval for one
+budget, and what it saves. The CLI and the benchmarks call :func:`run_job`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from allocator.evaluate.accounting import model_size_bytes
+from allocator.evaluate.report import print_rows, rows_to_json
+from allocator.evaluate.rows import VariantRow
+from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+from allocator.measure.layer_kl import add_kl_losses
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import Corpus
+from allocator.model.loading import LoadedModel
+from allocator.quantize.apply import QuantizedModel
+from allocator.runtime.packed import bitmap_source, save_quantized
+from allocator.solvers import Budget, Solver, solve
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import Option, SensitivityTable
+
+
+@dataclass
+class RunResult:
+    """Everything the main job made, in data-path order."""
+
+    table: SensitivityTable
+    bitmap: BitMap
+    quantized: QuantizedModel
+    rows: list[VariantRow]
+    windows: torch.Tensor
+    """The evaluation windows the rows were measured on."""
+    seconds: float
+
+
+def run_job(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    options: Sequence[Option],
+    budget: Budget,
+    solver: str | Solver,
+    settings: EvalSettings,
+    kl_anchors: list[str] | None,
+    measure_kl: bool = True,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> RunResult:
+    """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
+    ``kl_anchors`` (None: every option) unless ``measure_kl`` is off, allocate ``budget`` with
+    ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
+    evaluate against the reference. ``say`` reports each stage."""
+    start = time.perf_counter()
+    windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
+    say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")
+    table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress)
+    if measure_kl:
+        say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
+        table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, progress=progress)
+    name = solver if isinstance(solver, str) else solver.name
+    say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")
+    bitmap = solve(table, budget, solver=solver)
+    counts: dict[str, int] = {}
+    for entry in bitmap.modules.values():
+        counts[entry.option] = counts.get(entry.option, 0) + 1
+    say(f"      {bitmap.predicted_bpw:.4f} bpw; " + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())))
+    say("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
+    tick = time.perf_counter()
+    quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress)
+    seconds = time.perf_counter() - tick
+    row_name = f"{name}@{budget.value:g}bpw" if budget.kind == "bpw" else f"{name}@{budget}"
+    say("[4/4] eval")
+    rows = compare_quantized(loaded, corpus, {row_name: quantized}, settings, {row_name: seconds}, progress, windows)
+    return RunResult(table, bitmap, quantized, rows, windows, time.perf_counter() - start)
+
+
+def print_run(result: RunResult, model: str, budget: Budget) -> None:
+    """The main job's table on the terminal."""
+    name = result.bitmap.solver.name
+    shown = f"{budget.value:g} bpw" if budget.kind == "bpw" else str(budget)
+    print_rows(result.rows, title=f"{model}: {name} allocation at {shown} - {result.windows.numel()} eval tokens")
+
+
+def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corpus_name: str, settings: EvalSettings) -> None:
+    """``out/bitmap.json``, the packed model in ``out/packed`` and the rows in ``out/rows.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.bitmap.save(out / "bitmap.json")
+    calibration = {"corpus": corpus_name, "samples": settings.samples, "seqlen": settings.seqlen, "seed": settings.seed}
+    save_quantized(out / "packed", model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
+                   model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, "bitmap.json", calibration))
+    rows_to_json(out / "rows.json", result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds})
