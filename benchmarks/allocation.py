@@ -24,13 +24,15 @@ from scipy.stats import pearsonr, spearmanr
 
 from _common import RESULTS, provenance
 
-from allocator.cli import main as bitalloc
 from allocator.model.corpus import load_corpus
 from allocator.measure.layer_kl import add_kl_losses, calibrated_kl
 from allocator.model.loading import load_model
-from allocator.jobs.pareto import plan_sweep
+from allocator.jobs.compare import EvalSettings
+from allocator.jobs.pareto import plan_sweep, run_pareto
+from allocator.jobs.run import RUN_KL_ANCHORS, print_run, run_job, save_run
 from allocator.measure.profile import cached_table_path, profile_model
-from allocator.solvers import Constraints
+from allocator.solvers import Budget, Constraints
+from allocator.table.options import parse_options
 from allocator.storage import cache_dir, write_json
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -83,11 +85,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict:
         earlier = [out / other / "pareto.json" for other in LOSSES if other != loss and (out / other / "pareto.json").is_file()]
         if not (directory / "pareto.json").is_file() and earlier:
             shutil.copy(earlier[0], directory / "pareto.json")  # its measured allocations are reused, not re-measured
-        code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(args.start),
-                         "--to", str(args.stop), "--step", str(args.step), "--solvers", args.solvers, "--tokens", str(args.tokens),
-                         "--out", str(directory)])
-        if code != 0:
-            raise SystemExit(f"pareto failed for {model} ({loss})")
+        run_pareto(cached_table_path(table), directory, args.solvers.split(","), args.start, args.stop, args.step, loss=loss,
+                   tokens=args.tokens)
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
     sweeps = {loss: sweeps[loss] for loss in sorted(sweeps, key=LOSSES.index)}
     meta["provenance"] = provenance()
@@ -109,8 +108,11 @@ def run_sequential(model: str, budgets: list[float]) -> None:
             continue
         work = cache_dir("allocation-runs") / f"{model}-{bpw:g}"
         start = time.perf_counter()
-        if bitalloc(["run", "--model", model, "--bpw", str(bpw), "--out", str(work)]) != 0:
-            raise SystemExit(f"bitalloc run failed for {model} at {bpw:g} bpw")
+        loaded, corpus, settings = load_model(model), load_corpus("enwiki"), EvalSettings()
+        budget = Budget.bpw(bpw)
+        result = run_job(loaded, corpus, parse_options(["default"]), budget, "ilp", settings, list(RUN_KL_ANCHORS))
+        print_run(result, model, budget)
+        save_run(work, result, loaded, model, "enwiki", settings)
         rows = json.loads((work / "rows.json").read_text())["rows"]
         bitmap = json.loads((work / "bitmap.json").read_text())
         write_json(path, {"provenance": provenance(), "command": f"bitalloc run --model {model} --bpw {bpw:g}", "bpw": bpw,

@@ -17,9 +17,9 @@ import shutil
 
 from _common import RESULTS, provenance
 
-from allocator.cli import main as bitalloc
 from allocator.model.corpus import load_corpus
 from allocator.measure.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
+from allocator.jobs.pareto import run_pareto
 from allocator.model.loading import load_model
 from allocator.table.options import parse_options
 from allocator.measure.profile import cached_table_path, profile_model
@@ -64,11 +64,8 @@ def profile_and_sweep(model: str, option_specs: list[str], kl_anchors: list[str]
         earlier = sorted(out.glob("*/pareto.json"))  # another loss's sweep
         if not (directory / "pareto.json").is_file() and earlier:
             shutil.copy(earlier[0], directory / "pareto.json")  # uniform options measured once, not again
-        code = bitalloc(["pareto", "--profile", str(cached_table_path(table)), "--loss", loss, "--from", str(min(budgets)),
-                         "--to", str(max(budgets)), "--step", "0.5", "--solvers", "ilp", "--tokens", str(tokens),
-                         "--out", str(directory), *([] if uniform else ["--no-uniform"])])
-        if code != 0:
-            raise SystemExit(f"pareto failed ({loss})")
+        run_pareto(cached_table_path(table), directory, ["ilp"], min(budgets), max(budgets), 0.5, loss=loss, tokens=tokens,
+                   uniform=uniform)
         sweeps[loss] = json.loads((directory / "pareto.json").read_text())
     meta = {"provenance": provenance(), "profile_layer_seconds": table.metadata.get("layer_seconds"),
             "kl_measurement": table.metadata.get("kl_measurement", {}), "kl_est_anchors": table.metadata.get(KL_ESTIMATE_ANCHORS),

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from allocator.cli.common import RUN_KL_ANCHORS, TRAIN_ACTION_MAPPINGS, quiet_libraries
+from allocator.cli.common import TRAIN_ACTION_MAPPINGS, quiet_libraries
 from allocator.cli.parser import EXIT_BAD_INPUT, OneLineParser
 
 
@@ -43,4 +43,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["EXIT_BAD_INPUT", "RUN_KL_ANCHORS", "TRAIN_ACTION_MAPPINGS", "build_parser", "main"]
+__all__ = ["EXIT_BAD_INPUT", "TRAIN_ACTION_MAPPINGS", "build_parser", "main"]

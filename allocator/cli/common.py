@@ -16,10 +16,6 @@ if TYPE_CHECKING:
     from allocator.table.options import Option
     from allocator.table.sensitivity import SensitivityTable
 
-RUN_KL_ANCHORS = ["gptq-w3g128"]
-"""What ``bitalloc run`` measures the single-layer KL of (one forward per layer): on SmolLM2 the gain
-calibrated on this option alone ranked measured allocations as well as measuring every option."""
-
 TRAIN_ACTION_MAPPINGS = ("price", "index")
 """envs.bitalloc_env.ACTION_MAPPINGS (default first), spelled out so that building the parser does not
 import gymnasium."""

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +33,15 @@ from transformers import PreTrainedModel
 
 from allocator.errors import BitallocError
 from allocator.evaluate.perplexity import evaluate
+from allocator.evaluate.plotting import plot_pareto
+from allocator.jobs.compare import EvalSettings, evaluation_tokens
 from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, model_fingerprint
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
+from allocator.solvers import SOLVERS, UNIFORM, Budget, Constraints, solve
+from allocator.storage import atomic_path, write_json
 from allocator.table.sensitivity import SensitivityTable
-from allocator.solvers import UNIFORM, Budget, Constraints, solve
-from allocator.storage import write_json
 
 SWEEP_SCHEMA_VERSION = 1
 
@@ -229,3 +235,88 @@ __all__ = [
     "load_measured",
     "save_sweep",
 ]
+
+
+def sweep_markdown(points: Sequence[SweepPoint], record: Mapping[str, Any]) -> str:
+    """The sweep as a Markdown table (solvers first, then the uniform points), with the prediction quality."""
+    lines = ["| point | bpw | predicted loss | ppl | ppl ratio | KL | solve ms |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p.solver == UNIFORM, p.solver, p.bpw)):
+        measured = (f"{p.perplexity:.2f} | {p.ppl_ratio:.3f} | {p.kl:.4f}" if p.perplexity is not None else "- | - | -")
+        lines.append(f"| {p.name} | {p.bpw:.3f} | {p.predicted_loss:.4g} | {measured} | {p.solve_seconds * 1000:.1f} |")
+    prediction = record["prediction"]
+    return "\n".join(lines) + "\n\n" + (
+        f"Predicted vs measured KL over {prediction['points']} distinct allocations: Pearson (log-log) "
+        f"{prediction['pearson_log']:.3f}, Spearman {prediction['spearman']:.3f}\n" if "spearman" in prediction else "")
+
+
+def run_pareto(
+    profile: Path,
+    out: Path,
+    solvers: Sequence[str],
+    start: float,
+    stop: float,
+    step: float,
+    loss: str | None = None,
+    tie: bool = True,
+    corpus: str = "enwiki",
+    seqlen: int = 512,
+    tokens: int = 16384,
+    chunk: int = 4,
+    measure: bool = True,
+    uniform: bool = True,
+    model: str | None = None,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> str:
+    """``bitalloc pareto``: solve every budget of ``start..stop`` by ``step`` with each solver (and each
+    option uniformly) from the table at ``profile``, measure every distinct allocation from the kept
+    option weights (resuming what ``out/pareto.json`` already holds), and write ``out/pareto.json``,
+    ``pareto.md`` and ``pareto.png``. Returns the Markdown summary."""
+    unknown = [s for s in solvers if s not in SOLVERS]
+    if unknown or not solvers:
+        raise BitallocError(f"unknown solver {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(SOLVERS)}")
+    budgets = budgets_between(start, stop, step)
+    if out.exists() and not out.is_dir():
+        raise BitallocError(f"--out {out} exists and is not a directory")
+    table = SensitivityTable.load(profile)
+    table.loss(loss)  # an unknown loss name fails here, in one line
+    constraints = Constraints(loss=loss, tie=tie)
+    weights = None
+    if measure:
+        weights = OptionWeights.beside(cached_table_path(table), table.labels)
+        missing = weights.missing(table.names)
+        if missing:
+            raise BitallocError(f"{len(missing)} layers of this profile have no kept weights in {weights.directory}; "
+                                "run bitalloc profile again with the same settings (it keeps them by default)")
+    points, allocations, notes = plan_sweep(table, budgets, solvers, constraints, uniform=uniform)
+    for note in notes:
+        logging.getLogger("bitalloc").warning("skipped: %s", note)
+    settings = {"budgets": budgets, "solvers": list(solvers), "loss": loss, "tie": tie,
+                "eval": {"corpus": corpus, "seqlen": seqlen, "tokens": tokens}}
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "pareto.json"
+    reference_ppl = None
+    if weights is not None:
+        done, reference_ppl = load_measured(json_path, table, settings)
+        loaded = load_model(model or table.key.model)
+        if table.metadata.get("model_fingerprint") not in (None, model_fingerprint(loaded.model)):
+            raise BitallocError(f"{model or table.key.model} is not the model this profile was made from (weights differ)")
+        windows = evaluation_tokens(loaded, load_corpus(corpus), EvalSettings(seqlen=seqlen, tokens=tokens))
+        apply_measured(points, done)
+
+        def record(measured: dict[str, Measured], reference: float) -> None:
+            nonlocal reference_ppl
+            reference_ppl = reference
+            apply_measured(points, measured)
+            save_sweep(json_path, sweep_record(table, points, settings, notes, reference_ppl))
+
+        say(f"{len(allocations)} distinct allocations from {len(points)} points; {len([k for k in allocations if k in done])} measured before")
+        measure_allocations(loaded.model, windows, weights, allocations, done, record, chunk, progress)
+    final = sweep_record(table, points, settings, notes, reference_ppl)
+    save_sweep(json_path, final)
+    summary = sweep_markdown(points, final)
+    with atomic_path(out / "pareto.md") as tmp:
+        tmp.write_text(summary)
+    if weights is not None:
+        plot_pareto(points, out / "pareto.png", f"{table.key.model}: measured ppl vs bpw ({tokens} eval tokens)", reference_ppl)
+    return summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from allocator.cli.common import RUN_KL_ANCHORS, kl_anchors
+from allocator.cli.common import kl_anchors
 from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
 
 NAME = "run"
@@ -14,6 +14,7 @@ HELP = "the main job: profile -> solve -> quantize -> eval for one budget, print
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from allocator.jobs.compare import EvalSettings
+    from allocator.jobs.run import RUN_KL_ANCHORS
     from allocator.model.corpus import DEFAULT_CORPUS
     from allocator.model.loading import DEFAULT_MODEL
 
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.jobs.compare import EvalSettings
-    from allocator.jobs.run import print_run, run_job, save_run
+    from allocator.jobs.run import RUN_KL_ANCHORS, print_run, run_job, save_run
     from allocator.model.corpus import load_corpus
     from allocator.model.loading import load_model
     from allocator.solvers import SOLVERS, Budget, Solver
