@@ -38,7 +38,8 @@ def machine() -> str:
         mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem_gib = float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")
 
 
 _COMMIT_AT_START = git_commit()  # the code that ran, even if HEAD moves while a benchmark runs

@@ -20,20 +20,19 @@ import shutil
 import time
 
 import numpy as np
+from _common import RESULTS, provenance
 from scipy.stats import pearsonr, spearmanr
 
-from _common import RESULTS, provenance
-
-from allocator.model.corpus import load_corpus
-from allocator.measure.layer_kl import add_kl_losses, calibrated_kl
-from allocator.model.loading import load_model
 from allocator.jobs.compare import EvalSettings
 from allocator.jobs.pareto import plan_sweep, run_pareto
 from allocator.jobs.run import RUN_KL_ANCHORS, print_run, run_job, save_run
+from allocator.measure.layer_kl import add_kl_losses, calibrated_kl
 from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from allocator.solvers import Budget, Constraints
-from allocator.table.options import parse_options
 from allocator.storage import cache_dir, write_json
+from allocator.table.options import parse_options
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 SOLVERS = "ilp,ilp-cvxpy,convex,baq,dp,greedy"

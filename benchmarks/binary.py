@@ -21,10 +21,10 @@ import time
 import torch
 from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
+from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
 from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import load_model
-from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
 from allocator.quantize.apply import quantize_model
 from allocator.storage import write_json
 from quantizers import build_quantizer
@@ -110,7 +110,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         bpw = "16 (fp)" if r["bpw"] is None else f"{r['bpw']:.3f}"
         paper = "" if r.get("paper_bpw") is None else f"{r['paper_bpw']:.3f}"
-        cells = [r["name"], bpw, paper, f"{r['model_mb']:.1f}", f"{r['perplexity']:.2f}", f"{r['ppl_ratio']:.2f}", f"{r['kl']:.3f}", f"{r['quantize_seconds']:.0f}"]
+        cells = [r["name"], bpw, paper, f"{r['model_mb']:.1f}", f"{r['perplexity']:.2f}", f"{r['ppl_ratio']:.2f}", f"{r['kl']:.3f}",
+                 f"{r['quantize_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -22,18 +22,17 @@ import math
 from pathlib import Path
 
 from _common import RESULTS, provenance
-
 from finer_options import profile_and_sweep
 
+from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.jobs.pareto import Measured, measure_allocations, plan_sweep
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
-from allocator.measure.option_weights import OptionWeights
-from allocator.table.options import parse_options
-from allocator.jobs.pareto import Measured, measure_allocations, plan_sweep
-from allocator.jobs.compare import EvalSettings, evaluation_tokens
-from allocator.measure.profile import cached_table_path, profile_model
 from allocator.solvers import Constraints
 from allocator.storage import write_json
+from allocator.table.options import parse_options
 
 BUDGET_MATCHED = {2.5: "gptq2:group_size=32", 3.0: "gptq3:group_size=-1", 3.5: "gptq3:group_size=32"}
 """b -> the GPTQ configuration whose bpw is the first at or above b (both models' shapes)."""

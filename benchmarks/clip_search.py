@@ -17,7 +17,6 @@ import json
 from _common import RESULTS
 from finer_options import options_used, profile_and_sweep
 
-
 OPTION_SPECS = ["binary", "gptq2:clip=mse", "gptq3:clip=mse", "gptq4:clip=mse"]
 SETTINGS = {
     # as in results/allocation.md: SmolLM2 with every option's KL measured, Gemma3 from one anchor; Gemma3 then also

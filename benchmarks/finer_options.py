@@ -17,13 +17,13 @@ import shutil
 
 from _common import RESULTS, provenance
 
-from allocator.model.corpus import load_corpus
-from allocator.measure.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
 from allocator.jobs.pareto import run_pareto
-from allocator.model.loading import load_model
-from allocator.table.options import parse_options
+from allocator.measure.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses
 from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from allocator.storage import write_json
+from allocator.table.options import parse_options
 
 EXTRA = ("gptq3:group_size=64", "gptq3:group_size=32")
 TARGETS = {3.5: "gptq-w4g128", 2.5: "gptq-w3g128"}

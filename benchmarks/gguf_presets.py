@@ -29,19 +29,19 @@ from typing import Any
 
 from _common import RESULTS, provenance
 
-from allocator.table.bitmap import BitMap
-from allocator.model.corpus import load_corpus
 from allocator.gguf.export import ExportResult, export_bitmap, export_float, export_preset, tensor_plan
 from allocator.gguf.files import float_gguf, gguf_tensor_shapes, measure_gguf, source_gguf
-from allocator.gguf.imatrix import cached_imatrix, needs_imatrix
 from allocator.gguf.fold import write_folded_gguf
+from allocator.gguf.imatrix import cached_imatrix, needs_imatrix
 from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs
-from allocator.model.loading import load_model
 from allocator.jobs.compare import EvalSettings, calibration_tokens, evaluation_tokens
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold, parse_alpha
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import cache_dir, write_json
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 PRESETS = "Q2_K,Q3_K_S,Q3_K_M,Q4_K_M,IQ2_XXS,IQ3_XXS"
@@ -302,7 +302,8 @@ def main() -> None:
         sections.append(f"## {model}\n\n{data['provenance']}- wall time: {data['wall_seconds'] / 60:.1f} min\n"
                         f"- imatrix: {data['config']['imatrix']} ({data['config']['imatrix_samples']} x {settings.seqlen} tokens)\n"
                         + (f"- scale fold: {data['config']['scale_fold']}, computed in {data['config']['fold_seconds'] / 60:.1f} min on "
-                           f"{data['config'].get('fold_samples', args.samples)} x {settings.seqlen} calibration tokens\n" if data["config"].get("scale_fold") else "")
+                           f"{data['config'].get('fold_samples', args.samples)} x {settings.seqlen} calibration tokens\n"
+                           if data["config"].get("scale_fold") else "")
                         + (_native_header(data["config"]["native_profile"]) if data["config"].get("native_profile") else "") + "\n"
                         f"{markdown(data)}\n\n{fold_reading(data)}{native_reading(data)}")
     header = ("# GGUF in llama.cpp: llama.cpp presets and bitalloc bit maps\n\n"

@@ -36,27 +36,28 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import RESULTS, provenance
 
-from allocator.quantize.apply import QuantizedModel, quantize_model
-from allocator.runtime.decoder import LlamaDecoder
-from allocator.quantize.head import quantize_head
 from allocator.gguf.llama_eval import decode_speed, load_llama
 from allocator.model.layers import quantizable_linears, swapped_weights
 from allocator.model.loading import load_model
+from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.quantize.head import quantize_head
+from allocator.runtime.decoder import LlamaDecoder
 from allocator.runtime.packed import install_quantized
 from allocator.storage import write_json
 from quantizers import RTNQuantizer
 from quantizers.kernels import GEMM_MAX_BATCH, KernelWeight, QuantLinear, dequantize_reference, kernel_library, round_activations_int8
-from quantizers.kernels.layout import ChunkGeometry, pack_chunks
 from quantizers.kernels.build import WeightDescriptor
+from quantizers.kernels.layout import ChunkGeometry, pack_chunks
 from quantizers.kernels.ops import PreparedWeight
 
 SHAPES: dict[str, list[tuple[int, int]]] = {
@@ -323,8 +324,8 @@ def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int,
     """Perplexity of the evaluation split decoded one token at a time (every product a single-token GEMV,
     the path int8 activations change) by each model's lean decoder (C step), and the mean KL of every
     model's next-token distribution from the first one's."""
-    from allocator.model.corpus import load_corpus
     from allocator.jobs.compare import EvalSettings, evaluation_tokens
+    from allocator.model.corpus import load_corpus
 
     decoders = {label: LlamaDecoder(model, seqlen, native=True) for label, model in models.items()}
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens, seqlen=seqlen))
@@ -349,9 +350,9 @@ def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int,
 
 def head_quality(loaded: Any, quantized: Any, head_bits: int, tokens: int) -> dict[str, float]:
     """Perplexity and KL of the packed linears with the float head and with the quantized head."""
-    from allocator.model.corpus import load_corpus
     from allocator.evaluate.perplexity import evaluate
     from allocator.jobs.compare import EvalSettings, evaluation_tokens
+    from allocator.model.corpus import load_corpus
 
     windows = evaluation_tokens(loaded, load_corpus(), EvalSettings(tokens=tokens))
     linears = quantized.dequantized_weights()

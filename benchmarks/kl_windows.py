@@ -16,20 +16,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
-
 from _common import RESULTS
 from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_curve
 from clip_search import BUDGETS, OPTION_SPECS
 from finer_options import options_used, profile_and_sweep
+from scipy.stats import spearmanr
 
-from allocator.model.corpus import load_corpus
-from allocator.table.losses import KL_MEASURED
-from allocator.model.loading import load_model
-from allocator.table.options import parse_options
 from allocator.measure.profile import cached_table_path, profile_model
-from allocator.table.sensitivity import SensitivityTable
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from allocator.storage import write_json
+from allocator.table.losses import KL_MEASURED
+from allocator.table.options import parse_options
+from allocator.table.sensitivity import SensitivityTable
 
 BASELINE = (1, 256)
 """The measurement clip_search.md's ``kl`` rows were solved on (windows, tokens)."""

@@ -46,19 +46,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from _common import RESULTS, provenance
+
 from allocator.errors import BitallocError
 from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
 from allocator.solvers.repair import repair
 from allocator.storage import cache_dir, write_json
+from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import BitAllocEnv
 from policies.apply import apply_policy, rollout
 from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
-from policies.sac import (BEST_FILE, BEST_RECORD, CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, eval_budgets, latest_checkpoint,
-                          policy_score, train)
+from policies.sac import BEST_FILE, BEST_RECORD, CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, eval_budgets, latest_checkpoint, policy_score, train
 
 SCHEMA = 1
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -548,10 +547,10 @@ def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, Lo
         write_json(path, record)
         return record
     if todo:
-        from allocator.model.corpus import load_corpus
-        from allocator.model.loading import load_model
         from allocator.jobs.compare import EvalSettings, evaluation_tokens
         from allocator.measure.profile import model_fingerprint
+        from allocator.model.corpus import load_corpus
+        from allocator.model.loading import load_model
 
         start = time.perf_counter()
         weights = kept_weights(sources[name])

@@ -18,17 +18,17 @@ from _common import RESULTS, provenance
 from budget_matched import TOKENS, mse_uniform_above, uniform_bpw_for, uniform_curve
 from clip_search import OPTION_SPECS
 
-from allocator.model.corpus import load_corpus
-from allocator.measure.layer_kl import with_kl_around
-from allocator.table.losses import KL_LOCAL, KL_MEASURED
-from allocator.model.loading import load_model
-from allocator.measure.option_weights import OptionWeights
-from allocator.table.options import parse_options
-from allocator.jobs.pareto import Measured, measure_allocations
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.jobs.pareto import Measured, measure_allocations
+from allocator.measure.layer_kl import with_kl_around
+from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
+from allocator.table.losses import KL_LOCAL, KL_MEASURED
+from allocator.table.options import parse_options
 
 
 def main() -> None:

@@ -22,16 +22,15 @@ from typing import Any
 import torch
 from _common import RESULTS, evaluation_protocol, merged_batches, model_section, provenance
 
-from allocator.quantize.apply import QuantizedModel, quantize_model
+from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
 from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import load_model
-from allocator.jobs.compare import EvalSettings, calibration_tokens, compare_quantized, evaluation_tokens
+from allocator.quantize.apply import QuantizedModel, quantize_model, quantize_with_scale_fold
 from allocator.quantize.scalefold import DEFAULT_ALPHA, ScaleFoldSettings, parse_alpha
-from allocator.quantize.apply import quantize_with_scale_fold
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, solve
 from allocator.storage import write_json
+from allocator.table.sensitivity import SensitivityTable
 from quantizers import Quantizer, build_quantizer
 
 MODELS = ("smollm2-135m", "gemma3-270m")

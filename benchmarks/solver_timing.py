@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance  # noqa: E402
 
 from allocator.errors import BitallocError  # noqa: E402
-from allocator.table.sensitivity import SYNTHETIC_OPTIONS, SensitivityTable  # noqa: E402
 from allocator.solvers import SOLVERS, Budget, solve  # noqa: E402
+from allocator.table.sensitivity import SYNTHETIC_OPTIONS, SensitivityTable  # noqa: E402
 
 TARGET_MS = 50.0
 

@@ -12,11 +12,11 @@ import time
 
 from _common import RESULTS, evaluation_protocol, model_section, provenance
 
-from allocator.model.corpus import load_corpus
-from allocator.model.loading import load_model
+from allocator.evaluate.report import markdown_table, rows_to_json
 from allocator.evaluate.rows import VariantRow
 from allocator.jobs.compare import EvalSettings, compare_variants
-from allocator.evaluate.report import markdown_table, rows_to_json
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
 from quantizers import build_quantizer
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -63,7 +63,8 @@ def main() -> None:
             start = time.perf_counter()
             loaded = load_model(model_name)
             rows = compare_variants(loaded, corpus, variants(), settings)
-            rows_to_json(saved, rows, {"model": model_name, "settings": vars(settings), "wall_seconds": time.perf_counter() - start, "provenance": provenance()})
+            rows_to_json(saved, rows, {"model": model_name, "settings": vars(settings), "wall_seconds": time.perf_counter() - start,
+                                       "provenance": provenance()})
             data = json.loads(saved.read_text())
         rows = [VariantRow(**row) for row in data["rows"]]
         sections.append(model_section(model_name, data, markdown_table(rows)))

@@ -42,18 +42,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, build_problem
 from allocator.solvers.repair import downgrade
+from allocator.table.sensitivity import SensitivityTable
 from envs.observation import (
     BPW_SCALE,
     BUDGET_FEATURES,

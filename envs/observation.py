@@ -18,14 +18,15 @@ or a scale changes: policy artifacts record it and refuse a mismatch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Problem
+from allocator.table.sensitivity import SensitivityTable
 
 OBSERVATION_VERSION = "bitalloc-obs-v1"
 OBS_CLIP = 10.0

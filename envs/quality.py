@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import greedy
 from allocator.solvers.base import Problem
+from allocator.table.sensitivity import SensitivityTable
 from envs.reward import LPRelaxation
 
 if TYPE_CHECKING:  # the KL backend's imports pull in transformers; the table backend needs none of it
-    from allocator.model.corpus import Corpus
-    from allocator.model.loading import LoadedModel
     from allocator.measure.option_weights import OptionWeights
     from allocator.measure.profile import KLProbe
+    from allocator.model.corpus import Corpus
+    from allocator.model.loading import LoadedModel
 
 
 class QualityBackend(Protocol):

@@ -36,8 +36,9 @@ episode is the same in both modes; dense only pays the credit earlier.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 

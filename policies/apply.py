@@ -12,15 +12,16 @@ many units the repair changed and what the raw rollout used).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, build_problem, finish
 from allocator.solvers.repair import repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import BitAllocEnv
 from policies.artifact import LoadedPolicy, load_policy
 

@@ -29,17 +29,18 @@ import io
 import json
 import pickle
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from allocator import __version__
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Constraints
 from allocator.storage import atomic_path, write_json
+from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import ACTION_MAPPINGS
 from envs.observation import OBS_CLIP, OBSERVATION_VERSION, FeatureNormalization, observation_names
 from envs.reward import RewardConfig

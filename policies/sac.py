@@ -31,17 +31,18 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints
 from allocator.solvers.repair import repair
 from allocator.storage import write_json
+from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import DEFAULT_BPW_RANGE, BitAllocEnv
 from envs.observation import FeatureNormalization
 from envs.reward import RewardConfig

@@ -8,7 +8,8 @@ registry (layouts too large to live here, like the 1-bit family's in
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

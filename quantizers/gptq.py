@@ -147,4 +147,5 @@ class GPTQQuantizer(Quantizer):
 
     def label(self) -> str:
         group = "" if self.group_size is None else f"g{self.group_size}"
-        return f"gptq-w{self.spec.bits}{group}{'-sym' if self.spec.symmetric else ''}{'-act' if self.act_order else ''}{'' if self.clip == 'minmax' else '-' + self.clip}"
+        clip = "" if self.clip == "minmax" else "-" + self.clip
+        return f"gptq-w{self.spec.bits}{group}{'-sym' if self.spec.symmetric else ''}{'-act' if self.act_order else ''}{clip}"

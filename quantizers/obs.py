@@ -15,7 +15,7 @@ squared diagonal of the Cholesky factor, i.e. by the sequential ``[H^-1]_jj``, w
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

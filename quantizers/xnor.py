@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
-from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.binary_formats import to_scale
+from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import GridSpec
 
 XNOR_GRID = GridSpec(bits=1, symmetric=True)

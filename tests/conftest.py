@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from allocator.model.corpus import Corpus
+    from allocator.model.loading import LoadedModel
 
 WORDS = (
     "the a of and to in is was for on as with by at from his her their it this that which "
@@ -48,7 +53,7 @@ def random_text(paragraphs: int = 40, words: int = 60, seed: int = 0) -> str:
 
 
 @pytest.fixture(scope="module")
-def loaded() -> "LoadedModel":
+def loaded() -> LoadedModel:
     """The tiny llama as bitalloc loads a model (one per test module: tests may swap its weights)."""
     from allocator.model.loading import LoadedModel
 
@@ -56,7 +61,7 @@ def loaded() -> "LoadedModel":
 
 
 @pytest.fixture(scope="module")
-def corpus() -> "Corpus":
+def corpus() -> Corpus:
     """Random-word calibration and evaluation texts that never overlap."""
     from allocator.model.corpus import Corpus
 

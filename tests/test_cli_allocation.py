@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from allocator.quantize.apply import quantize_model
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
 from allocator.evaluate.perplexity import REFERENCE, evaluate
 from allocator.model.layers import quantizable_linears
-from allocator.table.options import quantizer_from_settings
+from allocator.quantize.apply import quantize_model
 from allocator.runtime.packed import CONFIG_FILE, TENSORS_FILE, load_quantized, save_quantized
+from allocator.table.bitmap import BitMap
+from allocator.table.options import quantizer_from_settings
 from allocator.table.sensitivity import SensitivityTable
 from tests.cli_helpers import assert_one_line_error, run
 from tests.conftest import WORDS, tiny_llama

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from allocator.model.corpus import clean_wiki_text, load_corpus
 from allocator.errors import BitallocError
+from allocator.model.corpus import clean_wiki_text, load_corpus
 from allocator.model.tokens import calibration_samples, evaluation_windows
 from tests.conftest import tiny_tokenizer
 
@@ -23,7 +23,8 @@ def test_enwiki_split_is_substantial_disjoint_and_deterministic(enwiki) -> None:
 
 
 def test_clean_wiki_text_keeps_prose_and_headings_drops_debris() -> None:
-    text = "'''Albedo''' is the measure of the diffuse reflection of solar radiation.\n\n==Terrestrial albedo==\n\n 0.04 \n\nFresh snow reflects most of the visible light that falls on its surface."
+    text = ("'''Albedo''' is the measure of the diffuse reflection of solar radiation.\n\n==Terrestrial albedo==\n\n 0.04 \n\n"
+            "Fresh snow reflects most of the visible light that falls on its surface.")
     cleaned = clean_wiki_text(text).split("\n\n")
     assert cleaned[0].startswith("Albedo is the measure")
     assert "Terrestrial albedo" in cleaned and "0.04" not in cleaned

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from allocator.quantize.apply import quantize_model
-from allocator.runtime.decoder import LlamaDecoder, fuse_linears
 from allocator.errors import BitallocError
 from allocator.model.layers import quantizable_linears
+from allocator.quantize.apply import quantize_model
+from allocator.runtime.decoder import LlamaDecoder, fuse_linears
 from allocator.runtime.packed import install_quantized
 from quantizers import RTNQuantizer
 from quantizers.kernels import QuantLinear

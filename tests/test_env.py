@@ -14,9 +14,9 @@ from gymnasium.utils.env_checker import check_env as gymnasium_check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, build_problem, solve
 from allocator.solvers.convex import relax
+from allocator.table.sensitivity import SensitivityTable
 from envs import ENV_ID, BitAllocEnv, FeatureNormalization, RewardConfig
 from envs.bitalloc_env import ACTION_MAPPINGS, paced_price, pareto_options, price_choice
 from envs.observation import BUDGET_FEATURES, observation_names
@@ -243,10 +243,10 @@ def test_observation_layout_and_normalization() -> None:
 
 
 def test_kl_backend_measures_the_allocation_on_the_tiny_model(tiny_model_dir, text_file, isolated_cache) -> None:
+    from allocator.measure.profile import profile_model
     from allocator.model.corpus import load_corpus
     from allocator.model.loading import load_model
     from allocator.table.options import parse_options
-    from allocator.measure.profile import profile_model
     from envs.quality import KLQuality, layer_labels
 
     loaded = load_model(str(tiny_model_dir))

@@ -20,22 +20,22 @@ gguf = pytest.importorskip("gguf")
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from allocator.model.arch import gguf_tensor_name  # noqa: E402
-from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord  # noqa: E402
 from allocator.cli import main  # noqa: E402
 from allocator.errors import BitallocError  # noqa: E402
 from allocator.evaluate.perplexity import next_token_logprobs  # noqa: E402
 from allocator.gguf.export import export_bitmap, export_preset, preset_ftype, quantize_gguf  # noqa: E402
 from allocator.gguf.files import LINEAR_TENSOR, float_gguf, measure_gguf  # noqa: E402
+from allocator.gguf.fold import GGUFFold, write_folded_gguf  # noqa: E402
 from allocator.gguf.ggml_types import effective_type, type_bpw  # noqa: E402
 from allocator.gguf.imatrix import compute_imatrix  # noqa: E402
-from allocator.gguf.fold import GGUFFold, write_folded_gguf  # noqa: E402
 from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
-from allocator.model.loading import LoadedModel  # noqa: E402
+from allocator.model.arch import gguf_tensor_name  # noqa: E402
 from allocator.model.layers import quantizable_linears, swapped_weights  # noqa: E402
-from allocator.runtime.packed import save_quantized  # noqa: E402
-from allocator.quantize.scalefold import FoldGroup, ScaleFold, ScaleFoldSettings, compute_scale_fold  # noqa: E402
+from allocator.model.loading import LoadedModel  # noqa: E402
 from allocator.quantize.apply import quantize_with_scale_fold  # noqa: E402
+from allocator.quantize.scalefold import FoldGroup, ScaleFold, ScaleFoldSettings, compute_scale_fold  # noqa: E402
+from allocator.runtime.packed import save_quantized  # noqa: E402
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord  # noqa: E402
 from quantizers import RTNQuantizer  # noqa: E402
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 320, 4, 2, 2

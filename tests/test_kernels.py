@@ -11,17 +11,17 @@ import copy
 import ctypes
 import io
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from allocator.quantize.apply import QuantizedModel, quantize_model
 from allocator.evaluate.perplexity import REFERENCE, evaluate, next_token_logprobs
 from allocator.model.layers import quantizable_linears, swapped_weights
 from allocator.model.loading import LoadedModel
+from allocator.quantize.apply import QuantizedModel, quantize_model
 from allocator.runtime.packed import (
     DEQUANTIZED,
     KERNEL,

@@ -8,12 +8,11 @@ import pytest
 import allocator.measure.layer_kl as layer_kl
 from allocator.errors import BitallocError
 from allocator.measure.layer_kl import KL_ESTIMATE_ANCHORS, add_kl_losses, calibrated_kl, layer_gains
-from allocator.table.losses import KL_CALIBRATED, KL_MEASURED
-from allocator.table.options import parse_options
 from allocator.measure.profile import cached_table_path, profile_model
-from allocator.table.losses import HESSIAN_ERR, KL
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
+from allocator.table.losses import HESSIAN_ERR, KL, KL_CALIBRATED, KL_MEASURED
+from allocator.table.options import parse_options
+from allocator.table.sensitivity import SensitivityTable
 
 OPTIONS = ["xnor", "gptq2", "gptq4"]
 
@@ -143,10 +142,10 @@ def test_kl_probe_runs_only_the_blocks_an_overlay_changes(family) -> None:
 def test_kl_around_an_allocation_is_the_whole_allocation_s_kl_increase(loaded, corpus, isolated_cache) -> None:
     """kl_local[l, o] is KL(base with layer l at o) - KL(base), both measured on the whole quantized model; 0 at the base."""
     from allocator.measure.layer_kl import with_kl_around
-    from allocator.table.losses import KL_LOCAL
     from allocator.measure.option_weights import OptionWeights
     from allocator.measure.profile import KLProbe
     from allocator.model.tokens import calibration_samples
+    from allocator.table.losses import KL_LOCAL
 
     table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
     path = cached_table_path(table)

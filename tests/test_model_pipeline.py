@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from allocator.evaluate.accounting import model_size_bytes
-from allocator.quantize.apply import _input_groups, quantize_model
-from allocator.model.calibration import capture_block_inputs, run_block
 from allocator.errors import BitallocError
+from allocator.evaluate.accounting import model_size_bytes
 from allocator.evaluate.perplexity import REFERENCE, evaluate
+from allocator.model.calibration import capture_block_inputs, run_block
 from allocator.model.layers import decoder_layers, quantizable_linears, swapped_weights
+from allocator.quantize.apply import _input_groups, quantize_model
 from quantizers import GPTQQuantizer, RTNQuantizer
 from tests.conftest import WORDS, tiny_llama
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import Budget, Constraints, solve
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 from policies.apply import NAME, apply_policy
 from policies.artifact import load_policy, read_card, sidecar_path
 from policies.sac import TrainConfig, train

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import policies.pretrained as pretrained
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
+from allocator.table.bitmap import BitMap
 from allocator.table.sensitivity import SensitivityTable
 from policies.apply import NAME
 from policies.artifact import load_policy, sidecar_path
@@ -90,8 +90,8 @@ def test_the_shipped_smollm2_policy_allocates_a_profiled_model(loaded, corpus, t
     """The real shipped artifact (trained on SmolLM2's table by benchmarks/policy.py) loads through
     every check and allocates a freshly profiled model (the tiny llama: same feature schema) within
     the budget, by name."""
-    from allocator.table.options import parse_options
     from allocator.measure.profile import profile_model
+    from allocator.table.options import parse_options
 
     assert "smollm2-135m-sac" in pretrained.shipped()
     card = pretrained.load("smollm2-135m-sac").card

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import allocator.measure.profile as profile_module
-from allocator.model.calibration import InputStatistics, capture_block_inputs
 from allocator.errors import BitallocError
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix, measure_layer
-from allocator.model.arch import module_kinds
-from allocator.model.layers import quantizable_linears
-from allocator.table.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
 from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.arch import module_kinds
+from allocator.model.calibration import InputStatistics, capture_block_inputs
+from allocator.model.layers import quantizable_linears
 from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
+from allocator.table.options import default_options, parse_options, quantizer_from_flags, quantizer_from_settings
 from allocator.table.sensitivity import SensitivityTable
 from tests.conftest import WORDS
 
@@ -98,7 +98,9 @@ def test_default_options_and_specs() -> None:
     assert [o.label for o in parsed] == ["gptq-w3g64", "gptq-w4g128", "keep8", "dyngroup-g4"]
     for option in parsed:
         assert quantizer_from_settings(option.settings).settings() == dict(option.settings)
-    for bad in (["magic"], ["gptq3:bits"], ["gptq3:nope=1"], ["gptq2", "gptq-w2g128"], ["xnor:group_size=0"], ["gptq3:group_size=-1", "gptq3:group_size=none"], []):
+    bad_specs = (["magic"], ["gptq3:bits"], ["gptq3:nope=1"], ["gptq2", "gptq-w2g128"], ["xnor:group_size=0"],
+                 ["gptq3:group_size=-1", "gptq3:group_size=none"], [])
+    for bad in bad_specs:
         with pytest.raises(BitallocError):
             parse_options(bad)
 

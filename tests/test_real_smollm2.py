@@ -2,9 +2,9 @@
 
 import pytest
 
+from allocator.jobs.compare import EvalSettings, compare_variants
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
-from allocator.jobs.compare import EvalSettings, compare_variants
 from quantizers import GPTQQuantizer, RTNQuantizer
 
 pytestmark = pytest.mark.real_model
@@ -42,10 +42,10 @@ def test_lean_decoder_on_packed_smollm2_matches_transformers(smollm2) -> None:
 
     import torch
 
-    from allocator.quantize.apply import QuantizedModel, quantize_model
-    from allocator.runtime.decoder import LlamaDecoder
-    from allocator.quantize.head import quantize_head
     from allocator.model.layers import quantizable_linears
+    from allocator.quantize.apply import QuantizedModel, quantize_model
+    from allocator.quantize.head import quantize_head
+    from allocator.runtime.decoder import LlamaDecoder
     from allocator.runtime.packed import install_quantized
     from quantizers.kernels import QuantLinear
 

@@ -11,16 +11,15 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedModel
 
 import allocator.quantize.scalefold as scalefold
-from allocator.quantize.apply import quantize_model
-from allocator.model.calibration import HessianAccumulator
 from allocator.errors import BitallocError
 from allocator.evaluate.perplexity import REFERENCE, evaluate
-from allocator.model.layers import quantizable_linears, swapped_weights
-from allocator.table.options import quantizer_from_settings
-from allocator.runtime.packed import CONFIG_FILE, check_float_weights, load_quantized, save_quantized
 from allocator.measure.profile import CODE_VERSION, cached_table_path
+from allocator.model.calibration import HessianAccumulator
+from allocator.model.layers import quantizable_linears, swapped_weights
+from allocator.quantize.apply import quantize_model, quantize_with_scale_fold
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold, hessian_error
-from allocator.quantize.apply import quantize_with_scale_fold
+from allocator.runtime.packed import CONFIG_FILE, check_float_weights, load_quantized, save_quantized
+from allocator.table.options import quantizer_from_settings
 from allocator.table.sensitivity import SensitivityTable
 from quantizers import RTNQuantizer
 from tests.cli_helpers import run

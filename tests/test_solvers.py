@@ -17,16 +17,15 @@ import re
 import numpy as np
 import pytest
 
+from allocator.errors import BitallocError
 from allocator.gguf.constants import GGML_TYPES
 from allocator.gguf.ggml_types import ggml_type
 from allocator.gguf.tensor_overrides import llama_cpp_args, llama_cpp_tensor_types
-from allocator.model.arch import gguf_tensor_name
+from allocator.model.arch import gguf_tensor_name, tie_groups
 from allocator.runtime.gptqmodel import gptqmodel_dynamic
-from allocator.table.bitmap import BitMap
-from allocator.errors import BitallocError
-from allocator.model.arch import tie_groups
-from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 from allocator.solvers import SOLVERS, Budget, Constraints, build_problem, solve
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 
 EXACT = ("ilp", "ilp-cvxpy", "dp")
 HEURISTIC = ("greedy", "convex", "baq")

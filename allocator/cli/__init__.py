@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from allocator.cli.common import TRAIN_ACTION_MAPPINGS, quiet_libraries
 from allocator.cli.parser import EXIT_BAD_INPUT, OneLineParser

@@ -47,16 +47,17 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from allocator.errors import BitallocError
 from allocator.gguf.constants import DEFAULT_EMBEDDING_TYPE, GGML_LOG_LEVEL_ERROR, IMATRIX_PRESETS, IMATRIX_TYPES, PRESETS
-from allocator.gguf.files import float_gguf, gguf_tensor_shapes, measure_gguf, source_gguf, GGUFStats
+from allocator.gguf.files import GGUFStats, float_gguf, gguf_tensor_shapes, measure_gguf, source_gguf
 from allocator.gguf.fold import GGUFFold, without_codebook_sites, write_folded_gguf
 from allocator.gguf.ggml_types import effective_type, ggml_type, quant_type
 from allocator.model.arch import gguf_tensor_name

@@ -30,9 +30,10 @@ the up -> down sites feeding its iq2_xxs ``ffn_down``), while the scalar-type pr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch

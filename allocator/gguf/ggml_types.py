@@ -3,7 +3,8 @@ length, which type an option maps to, and checks of user-given type names."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from allocator.errors import BitallocError
 from allocator.gguf.constants import GGML_QUANTIZER, GGML_TYPES, ROW_FALLBACK

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -68,8 +69,8 @@ def compute_imatrix(loaded: LoadedModel, samples: torch.Tensor, batch_size: int 
 
 def cached_imatrix(model: str, loaded: LoadedModel, corpus_name: str, samples: int, seqlen: int, seed: int = 0) -> dict[str, np.ndarray]:
     """:func:`compute_imatrix` on ``samples`` seeded calibration windows, cached as ``.npz``."""
-    from allocator.model.corpus import load_corpus
     from allocator.measure.profile import model_fingerprint
+    from allocator.model.corpus import load_corpus
     from allocator.model.tokens import calibration_samples
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).stem if model.endswith(".gguf") else model)

@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -37,14 +37,13 @@ from allocator.gguf.constants import DEFAULT_GGML_TYPES, GGML_PROFILE_VERSION, G
 from allocator.gguf.export import quantize_gguf, require_llama_cpp
 from allocator.gguf.files import dequantized_array, float_gguf, gguf_field, source_gguf
 from allocator.gguf.ggml_types import check_ggml_types, type_fits
-from allocator.model.arch import gguf_tensor_name
+from allocator.measure.profile import KLProbe, profile_cache_path
+from allocator.model.arch import gguf_tensor_name, tie_groups
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
-from allocator.measure.profile import KLProbe, profile_cache_path
-from allocator.table.losses import KL, WEIGHT_ERR
-from allocator.model.arch import tie_groups
-from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 from allocator.storage import atomic_path, cache_dir
+from allocator.table.losses import KL, WEIGHT_ERR
+from allocator.table.sensitivity import NOT_APPLICABLE, Option, SensitivityTable, TableKey
 
 log = logging.getLogger(__name__)
 
@@ -194,4 +193,4 @@ def profile_ggml_types(
     return table
 
 
-__all__ = ["DEFAULT_GGML_TYPES", "IMATRIX_SAMPLES", "check_ggml_types", "GGUFLayout", "ggml_option", "hf_rows", "profile_ggml_types", "type_fits"]
+__all__ = ["GGUFLayout", "ggml_option", "hf_rows", "profile_ggml_types"]

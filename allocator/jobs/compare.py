@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
 from allocator.evaluate.accounting import model_size_bytes
-from allocator.quantize.apply import QuantizedModel, quantize_model
-from allocator.model.corpus import Corpus
 from allocator.evaluate.perplexity import REFERENCE, evaluate
 from allocator.evaluate.rows import VariantRow
+from allocator.model.corpus import Corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
-from allocator.quantize.scalefold import ScaleFoldSettings
-from allocator.quantize.apply import quantize_with_scale_fold
 from allocator.model.tokens import calibration_samples, evaluation_windows
+from allocator.quantize.apply import QuantizedModel, quantize_model, quantize_with_scale_fold
+from allocator.quantize.scalefold import ScaleFoldSettings
 from allocator.table.assignment import Assignment
 from quantizers import Quantizer
 

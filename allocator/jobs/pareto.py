@@ -23,9 +23,10 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,7 +189,9 @@ def prediction_quality(points: Sequence[SweepPoint]) -> dict[str, Any]:
     }
 
 
-def sweep_record(table: SensitivityTable, points: Sequence[SweepPoint], settings: dict[str, Any], notes: Sequence[str], reference_ppl: float | None) -> dict[str, Any]:
+def sweep_record(
+    table: SensitivityTable, points: Sequence[SweepPoint], settings: dict[str, Any], notes: Sequence[str], reference_ppl: float | None
+) -> dict[str, Any]:
     return {
         "schema_version": SWEEP_SCHEMA_VERSION,
         "model": table.key.model,

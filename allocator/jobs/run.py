@@ -4,9 +4,9 @@ budget, and what it saves. The CLI and the benchmarks call :func:`run_job`."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 

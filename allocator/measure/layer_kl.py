@@ -24,19 +24,20 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from allocator.errors import BitallocError
-from allocator.model.loading import LoadedModel
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import KLProbe
+from allocator.model.loading import LoadedModel
+from allocator.model.tokens import calibration_samples
 from allocator.table.losses import HESSIAN_ERR, KL_CALIBRATED, KL_LOCAL, KL_MEASURED
 from allocator.table.sensitivity import SensitivityTable
-from allocator.model.tokens import calibration_samples
 
 if TYPE_CHECKING:
     import torch
@@ -247,4 +248,4 @@ def with_kl_around(
     return dataclasses.replace(table, losses={**table.losses, KL_LOCAL: local}, metadata=metadata)
 
 
-__all__ = ["KL_CALIBRATED", "KL_ESTIMATE_ANCHORS", "KL_LOCAL", "KL_MEASURED", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_around", "with_kl_losses"]
+__all__ = ["KL_ESTIMATE_ANCHORS", "add_kl_losses", "anchor_mask", "calibrated_kl", "layer_gains", "measure_kept_kl", "with_kl_around", "with_kl_losses"]

@@ -14,8 +14,8 @@ own fp16 rounding, which the stored forms share.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError

@@ -31,9 +31,10 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,22 +43,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from allocator import __version__
-from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
-from allocator.model.calibration import InputStatistics, capture_block_inputs, run_block
-from allocator.model.corpus import Corpus
 from allocator.errors import BitallocError
+from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
 from allocator.evaluate.perplexity import next_token_logprobs
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
+from allocator.measure.option_weights import OptionWeights
+from allocator.model.arch import tie_groups
+from allocator.model.calibration import InputStatistics, capture_block_inputs, run_block
+from allocator.model.corpus import Corpus
 from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
 from allocator.model.loading import LoadedModel
-from allocator.measure.option_weights import OptionWeights
-from allocator.table.options import default_options, quantizer_from_settings
-from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
-from allocator.model.arch import tie_groups
-from allocator.table.sensitivity import Option, SensitivityTable, TableKey
-from allocator.storage import cache_dir, write_json
 from allocator.model.tokens import calibration_samples
+from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
+from allocator.storage import cache_dir, write_json
 from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
+from allocator.table.options import default_options, quantizer_from_settings
+from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from quantizers import Quantizer
 
 log = logging.getLogger(__name__)

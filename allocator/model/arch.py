@@ -10,8 +10,8 @@ still meaningful. GGUF names come from gguf-py's own tensor name map, not a copy
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

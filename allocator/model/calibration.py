@@ -18,7 +18,6 @@ from transformers import PreTrainedModel
 
 from allocator.model.layers import decoder_layers
 
-
 CALIBRATION_BATCH = 8
 """Samples per block forward: batching is about 3x faster per sample on CPU than one at a time."""
 

@@ -97,7 +97,8 @@ def clean_wiki_text(text: str) -> str:
         elif len(line.split()) >= MIN_PARAGRAPH_WORDS:
             paragraphs.append(line)
     # Drop headings left without a paragraph after them.
-    kept = [p for i, p in enumerate(paragraphs) if len(p.split()) >= MIN_PARAGRAPH_WORDS or (i + 1 < len(paragraphs) and len(paragraphs[i + 1].split()) >= MIN_PARAGRAPH_WORDS)]
+    long_enough = [len(p.split()) >= MIN_PARAGRAPH_WORDS for p in paragraphs]
+    kept = [p for i, p in enumerate(paragraphs) if long_enough[i] or (i + 1 < len(paragraphs) and long_enough[i + 1])]
     return "\n\n".join(kept)
 
 

@@ -7,7 +7,7 @@ and norms stay at their stored dtype and are counted in the whole-model size.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn

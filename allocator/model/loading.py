@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import safetensors.torch
 import torch

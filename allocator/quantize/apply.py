@@ -10,20 +10,20 @@ each block is quantized on a copy.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from allocator.model.calibration import HessianAccumulator, StopForward, capture_block_inputs, run_block
 from allocator.errors import BitallocError
+from allocator.model.calibration import HessianAccumulator, StopForward, capture_block_inputs, run_block
 from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
 from allocator.quantize.scalefold import ScaleFold, ScaleFoldSettings, compute_scale_fold, search_quantizers
 from quantizers import QuantizedTensor, Quantizer
-
 
 
 @dataclass

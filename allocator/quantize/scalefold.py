@@ -71,17 +71,18 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from allocator.model.calibration import HessianAccumulator, capture_block_inputs, run_block
 from allocator.errors import BitallocError
 from allocator.model.arch import FOLD_SITES
+from allocator.model.calibration import HessianAccumulator, capture_block_inputs, run_block
 from allocator.model.layers import decoder_layers, decoder_prefix, swapped_weights
 from allocator.table.options import quantizer_from_settings
 from quantizers import Quantizer, build_quantizer
@@ -540,11 +541,11 @@ def compute_scale_fold(
     and a search scores only the named targets. None: every site, scored with RTN 3-bit g128.
     Returns the record and the overlay of transformed tensors (module name -> weight).
     """
-    if quantizers is None:
-        proxy = quantizer_from_settings(MIXED_SEARCH_SETTINGS)
-        scorer_of: Callable[[str], Quantizer | None] = lambda _name: proxy
-    else:
-        scorer_of = quantizers.get
+    proxy = quantizer_from_settings(MIXED_SEARCH_SETTINGS) if quantizers is None else None
+    scorers: Mapping[str, Quantizer] | None = quantizers
+
+    def scorer_of(name: str) -> Quantizer | None:
+        return proxy if scorers is None else scorers.get(name)
     fold = ScaleFold(settings)
     overlay: dict[str, torch.Tensor] = {}
     inputs = capture_block_inputs(model, samples)

@@ -54,22 +54,23 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import safetensors.torch
 import torch
 from torch import nn
 
-from allocator.quantize.apply import QuantizedModel
-from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
 from allocator.errors import BitallocError
-from allocator.quantize.head import head_name
-from allocator.quantize.scalefold import ScaleFold
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
+from allocator.quantize.apply import QuantizedModel
+from allocator.quantize.head import head_name
+from allocator.quantize.scalefold import ScaleFold
 from allocator.storage import atomic_path
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
 from quantizers import QuantizedTensor
 from quantizers.formats import DECODERS, UNIFORM_GRID, decode
 from quantizers.kernels import KERNEL_BITS, QuantLinear

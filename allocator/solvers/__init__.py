@@ -14,13 +14,14 @@ Every solver module exposes ``solve(table, budget, constraints=Constraints(), **
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers import baq, convex, dp, greedy, ilp, ilp_cvxpy
 from allocator.solvers.base import Budget, Constraints, Problem, build_problem
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 SOLVERS: dict[str, Callable[..., BitMap]] = {
     ilp.NAME: ilp.solve,

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.repair import repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "baq"
 _BISECTION_STEPS = 100

@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
 from allocator.errors import BitallocError
+from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
 from allocator.table.sensitivity import SensitivityTable
 
 _BPW_TOLERANCE = 1e-9

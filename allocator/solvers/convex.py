@@ -15,12 +15,12 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import csr_array
 
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.ilp import decode, model_arrays
 from allocator.solvers.repair import repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "convex"
 

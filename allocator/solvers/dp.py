@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.repair import fill, repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "dp"
 DEFAULT_MAX_STATES = 1 << 16

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.repair import downgrade, fill
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "greedy"
 

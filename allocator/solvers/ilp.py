@@ -40,11 +40,11 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, linear_sum_assignment, milp
 from scipy.sparse import csr_array, vstack
 
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.repair import downgrade, exchange, fill, repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "ilp"
 _RETRIES = 3

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from allocator.table.bitmap import BitMap
 from allocator.errors import BitallocError
-from allocator.table.sensitivity import SensitivityTable
 from allocator.solvers.base import Budget, Constraints, Problem, run_solver
 from allocator.solvers.ilp import decode, model_arrays
 from allocator.solvers.repair import repair
+from allocator.table.bitmap import BitMap
+from allocator.table.sensitivity import SensitivityTable
 
 NAME = "ilp-cvxpy"
 _RETRIES = 3
@@ -30,7 +30,8 @@ def choose(problem: Problem, solver: str = "HIGHS", mip_rel_gap: float = 1e-9) -
         raise BitallocError(f"cvxpy has no {solver} solver here; installed: {', '.join(cp.installed_solvers())}")
     unit, option, cost, row, assign = model_arrays(problem)
     x = cp.Variable(len(cost), boolean=True)
-    rhs = cp.Parameter(nonneg=True, value=problem.budget_bits / problem.total_numel)
+    bound = problem.budget_bits / problem.total_numel
+    rhs = cp.Parameter(nonneg=True, value=bound)
     program = cp.Problem(cp.Minimize(cost @ x), [assign @ x == 1, row @ x <= rhs])
     options = {"mip_rel_gap": mip_rel_gap} if solver == "HIGHS" else {}
     info: dict[str, Any] = {}
@@ -44,7 +45,8 @@ def choose(problem: Problem, solver: str = "HIGHS", mip_rel_gap: float = 1e-9) -
         over = problem.total_bits(choice) - problem.budget_bits
         if over <= 0:
             return choice, info
-        rhs.value = max(rhs.value - (over + 0.5) / problem.total_numel, 0.0)
+        bound = max(bound - (over + 0.5) / problem.total_numel, 0.0)
+        rhs.value = bound
     info["repaired"] = True
     return repair(problem, choice), info
 

@@ -7,7 +7,8 @@ and a packed model records it. It holds settings (JSON-able, ``{"quantizer": "gp
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from allocator.table.options import quantizer_from_settings
 from quantizers import Quantizer

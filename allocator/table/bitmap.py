@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from allocator.errors import BitallocError
-from allocator.table.assignment import Assignment
 from allocator.storage import write_json
+from allocator.table.assignment import Assignment
 
 BITMAP_SCHEMA_VERSION = 1
 
@@ -200,11 +201,16 @@ def _parse_entry(name: str, entry: Any, source: str) -> ModuleEntry:
     option = entry.get("option")
     if not isinstance(option, str):
         raise BitallocError(f"{source}: module {name} needs a string 'option' label")
-    bits, numel = entry.get("storage_bits"), entry.get("numel")
-    for what, value, low in (("storage_bits", bits, 0), ("numel", numel, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise BitallocError(f"{source}: module {name} has invalid {what} {value!r}")
+    bits = _count(entry.get("storage_bits"), "storage_bits", 0, f"{source}: module {name}")
+    numel = _count(entry.get("numel"), "numel", 1, f"{source}: module {name}")
     return ModuleEntry(option=option, settings=dict(settings), storage_bits=bits, numel=numel)
+
+
+def _count(value: Any, what: str, low: int, where: str) -> int:
+    """``value`` if it is an integer (not a bool) of at least ``low``, else a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise BitallocError(f"{where} has invalid {what} {value!r}")
+    return value
 
 
 # -- renderers ------------------------------------------------------------------------------

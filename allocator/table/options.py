@@ -17,7 +17,8 @@ its quantizer (:meth:`quantizers.Quantizer.settings`). Option specs, as ``bitall
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from allocator.errors import BitallocError
 from allocator.table.sensitivity import Option

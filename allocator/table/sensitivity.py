@@ -29,17 +29,18 @@ import hashlib
 import json
 import math
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from allocator import __version__
 from allocator.errors import BitallocError
 from allocator.model.arch import BLOCK_LINEARS, tie_groups
-from allocator.table.losses import HESSIAN_ERR, PREFERRED_LOSSES
 from allocator.storage import atomic_path
+from allocator.table.losses import HESSIAN_ERR, PREFERRED_LOSSES
 
 TABLE_SCHEMA_VERSION = 1
 NOT_APPLICABLE = -1
@@ -99,7 +100,7 @@ class SensitivityTable:
     bits: np.ndarray
     losses: dict[str, np.ndarray]
     key: TableKey
-    features: np.ndarray | None = None
+    features: np.ndarray = None  # type: ignore[assignment]  # optional: __post_init__ fills zero columns
     feature_names: list[str] = field(default_factory=list)
     feature_schema: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -237,7 +238,7 @@ class SensitivityTable:
             arrays[f"loss_{i}"] = loss
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:  # a file object: numpy appends no suffix
-                np.savez(handle, **arrays)
+                np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         return path
 
     @classmethod

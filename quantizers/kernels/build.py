@@ -132,7 +132,7 @@ def kernels_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() in {"0", "false", "no", "off"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_library() -> KernelLibrary | None:
     """The compiled kernels, built on first call and cached; ``None`` means use the reference path."""
     if kernels_disabled():

@@ -41,16 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.table.bitmap import BitMap
-    from allocator.model.corpus import load_corpus
     from allocator.errors import BitallocError
+    from allocator.evaluate.report import print_rows, rows_to_json
+    from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+    from allocator.model.corpus import load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import DEFAULT_MODEL, load_model
-    from allocator.table.options import quantizer_from_flags
-    from allocator.runtime.packed import check_float_weights, check_matches, load_quantized
-    from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
-    from allocator.evaluate.report import print_rows, rows_to_json
     from allocator.quantize.validation import validate_group_size
+    from allocator.runtime.packed import check_float_weights, check_matches, load_quantized
+    from allocator.table.bitmap import BitMap
+    from allocator.table.options import quantizer_from_flags
 
     check_json_target(args.json, "--json")
     group_given = args.group_size is not NOT_GIVEN
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     if quantizer_name is None and args.bitmap is None and args.quantized is None:
         quantizer_name = "gptq"
     if quantizer_name in (None, "none"):
-        flags = [f for f, given in (("--bits", args.bits is not None), ("--group-size", group_given), ("--sym", args.sym), ("--act-order", args.act_order)) if given]
+        given_flags = (("--bits", args.bits is not None), ("--group-size", group_given), ("--sym", args.sym), ("--act-order", args.act_order))
+        flags = [f for f, given in given_flags if given]
         if flags:
             raise BitallocError(f"{flags[0]} sets up --quantizer; give --quantizer rtn, gptq, ... with it")
     quantizer = None

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="built-in name or .gguf (default: the bit map's model; required with --preset)")
     parser.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
     parser.add_argument("--imatrix", choices=["auto", "on", "off"], default="auto",
-                        help="importance matrix (per input column mean x^2 of calibration activations): auto = where llama.cpp needs one, and for GGUF-native bit maps")
+                        help="importance matrix (per input column mean x^2 of calibration activations): "
+                             "auto = where llama.cpp needs one, and for GGUF-native bit maps")
     parser.add_argument("--imatrix-samples", type=positive_int, default=32, help="calibration sequences for the importance matrix")
     parser.add_argument("--embedding-type", default="q8_0", help="token embedding / output type of bit-map exports (default q8_0)")
     parser.add_argument("--eval", action="store_true", help="then run the file in llama.cpp: perplexity and KL on the evaluation split")
@@ -42,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.gguf.imatrix import needs_imatrix
-    from allocator.table.bitmap import BitMap
     from allocator.errors import BitallocError
     from allocator.gguf.export import export_bitmap, export_preset, preset_ftype, require_llama_cpp, tensor_plan
     from allocator.gguf.files import float_gguf, gguf_tensor_shapes, source_gguf
+    from allocator.gguf.imatrix import needs_imatrix
+    from allocator.table.bitmap import BitMap
 
     if args.out.suffix != ".gguf":
         raise BitallocError(f"--out {args.out} must end in .gguf")
@@ -107,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {len(fallbacks)} of {len(result.plan)} tensors have rows that are not a multiple of the requested type's block "
               f"and got llama.cpp's fallback (e.g. {fallbacks[0].requested} -> {fallbacks[0].written} on rows of {fallbacks[0].row_length})")
     if args.eval:
-        from allocator.model.corpus import load_corpus
         from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs
         from allocator.jobs.compare import EvalSettings, evaluation_tokens
+        from allocator.model.corpus import load_corpus
 
         windows = evaluation_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, tokens=args.tokens))
         results = evaluate_ggufs({args.out.name: args.out}, windows, loaded.model, progress=not args.no_progress)
@@ -124,8 +125,8 @@ def export_scale_fold(loaded, bitmap, settings, args: argparse.Namespace):  # ->
     """The fold ``bitalloc quantize --scale-fold`` computes for ``bitmap`` with the same calibration
     (for a preset: every site, scored as a profile scores it)."""
     from allocator.gguf.ggml_types import is_ggml_native
-    from allocator.model.corpus import load_corpus
     from allocator.jobs.compare import EvalSettings, calibration_tokens
+    from allocator.model.corpus import load_corpus
     from allocator.quantize.scalefold import compute_scale_fold, search_quantizers
 
     samples = calibration_tokens(loaded, load_corpus(args.corpus), EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed))

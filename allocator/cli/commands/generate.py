@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from allocator.runtime.decoder import LlamaDecoder, supports
     from allocator.errors import BitallocError
     from allocator.model.loading import DEFAULT_MODEL, load_model
+    from allocator.runtime.decoder import LlamaDecoder, supports
     from allocator.runtime.packed import load_quantized_model
     from quantizers.kernels import QuantLinear
 

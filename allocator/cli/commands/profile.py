@@ -45,12 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.model.corpus import load_corpus
     from allocator.errors import BitallocError
     from allocator.measure.layer_kl import add_kl_losses
+    from allocator.measure.profile import cached_table_path, profile_model, save_table
+    from allocator.model.corpus import load_corpus
     from allocator.model.loading import load_model
     from allocator.table.options import parse_options
-    from allocator.measure.profile import cached_table_path, profile_model, save_table
 
     if args.ggml_types is not None:
         return profile_ggml_types_command(args)
@@ -90,18 +90,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def profile_ggml_types_command(args: argparse.Namespace) -> int:
-    from allocator.model.corpus import load_corpus
     from allocator.errors import BitallocError
+    from allocator.gguf.constants import DEFAULT_GGML_TYPES, IMATRIX_SAMPLES
     from allocator.gguf.export import require_llama_cpp
     from allocator.gguf.files import source_gguf
-    from allocator.gguf.imatrix import cached_imatrix
-    from allocator.gguf.constants import DEFAULT_GGML_TYPES, IMATRIX_SAMPLES
     from allocator.gguf.ggml_types import check_ggml_types
+    from allocator.gguf.imatrix import cached_imatrix
     from allocator.gguf.native_profile import profile_ggml_types
-    from allocator.model.loading import load_model
     from allocator.measure.profile import cached_table_path, save_table
-    from allocator.table.sensitivity import TableKey
+    from allocator.model.corpus import load_corpus
+    from allocator.model.loading import load_model
     from allocator.model.tokens import calibration_samples
+    from allocator.table.sensitivity import TableKey
 
     if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold:
         raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")

@@ -35,12 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.evaluate.accounting import model_size_bytes
-    from allocator.table.bitmap import BitMap
-    from allocator.model.corpus import load_corpus
-    from allocator.quantize.head import head_quantizer, quantize_head
-    from allocator.model.loading import load_model
-    from allocator.runtime.packed import bitmap_source, save_quantized
     from allocator.jobs.compare import EvalSettings, quantize_assignment
+    from allocator.model.corpus import load_corpus
+    from allocator.model.loading import load_model
+    from allocator.quantize.head import head_quantizer, quantize_head
+    from allocator.runtime.packed import bitmap_source, save_quantized
+    from allocator.table.bitmap import BitMap
 
     bitmap = BitMap.load(args.bitmap)
     assignment = bitmap.assignment().quantizers()

@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
     from allocator.runtime.gptqmodel import gptqmodel_dynamic
-    from allocator.table.sensitivity import SensitivityTable
     from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve
     from allocator.storage import atomic_path
+    from allocator.table.sensitivity import SensitivityTable
 
     solver: str | Solver = args.solver or DEFAULT_SOLVER
     if args.policy is not None:

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
-    from allocator.table.sensitivity import SensitivityTable
     from allocator.solvers import Constraints
+    from allocator.table.sensitivity import SensitivityTable
     from policies.sac import TrainConfig, train
 
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
