@@ -542,10 +542,10 @@ def compute_scale_fold(
     Returns the record and the overlay of transformed tensors (module name -> weight).
     """
     proxy = quantizer_from_settings(MIXED_SEARCH_SETTINGS) if quantizers is None else None
-    scorers: Mapping[str, Quantizer] | None = quantizers
+    named: Mapping[str, Quantizer] | None = quantizers
 
     def scorer_of(name: str) -> Quantizer | None:
-        return proxy if scorers is None else scorers.get(name)
+        return proxy if named is None else named.get(name)
     fold = ScaleFold(settings)
     overlay: dict[str, torch.Tensor] = {}
     inputs = capture_block_inputs(model, samples)
