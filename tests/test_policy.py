@@ -48,7 +48,8 @@ def test_training_writes_the_artifact_checkpoints_and_logs(trained: Path) -> Non
     checkpoints = run_dir / "checkpoints"
     for steps in (150, 300):
         assert read_card(checkpoints / f"sac_{steps}_steps.zip").timesteps == steps
-        assert (checkpoints / f"sac_replay_buffer_{steps}_steps.pkl").is_file()
+        assert (checkpoints / f"sac_replay_buffer_{steps}_steps.npz").is_file()
+        assert not (checkpoints / f"sac_replay_buffer_{steps}_steps.pkl").exists()  # never a pickle
     header = (run_dir / "logs" / "progress.csv").read_text().splitlines()[0].split(",")
     assert "allocation/loss_ratio" in header and "train/actor_loss" in header
 
