@@ -650,16 +650,19 @@ def load_checkpoint(zip_path: Path, env: VecEnv | Any, replay_buffer: Path | Non
     The model is built by this code from the checkpoint's checked sidecar (network, seed, buffer
     size and warm-up) and ``settings`` (further SAC hyperparameters from trusted code: the run's
     learning rate, batch size, gamma), then :func:`restore_checkpoint` fills it. Without
-    ``replay_buffer`` (to act with or score a checkpoint) the model gets an empty one-slot buffer.
+    ``replay_buffer`` the model is one to act with or score: only its network is loaded (so older
+    versions' checkpoints, without training state, still serve), with an empty one-slot buffer.
     """
     from stable_baselines3 import SAC
 
     zip_path = Path(zip_path)
     card = read_card(zip_path)
-    state = training_state(card, zip_path)
-    model = SAC("MlpPolicy", env, policy_kwargs=network_kwargs(card.policy_kwargs), seed=card.seed, device=device,
-                buffer_size=state.buffer_size if replay_buffer is not None else 1, learning_starts=state.learning_starts, **settings)
-    if replay_buffer is None:  # scoring only: the buffer size is not checked
-        state = replace(state, buffer_size=1)
-        card = replace(card, training=state)
-    return restore_checkpoint(model, zip_path, replay_buffer, card)
+    state = training_state(card, zip_path) if replay_buffer is not None else None
+    sizes = {"buffer_size": state.buffer_size, "learning_starts": state.learning_starts} if state is not None else {"buffer_size": 1}
+    model = SAC("MlpPolicy", env, policy_kwargs=network_kwargs(card.policy_kwargs), seed=card.seed, device=device, **sizes, **settings)
+    if replay_buffer is not None:
+        return restore_checkpoint(model, zip_path, replay_buffer, card)
+    weights = read_state_dicts(zip_path, ["policy"], 2 * _tensor_bytes(model.policy) + (1 << 20), model.device)["policy"]
+    _load_module(model.policy, weights, f"{zip_path}: policy.pth")
+    model.num_timesteps = card.timesteps
+    return model
