@@ -458,12 +458,12 @@ def write_model_zip(model: SAC, zip_path: Path) -> Path:
     """
     raw = io.BytesIO()
     model.save(raw, exclude=list(VOLATILE_DATA))
-    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as source, atomic_path(Path(zip_path)) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as target:
-            for info in source.infolist():
-                entry = zipfile.ZipInfo(info.filename, date_time=ZIP_DATE)
-                entry.external_attr = 0o644 << 16
-                target.writestr(entry, source.read(info))
+    with zipfile.ZipFile(io.BytesIO(raw.getvalue())) as source, atomic_path(Path(zip_path)) as tmp, \
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            entry = zipfile.ZipInfo(info.filename, date_time=ZIP_DATE)
+            entry.external_attr = 0o644 << 16
+            target.writestr(entry, source.read(info))
     return Path(zip_path)
 
 
@@ -634,12 +634,13 @@ def restore_checkpoint(model: SAC, zip_path: Path, replay_buffer: Path | None = 
     _load_module(model.policy, states["policy"], f"{zip_path}: policy.pth")
     for name, optimizer in optimizers.items():
         _load_optimizer(optimizer, states[name], f"{zip_path}: {name}.pth")
-    if model.log_ent_coef is not None:
+    if model.log_ent_coef is not None and state.log_ent_coef is not None:  # both or neither (checked above)
         model.log_ent_coef.data.fill_(state.log_ent_coef)  # .data: the optimizer holds this very tensor
     model.num_timesteps = state.num_timesteps
     model._n_updates = state.n_updates
     model._episode_num = state.episode_num
     if replay_buffer is not None:
+        assert model.replay_buffer is not None  # SAC builds it with the model
         load_replay_buffer(model.replay_buffer, Path(replay_buffer))
     return model
 
@@ -657,11 +658,12 @@ def load_checkpoint(zip_path: Path, env: VecEnv | Any, replay_buffer: Path | Non
 
     zip_path = Path(zip_path)
     card = read_card(zip_path)
-    state = training_state(card, zip_path) if replay_buffer is not None else None
-    sizes = {"buffer_size": state.buffer_size, "learning_starts": state.learning_starts} if state is not None else {"buffer_size": 1}
-    model = SAC("MlpPolicy", env, policy_kwargs=network_kwargs(card.policy_kwargs), seed=card.seed, device=device, **sizes, **settings)
     if replay_buffer is not None:
+        state = training_state(card, zip_path)
+        model = SAC("MlpPolicy", env, policy_kwargs=network_kwargs(card.policy_kwargs), seed=card.seed, device=device,
+                    buffer_size=state.buffer_size, learning_starts=state.learning_starts, **settings)
         return restore_checkpoint(model, zip_path, replay_buffer, card)
+    model = SAC("MlpPolicy", env, policy_kwargs=network_kwargs(card.policy_kwargs), seed=card.seed, device=device, buffer_size=1, **settings)
     weights = read_state_dicts(zip_path, ["policy"], 2 * _tensor_bytes(model.policy) + (1 << 20), model.device)["policy"]
     _load_module(model.policy, weights, f"{zip_path}: policy.pth")
     model.num_timesteps = card.timesteps

@@ -58,8 +58,7 @@ def save_replay_buffer(buffer: ReplayBuffer, path: Path) -> Path:
     arrays["pos"] = np.asarray(buffer.pos, dtype=SCALARS["pos"])
     arrays["full"] = np.asarray(buffer.full, dtype=SCALARS["full"])
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:  # a file object: savez would append .npz to the temporary name
-            np.savez(handle, **arrays)
+        np.savez(tmp, **arrays)  # uncompressed, members stamped 1980-01-01: the same arrays give the same bytes
     return path
 
 
@@ -138,7 +137,7 @@ def _check_values(arrays: dict[str, np.ndarray], buffer: ReplayBuffer, source: s
     for name in ARRAYS:
         if not np.isfinite(arrays[name]).all():
             raise BitallocError(f"{source}: {name} holds non-finite values")
-    space = buffer.observation_space
+    space: Any = buffer.observation_space  # a Box (_check_buffer)
     # SB3 stores Box actions rescaled to [-1, 1] (policy.scale_action), observations as the env gave them
     bounds = {"observations": (space.low, space.high), "next_observations": (space.low, space.high), "actions": (-1.0, 1.0)}
     for name, (low, high) in bounds.items():

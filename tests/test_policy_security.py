@@ -321,7 +321,8 @@ def test_old_checkpoints_are_skipped_not_loaded(work: Path, marker: Path, capsys
         zip_path, npz = checkpoint(work, steps)
         npz.unlink()
         npz.with_suffix(".pkl").write_bytes(pickle.dumps(Payload(marker)))
-        edit_sidecar(zip_path, lambda d: (d.pop("training"), d.update(replay_buffer_sha256=file_sha256(npz.with_suffix(".pkl")))))
+        digest = file_sha256(npz.with_suffix(".pkl"))
+        edit_sidecar(zip_path, lambda d, digest=digest: (d.pop("training"), d.update(replay_buffer_sha256=digest)))
     # scoring one (benchmarks/policy.py) still works: its network alone, from policy.pth
     from envs.bitalloc_env import BitAllocEnv
     from policies.artifact import load_checkpoint
@@ -349,7 +350,7 @@ def test_a_checkpoint_of_another_run_is_refused(work: Path, capsys: pytest.Captu
 
 def test_the_shipped_policy_still_loads() -> None:
     """The shipped sidecar (written before these checks) passes them, and its network is the one it describes."""
-    import policies.pretrained as pretrained
+    from policies import pretrained
 
     policy = load_policy(pretrained.resolve("smollm2-135m-sac"))
     assert policy.card.policy_kwargs == {"net_arch": [64, 64]} and policy.card.training is None
