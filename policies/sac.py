@@ -5,8 +5,8 @@ episode, the budget drawn per episode from ``bpw_range``), trains SAC on it and 
 output directory::
 
     run.json                          what the run trains on (checked again on --resume)
-    checkpoints/sac_<N>_steps.zip     CheckpointCallback snapshots, each with a .json sidecar
-    checkpoints/sac_replay_buffer_<N>_steps.pkl
+    checkpoints/sac_<N>_steps.zip     snapshots every checkpoint_every steps, each with a .json sidecar
+    checkpoints/sac_replay_buffer_<N>_steps.npz   its replay buffer as plain arrays
     logs/progress.csv                 the sb3 logger (and TensorBoard events if tensorboard is installed)
     policy.zip, policy.json           the final artifact (:mod:`policies.artifact`)
     best_policy.zip, best_policy.json the best checkpoint so far, as SB3's EvalCallback keeps a best model
@@ -19,9 +19,15 @@ ln(table loss / LP-relaxation bound), the quality term of the reward without its
 (lower is better; 0 would match the bound).
 
 With ``resume`` the run continues from the latest checkpoint whose sidecar and hashes check out
-(model and replay buffer), up to ``timesteps`` in total. Training uses dense reward shaping by
-default (:mod:`envs.reward`: the same return, paid earlier), which learns faster from the
-terminal-only quality signal.
+(model and replay buffer), up to ``timesteps`` in total. Resuming never unpickles: the SAC model is
+built by this code from the run's settings, and the checkpoint contributes only checked tensors,
+counters and arrays (:func:`policies.artifact.restore_checkpoint`); checkpoints of older versions
+(a pickled ``.pkl`` replay buffer, no training state in the sidecar) are skipped with a warning.
+Training uses dense reward shaping by default (:mod:`envs.reward`: the same return, paid earlier),
+which learns faster from the terminal-only quality signal.
+
+Same-seed runs write byte-identical policies, checkpoints and sidecars on one machine and library
+stack (:func:`policies.artifact.write_model_zip`).
 """
 
 from __future__ import annotations
@@ -48,15 +54,23 @@ from envs.observation import FeatureNormalization
 from envs.reward import RewardConfig
 from policies.apply import rollout
 from policies.artifact import (
+    MAX_BUFFER_SIZE,
     PolicyCard,
+    TrainingState,
+    check_policy_kwargs,
     file_sha256,
     load_checkpoint,
+    network_kwargs,
     read_card,
     save_artifact,
     table_record,
+    training_state,
     versions,
+    write_model_zip,
     write_sidecar,
 )
+from policies.replay_buffer import SUFFIX as BUFFER_SUFFIX
+from policies.replay_buffer import save_replay_buffer
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +110,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.timesteps < 1 or self.checkpoint_every < 1 or self.batch_size < 1 or self.buffer_size < 1:
             raise BitallocError("timesteps, checkpoint_every, batch_size and buffer_size must be at least 1")
+        if self.buffer_size > MAX_BUFFER_SIZE or not 0 <= self.seed < 2**32:
+            raise BitallocError(f"the buffer size must be at most {MAX_BUFFER_SIZE} and the seed in 0..2**32-1")
+        check_policy_kwargs({"net_arch": list(self.net_arch)}, "TrainConfig")  # what a sidecar may hold, so the policy loads again
         if not 0 < self.bpw_range[0] <= self.bpw_range[1]:
             raise BitallocError(f"the bpw range must satisfy 0 < low <= high, got {tuple(self.bpw_range)}")
 
@@ -111,23 +128,35 @@ class TrainConfig:
         return data
 
 
-def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> CheckpointCallback
-    from stable_baselines3.common.callbacks import CheckpointCallback
+def checkpoint_paths(directory: Path, steps: int) -> tuple[Path, Path]:
+    """(zip, replay buffer) of the checkpoint at ``steps`` in ``directory`` (CheckpointCallback's names, an .npz buffer)."""
+    return directory / f"{CHECKPOINT_PREFIX}_{steps}_steps.zip", directory / f"{CHECKPOINT_PREFIX}_replay_buffer_{steps}_steps{BUFFER_SUFFIX}"
 
-    class SidecarCheckpointCallback(CheckpointCallback):
-        """CheckpointCallback that writes a sidecar (with the hashes) beside every snapshot."""
+
+def save_checkpoint(model: Any, directory: Path, card: PolicyCard) -> Path:
+    """Write the checkpoint of ``model`` now: the zip, its replay buffer as arrays, and last the
+    sidecar with both hashes and the training state (so a checkpoint cut short has no matching sidecar)."""
+    zip_path, buffer = checkpoint_paths(directory, model.num_timesteps)
+    write_model_zip(model, zip_path)
+    save_replay_buffer(model.replay_buffer, buffer)
+    write_sidecar(zip_path, replace(card, timesteps=model.num_timesteps, zip_sha256=file_sha256(zip_path),
+                                    replay_buffer_sha256=file_sha256(buffer), training=TrainingState.of(model)))
+    return zip_path
+
+
+def _checkpoint_callback(card: PolicyCard, every: int, directory: Path):  # -> BaseCallback
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class SidecarCheckpointCallback(BaseCallback):
+        """Every ``every`` calls, as SB3's CheckpointCallback: :func:`save_checkpoint` (SB3's would
+        pickle the replay buffer and time-stamp the zip)."""
 
         def _on_step(self) -> bool:
-            saving = self.n_calls % self.save_freq == 0
-            result = super()._on_step()
-            if saving:
-                zip_path = Path(self._checkpoint_path(extension="zip"))
-                buffer = Path(self._checkpoint_path("replay_buffer_", extension="pkl"))
-                write_sidecar(zip_path, replace(card, timesteps=self.num_timesteps, zip_sha256=file_sha256(zip_path),
-                                                replay_buffer_sha256=file_sha256(buffer)))
-            return result
+            if self.n_calls % every == 0:
+                save_checkpoint(self.model, directory, card)
+            return True
 
-    return SidecarCheckpointCallback(every, str(directory), name_prefix=CHECKPOINT_PREFIX, save_replay_buffer=True)
+    return SidecarCheckpointCallback()
 
 
 def eval_budgets(bpw_range: Sequence[float]) -> list[float]:
@@ -196,19 +225,39 @@ def _stats_callback():  # -> BaseCallback
 
 
 def latest_checkpoint(directory: Path) -> tuple[Path, Path] | None:
-    """The newest (zip, replay buffer) in ``directory`` whose sidecar and hashes check out."""
+    """The newest (zip, replay buffer) in ``directory`` whose sidecar and hashes check out and that
+    can be resumed without unpickling; others are skipped with a warning (older versions' checkpoints
+    too: their pickled ``.pkl`` replay buffers are never loaded)."""
     found = sorted(((int(m.group(1)), p) for p in directory.glob("*.zip") if (m := _CHECKPOINT.match(p.name))), reverse=True)
     for steps, path in found:
-        buffer = directory / f"{CHECKPOINT_PREFIX}_replay_buffer_{steps}_steps.pkl"
+        buffer = checkpoint_paths(directory, steps)[1]
         try:
             card = read_card(path)
+            training_state(card, path)
         except BitallocError as exc:
             log.warning("skipping checkpoint %s: %s", path.name, exc)
             continue
-        if buffer.is_file() and card.replay_buffer_sha256 == file_sha256(buffer):
+        if not buffer.is_file() and buffer.with_suffix(".pkl").is_file():
+            log.warning("skipping checkpoint %s: its replay buffer is a pickle (.pkl), which is never loaded", path.name)
+        elif buffer.is_file() and card.replay_buffer_sha256 == file_sha256(buffer):
             return path, buffer
-        log.warning("skipping checkpoint %s: its replay buffer is missing or does not match", path.name)
+        else:
+            log.warning("skipping checkpoint %s: its replay buffer is missing or does not match", path.name)
     return None
+
+
+def _resume(latest: tuple[Path, Path], card: PolicyCard, config: TrainConfig, env: BitAllocEnv) -> Any:  # -> SAC
+    """The run's model at its checkpoint ``latest``, built from ``config`` (never unpickled)."""
+    zip_path, buffer = latest
+    found = read_card(zip_path)
+    state = training_state(found, zip_path)
+    if found.run_fields() != card.run_fields():
+        differs = next(k for k, v in card.run_fields().items() if found.run_fields().get(k) != v)
+        raise BitallocError(f"{zip_path}: a checkpoint of another run (its {differs} differs); move it away or choose another --out")
+    if state.buffer_size > config.buffer_size or state.learning_starts > config.learning_starts:
+        raise BitallocError(f"{zip_path}: buffer size {state.buffer_size} / learning starts {state.learning_starts} exceed the run's settings")
+    return load_checkpoint(zip_path, env, buffer, device=config.device, learning_rate=config.learning_rate, batch_size=config.batch_size,
+                           gamma=config.gamma)
 
 
 def _run_record(tables: Sequence[SensitivityTable], config: TrainConfig) -> dict[str, Any]:
@@ -270,7 +319,7 @@ def train(
     checkpoints = out_dir / CHECKPOINTS
     latest = latest_checkpoint(checkpoints) if resume and checkpoints.is_dir() else None
     if latest is not None:
-        model = load_checkpoint(latest[0], env, latest[1], device=config.device)
+        model = _resume(latest, card, config, env)
         log.info("resuming from %s (%d steps)", latest[0].name, model.num_timesteps)
     else:
         if resume:
@@ -283,7 +332,7 @@ def train(
             learning_starts=min(config.learning_starts, config.timesteps // 2),
             batch_size=config.batch_size,
             gamma=config.gamma,
-            policy_kwargs=dict(policy_kwargs),  # a copy: SAC adds its own keys to the dict it is given
+            policy_kwargs=network_kwargs(policy_kwargs),  # a fresh dict: SAC adds its own keys to the one it is given
             seed=config.seed,
             device=config.device,
         )

@@ -48,7 +48,8 @@ def test_training_writes_the_artifact_checkpoints_and_logs(trained: Path) -> Non
     checkpoints = run_dir / "checkpoints"
     for steps in (150, 300):
         assert read_card(checkpoints / f"sac_{steps}_steps.zip").timesteps == steps
-        assert (checkpoints / f"sac_replay_buffer_{steps}_steps.pkl").is_file()
+        assert (checkpoints / f"sac_replay_buffer_{steps}_steps.npz").is_file()
+        assert not (checkpoints / f"sac_replay_buffer_{steps}_steps.pkl").exists()  # never a pickle
     header = (run_dir / "logs" / "progress.csv").read_text().splitlines()[0].split(",")
     assert "allocation/loss_ratio" in header and "train/actor_loss" in header
 
@@ -188,6 +189,13 @@ def test_same_seed_same_policy(trained: Path, tmp_path: Path) -> None:
     observations = np.random.default_rng(0).uniform(-2, 2, size=(16, len(first.card.observation_names))).astype(np.float32)
     assert all(np.array_equal(first.act(o), second.act(o)) for o in observations)
     assert first.card.normalization == second.card.normalization
+    # byte-identical artifacts: zips without timestamps or wall-clock data (only the logs record times)
+    files = sorted(p.relative_to(trained.parent) for p in trained.parent.rglob("*") if p.is_file() and "logs" not in p.parts)
+    assert {"policy.zip", "policy.json", "best_policy.zip", "checkpoints/sac_150_steps.zip",
+            "checkpoints/sac_replay_buffer_300_steps.npz"} <= {str(f) for f in files}
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "logs" not in p.parts)
+    for name in files:
+        assert (trained.parent / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 def test_cli_train_and_solve_with_a_policy(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
