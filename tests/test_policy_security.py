@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from allocator.errors import BitallocError
-from allocator.sensitivity import SensitivityTable
+from allocator.table.sensitivity import SensitivityTable
 from policies.artifact import file_sha256, load_policy, read_card, sidecar_path
 from tests.cli_helpers import assert_one_line_error, run
 
