@@ -87,6 +87,23 @@ def test_policy_score_skips_budgets_a_table_cannot_meet() -> None:
     assert np.isfinite(policy_score(Constant(), env, [lowest / 2]))  # none feasible: the table's mid-range budget
 
 
+def test_a_best_checkpoint_is_replaced_only_by_a_lower_score(tmp_path: Path) -> None:
+    from policies.best_checkpoint import BEST_FILE, keep_if_better, read_best
+
+    written: list[int] = []
+
+    def writer(steps: int):
+        return lambda path: (path.write_text(str(steps)), written.append(steps))
+
+    assert read_best(tmp_path) is None
+    assert keep_if_better(tmp_path, 100, 0.5, [2.5], writer(100))
+    assert not keep_if_better(tmp_path, 200, 0.5, [2.5], writer(200))  # a tie keeps the earlier one
+    assert keep_if_better(tmp_path, 300, 0.25, [2.5], writer(300), note="x")
+    assert read_best(tmp_path) == {"steps": 300, "score": 0.25, "budgets": [2.5], "note": "x"} and written == [100, 300]
+    (tmp_path / BEST_FILE).unlink()  # a record without its zip is no best
+    assert keep_if_better(tmp_path, 400, 0.75, [2.5], writer(400)) and (tmp_path / BEST_FILE).read_text() == "400"
+
+
 def test_applied_policy_meets_the_budget_on_other_tables(trained: Path) -> None:
     policy = load_policy(trained)
     for table, constraints in ((synthetic(2, layers=42, missing=0.2), Constraints()), (synthetic(7, layers=21), Constraints(tie=False))):
