@@ -1,10 +1,11 @@
 """Which policy a finished training run hands on: its best checkpoint.
 
 :func:`select_best` returns the run's ``best_policy.zip`` (:mod:`policies.best_checkpoint`). A run
-trained before :func:`policies.sac.train` kept one gets it here, chosen as the training callback
-would have chosen it: every checkpoint (and the final policy) scored by
-:func:`policies.sac.policy_score` on the run's own tables, at the budgets and with the constraints,
-reward and action mapping its sidecar records; the lowest score wins (the earlier checkpoint on a tie).
+trained before :func:`policies.sac.train` kept one gets it here, scored as the training callback
+scores: :func:`policies.sac.policy_score` on the run's own tables, at the budgets and with the
+constraints, reward and action mapping its sidecar records. The candidates are the checkpoints and
+the final policy, which stands for the checkpoint of its step count (it also has the updates SB3
+makes after the last checkpoint); the lowest score wins, the earlier one on a tie.
 """
 
 from __future__ import annotations
