@@ -51,6 +51,7 @@ from allocator.model.layers import quantizable_linears, swapped_weights
 from allocator.model.loading import load_model
 from allocator.quantize.apply import QuantizedModel, quantize_model
 from allocator.quantize.head import quantize_head
+from allocator.runtime.decode_loops import DecodeTiming, teacher_forced_logits, timed_greedy, timed_lean_greedy
 from allocator.runtime.decoder import LlamaDecoder
 from allocator.runtime.packed import install_quantized
 from allocator.storage import write_json
@@ -232,54 +233,23 @@ class DecodeVariant:
 
     label: str
     title: str
-    run: Callable[[torch.Tensor, int], tuple[float, float, list[int]]]
-    """(prompt ids (1 x n), new tokens) -> (prefill seconds, seconds per decoded token, greedy tokens)."""
+    run: Callable[[torch.Tensor, int], DecodeTiming]
+    """(prompt ids (1 x n), new tokens) -> the timed greedy decode."""
     linears: list[torch.nn.Module]
     head: torch.nn.Module | None
     """None: the step runs in one C call, so hooks see nothing inside it."""
 
 
-@torch.inference_mode()
-def decode_seconds(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """transformers: (prefill seconds, mean seconds per decoded token, greedy tokens) with the KV cache."""
-    start = time.perf_counter()
-    out = model(prompt, use_cache=True)
-    prefill = time.perf_counter() - start
-    cache = out.past_key_values
-    token = out.logits[:, -1:].argmax(-1)
-    generated = [int(token)]
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        token = out.logits[:, -1:].argmax(-1)
-        generated.append(int(token))
-    return prefill, (time.perf_counter() - start) / new_tokens, generated
-
-
-def lean_decode_seconds(decoder: LlamaDecoder, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, list[int]]:
-    """:class:`LlamaDecoder`: the same measurement as :func:`decode_seconds`."""
-    decoder.reset()
-    start = time.perf_counter()
-    logits = decoder.forward(prompt[0])
-    prefill = time.perf_counter() - start
-    generated = [int(logits.argmax())]
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        generated.append(int(decoder.forward(generated[-1:]).argmax()))
-    return prefill, (time.perf_counter() - start) / new_tokens, generated
-
-
 def hf_variant(label: str, title: str, model: torch.nn.Module) -> DecodeVariant:
     head = model.get_output_embeddings()
     linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not head]
-    return DecodeVariant(label, title, lambda ids, n: decode_seconds(model, ids, n), linears, head)
+    return DecodeVariant(label, title, lambda ids, n: timed_greedy(model, ids, n), linears, head)
 
 
 def lean_variant(label: str, title: str, decoder: LlamaDecoder) -> DecodeVariant:
     linears = [m for block in decoder.blocks for m in (*block.qkv, block.o_proj, *block.gate_up, block.down_proj)]
     hooked = decoder.native_step is None
-    return DecodeVariant(label, title, lambda ids, n: lean_decode_seconds(decoder, ids, n), linears if hooked else [],
+    return DecodeVariant(label, title, lambda ids, n: timed_lean_greedy(decoder, ids[0].tolist(), n), linears if hooked else [],
                          decoder.head if hooked else None)
 
 
@@ -306,12 +276,12 @@ def decode_breakdown(variant: DecodeVariant, prompt: torch.Tensor, new_tokens: i
             spent["head" if module is variant.head else "linears"] += time.perf_counter() - started[id(module)]
 
     if variant.head is None:
-        _, step, _ = variant.run(prompt, new_tokens)
+        step = variant.run(prompt, new_tokens).seconds_per_token
         return {"total": step * 1e3}
     hooked = [*variant.linears, variant.head]
     handles = [h for m in hooked for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
     try:
-        _, step, _ = variant.run(prompt, new_tokens)
+        step = variant.run(prompt, new_tokens).seconds_per_token
     finally:
         for handle in handles:
             handle.remove()
@@ -334,10 +304,10 @@ def decode_quality(loaded: Any, models: dict[str, torch.nn.Module], tokens: int,
     count = 0
     first = next(iter(decoders))
     for window in windows:
-        for decoder in decoders.values():
-            decoder.reset()
-        for position in range(window.numel() - 1):
-            logprobs = {label: torch.log_softmax(d.forward(window[position:position + 1]).double(), -1) for label, d in decoders.items()}
+        # every decoder steps through the window together, so each position's distributions can be compared
+        steps = zip(*(teacher_forced_logits(d, window[:-1]) for d in decoders.values()))
+        for position, logits in enumerate(steps):
+            logprobs = {label: torch.log_softmax(step.double(), -1) for label, step in zip(decoders, logits)}
             target = int(window[position + 1])
             for label, lp in logprobs.items():
                 nll[label] -= float(lp[target])
@@ -417,7 +387,7 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     llamas = {label: load_llama(path, seqlen=max_length, threads=torch.get_num_threads()) for label, path in (ggufs or {}).items()}
     # repeats interleaved over every variant, llama.cpp's included: the VM's speed drifts by tens of
     # percent over minutes, and interleaving spreads the drift over all of them alike
-    all_runs: dict[str, list[Any]] = {v.label: [] for v in variants}
+    all_runs: dict[str, list[DecodeTiming]] = {v.label: [] for v in variants}
     llama_speeds: dict[str, list[float]] = {label: [] for label in llamas}
     for _ in range(repeats):
         for variant in variants:
@@ -428,10 +398,10 @@ def bench_end_to_end(model_name: str, new_tokens: int, prompt_tokens: int, repea
     results: dict[str, Any] = {}
     for variant in variants:
         runs = all_runs[variant.label]
-        prefill = statistics.median(r[0] for r in runs)
-        step = statistics.median(r[1] for r in runs)
+        prefill = statistics.median(r.prefill_seconds for r in runs)
+        step = statistics.median(r.seconds_per_token for r in runs)
         results[variant.label] = {"title": variant.title, "prefill_s": prefill, "decode_s_per_token": step, "tokens_per_s": 1 / step,
-                                  "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0][2]}
+                                  "prefill_tokens_per_s": ids.shape[1] / prefill, "greedy": runs[0].tokens}
     linear_fp32_bytes = sum(m.weight.numel() * 4 for m in quantizable_linears(model).values())
     packed_bytes = sum(m.weight_layout.nbytes for m in kernel_model.modules() if isinstance(m, QuantLinear))
     breakdown = {v.label: decode_breakdown(v, ids, new_tokens) for v in variants}

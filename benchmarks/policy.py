@@ -22,8 +22,9 @@ finished (and an interrupted training run continues from its last checkpoint):
    evaluation windows; equal allocations measured once): perplexity, ppl ratio, KL.
 
 Then ``training_curve.png`` (episode reward and ILP gap over training) and results/policy.md, whose
-"Reading" section is computed from these numbers. ``--ship`` copies the first model's policy into
-``policies/pretrained/<model>-sac.{zip,json}`` (``bitalloc solve --policy smollm2-135m-sac``).
+"Reading" section is computed from these numbers. ``--ship`` ships the first model's policy as
+``policies/pretrained/<model>-sac.{zip,json}`` (:func:`policies.shipping.ship_policy`; ``bitalloc solve
+--policy smollm2-135m-sac``).
 
 ``--dry-run`` runs stages 1-3 (and plans stage 4 without measuring) on synthetic tables shaped like
 the two models, into ``$BITALLOC_CACHE/policy-bench/dry-run/`` unless ``--out`` says otherwise:
@@ -38,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,15 +49,18 @@ import numpy as np
 from _common import RESULTS, provenance
 
 from allocator.errors import BitallocError
-from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
-from allocator.solvers import Budget, Constraints, solve
+from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations, plan_sweep
+from allocator.solvers import UNIFORM, Budget, Constraints, solve
 from allocator.solvers.repair import repair
 from allocator.storage import cache_dir, write_json
 from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import BitAllocEnv
 from policies.apply import apply_policy, rollout
-from policies.artifact import LoadedPolicy, file_sha256, load_policy, read_card
-from policies.sac import BEST_FILE, BEST_RECORD, CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, eval_budgets, latest_checkpoint, policy_score, train
+from policies.artifact import LoadedPolicy, file_sha256, load_policy
+from policies.best_checkpoint import read_best
+from policies.sac import CHECKPOINTS, LOGS, POLICY_FILE, TrainConfig, latest_checkpoint, train
+from policies.selection import checkpoint_steps, checkpoint_zips, select_best
+from policies.shipping import ship_policy
 
 SCHEMA = 1
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -166,7 +169,7 @@ def stage_train(source: Source, args: argparse.Namespace, loss: str, results: Pa
     if killed:  # its training time up to its last log line (a lower bound)
         sessions[-1].update(status="interrupted", wall_seconds=elapsed)
     found = latest_checkpoint(run_dir / CHECKPOINTS) if (run_dir / CHECKPOINTS).is_dir() else None
-    start_steps = int(found[0].stem.split("_")[1]) if found else 0
+    start_steps = checkpoint_steps(found[0]) if found else 0
     sessions.append({"status": "running", "from_steps": start_steps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     record = {"schema": SCHEMA, "stage": "train", "key": key, "status": "training", "provenance": provenance(),
               "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "table": _table_summary(source.table), "sessions": sessions}
@@ -354,46 +357,15 @@ def paced_baseline(source: Source, bpw: float, optima: Optima) -> dict[str, Any]
             "rollout_bpw": info["raw_bits"] / problem.total_numel}
 
 
-def checkpoint_zips(run_dir: Path) -> list[tuple[int, Path]]:
-    """(steps, zip) of every checkpoint with a sidecar, and the final policy, by steps (one per step count)."""
-    found: dict[int, Path] = {}
-    for path in (run_dir / CHECKPOINTS).glob("sac_*_steps.zip"):
-        try:
-            steps = int(path.stem.split("_")[1])
-        except (IndexError, ValueError):
-            continue
-        if path.with_suffix(".json").is_file():
-            found[steps] = path
-    final = run_dir / POLICY_FILE
-    if final.is_file():
-        found[read_card(final).timesteps] = final
-    return sorted(found.items())
-
-
-def select_policy(source: Source, record: dict[str, Any], loss: str) -> Path:
-    """The run's best checkpoint (``best_policy.zip``, kept by :func:`policies.sac.train` as SB3's
-    EvalCallback keeps a best model). A run trained before that existed gets it here, scored the same
-    way over its checkpoints (:func:`policies.sac.policy_score` on its training table)."""
-    from envs.bitalloc_env import BitAllocEnv
-    from policies.artifact import load_checkpoint
-
+def select_policy(source: Source, record: dict[str, Any]) -> Path:
+    """The run's best checkpoint (:func:`policies.selection.select_best`: ``best_policy.zip``, chosen now
+    for a run trained before training kept one)."""
     run_dir = Path(record["key"]["run_dir"])
-    best = run_dir / BEST_FILE
-    if best.is_file() and (run_dir / BEST_RECORD).is_file():
-        return best
-    card = read_card(run_dir / POLICY_FILE)
-    env = BitAllocEnv([source.table], bpw_range=card.bpw_range, constraints=Constraints(loss=loss), reward=card.reward,
-                      normalization=card.normalization, action_mapping=card.action_mapping)
-    budgets = eval_budgets(card.bpw_range)
-    scores = {}
-    for steps, path in checkpoint_zips(run_dir):
-        scores[steps] = (policy_score(load_checkpoint(path, env), env, budgets), path)
-    steps = min(scores, key=lambda k: (scores[k][0], k))
-    score, path = scores[steps]
-    shutil.copyfile(path.with_suffix(".json"), best.with_suffix(".json"))
-    shutil.copyfile(path, best)
-    write_json(run_dir / BEST_RECORD, {"steps": steps, "score": score, "budgets": budgets, "chosen_after_training": True})
-    print(f"[select {source.name}] best checkpoint: {steps} steps (score {score:.4f})")
+    chosen_before = read_best(run_dir)
+    best = select_best(run_dir, [source.table])
+    if chosen_before is None:
+        chosen = read_best(run_dir) or {}
+        print(f"[select {source.name}] best checkpoint: {chosen.get('steps')} steps (score {chosen.get('score', math.nan):.4f})")
     return best
 
 
@@ -498,13 +470,11 @@ def plan_measured(name: str, sources: dict[str, Source], policies: dict[str, Loa
         for origin, policy in policies.items():
             kind = "own policy" if origin == name else "zero-shot"
             add(kind, apply_policy(policy, table, Budget.bpw(bpw), optima.constraints), bpw, policy_from=origin)
-    loss = table.loss(optima.constraints.loss)
-    usable = table.available(optima.constraints.loss)
+    uniform = {p.option: p for p in plan_sweep(table, [], [], optima.constraints)[0] if p.solver == UNIFORM}
     for label in UNIFORM_LABELS:
-        if label in table.labels and usable[:, table.option_index(label)].all():
-            index = table.option_index(label)
-            add("uniform", option=label, options={n: label for n in table.names}, predicted=float(loss[:, index].sum()),
-                achieved=float(table.bits[:, index].sum() / table.total_numel))
+        if label in uniform:  # an option of this table, available for every layer
+            point = uniform[label]
+            add("uniform", option=label, options={n: label for n in table.names}, predicted=point.predicted_loss, achieved=point.bpw)
     return points, allocations
 
 
@@ -575,19 +545,6 @@ def stage_measured(name: str, sources: dict[str, Source], policies: dict[str, Lo
     return record
 
 
-# -- shipping --------------------------------------------------------------------------------------
-
-
-def ship(source: Path, name: str, directory: Path) -> Path:
-    """Copy the selected policy (zip + sidecar) to ``directory/<name>-sac.{zip,json}`` and check they load."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{name}-sac.zip"
-    shutil.copyfile(source.with_suffix(".json"), target.with_suffix(".json"))
-    shutil.copyfile(source, target)
-    load_policy(target)  # sidecar and hash still match
-    return target
-
-
 # -- the report ------------------------------------------------------------------------------------
 
 
@@ -613,7 +570,7 @@ def training_section(trained: dict[str, dict], table: dict[str, Any]) -> list[st
         hit = time_to_within(entries, name)
         reached = f"{hit['steps']} steps, {_t(hit['seconds'])}" if hit else "not reached"
         steps = record["key"]["timesteps"]
-        best = read_json(Path(record["key"]["run_dir"]) / BEST_RECORD) or {}
+        best = read_best(Path(record["key"]["run_dir"])) or {}
         chosen = f"{best['steps']} steps (score {best['score']:.3f})" if best else "-"
         lines.append(f"| {name} | {steps} | {_t(record['wall_seconds'])} | {steps / record['wall_seconds']:.0f} | "
                      f"{record['threads']} of {record['cpus']} cores | {len(record['sessions'])} | "
@@ -867,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
         results = out / "policy"
         results.mkdir(parents=True, exist_ok=True)
         trained = {name: stage_train(source, args, loss, results) for name, source in sources.items()}
-        selected = {name: select_policy(sources[name], record, loss) for name, record in trained.items()}
+        selected = {name: select_policy(sources[name], record) for name, record in trained.items()}
         table = stage_table(sources, trained, loss, results, args, selected)
         policies = {name: load_policy(path) for name, path in selected.items()}
         optima = Optima(sources, loss)
@@ -875,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_training(trained, table, results / CURVE, " (dry run, synthetic tables)" if args.dry_run else "")
         if args.ship:
             first = next(iter(trained))
-            target = ship(selected[first], first, (results / "pretrained") if args.dry_run else _pretrained_dir())
+            target = ship_policy(selected[first], f"{first}-sac", (results / "pretrained") if args.dry_run else None)
             print(f"shipped {target} (+ {target.with_suffix('.json').name})")
         write_report(out / "policy.md", args, loss, sources, trained, table, measured)
         print(out / "policy.md")
@@ -887,12 +844,6 @@ def main(argv: list[str] | None = None) -> int:
         print("policy benchmark: interrupted; run the same command again to continue (finished stages are skipped, "
               "training resumes from its last checkpoint)", file=sys.stderr)
         return 130
-
-
-def _pretrained_dir() -> Path:
-    import policies.pretrained
-
-    return policies.pretrained.PRETRAINED_DIR
 
 
 if __name__ == "__main__":

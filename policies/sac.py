@@ -16,7 +16,7 @@ output directory::
 every training table at :data:`EVAL_BPW` (inside ``bpw_range``), the allocation is repaired to the
 budget as :func:`policies.apply.apply_policy` does, and the score is the mean over (table, budget) of
 ln(table loss / LP-relaxation bound), the quality term of the reward without its budget terms
-(lower is better; 0 would match the bound).
+(lower is better; 0 would match the bound); :mod:`policies.best_checkpoint` keeps the best.
 
 With ``resume`` the run continues from the latest checkpoint whose sidecar and hashes check out
 (model and replay buffer), up to ``timesteps`` in total. Resuming never unpickles: the SAC model is
@@ -69,6 +69,7 @@ from policies.artifact import (
     write_model_zip,
     write_sidecar,
 )
+from policies.best_checkpoint import keep_if_better
 from policies.replay_buffer import SUFFIX as BUFFER_SUFFIX
 from policies.replay_buffer import save_replay_buffer
 
@@ -78,8 +79,6 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 POLICY_FILE = "policy.zip"
-BEST_FILE = "best_policy.zip"
-BEST_RECORD = "best.json"
 EVAL_BPW = (2.0, 2.5, 3.0, 3.5)
 """Budgets the checkpoints are scored at (those inside the run's bpw range)."""
 CHECKPOINT_PREFIX = "sac"
@@ -197,11 +196,8 @@ def _best_callback(card: PolicyCard, every: int, out_dir: Path, eval_env: BitAll
                 return True
             score = policy_score(self.model, eval_env, budgets)
             self.logger.record("eval/score", score)
-            record_path = out_dir / BEST_RECORD
-            best = json.loads(record_path.read_text()) if record_path.is_file() else None
-            if best is None or score < best["score"]:
-                save_artifact(self.model, out_dir / BEST_FILE, replace(card, timesteps=self.num_timesteps))
-                write_json(record_path, {"steps": self.num_timesteps, "score": score, "budgets": list(budgets)})
+            keep_if_better(out_dir, self.num_timesteps, score, budgets,
+                           lambda path: save_artifact(self.model, path, replace(card, timesteps=self.num_timesteps)))
             return True
 
     return BestPolicyCallback()

@@ -12,6 +12,7 @@ from torch import nn
 from allocator.errors import BitallocError
 from allocator.model.layers import quantizable_linears
 from allocator.quantize.apply import quantize_model
+from allocator.runtime.decode_loops import teacher_forced_logits, timed_greedy, timed_lean_greedy
 from allocator.runtime.decoder import LlamaDecoder, fuse_linears
 from allocator.runtime.packed import install_quantized
 from quantizers import RTNQuantizer
@@ -82,6 +83,37 @@ def test_greedy_generation_equals_transformers_generate() -> None:
     assert decoder.generate(prompt.tolist(), 12, on_token=streamed.append) == expected == streamed
     stop = expected[3]
     assert decoder.generate(prompt.tolist(), 12, stop=[stop]) == expected[: expected.index(stop) + 1]
+
+
+def test_timed_greedy_decodes_what_generate_decodes_through_either_engine() -> None:
+    """Both timed loops: the prefill's token, then one per step (new_tokens steps), equal to greedy
+    generate's tokens, with positive times; a decode of no steps is refused."""
+    model = packed_llama()
+    prompt = torch.randint(0, 30, (1, 6), generator=torch.Generator().manual_seed(6))
+    hf_model = copy.deepcopy(model)
+    hf_model.config.use_cache = True
+    with torch.inference_mode():
+        expected = hf_model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 6:].tolist()
+    decoder = LlamaDecoder(model, max_length=16)
+    for timing in (timed_greedy(model, prompt, 5), timed_lean_greedy(decoder, prompt[0].tolist(), 5),
+                   timed_lean_greedy(decoder, prompt[0].tolist(), 5)):  # again: the lean decoder starts from an empty cache
+        assert timing.tokens == expected
+        assert timing.prefill_seconds > 0 and timing.seconds_per_token > 0
+    with pytest.raises(BitallocError, match="at least one decode step"):
+        timed_lean_greedy(decoder, prompt[0].tolist(), 0)
+    with pytest.raises(BitallocError, match="at least one decode step"):
+        timed_greedy(model, prompt, 0)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_teacher_forced_logits_are_the_models_next_token_logits(native: bool) -> None:
+    model = packed_llama()
+    ids = torch.randint(0, 30, (10,), generator=torch.Generator().manual_seed(7))
+    decoder = LlamaDecoder(model, max_length=16, native=native)
+    decoder.forward([3, 4, 5])  # a sequence already under way is forgotten
+    steps = list(teacher_forced_logits(decoder, ids))
+    assert len(steps) == 10 and decoder.length == 10
+    torch.testing.assert_close(torch.stack(steps), hf_logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_fuse_linears_stacks_outputs_or_declines() -> None:

@@ -88,6 +88,75 @@ def test_policy_score_skips_budgets_a_table_cannot_meet() -> None:
     assert np.isfinite(policy_score(Constant(), env, [lowest / 2]))  # none feasible: the table's mid-range budget
 
 
+def test_selection_after_training_chooses_the_checkpoint_training_kept(trained: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run without best_policy.zip (trained before it was kept) gets one after the fact: the
+    lowest-scoring checkpoint as training scores them (the final policy standing for its step count),
+    a byte copy of it, scored without unpickling; a run with one keeps it."""
+    import pickle
+
+    from envs.bitalloc_env import BitAllocEnv
+    from policies.artifact import load_checkpoint
+    from policies.best_checkpoint import BEST_FILE, BEST_RECORD, read_best
+    from policies.sac import EVAL_BPW, policy_score
+    from policies.selection import checkpoint_steps, checkpoint_zips, select_best
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained.parent, run_dir)
+    (run_dir / BEST_FILE).unlink()
+    sidecar_path(run_dir / BEST_FILE).unlink()
+    (run_dir / BEST_RECORD).unlink()
+    assert [steps for steps, _ in checkpoint_zips(run_dir)] == [150, 300]
+    assert checkpoint_zips(run_dir)[-1][1] == run_dir / "policy.zip"  # the final policy stands for its step count
+    assert checkpoint_steps(Path("sac_150_steps.zip")) == 150 and checkpoint_steps(Path("sac_replay_buffer_150_steps.pkl")) is None
+    with pytest.raises(BitallocError, match="trained on other tables"):
+        select_best(run_dir, [synthetic(2)])
+    card = read_card(trained)
+    env = BitAllocEnv([synthetic(1)], normalization=card.normalization, action_mapping=card.action_mapping)
+    scores = {steps: policy_score(load_checkpoint(path, env), env, EVAL_BPW) for steps, path in checkpoint_zips(run_dir)}
+    monkeypatch.setattr(pickle, "load", lambda *_a, **_k: pytest.fail("unpickled a checkpoint to score it"))
+    best = select_best(run_dir, [synthetic(1)])
+    chosen = read_best(run_dir)
+    assert best == run_dir / BEST_FILE and chosen["chosen_after_training"] is True and chosen["budgets"] == list(EVAL_BPW)
+    assert chosen["steps"] == min(scores, key=scores.get) and chosen["score"] == pytest.approx(min(scores.values()), abs=1e-12)
+    source = dict(checkpoint_zips(run_dir))[chosen["steps"]]
+    assert best.read_bytes() == source.read_bytes() and sidecar_path(best).read_bytes() == sidecar_path(source).read_bytes()
+    (run_dir / "policy.zip").unlink()  # nothing is scored again once the run has its best
+    assert select_best(run_dir, [synthetic(2)]) == best and read_best(run_dir) == chosen
+
+
+def test_a_best_checkpoint_is_replaced_only_by_a_lower_score(tmp_path: Path) -> None:
+    from policies.best_checkpoint import BEST_FILE, keep_if_better, read_best
+
+    written: list[int] = []
+
+    def writer(steps: int):
+        return lambda path: (path.write_text(str(steps)), written.append(steps))
+
+    assert read_best(tmp_path) is None
+    assert keep_if_better(tmp_path, 100, 0.5, [2.5], writer(100))
+    assert not keep_if_better(tmp_path, 200, 0.5, [2.5], writer(200))  # a tie keeps the earlier one
+    assert keep_if_better(tmp_path, 300, 0.25, [2.5], writer(300), note="x")
+    assert read_best(tmp_path) == {"steps": 300, "score": 0.25, "budgets": [2.5], "note": "x"} and written == [100, 300]
+    (tmp_path / BEST_FILE).unlink()  # a record without its zip is no best
+    assert keep_if_better(tmp_path, 400, 0.75, [2.5], writer(400)) and (tmp_path / BEST_FILE).read_text() == "400"
+
+
+def test_shipping_copies_the_artifact_unchanged(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import policies.pretrained as pretrained
+    from policies.shipping import ship_policy
+
+    target = ship_policy(trained, "tiny-sac", tmp_path / "given")
+    assert target == tmp_path / "given" / "tiny-sac.zip"
+    assert target.read_bytes() == trained.read_bytes() and sidecar_path(target).read_bytes() == sidecar_path(trained).read_bytes()
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "pretrained")  # the default, read at call time
+    assert ship_policy(trained, "tiny-sac") == tmp_path / "pretrained" / "tiny-sac.zip" and pretrained.shipped() == ["tiny-sac"]
+    assert pretrained.load("tiny-sac").card.zip_sha256 == read_card(trained).zip_sha256
+    for name in ("", "..", "sub/tiny-sac", "tiny-sac.zip"):
+        with pytest.raises(BitallocError, match="plain file name"):
+            ship_policy(trained, name, tmp_path)
+
+
 def test_applied_policy_meets_the_budget_on_other_tables(trained: Path) -> None:
     policy = load_policy(trained)
     for table, constraints in ((synthetic(2, layers=42, missing=0.2), Constraints()), (synthetic(7, layers=21), Constraints(tie=False))):

@@ -1,1 +1,2 @@
-"""The runtime stage: the packed model on disk, QuantLinear installation, and the lean decoder."""
+"""The runtime stage: the packed model on disk, QuantLinear installation, the lean decoder, and the
+decode loops measurements drive (timed greedy decoding, teacher-forced stepping)."""

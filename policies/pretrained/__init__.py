@@ -4,7 +4,8 @@ Each shipped policy is a pair ``<name>.zip`` + ``<name>.json`` in this directory
 its sidecar exactly as :func:`policies.sac.train` wrote them (``policy.zip`` / ``policy.json`` of a
 run directory, renamed), so loading one goes through the same checks as any policy file
 (:func:`policies.artifact.load_policy`: sidecar, hash, feature schema; no unpickling).
-``python benchmarks/policy.py --ship`` copies the SmolLM2-trained policy of that benchmark here.
+:func:`policies.shipping.ship_policy` copies a policy here (``python benchmarks/policy.py --ship``
+ships the SmolLM2-trained policy of that benchmark).
 
 :func:`resolve` turns what a user typed into a path: an existing file (or a run directory holding
 ``policy.zip``), anything that looks like a path (ends in ``.zip`` or has a separator), or else the
