@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import allocator.measure.fisher as fisher_module
+from allocator.errors import BitallocError
 from allocator.measure.fisher import EMPIRICAL, SAMPLED, cached_fisher, fisher_diagonals
-from allocator.measure.profile import KLProbe
+from allocator.measure.fisher_losses import add_fisher_losses, fisher_windows
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import KLProbe, cached_table_path, profile_model
 from allocator.model.layers import quantizable_linears
 from allocator.model.tokens import calibration_samples
+from allocator.table.losses import FISHER, FISHER_EMPIRICAL, HESSIAN_ERR
+from allocator.table.options import parse_options
+from allocator.table.sensitivity import SensitivityTable
 from tests.conftest import random_text, tiny_llama, tiny_tokenizer
 
 ACCUMULATE = fisher_module.accumulate_window
@@ -106,4 +113,52 @@ def test_an_interrupted_pass_resumes_to_the_same_bytes(model, windows, diagonals
     assert not calls and as_bytes(cached[EMPIRICAL].diagonal) == as_bytes(diagonals[EMPIRICAL].diagonal)
     cached_fisher(model, "tiny", "random", windows[:8], variants=[SAMPLED], seed=0, progress=False)
     assert len(calls) == 8  # other windows: another cache entry
+
+
+@pytest.fixture
+def table_path(loaded, corpus, isolated_cache):
+    table = profile_model(loaded, corpus, parse_options(["rtn2", "rtn3", "rtn4"]), samples=4, seqlen=32, progress=False)
+    return cached_table_path(table)
+
+
+def test_fisher_losses_are_half_the_fisher_weighted_error_of_the_kept_weights(loaded, corpus, table_path, monkeypatch) -> None:
+    table = SensitivityTable.load(table_path)
+    kept = OptionWeights.beside(table_path, table.labels)
+    layer, absent = table.names[3], table.names[5]
+    weight = quantizable_linears(loaded.model)[layer].weight.detach()
+    step = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    kept.save(layer, {label: weight + (j + 1) * step for j, label in enumerate(table.labels)})  # errors δ, 2δ, 3δ
+    kept.path(absent).unlink()
+    result = add_fisher_losses(loaded, table, table_path, corpus.calibration, windows=3, seqlen=24, progress=False)
+    sampled, empirical = result.loss(FISHER), result.loss(FISHER_EMPIRICAL)
+    for loss in (sampled, empirical):
+        row = table.names.index(absent)
+        assert np.isnan(loss[row]).all() and np.isfinite(np.delete(loss, row, axis=0)).all()
+        constructed = loss[table.names.index(layer)]
+        assert np.allclose(constructed / constructed[0], [1.0, 4.0, 9.0], rtol=1e-3)  # fp16 storage of the kept weights
+        finite = np.isfinite(loss).all(axis=1) & (np.array(table.names) != layer)
+        assert (loss[finite, 0] > loss[finite, 1]).all() and (loss[finite, 1] > loss[finite, 2]).all()  # rtn 2 > 3 > 4 bits
+    fisher = fisher_diagonals(loaded.model, fisher_windows(loaded, table, corpus.calibration, 3, 24), variants=[SAMPLED], seed=0, progress=False)
+    name = table.names[0]
+    error = quantizable_linears(loaded.model)[name].weight.detach().double() - kept.load(name, "rtn-w3g128").double()
+    assert np.isclose(sampled[0, 1], 0.5 * float((fisher[SAMPLED].diagonal[name].double() * error**2).sum()), rtol=1e-6)
+    reloaded = SensitivityTable.load(table_path)  # saved back, beside the kept weights
+    assert {HESSIAN_ERR, FISHER, FISHER_EMPIRICAL} <= set(reloaded.loss_names) and reloaded.default_loss == HESSIAN_ERR
+    settings = reloaded.metadata["fisher"]
+    assert (settings["windows"], settings["seqlen"], settings["seed"], settings["tokens"]) == (3, 24, 0, 3 * 23)
+    assert settings["seconds"] > 0 and settings["forward_passes"][SAMPLED] == 3 and settings["backward_passes"][SAMPLED] == 6
+    assert {FISHER, FISHER_EMPIRICAL} <= set(reloaded.metadata["losses"])
+    calls = count_windows(monkeypatch)
+    assert add_fisher_losses(loaded, reloaded, table_path, corpus.calibration, windows=3, seqlen=24, progress=False) is reloaded
+    again = add_fisher_losses(loaded, reloaded, table_path, corpus.calibration, windows=2, seqlen=24, variants=[SAMPLED], progress=False)
+    assert len(calls) == 2 and FISHER_EMPIRICAL not in again.losses  # other settings: the stale loss goes
+    with pytest.raises(BitallocError, match="1 to 4 windows"):
+        add_fisher_losses(loaded, reloaded, table_path, corpus.calibration, windows=5, progress=False)
+
+
+def test_a_table_without_kept_weights_is_refused(loaded, corpus, isolated_cache) -> None:
+    table = profile_model(loaded, corpus, parse_options(["rtn3"]), samples=2, seqlen=16, keep_weights=False, progress=False)
+    with pytest.raises(BitallocError, match="no kept option weights"):
+        add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration, windows=1, progress=False)
+
 
