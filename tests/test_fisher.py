@@ -17,6 +17,7 @@ from allocator.model.tokens import calibration_samples
 from allocator.table.losses import FISHER, FISHER_EMPIRICAL, HESSIAN_ERR
 from allocator.table.options import parse_options
 from allocator.table.sensitivity import SensitivityTable
+from tests.cli_helpers import assert_one_line_error, run
 from tests.conftest import random_text, tiny_llama, tiny_tokenizer
 
 ACCUMULATE = fisher_module.accumulate_window
@@ -162,3 +163,18 @@ def test_a_table_without_kept_weights_is_refused(loaded, corpus, isolated_cache)
         add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration, windows=1, progress=False)
 
 
+def test_profile_fisher_through_the_cli(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    out = tmp_path / "table.npz"
+    model = ["--model", str(tiny_model_dir), "--corpus", str(text_file), "--samples", "2", "--seqlen", "16"]
+    code, stdout, _ = run(capsys, "profile", *model, "--options", "rtn2", "rtn4", "--fisher", "--fisher-samples", "2",
+                          "--out", str(out), "--no-progress")
+    assert code == 0 and "fisher, fisher_emp" in stdout
+    assert SensitivityTable.load(out).metadata["fisher"]["seqlen"] == 16
+    code, _, err = run(capsys, "solve", "--profile", str(out), "--bpw", "3.0", "--loss", "fisher")
+    assert code == 0 and "predicted fisher" in err
+    for args, message in [(["--fisher-samples", "2"], "--fisher-samples only applies with --fisher"),
+                          (["--fisher", "--scale-fold"], "a --scale-fold profile does not keep"),
+                          (["--fisher", "--fisher-samples", "3"], "1 to 2 windows of 2 to 16 tokens (--samples, --seqlen), got 3 x 16"),
+                          (["--fisher", "--fisher-seqlen", "17"], "got 2 x 17")]:
+        code, _, err = run(capsys, "profile", *model, "--options", "rtn2", *args)
+        assert_one_line_error(code, err, message)
