@@ -1,8 +1,9 @@
 """Loss names: the columns a sensitivity table can hold, and which one solvers prefer.
 
 Each loss is an L x O matrix of predicted damage per (layer, option); solvers minimize its sum.
-Who makes each: :mod:`allocator.measure.profile` (``hessian_err``, ``weight_err``, ``kl``) and
-:mod:`allocator.measure.layer_kl` (``kl_est``, ``kl_local``).
+Who makes each: :mod:`allocator.measure.profile` (``hessian_err``, ``weight_err``, ``kl``),
+:mod:`allocator.measure.layer_kl` (``kl_est``, ``kl_local``) and :mod:`allocator.measure.fisher_losses` (``fisher``,
+``fisher_emp``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ KL_CALIBRATED = "kl_est"
 """Each layer's hessian_err times that layer's measured KL gain (one anchor option prices all)."""
 KL_LOCAL = "kl_local"
 """Single-layer KL re-measured around a whole allocation (every other layer at its base option)."""
+FISHER = "fisher"
+"""½ Σ F ⊙ (W − Q)² with F the diagonal Fisher of the model's own predictive distribution (labels sampled
+from the reference): the second-order estimate of ``kl`` from one gradient pass."""
+FISHER_EMPIRICAL = "fisher_emp"
+"""As ``fisher`` with the empirical Fisher (squared gradient of the text's NLL)."""
 
 PREFERRED_LOSSES = (KL, KL_CALIBRATED)
 """Measured single-layer KL first (allocator/measure/layer_kl.py): it predicts measured quality of whole

@@ -16,6 +16,7 @@ HELP = "measure every (layer, option): exact bits, loss estimates and features -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from allocator.jobs.compare import EvalSettings
+    from allocator.measure.fisher_losses import DEFAULT_FISHER_SEQLEN, DEFAULT_FISHER_WINDOWS
     from allocator.model.corpus import DEFAULT_CORPUS
     from allocator.model.loading import DEFAULT_MODEL
 
@@ -34,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure the KL of these options only (kl_est scales every option's hessian_err by the layer's measured gain); default: all")
     parser.add_argument("--kl-samples", type=positive_int, default=1, help="calibration windows the KL is measured on (default 1)")
     parser.add_argument("--kl-seqlen", type=positive_int, help="tokens of each KL window (default 256, or --seqlen if shorter)")
+    parser.add_argument("--fisher", action="store_true",
+                        help="also add the losses fisher and fisher_emp: ½ Σ F ⊙ (W − Q)² per (layer, option) from the kept weights, F the "
+                        "diagonal Fisher from one forward and backward pass per calibration window (labels sampled from the model / the text)")
+    parser.add_argument("--fisher-samples", type=positive_int,
+                        help=f"calibration windows of the Fisher pass (default {DEFAULT_FISHER_WINDOWS}, or --samples if fewer)")
+    parser.add_argument("--fisher-seqlen", type=positive_int, help=f"tokens of each Fisher window (default {DEFAULT_FISHER_SEQLEN}, or --seqlen if shorter)")
     parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     parser.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     add_scale_fold_flags(parser, "profiling (use the same with quantize)")
@@ -46,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
+    from allocator.measure.fisher_losses import DEFAULT_FISHER_SEQLEN, DEFAULT_FISHER_WINDOWS, add_fisher_losses
     from allocator.measure.layer_kl import add_kl_losses
     from allocator.measure.profile import cached_table_path, profile_model, save_table
     from allocator.model.corpus import load_corpus
@@ -59,6 +67,16 @@ def run(args: argparse.Namespace) -> int:
         raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
     if args.kl_anchors and not args.measure_kl:
         raise BitallocError("--kl-anchors only applies with --measure-kl")
+    if args.fisher and args.scale_fold:
+        raise BitallocError("--fisher needs the kept option weights, which a --scale-fold profile does not keep")
+    for flag, value in (("--fisher-samples", args.fisher_samples), ("--fisher-seqlen", args.fisher_seqlen)):
+        if value is not None and not args.fisher:
+            raise BitallocError(f"{flag} only applies with --fisher")
+    fisher_samples = args.fisher_samples or min(DEFAULT_FISHER_WINDOWS, args.samples)
+    fisher_seqlen = args.fisher_seqlen or min(DEFAULT_FISHER_SEQLEN, args.seqlen)
+    if args.fisher and (fisher_samples > args.samples or not 2 <= fisher_seqlen <= args.seqlen):  # before the model loads
+        raise BitallocError(f"the Fisher is computed on 1 to {args.samples} windows of 2 to {args.seqlen} tokens (--samples, --seqlen), "
+                            f"got {fisher_samples} x {fisher_seqlen}")
     anchors = kl_anchors(args.kl_anchors, options)
     if args.out is not None:
         check_json_target(args.out, "--out")
@@ -73,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         if args.measure_kl:
             table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,
                                   args.kl_samples, args.kl_seqlen, progress=not args.no_progress)
+        if args.fisher:
+            table = add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration,
+                                      fisher_samples, fisher_seqlen,
+                                      recompute=args.recompute, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
         return 130
@@ -103,8 +125,8 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     from allocator.model.tokens import calibration_samples
     from allocator.table.sensitivity import TableKey
 
-    if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold:
-        raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")
+    if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold or args.fisher:
+        raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors, --fisher or --scale-fold")
     types = check_ggml_types(args.ggml_types or DEFAULT_GGML_TYPES)  # bad names fail before the model loads
     if args.out is not None:
         check_json_target(args.out, "--out")
