@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from allocator.cli.common import check_json_target, kl_anchors, scale_fold_settings
+from allocator.cli.common import kl_anchors, scale_fold_settings
+from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, model_help, positive_int
 
 NAME = "profile"
@@ -60,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kl_anchors and not args.measure_kl:
         raise BitallocError("--kl-anchors only applies with --measure-kl")
     anchors = kl_anchors(args.kl_anchors, options)
-    if args.out is not None:
-        check_json_target(args.out, "--out")
+    output_file(args.out, "--out")  # an existing directory, say, fails now, not after profiling
     start = time.perf_counter()
     loaded = load_model(args.model)
     corpus = load_corpus(args.corpus)
@@ -106,8 +106,7 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold:
         raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")
     types = check_ggml_types(args.ggml_types or DEFAULT_GGML_TYPES)  # bad names fail before the model loads
-    if args.out is not None:
-        check_json_target(args.out, "--out")
+    output_file(args.out, "--out")
     require_llama_cpp()
     source_gguf(args.model)  # a model without a GGUF fails before it loads
     start = time.perf_counter()
