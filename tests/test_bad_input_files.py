@@ -204,7 +204,7 @@ def test_file_outputs_onto_a_directory_and_directory_outputs_onto_a_file(made, t
 
 def test_eval_json_and_quantize_out_fail_before_the_work(made, tmp_path, tripwire, capsys) -> None:
     model = ["--model", made["model"], "--corpus", made["corpus"], *CALIBRATION]
-    refused(capsys, tmp_path, "directory", "eval", *model, "--quantizer", "rtn", "--json", tmp_path / "missing" / "rows.json")
+    refused(capsys, tmp_path, "does not exist", "eval", *model, "--quantizer", "rtn", "--json", tmp_path / "missing" / "rows.json")
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -253,10 +253,17 @@ def test_5000_character_paths_are_one_line(made, tmp_path, tripwire, capsys) -> 
     assert len(err) < 400 and "(5" in err
 
 
-def test_5000_character_model_and_corpus(made, tmp_path, capsys) -> None:
+def test_5000_character_model_and_corpus(made, tmp_path, capsys, monkeypatch) -> None:
     long = tmp_path / LONG_NAME
     refused(capsys, tmp_path, "File name too long", "eval", "--model", long, "--quantizer", "none")
-    refused(capsys, tmp_path, "File name too long", "eval", "--model", made["model"], "--corpus", long, "--quantizer", "none")
+    import allocator.model.loading
+
+    monkeypatch.setattr(allocator.model.loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before --corpus was checked"))
+    for command in (["eval", "--model", made["model"], "--quantizer", "none"], ["profile", "--model", made["model"]],
+                    ["quantize", "--bitmap", made["bitmap"], "--out", tmp_path / "q"], ["run", "--model", made["model"]],
+                    ["solve", "--model", made["model"], "--bpw", "3"]):
+        refused(capsys, tmp_path, "File name too long", *command, "--corpus", long)
+        refused(capsys, tmp_path, "unknown corpus", *command, "--corpus", tmp_path / "missing.txt")
 
 
 # -- 4. damaged models -------------------------------------------------------------------------

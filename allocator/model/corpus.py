@@ -33,15 +33,24 @@ class Corpus:
     evaluation: str
 
 
+BUILTIN_CORPORA = ("enwiki", "wikitext2", "wikitext-2")
+
+
+def check_corpus(spec: str) -> None:
+    """What :func:`load_corpus` would refuse first about ``spec`` without reading it: a name that is
+    neither built in nor an existing file (for the commands to check before a model loads)."""
+    if spec not in BUILTIN_CORPORA and not is_file(Path(spec).expanduser(), "--corpus"):
+        raise BitallocError(f"unknown corpus {shown(spec)!r}: use enwiki, wikitext2, or a path to a text file")
+
+
 def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
     """``enwiki`` (built in), ``wikitext2`` (online), or a path to a UTF-8 text file."""
+    check_corpus(spec)
     if spec == "enwiki":
         return _split_documents("enwiki", _enwiki_articles())
     if spec in ("wikitext2", "wikitext-2"):
         return _wikitext2()
     path = Path(spec).expanduser()
-    if not is_file(path, "--corpus"):
-        raise BitallocError(f"unknown corpus {shown(spec)!r}: use enwiki, wikitext2, or a path to a text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.evaluate.report import print_rows, rows_to_json
     from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import DEFAULT_MODEL, load_model
     from allocator.quantize.validation import check_assignment_fits, validate_group_size
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.table.options import quantizer_from_flags
 
     output_file(args.json, "--json")  # a path that cannot be written fails now, not after the evaluation
+    check_corpus(args.corpus)
     group_given = args.group_size is not NOT_GIVEN
     quantizer_name = args.quantizer
     if quantizer_name is None and args.bitmap is None and args.quantized is None:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.measure.layer_kl import add_kl_losses
     from allocator.measure.profile import cached_table_path, profile_model, save_table
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.table.options import parse_options
 
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise BitallocError("--kl-anchors only applies with --measure-kl")
     anchors = kl_anchors(args.kl_anchors, options)
     output_file(args.out, "--out")  # an existing directory, say, fails now, not after profiling
+    check_corpus(args.corpus)
     start = time.perf_counter()
     loaded = load_model(args.model)
     corpus = load_corpus(args.corpus)
@@ -98,7 +99,7 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     from allocator.gguf.imatrix import cached_imatrix
     from allocator.gguf.native_profile import profile_ggml_types
     from allocator.measure.profile import cached_table_path, save_table
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.model.tokens import calibration_samples
     from allocator.table.sensitivity import TableKey
@@ -107,6 +108,7 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
         raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors or --scale-fold")
     types = check_ggml_types(args.ggml_types or DEFAULT_GGML_TYPES)  # bad names fail before the model loads
     output_file(args.out, "--out")
+    check_corpus(args.corpus)
     require_llama_cpp()
     source_gguf(args.model)  # a model without a GGUF fails before it loads
     start = time.perf_counter()

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.evaluate.accounting import model_size_bytes
     from allocator.jobs.compare import EvalSettings, quantize_assignment
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import load_model
     from allocator.quantize.head import head_quantizer, quantize_head
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     assignment = bitmap.assignment().quantizers()  # every entry's settings must build a quantizer
     scale_fold = scale_fold_settings(args)
     packed_output(args.out, "--out")  # a foreign non-empty directory fails now, not after quantizing
+    check_corpus(args.corpus)
     start = time.perf_counter()
     loaded = load_model(args.model or bitmap.model)
     check_assignment_fits(assignment, quantizable_linears(loaded.model), shown(args.bitmap),

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.jobs.compare import EvalSettings
     from allocator.jobs.run import BITMAP_FILE, PACKED_DIR, ROWS_FILE, RUN_KL_ANCHORS, print_run, run_job, save_run
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.solvers import SOLVERS, Budget, Solver
     from allocator.table.options import parse_options
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir(args.out, "--out", files=(BITMAP_FILE, ROWS_FILE))
     if args.out is not None:
         packed_output(args.out / PACKED_DIR, "--out")
+    check_corpus(args.corpus)
     loaded = load_model(args.model)
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)

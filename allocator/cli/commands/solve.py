@@ -44,12 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
+    from allocator.model.corpus import check_corpus
     from allocator.runtime.gptqmodel import gptqmodel_dynamic
     from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve
     from allocator.storage import atomic_path
     from allocator.table.sensitivity import SensitivityTable
 
     output_file(args.out, "--out")
+    if args.model is not None:
+        check_corpus(args.corpus)  # it profiles the model on it
     solver: str | Solver = args.solver or DEFAULT_SOLVER
     if args.policy is not None:
         from policies.solver import PolicySolver

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
+    from allocator.model.corpus import check_corpus
     from allocator.solvers import Constraints
     from allocator.table.sensitivity import SensitivityTable
     from policies.sac import BEST_FILE, POLICY_FILE, RUN_FILE, TrainConfig, train
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if not models and not args.profile:
         raise BitallocError("give --models or --profile: the sensitivity tables to train on")
     output_dir(args.out, "--out", files=(RUN_FILE, POLICY_FILE, BEST_FILE))
+    if models:
+        check_corpus(args.corpus)  # it profiles the models on it
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
                          action_mapping=args.action_mapping)
