@@ -88,6 +88,28 @@ def checked_group_size(group_size: int | None) -> int | None:
     return group_size
 
 
+def checked_count(value: int, name: str, low: int = 1) -> int:
+    """An integer setting of at least ``low`` (block sizes, iteration counts); anything else (0, 2.5,
+    "128", true) raises ValueError, before it could stall or crash a quantization midway."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+    return int(value)
+
+
+def checked_flag(value: bool, name: str) -> bool:
+    """A true/false setting (a JSON string "false" would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def checked_damping(value: float) -> float:
+    """The Hessian damping ratio: a finite number of at least 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"damp_ratio must be a finite number of at least 0, got {value!r}")
+    return float(value)
+
+
 class Quantizer(abc.ABC):
     """Base class: one subclass per algorithm, configured in ``__init__``."""
 
