@@ -319,6 +319,19 @@ def test_bitmap_bits_outside_1_to_8_integers(made, tmp_path, bits, tripwire, cap
     refused(capsys, tmp_path, "bits must be an integer from 1 to 8", "eval", "--model", made["model"], "--bitmap", path)
 
 
+@pytest.mark.parametrize("setting,value,message", [("block_size", 0, "block_size must be an integer of at least 1"),
+                                                   ("act_order", "false", "act_order must be true or false"),
+                                                   ("damp_ratio", float("nan"), "damp_ratio must be a finite number"),
+                                                   ("symmetric", 1, "symmetric must be true or false")])
+def test_bitmap_settings_no_quantizer_takes(made, tmp_path, setting, value, message, tripwire, capsys) -> None:
+    def edit(data: dict[str, Any]) -> None:
+        gptq_everywhere(data)
+        list(data["modules"].values())[1]["settings"][setting] = value
+
+    path = edited_bitmap(made, tmp_path, edit)
+    refused(capsys, tmp_path, message, "quantize", "--bitmap", path, "--out", tmp_path / "q")
+
+
 @pytest.mark.parametrize("group,message", [(7, "group size 7 does not divide in_features"), (1e12, "group_size must be a positive"),
                                            (0, "group_size must be a positive"), (10**12, "does not divide in_features")])
 def test_bitmap_group_sizes_are_checked_against_the_model_before_quantizing(made, tmp_path, group, message, monkeypatch, capsys) -> None:
