@@ -15,6 +15,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,9 @@ class GroupLayout:
     in_features: int
     group_size: int | None
 
+    def __post_init__(self) -> None:
+        # a zero or fractional size would divide by zero or index by floats deep inside a quantizer
+        checked_group_size(self.group_size)
     @property
     def size(self) -> int:
         return self.in_features if self.group_size is None else self.group_size
@@ -78,10 +82,32 @@ class GroupLayout:
 def checked_group_size(group_size: int | None) -> int | None:
     """A quantizer's ``group_size`` setting: positive, or one group per row, written None here and -1 in GPTQ and
     GPTQModel (accepted as such). Anything else raises ValueError."""
-    group_size = None if group_size == -1 else group_size
-    if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
+    group_size = None if group_size == -1 and not isinstance(group_size, bool) else group_size
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, Integral) or group_size < 1):
         raise ValueError(f"group_size must be a positive number of columns, -1 or None (one group per row), got {group_size!r}")
     return group_size
+
+
+def checked_count(value: int, name: str, low: int = 1) -> int:
+    """An integer setting of at least ``low`` (block sizes, iteration counts); anything else (0, 2.5,
+    "128", true) raises ValueError, before it could stall or crash a quantization midway."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+        raise ValueError(f"{name} must be an integer of at least {low}, got {value!r}")
+    return int(value)
+
+
+def checked_flag(value: bool, name: str) -> bool:
+    """A true/false setting (a JSON string "false" would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def checked_damping(value: float) -> float:
+    """The Hessian damping ratio: a finite number of at least 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"damp_ratio must be a finite number of at least 0, got {value!r}")
+    return float(value)
 
 
 class Quantizer(abc.ABC):

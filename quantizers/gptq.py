@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size, single_threaded
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_count, checked_damping, checked_flag, checked_group_size, single_threaded
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, quantize_codes
 
@@ -67,9 +67,9 @@ class GPTQQuantizer(Quantizer):
             raise ValueError(f"unknown clip method {clip!r}; choose from {', '.join(CLIP_METHODS)}")
         self.spec = GridSpec(bits, symmetric)
         self.group_size = checked_group_size(group_size)
-        self.damp_ratio = damp_ratio
-        self.block_size = block_size
-        self.act_order = act_order
+        self.damp_ratio = checked_damping(damp_ratio)
+        self.block_size = checked_count(block_size, "block_size")
+        self.act_order = checked_flag(act_order, "act_order")
         self.clip = clip
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:

@@ -15,8 +15,11 @@ search as an option; llama.cpp's k-quants search their scales in the same spirit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
+
+from quantizers.packing import MAX_CODE_BITS
 
 SCALE_DTYPE = torch.float16
 CLIP_METHODS = ("minmax", "mse")
@@ -28,6 +31,13 @@ MSE_SHRINK_STEPS = 32
 class GridSpec:
     bits: int
     symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        # settings come from JSON files too: 0, 99, 3.5 or "4" bits must fail here, not mid-quantization
+        if isinstance(self.bits, bool) or not isinstance(self.bits, Integral) or not 1 <= self.bits <= MAX_CODE_BITS:
+            raise ValueError(f"bits must be an integer from 1 to {MAX_CODE_BITS}, got {self.bits!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be true or false, got {self.symmetric!r}")
 
     @property
     def max_code(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_count, checked_damping, checked_group_size
 from quantizers.binary_formats import (
     PBLLM,
     decode_pbllm,
@@ -76,8 +76,8 @@ class PBLLMQuantizer(Quantizer):
         self.salient_fraction = salient_fraction
         self.salient_format = salient_format
         self.group_size = checked_group_size(group_size)
-        self.block_size = block_size
-        self.damp_ratio = damp_ratio
+        self.block_size = checked_count(block_size, "block_size")
+        self.damp_ratio = checked_damping(damp_ratio)
 
     def select_salient(self, weight: torch.Tensor, hinv_cholesky: torch.Tensor) -> torch.Tensor:
         """Bool mask of the ``round(fraction * numel)`` weights of largest OBS saliency (ties: lower index)."""

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
+from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_count, checked_damping, checked_flag, checked_group_size
 from quantizers.binary_formats import W1P1, decode_w1p1, encode_w1p1, sign_bits, signs_from_bits, to_scale, w1p1_storage_bits
 from quantizers.obs import prepare_hessian, quantize_with_error_feedback
 
@@ -101,11 +101,11 @@ class W1P1Quantizer(Quantizer):
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.group_size = checked_group_size(group_size)
-        self.error_feedback = error_feedback
+        self.error_feedback = checked_flag(error_feedback, "error_feedback")
         self.weighting = weighting
-        self.em_iterations = em_iterations
-        self.damp_ratio = damp_ratio
-        self.block_size = block_size
+        self.em_iterations = checked_count(em_iterations, "em_iterations", 0)
+        self.damp_ratio = checked_damping(damp_ratio)
+        self.block_size = checked_count(block_size, "block_size")
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         needs_hessian = self.error_feedback or self.weighting == "hessian"

@@ -98,8 +98,8 @@ def test_profile_measure_kl_adds_kl_losses_the_solver_takes(profiled, tiny_model
                           "--out", str(profiled), "--no-progress")
     assert code == 0 and "kl, kl_est" in stdout
     table = SensitivityTable.load(profiled)
-    measurement = dict(table.metadata["kl_measurement"])
-    assert measurement.pop("seconds") > 0 and measurement == {"windows": 1, "seqlen": 16, "anchors": ["gptq-w3g128"]}
+    # the --out copy holds no wall-clock time (same seed, same bytes); the cached table keeps it
+    assert table.metadata["kl_measurement"] == {"windows": 1, "seqlen": 16, "anchors": ["gptq-w3g128"]}
     code, _, err = run(capsys, "solve", "--profile", str(profiled), "--bpw", "3.0", "--loss", "kl_est")
     assert code == 0 and "predicted kl_est" in err
 

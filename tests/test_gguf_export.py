@@ -129,7 +129,8 @@ def _bitmap(model_path: Path) -> BitMap:
         "model.layers.1.mlp.up_proj": ({"quantizer": "billm"}, "iq1_s"),
         "model.layers.1.mlp.down_proj": ({"quantizer": "gptq", "bits": 4, "group_size": 64}, "q5_0"),  # rows of 320
     }
-    modules = {name: ModuleEntry(option=f"opt-{expected}", settings=settings, storage_bits=1000, numel=1000)
+    shapes = {name: p.shape for name, p in _tiny_hf().named_parameters()}
+    modules = {name: ModuleEntry(option=f"opt-{expected}", settings=settings, storage_bits=1000, numel=shapes[f"{name}.weight"].numel())
                for name, (settings, expected) in entries.items()}
     return BitMap(model=str(model_path), modules=modules, predicted_loss=0.0, loss_name="hessian_err", solver=SolverRecord("test"))
 

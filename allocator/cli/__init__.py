@@ -38,6 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BitallocError as exc:
         print(f"bitalloc: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        # a file-system failure no check caught first (paths are checked before work starts): one line, no traceback
+        from allocator.storage import os_error_line
+
+        print(f"bitalloc: error: {os_error_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("bitalloc: interrupted", file=sys.stderr)
         return 130

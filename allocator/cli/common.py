@@ -1,12 +1,11 @@
-"""Steps several commands share: option checks, the scale-fold settings, output checks, and
-profiling a model the way ``bitalloc profile`` does."""
+"""Steps several commands share: option checks, the scale-fold settings, and profiling a model the
+way ``bitalloc profile`` does (the output checks are in :mod:`allocator.cli.outputs`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from allocator.cli.parser import NOT_GIVEN
@@ -52,13 +51,6 @@ def scale_fold_settings(args: argparse.Namespace) -> ScaleFoldSettings | None:
             raise BitallocError("--scale-fold-alpha needs --scale-fold")
         return None
     return ScaleFoldSettings(alpha=DEFAULT_ALPHA if args.scale_fold_alpha is NOT_GIVEN else args.scale_fold_alpha)
-
-
-def check_json_target(path: Path | None, flag: str) -> None:
-    from allocator.errors import BitallocError
-
-    if path is not None and not path.parent.is_dir():
-        raise BitallocError(f"{flag}: directory {path.parent} does not exist")
 
 
 def profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:

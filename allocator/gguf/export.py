@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import re
 import tempfile
@@ -91,12 +92,17 @@ class TensorPlan:
 
 
 def tensor_plan(bitmap: BitMap, shapes: Mapping[str, Sequence[int]]) -> dict[str, TensorPlan]:
-    """GGUF tensor name -> :class:`TensorPlan` for every module of ``bitmap``."""
+    """GGUF tensor name -> :class:`TensorPlan` for every module of ``bitmap``; a module the GGUF does
+    not have, or has with another weight count, is a one-line :class:`BitallocError` (a map for another
+    model). ``shapes`` may come from the shipped GGUF: its F32 copy has the same names and shapes."""
     plan: dict[str, TensorPlan] = {}
     for module, entry in bitmap.modules.items():
         tensor = gguf_tensor_name(module) + ".weight"
         if tensor not in shapes:
             raise BitallocError(f"bit map module {module} has no tensor {tensor} in this GGUF (another model?)")
+        if math.prod(shapes[tensor]) != entry.numel:
+            raise BitallocError(f"bit map module {module} has {entry.numel} weights, this GGUF's {tensor} has "
+                                f"{math.prod(shapes[tensor])} (another model?)")
         requested = ggml_type(entry.settings)
         row = int(shapes[tensor][0])
         plan[tensor] = TensorPlan(module, entry.option, requested, effective_type(requested, row), row)

@@ -16,7 +16,7 @@ import numpy as np
 from allocator.errors import BitallocError
 from allocator.gguf.constants import FLOAT_GGUF_VERSION
 from allocator.model.arch import GGUF_TENSOR_NAMES
-from allocator.storage import atomic_path, cache_dir
+from allocator.storage import atomic_path, cache_dir, is_file, shown
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ def source_gguf(model: str) -> Path:
         return BUILTIN_MODELS[model].locate_gguf()
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise BitallocError(f"model file not found: {model}")
+        if not is_file(path, "--model"):
+            raise BitallocError(f"model file not found: {shown(model)}")
         return path
     raise BitallocError(f"GGUF export needs a built-in model or a .gguf file, not {model!r} "
                         "(convert an HF model with llama.cpp's convert_hf_to_gguf.py first)")
@@ -74,10 +74,9 @@ def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarra
     tensor dequantized to float32 (rows x columns) and passed through ``transform(name, array)``."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(source)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(f"cannot read GGUF {source}: {str(exc).splitlines()[0]}") from None
+    from allocator.model.loading import open_gguf
+
+    reader = open_gguf(source)
     arch_field = reader.fields.get("general.architecture")
     if arch_field is None:
         raise BitallocError(f"{source} has no general.architecture")
@@ -102,9 +101,9 @@ def rewrite_gguf(source: Path, target: Path, transform: Callable[[str, np.ndarra
 
 def gguf_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> GGUF shape (``ne``: row length first) of the GGUF at ``path``."""
-    import gguf
+    from allocator.model.loading import open_gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     return {t.name: tuple(int(n) for n in t.shape.tolist()) for t in reader.tensors}
 
 LINEAR_TENSOR = re.compile(r"^blk\.\d+\.(" + "|".join(GGUF_TENSOR_NAMES.values()) + r")\.weight$")
@@ -147,12 +146,9 @@ class GGUFStats:
 
 def measure_gguf(path: Path) -> GGUFStats:
     """Read ``path`` with ``gguf.GGUFReader`` and count its tensor bytes."""
-    import gguf
+    from allocator.model.loading import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(f"cannot read GGUF {path}: {str(exc).splitlines()[0]}") from None
+    reader = open_gguf(path)
     tensor_bytes = params = linear_bytes = linear_params = 0
     types: dict[str, str] = {}
     for tensor in reader.tensors:

@@ -41,10 +41,13 @@ from allocator.measure.profile import cached_table_path, model_fingerprint
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
 from allocator.solvers import SOLVERS, UNIFORM, Budget, Constraints, solve
-from allocator.storage import atomic_path, write_json
+from allocator.storage import atomic_path, is_file, read_json, write_json
 from allocator.table.sensitivity import SensitivityTable
 
 SWEEP_SCHEMA_VERSION = 1
+SWEEP_JSON, SWEEP_MARKDOWN, SWEEP_PLOT = "pareto.json", "pareto.md", "pareto.png"
+SWEEP_FILES = (SWEEP_JSON, SWEEP_MARKDOWN, SWEEP_PLOT)
+"""What :func:`run_pareto` writes into its directory (each atomically)."""
 
 
 @dataclass
@@ -206,20 +209,23 @@ def sweep_record(
 
 
 def load_measured(path: Path, table: SensitivityTable, settings: dict[str, Any]) -> tuple[dict[str, Measured], float | None]:
-    """Measured allocations of an earlier run of the same sweep (same table and eval settings)."""
-    if not path.is_file():
-        return {}, None
+    """Measured allocations of an earlier run of the same sweep (same table and eval settings); a
+    missing, unreadable or damaged record counts as none (it is only a resume point)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = read_json(path, "sweep record") if is_file(path, "sweep record") else None
+    except BitallocError:
         return {}, None
-    if data.get("table_key") != table.key.digest() or data.get("settings", {}).get("eval") != settings.get("eval"):
+    if not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or not isinstance(data.get("points"), list):
+        return {}, None
+    if data.get("table_key") != table.key.digest() or data["settings"].get("eval") != settings.get("eval"):
         return {}, None
     done = {}
-    for p in data.get("points", []):
-        if p.get("kl") is not None:
-            done[p["allocation"]] = Measured(p["perplexity"], p["ppl_ratio"], p["kl"])
-    return done, data.get("reference_perplexity")
+    for p in data["points"]:
+        values = [p.get(k) for k in ("perplexity", "ppl_ratio", "kl")] if isinstance(p, dict) else [None]
+        if isinstance(p, dict) and isinstance(p.get("allocation"), str) and all(isinstance(v, (int, float)) for v in values):
+            done[p["allocation"]] = Measured(*(float(v) for v in values))
+    reference = data.get("reference_perplexity")
+    return done, float(reference) if isinstance(reference, (int, float)) else None
 
 
 def save_sweep(path: Path, record: dict[str, Any]) -> None:
@@ -297,7 +303,7 @@ def run_pareto(
     settings = {"budgets": budgets, "solvers": list(solvers), "loss": loss, "tie": tie,
                 "eval": {"corpus": corpus, "seqlen": seqlen, "tokens": tokens}}
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / "pareto.json"
+    json_path = out / SWEEP_JSON
     reference_ppl = None
     if weights is not None:
         done, reference_ppl = load_measured(json_path, table, settings)
@@ -318,8 +324,8 @@ def run_pareto(
     final = sweep_record(table, points, settings, notes, reference_ppl)
     save_sweep(json_path, final)
     summary = sweep_markdown(points, final)
-    with atomic_path(out / "pareto.md") as tmp:
+    with atomic_path(out / SWEEP_MARKDOWN) as tmp:
         tmp.write_text(summary)
     if weights is not None:
-        plot_pareto(points, out / "pareto.png", f"{table.key.model}: measured ppl vs bpw ({tokens} eval tokens)", reference_ppl)
+        plot_pareto(points, out / SWEEP_PLOT, f"{table.key.model}: measured ppl vs bpw ({tokens} eval tokens)", reference_ppl)
     return summary

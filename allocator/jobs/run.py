@@ -24,6 +24,11 @@ from allocator.solvers import Budget, Solver, solve
 from allocator.table.bitmap import BitMap
 from allocator.table.sensitivity import Option, SensitivityTable
 
+BITMAP_FILE = "bitmap.json"
+PACKED_DIR = "packed"
+ROWS_FILE = "rows.json"
+"""What :func:`save_run` writes into the job's directory."""
+
 RUN_KL_ANCHORS = ["gptq-w3g128"]
 """What ``bitalloc run`` measures the single-layer KL of (one forward per layer): on SmolLM2 the gain
 calibrated on this option alone ranked measured allocations as well as measuring every option."""
@@ -90,10 +95,11 @@ def print_run(result: RunResult, model: str, budget: Budget) -> None:
 
 
 def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corpus_name: str, settings: EvalSettings) -> None:
-    """``out/bitmap.json``, the packed model in ``out/packed`` and the rows in ``out/rows.json``."""
+    """``out/bitmap.json``, the packed model in ``out/packed`` and the rows in ``out/rows.json``, each
+    written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    result.bitmap.save(out / "bitmap.json")
+    result.bitmap.save(out / BITMAP_FILE)
     calibration = {"corpus": corpus_name, "samples": settings.samples, "seqlen": settings.seqlen, "seed": settings.seed}
-    save_quantized(out / "packed", model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
-                   model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, "bitmap.json", calibration))
-    rows_to_json(out / "rows.json", result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds})
+    save_quantized(out / PACKED_DIR, model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
+                   model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, BITMAP_FILE, calibration))
+    rows_to_json(out / ROWS_FILE, result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds})

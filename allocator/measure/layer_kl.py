@@ -36,6 +36,7 @@ from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import KLProbe
 from allocator.model.loading import LoadedModel
 from allocator.model.tokens import calibration_samples
+from allocator.storage import atomic_path
 from allocator.table.losses import HESSIAN_ERR, KL_CALIBRATED, KL_LOCAL, KL_MEASURED
 from allocator.table.sensitivity import SensitivityTable
 
@@ -73,8 +74,12 @@ def measure_kept_kl(
         raise BitallocError(f"{len(missing)} layers have no kept weights (first: {missing[0]}); profile with weights kept")
     result = np.full(measure.shape, np.nan)
     if checkpoint is not None and checkpoint.is_file():
-        saved = np.load(checkpoint)
-        if saved.shape == result.shape:
+        try:
+            saved = np.load(checkpoint, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # a damaged resume point is only lost work
+            log.warning("ignoring the KL checkpoint %s: %s", checkpoint, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            saved = np.empty(0)
+        if saved.shape == result.shape and saved.dtype.kind == "f":
             result = saved
             log.info("resuming the KL measurement from %s", checkpoint)
     todo = [i for i in range(len(names)) if np.any(measure[i] & np.isnan(result[i]))]
@@ -82,8 +87,7 @@ def measure_kept_kl(
         for j in np.flatnonzero(measure[i] & np.isnan(result[i])):
             result[i, j] = probe.mean_kl({names[i]: weights.load(names[i], labels[j])})
         if checkpoint is not None and (count % CHECKPOINT_EVERY == 0 or count == len(todo)):
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            with open(checkpoint, "wb") as handle:  # np.save appends .npy to bare paths
+            with atomic_path(checkpoint) as tmp, open(tmp, "wb") as handle:  # np.save appends .npy to bare paths
                 np.save(handle, result)
     return result
 

@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -515,12 +515,24 @@ def _profile_layers(
             del stats
 
 
+TIMING_KEYS = frozenset({"seconds", "layer_seconds"})
+"""Metadata keys (at any depth) that hold wall-clock times: the profile's and the KL measurement's."""
+
+
+def without_timings(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``metadata`` without its wall-clock times (:data:`TIMING_KEYS`), nested records included."""
+    return {key: without_timings(value) if isinstance(value, Mapping) else value
+            for key, value in metadata.items() if key not in TIMING_KEYS}
+
+
 def save_table(table: SensitivityTable, path: Path) -> Path:
-    """Write ``table`` to ``path`` (atomically); refuses a directory."""
+    """Write ``table`` to ``path`` (atomically) without its wall-clock times, so that same-seed profiles
+    write the same bytes (the cached copy keeps them: the benchmarks report profiling time from it);
+    refuses a directory."""
     path = Path(path)
     if path.is_dir():
         raise BitallocError(f"{path} is a directory; give a file name for the table")
-    return table.save(path)
+    return replace(table, metadata=without_timings(table.metadata)).save(path)
 
 
 __all__ = [

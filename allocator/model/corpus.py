@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from allocator.errors import BitallocError
+from allocator.storage import is_file, shown
 
 ENWIKI_SAMPLE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 DEFAULT_CORPUS = "enwiki"
@@ -32,19 +33,30 @@ class Corpus:
     evaluation: str
 
 
+BUILTIN_CORPORA = ("enwiki", "wikitext2", "wikitext-2")
+
+
+def check_corpus(spec: str) -> None:
+    """What :func:`load_corpus` would refuse first about ``spec`` without reading it: a name that is
+    neither built in nor an existing file (for the commands to check before a model loads)."""
+    if spec not in BUILTIN_CORPORA and not is_file(Path(spec).expanduser(), "--corpus"):
+        raise BitallocError(f"unknown corpus {shown(spec)!r}: use enwiki, wikitext2, or a path to a text file")
+
+
 def load_corpus(spec: str = DEFAULT_CORPUS) -> Corpus:
     """``enwiki`` (built in), ``wikitext2`` (online), or a path to a UTF-8 text file."""
+    check_corpus(spec)
     if spec == "enwiki":
         return _split_documents("enwiki", _enwiki_articles())
     if spec in ("wikitext2", "wikitext-2"):
         return _wikitext2()
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise BitallocError(f"unknown corpus {spec!r}: use enwiki, wikitext2, or a path to a text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise BitallocError(f"{spec} is not UTF-8 text") from None
+        raise BitallocError(f"{shown(spec)} is not UTF-8 text") from None
+    except OSError as exc:
+        raise BitallocError(f"cannot read corpus {shown(spec)}: {exc.strerror or type(exc).__name__}") from None
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if len(paragraphs) < 2:
         raise BitallocError(f"{spec} needs at least two paragraphs (blank-line separated) to split")

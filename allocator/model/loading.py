@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from allocator.errors import BitallocError
-from allocator.storage import atomic_path, cache_dir
+from allocator.storage import atomic_path, cache_dir, is_dir, is_file, path_stat, shown
 
 log = logging.getLogger(__name__)
 
@@ -77,36 +79,73 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
         directory = _float_cache(spec, BUILTIN_MODELS[spec].locate_gguf())
     else:
         path = Path(spec).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
+        # a spec the system cannot even look up (a 5000-character name, ...) is refused here in one line
+        status = path_stat(path, "--model")
+        if is_file(path, "--model") and path.suffix == ".gguf":
             directory = _float_cache(path.stem, path)
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise BitallocError(f"{spec} is a directory without config.json, not a model")
+        elif is_dir(path, "--model"):
+            if not is_file(path / "config.json", "--model"):
+                raise BitallocError(f"{shown(spec)} is a directory without config.json, not a model")
             directory = path
-        elif path.exists():
-            raise BitallocError(f"{spec} is neither a .gguf file nor a model directory")
+        elif status is not None:
+            raise BitallocError(f"{shown(spec)} is neither a .gguf file nor a model directory")
         elif spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
-            raise BitallocError(f"model file or directory not found: {spec}")
+            raise BitallocError(f"model file or directory not found: {shown(spec)}")
         elif spec.count("/") == 1:
             directory = None  # a hub id; needs internet
         else:
             known = ", ".join(BUILTIN_MODELS)
-            raise BitallocError(f"unknown model {spec!r}: not a built-in ({known}), file, directory or hub id")
+            raise BitallocError(f"unknown model {shown(spec)!r}: not a built-in ({known}), file, directory or hub id")
     source = str(directory) if directory is not None else spec
     try:
+        AutoConfig.from_pretrained(source)  # a config without a model type is named as such, not as a tokenizer failure
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
-        raise BitallocError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # transformers reports a broken config (``{}``, an unknown model type, no usable tokenizer) as
+        # ValueError/KeyError/TypeError; all are bad input, told in their first line
+        raise BitallocError(f"could not load model {shown(spec)!r}: {_first_line(exc)}") from None
     model.eval()
     model.config.use_cache = False
     return LoadedModel(spec, model, tokenizer, add_bos=_tokenizer_adds_bos(tokenizer))
+
+
+MESSAGE_CHARS = 300
+
+
+def _first_line(exc: BaseException) -> str:
+    """A library's error message on one line (its lines joined), cut to :data:`MESSAGE_CHARS`."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
 
 
 def _tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     bos = tokenizer.bos_token_id
     ids = tokenizer("a").input_ids
     return bos is not None and len(ids) > 0 and ids[0] == bos
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def open_gguf(path: Path) -> Any:
+    """``gguf.GGUFReader`` of ``path``; a file that is not a whole GGUF (truncated, empty, another
+    format) is a one-line :class:`BitallocError` instead of gguf-py's struct, index or shape errors."""
+    import gguf
+
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise BitallocError(f"cannot read GGUF {shown(path)}: {exc.strerror or type(exc).__name__}") from None
+    if magic != GGUF_MAGIC:
+        raise BitallocError(f"{shown(path)} is not a GGUF file (it does not start with {GGUF_MAGIC.decode()})")
+    try:
+        return gguf.GGUFReader(path)
+    except (OSError, ValueError, IndexError, KeyError, TypeError, struct.error) as exc:
+        raise BitallocError(f"cannot read GGUF {shown(path)} (truncated or damaged?): {_first_line(exc)}") from None
 
 
 def _sha256(path: Path) -> str:
@@ -122,12 +161,13 @@ def _float_cache(name: str, gguf_path: Path) -> Path:
     directory = cache_dir("models") / f"{name}-{_sha256(gguf_path)[:16]}-v{FLOAT_CACHE_VERSION}"
     if (directory / "config.json").is_file():
         return directory
+    open_gguf(gguf_path)  # a truncated or foreign file fails here, in one line, before transformers reads it
     log.info("dequantizing %s to a float cache at %s (once)", gguf_path.name, directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BitallocError(f"could not read GGUF {gguf_path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        raise BitallocError(f"could not read GGUF {shown(gguf_path)}: {_first_line(exc)}") from None
     # The float copy is an ordinary model now, not a GGUF-quantized one.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from allocator.errors import BitallocError
+from quantizers import Quantizer
 
 
 def validate_group_size(group_size: int | None, linears: Mapping[str, nn.Linear]) -> None:
@@ -27,3 +28,28 @@ def validate_group_size(group_size: int | None, linears: Mapping[str, nn.Linear]
                 f"group size {group_size} does not divide in_features {module.in_features} of {name}; "
                 "use a divisor of every width or a power of two"
             )
+
+
+def check_assignment_fits(
+    quantizers: Mapping[str, Quantizer],
+    linears: Mapping[str, nn.Linear],
+    source: str,
+    numel: Mapping[str, int] | None = None,
+) -> None:
+    """Refuse, before anything is quantized, an assignment (a bit map's, a packed model's) that does not
+    fit the model: a module that is not one of its quantizable linears, a weight count other than the
+    model's (``numel``: what the bit map recorded; a map made for another model's sizes), or a group
+    size that neither divides the module's input width nor is a power of two
+    (:func:`validate_group_size`, as ``eval --group-size`` checks it)."""
+    for name, quantizer in quantizers.items():
+        linear = linears.get(name)
+        if linear is None:
+            raise BitallocError(f"{source}: {name} is not a quantizable linear of this model (a bit map for another model?)")
+        expected = (numel or {}).get(name)
+        if expected is not None and expected != linear.weight.numel():
+            raise BitallocError(f"{source}: {name} has {expected} weights in the bit map, {linear.weight.numel()} in this model "
+                                f"({tuple(linear.weight.shape)}; a bit map for another model?)")
+        try:
+            validate_group_size(getattr(quantizer, "group_size", None), {name: linear})
+        except BitallocError as exc:
+            raise BitallocError(f"{source}: {exc}") from None

@@ -1,6 +1,7 @@
 """The packed quantized model on disk: what ``bitalloc quantize`` writes and ``eval --quantized`` reads.
 
-A directory with two files, written atomically as a whole:
+A directory with two files (:data:`PACKED_FILES`), written atomically: a new directory is renamed into
+place whole; in an existing packed directory the two files are replaced and any other file stays:
 
 - ``quantized.safetensors``: every stored tensor of every quantized linear
   (:attr:`quantizers.QuantizedTensor.stored`: packed codes, scales, masks, ...) under the key
@@ -69,8 +70,9 @@ from allocator.model.loading import LoadedModel, load_model
 from allocator.quantize.apply import QuantizedModel
 from allocator.quantize.head import head_name
 from allocator.quantize.scalefold import ScaleFold
-from allocator.storage import atomic_path
+from allocator.storage import atomic_path, check_output_dir, is_dir, is_file, read_json, shown
 from allocator.table.bitmap import BitMap, ModuleEntry, SolverRecord
+from allocator.table.options import quantizer_from_settings
 from quantizers import QuantizedTensor
 from quantizers.formats import DECODERS, UNIFORM_GRID, decode
 from quantizers.kernels import KERNEL_BITS, QuantLinear
@@ -81,6 +83,8 @@ READABLE_SCHEMAS = (1, 2, 3)
 PACKED_FORMAT = "bitalloc-packed"
 TENSORS_FILE = "quantized.safetensors"
 CONFIG_FILE = "quantization_config.json"
+PACKED_FILES = (TENSORS_FILE, CONFIG_FILE)
+"""What a packed directory holds; replacing one replaces these and leaves any other file alone."""
 
 KERNEL = "kernel"
 """How :func:`install_quantized` runs a module: packed, through the low-bit kernels ..."""
@@ -138,10 +142,7 @@ def save_quantized(
     ``source`` records where the allocation came from (solver, budget, ...).
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise BitallocError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / CONFIG_FILE).is_file():
-        raise BitallocError(f"{directory} is a non-empty directory that is not a bitalloc packed model; not overwriting it")
+    check_packed_target(directory, "packed model")
     if not quantized.tensors:
         raise BitallocError("nothing to save: no quantized modules")
     missing = sorted(set(quantized.tensors) - set(quantizer_settings))
@@ -190,6 +191,17 @@ def save_quantized(
     return directory
 
 
+def check_packed_target(directory: Path, what: str) -> None:
+    """Refuse, before any work, a packed-model output bitalloc could not write or must not touch: what
+    :func:`allocator.storage.check_output_dir` refuses, and a non-empty directory that is not a packed
+    model (a packed model is replaced file by file, so its other files stay; any other directory is the
+    user's)."""
+    directory = Path(directory)
+    check_output_dir(directory, what, files=PACKED_FILES)
+    if is_dir(directory, what) and any(directory.iterdir()) and not is_file(directory / CONFIG_FILE, what):
+        raise BitallocError(f"{what} {shown(directory)} is a non-empty directory that is not a bitalloc packed model; not overwriting it")
+
+
 def _module_entry(qt: QuantizedTensor, tensors: dict[str, torch.Tensor], name: str, quantizer: dict[str, Any], option: str) -> dict[str, Any]:
     """Add ``qt``'s stored tensors to ``tensors`` under ``<name>.<tensor>`` and return its config entry."""
     for tensor_name, tensor in qt.stored.items():
@@ -221,12 +233,13 @@ def _read_module(name: str, entry: Any, stored_all: Mapping[str, torch.Tensor], 
         raise BitallocError(f"{tensors_path} lacks tensor {name}.{missing[0]}")
     stored = {t: stored_all[f"{name}.{t}"] for t in names}
     qt = QuantizedTensor(fmt, (shape[0], shape[1]), stored, meta, dequantized=torch.empty(0))
-    if qt.storage_bits != entry.get("storage_bits"):
-        raise BitallocError(f"{name}: stored tensors hold {qt.storage_bits} bits, the config says {entry.get('storage_bits')}")
-    try:
+    try:  # both read meta (bits, group size, ...) that may be anything in a damaged config
+        storage_bits = qt.storage_bits
+        if storage_bits != entry.get("storage_bits"):
+            raise BitallocError(f"{name}: stored tensors hold {storage_bits} bits, the config says {entry.get('storage_bits')}")
         qt.dequantized = decode(qt)
-    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise BitallocError(f"cannot decode {name}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError, ZeroDivisionError) as exc:
+        raise BitallocError(f"{config_path}: cannot decode {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if tuple(qt.dequantized.shape) != qt.shape:
         raise BitallocError(f"{name} decodes to shape {tuple(qt.dequantized.shape)}, expected {qt.shape}")
     return qt
@@ -236,14 +249,11 @@ def load_quantized(directory: Path | str) -> PackedModel:
     """Read a packed directory back; every problem is a one-line :class:`BitallocError`."""
     directory = Path(directory)
     config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
-    if not directory.is_dir():
-        raise BitallocError(f"no packed quantized model at {directory}")
-    if not config_path.is_file() or not tensors_path.is_file():
-        raise BitallocError(f"{directory} is not a packed quantized model (needs {CONFIG_FILE} and {TENSORS_FILE})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BitallocError(f"cannot read {config_path}: {str(exc).splitlines()[0]}") from None
+    if not is_dir(directory, "packed model"):
+        raise BitallocError(f"no packed quantized model at {shown(directory)}")
+    if not is_file(config_path, "packed model") or not is_file(tensors_path, "packed model"):
+        raise BitallocError(f"{shown(directory)} is not a packed quantized model (needs {CONFIG_FILE} and {TENSORS_FILE})")
+    config = read_json(config_path, "packed model config")
     if not isinstance(config, dict) or config.get("format") != PACKED_FORMAT:
         raise BitallocError(f"{config_path} is not a bitalloc packed model config")
     if config.get("schema_version") not in READABLE_SCHEMAS:
@@ -259,6 +269,13 @@ def load_quantized(directory: Path | str) -> PackedModel:
     quantized = QuantizedModel()
     for name, entry in modules.items():
         quantized.tensors[name] = _read_module(name, entry, stored_all, config_path, tensors_path)
+        # the settings are what export --quantized and the bit map of the model read: they must build
+        if not isinstance(entry.get("quantizer"), Mapping):
+            raise BitallocError(f"{config_path}: {name} has no quantizer settings")
+        try:
+            quantizer_from_settings(entry["quantizer"])
+        except BitallocError as exc:
+            raise BitallocError(f"{config_path}: {name}: {exc}") from None
     if config.get("schema_version", 1) >= 3:
         head = config.get("head") or {}
         if not isinstance(head, dict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from allocator.errors import BitallocError
 from allocator.table.options import quantizer_from_settings
 from quantizers import Quantizer
 
@@ -45,12 +46,15 @@ class Assignment(Mapping[str, Settings]):
 
     def quantizers(self) -> dict[str, Quantizer]:
         """Module name -> quantizer (one instance per distinct setting); bad settings are a one-line
-        :class:`~allocator.errors.BitallocError`."""
+        :class:`~allocator.errors.BitallocError` naming the first module that has them."""
         built: dict[str, Quantizer] = {}
         out: dict[str, Quantizer] = {}
         for module, settings in self._settings.items():
             key = repr(sorted(settings.items()))
             if key not in built:
-                built[key] = quantizer_from_settings(settings)
+                try:
+                    built[key] = quantizer_from_settings(settings)
+                except BitallocError as exc:
+                    raise BitallocError(f"{module}: {exc}") from None
             out[module] = built[key]
         return out

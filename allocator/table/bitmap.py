@@ -5,7 +5,7 @@ JSON layout (``schema_version`` 1)::
     {"schema_version": 1, "model": "...", "table_key": "...",
      "loss_name": "hessian_err", "budget": {"kind": "bpw", "value": 2.5, "bits": 123456},
      "predicted_bpw": 2.49, "total_bits": 123400, "total_bytes": 15425, "predicted_loss": 0.031,
-     "solver": {"name": "ilp", "settings": {...}, "seconds": 0.012, "info": {...}},
+     "solver": {"name": "ilp", "settings": {...}, "info": {...}},
      "modules": {"model.layers.0.self_attn.q_proj":
                    {"option": "gptq-w3g128",
                     "settings": {"quantizer": "gptq", "bits": 3, "group_size": 128},
@@ -13,7 +13,12 @@ JSON layout (``schema_version`` 1)::
 
 ``total_bits`` / ``total_bytes`` / ``predicted_bpw`` count the quantized modules only (the rest of
 the model is reported beside them by :mod:`allocator.evaluate.accounting`). Loading checks that they agree
-with the per-module entries.
+with the per-module entries, that the modules fit the bit map's own ``budget`` and that the predicted
+loss is a finite number.
+
+The file holds no wall-clock values, so that same-seed runs write the same bytes: the solver's time is
+printed by ``bitalloc solve``, not saved (files written before that have ``solver.seconds``, which is
+still read).
 
 Two renderers turn a bit map into another tool's input: :func:`llama_cpp_tensor_types` (the
 ``--tensor-type`` overrides of ``llama-quantize``) and :func:`gptqmodel_dynamic` (GPTQModel's
@@ -22,15 +27,15 @@ per-module ``dynamic`` config).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from allocator.errors import BitallocError
-from allocator.storage import write_json
+from allocator.storage import read_json, shown, write_json
 from allocator.table.assignment import Assignment
 
 BITMAP_SCHEMA_VERSION = 1
@@ -58,7 +63,9 @@ class SolverRecord:
 
     name: str
     settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False)
+    """Wall-clock time of the solve: kept in memory only (see the module doc), and no part of what a bit
+    map is (two equal allocations are equal whatever they took)."""
     info: dict[str, Any] = field(default_factory=dict)
     """Solver-specific results (status, LP bound, Lagrange multiplier, ...)."""
 
@@ -112,12 +119,7 @@ class BitMap:
             "total_bits": self.total_bits,
             "total_bytes": self.total_bytes,
             "predicted_loss": self.predicted_loss,
-            "solver": {
-                "name": self.solver.name,
-                "settings": self.solver.settings,
-                "seconds": self.solver.seconds,
-                "info": self.solver.info,
-            },
+            "solver": {"name": self.solver.name, "settings": self.solver.settings, "info": self.solver.info},
             "modules": {
                 name: {"option": e.option, "settings": e.settings, "storage_bits": e.storage_bits, "numel": e.numel}
                 for name, e in self.modules.items()
@@ -144,28 +146,34 @@ class BitMap:
         solver_raw = data["solver"]
         if not isinstance(solver_raw, Mapping) or not isinstance(solver_raw.get("name"), str):
             raise BitallocError(f"{source}: 'solver' must be an object with a 'name'")
+        budget = data.get("budget")
+        if budget is None:
+            budget = {}
+        if not isinstance(budget, Mapping):
+            raise BitallocError(f"{source}: 'budget' must be an object (kind, value, bits), got {budget!r}")
         bitmap = cls(
-            model=str(data["model"]),
+            model=_text(data["model"], "model", source),
             modules=modules,
-            predicted_loss=_number(data["predicted_loss"], "predicted_loss", source),
-            loss_name=str(data["loss_name"]),
+            predicted_loss=_finite(data["predicted_loss"], "predicted_loss", source),
+            loss_name=_text(data["loss_name"], "loss_name", source),
             solver=SolverRecord(
                 name=solver_raw["name"],
-                settings=dict(solver_raw.get("settings") or {}),
-                seconds=_number(solver_raw.get("seconds", 0.0), "solver.seconds", source),
-                info=dict(solver_raw.get("info") or {}),
+                settings=_object(solver_raw.get("settings"), "solver.settings", source),
+                seconds=_number(solver_raw.get("seconds", 0.0), "solver.seconds", source),  # files before it was dropped
+                info=_object(solver_raw.get("info"), "solver.info", source),
             ),
-            budget=dict(data.get("budget") or {}),
-            table_key=str(data.get("table_key", "")),
+            budget=dict(budget),
+            table_key=_text(data.get("table_key", ""), "table_key", source),
         )
         if "total_bits" in data and data["total_bits"] != bitmap.total_bits:
             raise BitallocError(f"{source}: total_bits {data['total_bits']} != sum of module storage bits {bitmap.total_bits}")
         if "total_bytes" in data and data["total_bytes"] != bitmap.total_bytes:
             raise BitallocError(f"{source}: total_bytes {data['total_bytes']} != {bitmap.total_bytes} from the modules")
         if "predicted_bpw" in data:
-            bpw = _number(data["predicted_bpw"], "predicted_bpw", source)
+            bpw = _finite(data["predicted_bpw"], "predicted_bpw", source)
             if not math.isclose(bpw, bitmap.predicted_bpw, rel_tol=1e-9, abs_tol=1e-12):
                 raise BitallocError(f"{source}: predicted_bpw {bpw} != {bitmap.predicted_bpw} from the modules")
+        _check_budget(bitmap, source)
         return bitmap
 
     def save(self, path: Path | str) -> Path:
@@ -177,19 +185,61 @@ class BitMap:
     @classmethod
     def load(cls, path: Path | str) -> BitMap:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise BitallocError(f"no bit map at {path}") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BitallocError(f"cannot read bit map {path}: {str(exc).splitlines()[0]}") from None
-        return cls.from_json(data, source=str(path))
+        return cls.from_json(read_json(path, "bit map"), source=shown(path))
 
 
 def _number(value: Any, what: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BitallocError(f"{source}: {what} must be a number, got {value!r}")
     return float(value)
+
+
+def _finite(value: Any, what: str, source: str) -> float:
+    """A number that is not NaN or infinite (Python's JSON reader accepts both)."""
+    number = _number(value, what, source)
+    if not math.isfinite(number):
+        raise BitallocError(f"{source}: {what} must be a finite number, got {value!r}")
+    return number
+
+
+def _text(value: Any, what: str, source: str) -> str:
+    if not isinstance(value, str):
+        raise BitallocError(f"{source}: {what} must be a string, got {value!r}")
+    return value
+
+
+def _object(value: Any, what: str, source: str) -> dict[str, Any]:
+    """An optional JSON object (missing or null: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BitallocError(f"{source}: {what} must be an object, got {value!r}")
+    return dict(value)
+
+
+BUDGET_KINDS = ("bpw", "bytes")
+
+
+def _check_budget(bitmap: BitMap, source: str) -> None:
+    """The modules must fit the budget the bit map records (``bits``, else ``kind``/``value``): a map
+    over its own budget was edited or made by something that is not a solver."""
+    budget = bitmap.budget
+    if not budget:
+        return
+    kind = budget.get("kind")
+    if kind is not None and kind not in BUDGET_KINDS:
+        raise BitallocError(f"{source}: budget kind {kind!r} is not one of {', '.join(BUDGET_KINDS)}")
+    limit: int | None = None
+    if "bits" in budget:
+        limit = _count(budget["bits"], "bits", 0, f"{source}: budget")
+    elif "value" in budget and kind is not None:
+        value = _finite(budget["value"], "budget.value", source)
+        other = _count(budget.get("other_bytes", 0), "other_bytes", 0, f"{source}: budget")
+        # as allocator.solvers.Budget.max_bits counts it (decimal arithmetic for bpw)
+        limit = math.floor(Fraction(repr(value)) * bitmap.total_numel) if kind == "bpw" else 8 * (math.floor(value) - other)
+    if limit is not None and bitmap.total_bits > limit:
+        raise BitallocError(f"{source}: the modules store {bitmap.total_bits} bits ({bitmap.predicted_bpw:.4f} bpw), "
+                            f"more than the bit map's own budget of {limit} bits")
 
 
 def _parse_entry(name: str, entry: Any, source: str) -> ModuleEntry:

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from allocator import __version__
 from allocator.errors import BitallocError
 from allocator.model.arch import BLOCK_LINEARS, tie_groups
-from allocator.storage import atomic_path
+from allocator.storage import atomic_path, is_file, shown
 from allocator.table.losses import HESSIAN_ERR, PREFERRED_LOSSES
 
 TABLE_SCHEMA_VERSION = 1
@@ -243,40 +244,59 @@ class SensitivityTable:
 
     @classmethod
     def load(cls, path: Path | str) -> SensitivityTable:
+        """Read a table written by :meth:`save` (never unpickling anything); whatever else the file
+        holds (no file, not an ``.npz``, missing or mistyped arrays, a header that is not the
+        expected JSON object) is a one-line :class:`BitallocError`."""
         path = Path(path)
-        if not path.is_file():
-            raise BitallocError(f"no sensitivity table at {path}")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise BitallocError(f"cannot read sensitivity table {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        where = shown(path)
+        if not is_file(path, "sensitivity table"):
+            raise BitallocError(f"no sensitivity table at {where}")
+        arrays = _read_arrays(path, where)
         if "header" not in arrays:
-            raise BitallocError(f"{path} is not a bitalloc sensitivity table (no header)")
+            raise BitallocError(f"{where} is not a bitalloc sensitivity table (no header)")
+        header_array = arrays["header"]
+        if header_array.dtype != np.uint8 or header_array.ndim != 1:
+            raise BitallocError(f"{where}: the sensitivity table header is not JSON text")
         try:
-            header = json.loads(arrays["header"].tobytes().decode())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BitallocError(f"{path}: the sensitivity table header is not valid JSON") from None
+            header = json.loads(header_array.tobytes().decode())
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise BitallocError(f"{where}: the sensitivity table header is not valid JSON") from None
+        if not isinstance(header, dict):
+            raise BitallocError(f"{where}: the sensitivity table header is a JSON {type(header).__name__}, not an object")
         version = header.get("schema_version")
         if version != TABLE_SCHEMA_VERSION:
-            raise BitallocError(f"{path}: sensitivity table schema {version}, this code reads {TABLE_SCHEMA_VERSION}")
+            raise BitallocError(f"{where}: sensitivity table schema {version!r}, this code reads {TABLE_SCHEMA_VERSION}")
+        names = _header_field(header, "names", list, where)
+        loss_names = _header_field(header, "loss_names", list, where)
+        options = _header_field(header, "options", list, where)
+        key = _header_field(header, "key", dict, where)
+        if not all(isinstance(n, str) for n in [*names, *loss_names]):
+            raise BitallocError(f"{where}: layer and loss names in the header must be strings")
+        numeric = {"numel": "iu", "tie_group": "iu", "bits": "iu", "features": "iuf",
+                   **{f"loss_{i}": "iuf" for i in range(len(loss_names))}}
+        for name, kinds in numeric.items():
+            if name not in arrays:
+                raise BitallocError(f"{where}: incomplete sensitivity table (no array {name!r})")
+            if arrays[name].dtype.kind not in kinds:
+                raise BitallocError(f"{where}: array {name!r} holds {arrays[name].dtype}, not numbers of the expected kind")
         try:
-            loss_names = header["loss_names"]
             return cls(
-                names=header["names"],
+                names=names,
                 numel=arrays["numel"],
                 tie_group=arrays["tie_group"],
-                options=[Option.from_dict(o) for o in header["options"]],
+                options=[Option.from_dict(o) for o in options],
                 bits=arrays["bits"],
                 losses={name: arrays[f"loss_{i}"] for i, name in enumerate(loss_names)},
-                key=TableKey(**header["key"]),
+                key=TableKey(**key),
                 features=arrays["features"],
-                feature_names=header.get("feature_names", []),
-                feature_schema=header.get("feature_schema", ""),
-                metadata=header.get("metadata", {}),
+                feature_names=_header_field(header, "feature_names", list, where, []),
+                feature_schema=_header_field(header, "feature_schema", str, where, ""),
+                metadata=_header_field(header, "metadata", dict, where, {}),
             )
-        except (KeyError, TypeError) as exc:
-            raise BitallocError(f"{path}: incomplete sensitivity table ({exc})") from None
+        except BitallocError as exc:
+            raise BitallocError(f"{where}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BitallocError(f"{where}: incomplete sensitivity table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
     # -- synthetic tables for tests and benchmarks ----------------------------------------
 
@@ -340,6 +360,34 @@ class SensitivityTable:
             feature_schema="synthetic-v1",
             metadata={"synthetic": True, "seed": seed, "noise": noise, "missing": missing},
         )
+
+
+def _read_arrays(path: Path, where: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, read with pickles refused; a file that is not such an
+    archive, or whose members are not ``.npy`` arrays, is a one-line :class:`BitallocError`."""
+    if not zipfile.is_zipfile(path):
+        empty = " (the file is empty)" if path.stat().st_size == 0 else ""
+        raise BitallocError(f"cannot read sensitivity table {where}: not an .npz archive{empty}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "pickled" in reason:  # numpy's advice to allow pickles is not one bitalloc takes
+            reason = "it holds pickled objects, which bitalloc never loads"
+        raise BitallocError(f"cannot read sensitivity table {where}: {reason}") from None
+
+
+def _header_field(header: Mapping[str, Any], name: str, kind: type, where: str, default: Any = None) -> Any:
+    """``header[name]`` if it has the JSON type ``kind`` (``default`` when missing and one is given)."""
+    if name not in header:
+        if default is not None:
+            return default
+        raise BitallocError(f"{where}: incomplete sensitivity table (no {name!r} in the header)")
+    value = header[name]
+    if not isinstance(value, kind):
+        raise BitallocError(f"{where}: the header's {name!r} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 SYNTHETIC_OPTIONS: tuple[Option, ...] = (

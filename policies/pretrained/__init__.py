@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from allocator.errors import BitallocError
+from allocator.storage import is_dir, is_file, path_stat
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
 """Where the shipped policies live (read at call time, so tests can point it elsewhere)."""
@@ -48,9 +49,10 @@ def resolve(spec: str | os.PathLike[str]) -> Path:
     """A policy zip path from a path, a run directory or a shipped name (see the module doc)."""
     text = os.fspath(spec)
     path = Path(text)
-    if path.is_dir() and (path / POLICY_FILE).is_file():
+    # a path the system cannot look up (a name too long, ...) is refused here in one line
+    if is_dir(path, "--policy") and is_file(path / POLICY_FILE, "--policy"):
         return path / POLICY_FILE
-    if path.exists() or path.suffix == ".zip" or os.sep in text or (os.altsep and os.altsep in text):
+    if path_stat(path, "--policy") is not None or path.suffix == ".zip" or os.sep in text or (os.altsep and os.altsep in text):
         return path  # a path: load_policy reports a missing or bad file itself
     return shipped_path(text)
 

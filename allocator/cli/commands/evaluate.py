@@ -7,7 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from allocator.cli.common import check_json_target, scale_fold_settings
+from allocator.cli.common import scale_fold_settings
+from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, NOT_GIVEN, add_scale_fold_flags, group_size, model_help, positive_int
 
 NAME = "eval"
@@ -44,15 +45,17 @@ def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.evaluate.report import print_rows, rows_to_json
     from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import DEFAULT_MODEL, load_model
-    from allocator.quantize.validation import validate_group_size
+    from allocator.quantize.validation import check_assignment_fits, validate_group_size
     from allocator.runtime.packed import check_float_weights, check_matches, load_quantized
+    from allocator.storage import shown
     from allocator.table.bitmap import BitMap
     from allocator.table.options import quantizer_from_flags
 
-    check_json_target(args.json, "--json")
+    output_file(args.json, "--json")  # a path that cannot be written fails now, not after the evaluation
+    check_corpus(args.corpus)
     group_given = args.group_size is not NOT_GIVEN
     quantizer_name = args.quantizer
     if quantizer_name is None and args.bitmap is None and args.quantized is None:
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     suffix = f"+{scale_fold.label()}" if scale_fold is not None else ""
     start = time.perf_counter()
     bitmap = BitMap.load(args.bitmap) if args.bitmap is not None else None
+    # every entry's settings must build a quantizer before anything loads
+    bitmap_quantizers = bitmap.assignment().quantizers() if bitmap is not None else {}
     packed = load_quantized(args.quantized) if args.quantized is not None else None
     model_spec = args.model or (bitmap.model if bitmap else None) or (packed.model if packed else None) or DEFAULT_MODEL
     for made_for, what in ((bitmap.model if bitmap else None, "bit map"), (packed.model if packed else None, "packed model")):
@@ -80,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     linears = quantizable_linears(loaded.model)
     if quantizer is not None:
         validate_group_size(getattr(quantizer, "group_size", None), linears)
+    if bitmap is not None:
+        check_assignment_fits(bitmap_quantizers, linears, shown(args.bitmap), {name: e.numel for name, e in bitmap.modules.items()})
+    if packed is not None:  # checked now: the variants before it take minutes to quantize
+        check_matches(packed.quantized, linears, shown(args.quantized))
+        check_float_weights(packed.quantized, loaded.model, shown(args.quantized))
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any quantization
@@ -93,11 +103,9 @@ def run(args: argparse.Namespace) -> int:
     if bitmap is not None:
         name = f"bitmap:{args.bitmap.stem}{suffix}"
         tick = time.perf_counter()
-        quantized[name] = quantize_assignment(loaded, corpus, bitmap.assignment().quantizers(), settings, progress, scale_fold)
+        quantized[name] = quantize_assignment(loaded, corpus, bitmap_quantizers, settings, progress, scale_fold)
         seconds[name] = time.perf_counter() - tick
     if packed is not None:
-        check_matches(packed.quantized, linears, str(args.quantized))
-        check_float_weights(packed.quantized, loaded.model, str(args.quantized))
         quantized[f"packed:{args.quantized.name}"] = packed.quantized
     rows = compare_quantized(loaded, corpus, quantized, settings, seconds, progress, windows)
     print_rows(rows, title=f"{model_spec} - {windows.numel()} eval tokens")

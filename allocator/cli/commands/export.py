@@ -6,7 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from allocator.cli.common import check_json_target, scale_fold_settings
+from allocator.cli.common import scale_fold_settings
+from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, positive_int
 
 NAME = "export"
@@ -45,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.gguf.export import export_bitmap, export_preset, preset_ftype, require_llama_cpp, tensor_plan
-    from allocator.gguf.files import float_gguf, gguf_tensor_shapes, source_gguf
+    from allocator.gguf.files import gguf_tensor_shapes, source_gguf
     from allocator.gguf.imatrix import needs_imatrix
     from allocator.table.bitmap import BitMap
 
     if args.out.suffix != ".gguf":
         raise BitallocError(f"--out {args.out} must end in .gguf")
-    check_json_target(args.out, "--out")
+    output_file(args.out, "--out")
     fold_settings = scale_fold_settings(args)
     fold = None
     if args.quantized is not None:
@@ -74,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     source = source_gguf(model)
     if bitmap is not None:
-        needs = needs_imatrix(bitmap=bitmap, plan=tensor_plan(bitmap, gguf_tensor_shapes(float_gguf(source))))
+        # checked on the shipped GGUF (same tensor names and shapes): a map for another model fails before
+        # the F32 reference (hundreds of MB) is written to the cache
+        plan = tensor_plan(bitmap, gguf_tensor_shapes(source))
+        needs = needs_imatrix(bitmap=bitmap, plan=plan)
     else:
         needs = needs_imatrix(preset=args.preset)
     loaded = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from allocator.cli.outputs import output_dir
 from allocator.cli.parser import CORPUS_HELP, positive_int
 
 NAME = "pareto"
@@ -35,8 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from allocator.jobs.pareto import run_pareto
+    from allocator.jobs.pareto import SWEEP_FILES, run_pareto
+    from allocator.model.corpus import check_corpus
 
+    output_dir(args.out, "--out", files=SWEEP_FILES)
+    if not args.no_measure:
+        check_corpus(args.corpus)
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
     summary = run_pareto(args.profile, args.out, solvers, args.start, args.stop, args.step, loss=args.loss, tie=not args.no_tie,
                          corpus=args.corpus, seqlen=args.seqlen, tokens=args.tokens, chunk=args.chunk, measure=not args.no_measure,

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from allocator.cli.common import check_json_target, kl_anchors, scale_fold_settings
+from allocator.cli.common import kl_anchors, scale_fold_settings
+from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, model_help, positive_int
 
 NAME = "profile"
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.measure.fisher_losses import DEFAULT_FISHER_SEQLEN, DEFAULT_FISHER_WINDOWS, add_fisher_losses
     from allocator.measure.layer_kl import add_kl_losses
     from allocator.measure.profile import cached_table_path, profile_model, save_table
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.table.options import parse_options
 
@@ -78,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise BitallocError(f"the Fisher is computed on 1 to {args.samples} windows of 2 to {args.seqlen} tokens (--samples, --seqlen), "
                             f"got {fisher_samples} x {fisher_seqlen}")
     anchors = kl_anchors(args.kl_anchors, options)
-    if args.out is not None:
-        check_json_target(args.out, "--out")
+    output_file(args.out, "--out")  # an existing directory, say, fails now, not after profiling
+    check_corpus(args.corpus)
     start = time.perf_counter()
     loaded = load_model(args.model)
     corpus = load_corpus(args.corpus)
@@ -120,7 +121,7 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     from allocator.gguf.imatrix import cached_imatrix
     from allocator.gguf.native_profile import profile_ggml_types
     from allocator.measure.profile import cached_table_path, save_table
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.model.tokens import calibration_samples
     from allocator.table.sensitivity import TableKey
@@ -128,8 +129,8 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     if args.options != ["default"] or args.measure_kl or args.kl_anchors or args.scale_fold or args.fisher:
         raise BitallocError("--ggml-types profiles llama.cpp's types: it takes no --options, --measure-kl, --kl-anchors, --fisher or --scale-fold")
     types = check_ggml_types(args.ggml_types or DEFAULT_GGML_TYPES)  # bad names fail before the model loads
-    if args.out is not None:
-        check_json_target(args.out, "--out")
+    output_file(args.out, "--out")
+    check_corpus(args.corpus)
     require_llama_cpp()
     source_gguf(args.model)  # a model without a GGUF fails before it loads
     start = time.perf_counter()

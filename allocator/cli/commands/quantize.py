@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from allocator.cli.common import scale_fold_settings
+from allocator.cli.outputs import packed_output
 from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, positive_int
 
 NAME = "quantize"
@@ -36,21 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.evaluate.accounting import model_size_bytes
     from allocator.jobs.compare import EvalSettings, quantize_assignment
-    from allocator.model.corpus import load_corpus
+    from allocator.model.corpus import check_corpus, load_corpus
+    from allocator.model.layers import quantizable_linears
     from allocator.model.loading import load_model
     from allocator.quantize.head import head_quantizer, quantize_head
+    from allocator.quantize.validation import check_assignment_fits
     from allocator.runtime.packed import bitmap_source, save_quantized
+    from allocator.storage import shown
     from allocator.table.bitmap import BitMap
 
     bitmap = BitMap.load(args.bitmap)
-    assignment = bitmap.assignment().quantizers()
+    assignment = bitmap.assignment().quantizers()  # every entry's settings must build a quantizer
     scale_fold = scale_fold_settings(args)
-    if args.out.exists() and not args.out.is_dir():
-        from allocator.errors import BitallocError
-
-        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    packed_output(args.out, "--out")  # a foreign non-empty directory fails now, not after quantizing
+    check_corpus(args.corpus)
     start = time.perf_counter()
     loaded = load_model(args.model or bitmap.model)
+    check_assignment_fits(assignment, quantizable_linears(loaded.model), shown(args.bitmap),
+                          {name: e.numel for name, e in bitmap.modules.items()})
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
     quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold)

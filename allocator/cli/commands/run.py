@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from allocator.cli.common import kl_anchors
+from allocator.cli.outputs import output_dir, packed_output
 from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
 
 NAME = "run"
@@ -41,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.jobs.compare import EvalSettings
-    from allocator.jobs.run import RUN_KL_ANCHORS, print_run, run_job, save_run
-    from allocator.model.corpus import load_corpus
+    from allocator.jobs.run import BITMAP_FILE, PACKED_DIR, ROWS_FILE, RUN_KL_ANCHORS, print_run, run_job, save_run
+    from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.solvers import SOLVERS, Budget, Solver
     from allocator.table.options import parse_options
@@ -59,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
         solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
     elif solver not in SOLVERS:
         raise BitallocError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    output_dir(args.out, "--out", files=(BITMAP_FILE, ROWS_FILE))
+    if args.out is not None:
+        packed_output(args.out / PACKED_DIR, "--out")
+    check_corpus(args.corpus)
     loaded = load_model(args.model)
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)

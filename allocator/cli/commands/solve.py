@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from allocator.cli.common import other_bytes, profile_for
+from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
 
 NAME = "solve"
@@ -43,11 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
+    from allocator.model.corpus import check_corpus
     from allocator.runtime.gptqmodel import gptqmodel_dynamic
     from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve
     from allocator.storage import atomic_path
     from allocator.table.sensitivity import SensitivityTable
 
+    output_file(args.out, "--out")
+    if args.model is not None:
+        check_corpus(args.corpus)  # it profiles the model on it
     solver: str | Solver = args.solver or DEFAULT_SOLVER
     if args.policy is not None:
         from policies.solver import PolicySolver
@@ -69,16 +74,13 @@ def run(args: argparse.Namespace) -> int:
         text = "".join(line + "\n" for line in llama_cpp_tensor_types(bitmap))
     else:
         text = json.dumps(gptqmodel_dynamic(bitmap), indent=2) + "\n"
+    # the solver's time is printed here only: the bit map holds no wall-clock values (same seed, same bytes)
     summary = (f"{bitmap.solver.name}: {bitmap.predicted_bpw:.4f} bpw, {bitmap.total_bytes} bytes of {len(bitmap.modules)} modules "
                f"(budget {budget}), predicted {bitmap.loss_name} {bitmap.predicted_loss:.6g}, {bitmap.solver.seconds * 1000:.1f} ms")
     if args.out is None:
         sys.stdout.write(text)
         print(summary, file=sys.stderr)
         return 0
-    if not args.out.parent.is_dir():
-        from allocator.errors import BitallocError
-
-        raise BitallocError(f"--out: directory {args.out.parent} does not exist")
     with atomic_path(args.out) as tmp:
         tmp.write_text(text)
     print(summary)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from allocator.cli.common import TRAIN_ACTION_MAPPINGS, profile_for
+from allocator.cli.outputs import output_dir
 from allocator.cli.parser import CORPUS_HELP, positive_int
 
 NAME = "train"
@@ -40,15 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
+    from allocator.model.corpus import check_corpus
     from allocator.solvers import Constraints
     from allocator.table.sensitivity import SensitivityTable
-    from policies.sac import TrainConfig, train
+    from policies.sac import BEST_FILE, POLICY_FILE, RUN_FILE, TrainConfig, train
 
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not models and not args.profile:
         raise BitallocError("give --models or --profile: the sensitivity tables to train on")
-    if args.out.exists() and not args.out.is_dir():
-        raise BitallocError(f"--out {args.out} exists and is not a directory")
+    output_dir(args.out, "--out", files=(RUN_FILE, POLICY_FILE, BEST_FILE))
+    if models:
+        check_corpus(args.corpus)  # it profiles the models on it
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
                          action_mapping=args.action_mapping)
