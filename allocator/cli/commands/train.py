@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import check_corpus
     from allocator.solvers import Constraints
     from allocator.table.sensitivity import SensitivityTable
-    from policies.sac import BEST_FILE, POLICY_FILE, RUN_FILE, TrainConfig, train
+    from policies.best_checkpoint import BEST_FILE
+    from policies.sac import POLICY_FILE, RUN_FILE, TrainConfig, train
 
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
     if not models and not args.profile:
