@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.solvers.base import Budget, Constraints
+from allocator.solvers.base import MAX_BPW, Budget, Constraints
 from allocator.solvers.repair import repair
 from allocator.storage import write_json
 from allocator.table.sensitivity import SensitivityTable
@@ -112,8 +112,8 @@ class TrainConfig:
         if self.buffer_size > MAX_BUFFER_SIZE or not 0 <= self.seed < 2**32:
             raise BitallocError(f"the buffer size must be at most {MAX_BUFFER_SIZE} and the seed in 0..2**32-1")
         check_policy_kwargs({"net_arch": list(self.net_arch)}, "TrainConfig")  # what a sidecar may hold, so the policy loads again
-        if not 0 < self.bpw_range[0] <= self.bpw_range[1]:
-            raise BitallocError(f"the bpw range must satisfy 0 < low <= high, got {tuple(self.bpw_range)}")
+        if not (all(math.isfinite(b) for b in self.bpw_range) and 0 < self.bpw_range[0] <= self.bpw_range[1] <= MAX_BPW):
+            raise BitallocError(f"the bpw range must be finite with 0 < low <= high <= {MAX_BPW:g}, got {tuple(self.bpw_range)}")
 
     def run_settings(self) -> dict[str, Any]:
         """What a resumed run must share with the original (all but the step count, the checkpoint

@@ -130,7 +130,7 @@ def test_solve_bad_input_is_one_line_and_exit_2(profiled, tmp_path, capsys) -> N
         (["--profile", table], "one of the arguments --bpw --bytes --model-bytes is required"),
         (["--profile", table, "--bpw", "3", "--solver", "magic"], "unknown solver 'magic'"),
         (["--profile", table, "--bpw", "3", "--loss", "kl"], "no loss 'kl'"),
-        (["--profile", table, "--bpw", "-1"], "must be positive"),
+        (["--profile", table, "--bpw", "-1"], "a bpw budget must be a number in (0, 1000]"),
         (["--profile", table, "--bpw", "1.5", "--format", "gptqmodel"], "GPTQModel cannot store"),
         (["--profile", table, "--bpw", "3", "--out", str(tmp_path / "no" / "b.json")], "does not exist"),
     ]

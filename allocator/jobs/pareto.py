@@ -45,6 +45,8 @@ from allocator.storage import atomic_path, is_file, read_json, write_json
 from allocator.table.sensitivity import SensitivityTable
 
 SWEEP_SCHEMA_VERSION = 1
+MAX_SWEEP_BUDGETS = 1000
+"""More budgets than this is a typo (a step of 1e-9), not a sweep."""
 SWEEP_JSON, SWEEP_MARKDOWN, SWEEP_PLOT = "pareto.json", "pareto.md", "pareto.png"
 SWEEP_FILES = (SWEEP_JSON, SWEEP_MARKDOWN, SWEEP_PLOT)
 """What :func:`run_pareto` writes into its directory (each atomically)."""
@@ -82,9 +84,11 @@ def allocation_hash(options: dict[str, str]) -> str:
 
 def budgets_between(start: float, stop: float, step: float) -> list[float]:
     """``start, start + step, ... <= stop`` (decimal-exact, so 1.5..4.0 by 0.25 has 11 points)."""
-    if step <= 0 or stop < start:
-        raise BitallocError(f"bad sweep: from {start} to {stop} by {step} (need step > 0 and to >= from)")
+    if not all(math.isfinite(x) for x in (start, stop, step)) or step <= 0 or stop < start:
+        raise BitallocError(f"bad sweep: from {start} to {stop} by {step} (need finite numbers, step > 0 and to >= from)")
     count = int(math.floor((stop - start) / step + 1e-9)) + 1
+    if count > MAX_SWEEP_BUDGETS:
+        raise BitallocError(f"bad sweep: from {start} to {stop} by {step} is {count} budgets; at most {MAX_SWEEP_BUDGETS}")
     return [round(start + i * step, 10) for i in range(count)]
 
 

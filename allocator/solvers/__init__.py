@@ -14,8 +14,11 @@ Every solver module exposes ``solve(table, budget, constraints=Constraints(), **
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import numpy as np
 
 from allocator.errors import BitallocError
 from allocator.solvers import baq, convex, dp, greedy, ilp, ilp_cvxpy
@@ -31,6 +34,8 @@ SOLVERS: dict[str, Callable[..., BitMap]] = {
     dp.NAME: dp.solve,
     greedy.NAME: greedy.solve,
 }
+log = logging.getLogger(__name__)
+
 DEFAULT_SOLVER = ilp.NAME
 UNIFORM = "uniform"
 """Solver name of an allocation with one option on every layer (the uniform points of a sweep)."""
@@ -54,6 +59,7 @@ def solve(
 ) -> BitMap:
     """Allocate options to the layers of ``table`` under ``budget`` with the named solver, or with a
     :class:`Solver` object (a trained policy)."""
+    _warn_if_above_widest(table, budget)
     if not isinstance(solver, str):
         if settings:
             raise BitallocError(f"{solver.name} takes no solver settings")
@@ -66,6 +72,14 @@ def solve(
     if unknown:
         raise BitallocError(f"solver {solver} has no setting {unknown[0]!r}; it takes {', '.join(sorted(known)) or 'none'}")
     return function(table, budget, constraints, **settings)
+
+
+def _warn_if_above_widest(table: SensitivityTable, budget: Budget) -> None:
+    """A budget above the widest allocation is met by giving every layer its widest option: say so."""
+    widest = int(np.where(table.bits >= 0, table.bits, 0).max(axis=1).sum())
+    if budget.max_bits(table.total_numel) > widest:
+        log.warning("budget %s exceeds the widest allocation (%.4f bpw, %d bytes): every layer gets its widest option",
+                    budget, widest / table.total_numel, -(-widest // 8) + budget.other_bytes)
 
 
 __all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "Solver", "build_problem", "solve"]

@@ -33,6 +33,13 @@ from allocator.table.sensitivity import SensitivityTable
 _BPW_TOLERANCE = 1e-9
 
 
+MAX_BPW = 1000.0
+"""Largest bpw budget taken: past the widest option a budget only says "everything at its widest" (and
+solve says so); past this it is a typo, and inf or 1e308 would overflow the exact budget arithmetic."""
+MAX_BYTES = 2**50
+"""Largest byte budget taken (a petabyte); larger numbers lose precision in the solvers' floats."""
+
+
 @dataclass(frozen=True)
 class Budget:
     """A size budget for the quantized layers: average bits per weight or total bytes.
@@ -48,14 +55,14 @@ class Budget:
 
     @classmethod
     def bpw(cls, value: float) -> Budget:
-        if not value > 0:
-            raise BitallocError(f"a bpw budget must be positive, got {value}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= MAX_BPW):
+            raise BitallocError(f"a bpw budget must be a number in (0, {MAX_BPW:g}], got {value}")
         return cls("bpw", float(value))
 
     @classmethod
     def bytes(cls, value: int, other_bytes: int = 0) -> Budget:
-        if value <= 0 or other_bytes < 0:
-            raise BitallocError(f"a byte budget must be positive (got {value}, other bytes {other_bytes})")
+        if not (0 < value <= MAX_BYTES and 0 <= other_bytes <= MAX_BYTES):
+            raise BitallocError(f"a byte budget must be in (0, {MAX_BYTES}] (got {value}, other bytes {other_bytes})")
         return cls("bytes", int(value), int(other_bytes))
 
     def max_bits(self, total_numel: int) -> int:
