@@ -26,6 +26,10 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # the hub client logs every failed request and retry (about 20 lines for a hub id offline); the
+    # one-line error that follows says what matters
+    logging.getLogger("huggingface_hub").setLevel(logging.CRITICAL)
+    logging.getLogger("huggingface_hub").propagate = False
     logging.basicConfig(level=logging.INFO, format="bitalloc: %(message)s")
 
 

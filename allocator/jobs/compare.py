@@ -34,11 +34,13 @@ class EvalSettings:
 
 def calibration_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
     """The seeded calibration samples of ``settings`` (``samples`` x ``seqlen`` token ids)."""
+    loaded.check_window(settings.seqlen)
     return calibration_samples(loaded.tokenizer, corpus.calibration, settings.samples, settings.seqlen, loaded.add_bos, settings.seed)
 
 
 def evaluation_tokens(loaded: LoadedModel, corpus: Corpus, settings: EvalSettings) -> torch.Tensor:
     """The evaluation windows of ``settings`` (``tokens // seqlen`` x ``seqlen`` token ids)."""
+    loaded.check_window(settings.seqlen)
     return evaluation_windows(loaded.tokenizer, corpus.evaluation, settings.seqlen, settings.tokens, loaded.add_bos)
 
 

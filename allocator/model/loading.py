@@ -72,6 +72,17 @@ class LoadedModel:
     add_bos: bool
     """Whether every evaluation/calibration window starts with the BOS token (Gemma needs it)."""
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model was built for (``max_position_embeddings``), if it says."""
+        length = getattr(self.model.config, "max_position_embeddings", None)
+        return length if isinstance(length, int) and length > 0 else None
+
+    def check_window(self, tokens: int, what: str = "--seqlen") -> None:
+        """A window longer than the model's context is refused in one line (before any work on it)."""
+        if self.context_length is not None and tokens > self.context_length:
+            raise BitallocError(f"{what} {tokens} is longer than {self.name}'s context of {self.context_length} tokens")
+
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load ``spec``: a built-in name, a ``.gguf`` path, an HF model directory, or a hub id."""

@@ -41,12 +41,19 @@ def evaluation_windows(
     return torch.from_numpy(_with_bos(windows, tokenizer, add_bos))
 
 
+MAX_CALIBRATION_TOKENS = 2**24
+"""Calibration draws beyond this (16.8M tokens, far past the 32-128 x 512 that calibration needs) are typos
+that would otherwise try to allocate the windows."""
+
+
 def calibration_samples(
     tokenizer: PreTrainedTokenizerBase, text: str, count: int, seqlen: int, add_bos: bool, seed: int = 0
 ) -> torch.Tensor:
     """``count`` windows of ``seqlen`` tokens starting at seeded random offsets (as GPTQ samples C4)."""
     if count < 1 or seqlen < 2:
         raise BitallocError(f"need at least one calibration sample of at least 2 tokens (got {count} x {seqlen})")
+    if count * seqlen > MAX_CALIBRATION_TOKENS:
+        raise BitallocError(f"{count} x {seqlen} calibration tokens is more than the {MAX_CALIBRATION_TOKENS} bitalloc takes")
     stream = _token_stream(tokenizer, text)
     body = seqlen - int(add_bos)
     if len(stream) <= body:

@@ -54,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     stop = [configured] if isinstance(configured, int) else list(configured or [])
     if not stop and loaded.tokenizer.eos_token_id is not None:
         stop = [loaded.tokenizer.eos_token_id]
+    if loaded.context_length is not None:
+        room = loaded.context_length - len(prompt)
+        if room <= 0:
+            raise BitallocError(f"the prompt is {len(prompt)} tokens, more than {loaded.name}'s context of {loaded.context_length}")
+        if args.max_new_tokens > room:
+            raise BitallocError(f"--max-new-tokens {args.max_new_tokens} does not fit: {loaded.name}'s context of "
+                                f"{loaded.context_length} tokens leaves {room} after the {len(prompt)}-token prompt")
     generated: list[int] = []
     shown = ""
     marks: list[float] = []

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     check_corpus(args.corpus)
     start = time.perf_counter()
     loaded = load_model(args.model)
+    loaded.check_window(args.seqlen)
     corpus = load_corpus(args.corpus)
     try:
         table = profile_model(
@@ -135,6 +136,7 @@ def profile_ggml_types_command(args: argparse.Namespace) -> int:
     source_gguf(args.model)  # a model without a GGUF fails before it loads
     start = time.perf_counter()
     loaded = load_model(args.model)
+    loaded.check_window(args.seqlen)
     corpus = load_corpus(args.corpus)
     seqlen = args.kl_seqlen or min(256, args.seqlen)
     windows = calibration_samples(loaded.tokenizer, corpus.calibration, args.kl_samples, seqlen, loaded.add_bos, args.seed)
