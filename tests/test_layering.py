@@ -110,3 +110,14 @@ def test_the_graph_is_real() -> None:
     assert "allocator.table.sensitivity" in GRAPH["allocator.solvers.base"]
     assert "policies.solver" in GRAPH["allocator.cli.commands.solve"]
     assert _cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]
+
+
+def test_every_command_runs_with_its_parsed_arguments(capsys: pytest.CaptureFixture) -> None:
+    """Each command module's ``run`` takes the parsed arguments (``bitalloc models`` once did not)."""
+    import inspect
+
+    from allocator.cli import main
+    from allocator.cli.commands import COMMANDS
+
+    assert all(list(inspect.signature(command.run).parameters) == ["args"] for command in COMMANDS)
+    assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out

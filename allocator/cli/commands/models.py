@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pass
 
 
-def run() -> int:
+def run(args: argparse.Namespace) -> int:
     from allocator.model.loading import BUILTIN_MODELS
 
     for model in BUILTIN_MODELS.values():
