@@ -1,4 +1,4 @@
-"""The main job: load a model and text, quantize variants, and evaluate them side by side."""
+"""Side by side: quantize variants of a model and evaluate them against the float reference on the same windows."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ def compare_variants(
     quantize_seconds: dict[str, float] = {}
     for name, quantizer in variants.items():
         start = time.perf_counter()
-        assignment = {layer: quantizer for layer in linears}
-        quantized[name] = quantize_model(loaded.model, assignment, samples, settings.true_sequential, progress)
+        quantizers = {layer: quantizer for layer in linears}
+        quantized[name] = quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress)
         quantize_seconds[name] = time.perf_counter() - start
     return compare_quantized(loaded, corpus, quantized, settings, quantize_seconds, progress, windows)
 

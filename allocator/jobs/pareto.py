@@ -40,7 +40,8 @@ from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, model_fingerprint
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
-from allocator.solvers import SOLVERS, UNIFORM, Budget, Constraints, solve
+from allocator.solvers import SOLVERS, UNIFORM, Budget, Constraints, solve, warn_if_above_widest
+from allocator.solvers.base import MAX_BPW
 from allocator.storage import atomic_path, is_file, read_json, write_json
 from allocator.table.sensitivity import SensitivityTable
 
@@ -236,20 +237,6 @@ def save_sweep(path: Path, record: dict[str, Any]) -> None:
     write_json(path, record)
 
 
-__all__ = [
-    "SweepPoint",
-    "Measured",
-    "budgets_between",
-    "plan_sweep",
-    "measure_allocations",
-    "apply_measured",
-    "prediction_quality",
-    "sweep_record",
-    "load_measured",
-    "save_sweep",
-]
-
-
 def sweep_markdown(points: Sequence[SweepPoint], record: Mapping[str, Any]) -> str:
     """The sweep as a Markdown table (solvers first, then the uniform points), with the prediction quality."""
     lines = ["| point | bpw | predicted loss | ppl | ppl ratio | KL | solve ms |", "|---|---|---|---|---|---|---|"]
@@ -301,6 +288,8 @@ def run_pareto(
         if missing:
             raise BitallocError(f"{len(missing)} layers of this profile have no kept weights in {weights.directory}; "
                                 "run bitalloc profile again with the same settings (it keeps them by default)")
+    if 0 < budgets[-1] <= MAX_BPW:  # budgets outside are skipped below, each with its note
+        warn_if_above_widest(table, Budget.bpw(budgets[-1]))  # once for the sweep, not per solved budget
     points, allocations, notes = plan_sweep(table, budgets, solvers, constraints, uniform=uniform)
     for note in notes:
         logging.getLogger("bitalloc").warning("skipped: %s", note)
@@ -333,3 +322,19 @@ def run_pareto(
     if weights is not None:
         plot_pareto(points, out / SWEEP_PLOT, f"{table.key.model}: measured ppl vs bpw ({tokens} eval tokens)", reference_ppl)
     return summary
+
+
+__all__ = [
+    "SweepPoint",
+    "Measured",
+    "budgets_between",
+    "plan_sweep",
+    "measure_allocations",
+    "apply_measured",
+    "prediction_quality",
+    "sweep_record",
+    "load_measured",
+    "save_sweep",
+    "sweep_markdown",
+    "run_pareto",
+]

@@ -20,7 +20,7 @@ from allocator.model.corpus import Corpus
 from allocator.model.loading import LoadedModel
 from allocator.quantize.apply import QuantizedModel
 from allocator.runtime.packed import bitmap_source, save_quantized
-from allocator.solvers import Budget, Solver, solve
+from allocator.solvers import Budget, Solver, solve, warn_if_above_widest
 from allocator.table.bitmap import BitMap
 from allocator.table.sensitivity import Option, SensitivityTable
 
@@ -72,6 +72,7 @@ def run_job(
         table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, progress=progress)
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")
+    warn_if_above_widest(table, budget)
     bitmap = solve(table, budget, solver=solver)
     counts: dict[str, int] = {}
     for entry in bitmap.modules.values():

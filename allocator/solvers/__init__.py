@@ -59,7 +59,6 @@ def solve(
 ) -> BitMap:
     """Allocate options to the layers of ``table`` under ``budget`` with the named solver, or with a
     :class:`Solver` object (a trained policy)."""
-    _warn_if_above_widest(table, budget)
     if not isinstance(solver, str):
         if settings:
             raise BitallocError(f"{solver.name} takes no solver settings")
@@ -74,12 +73,13 @@ def solve(
     return function(table, budget, constraints, **settings)
 
 
-def _warn_if_above_widest(table: SensitivityTable, budget: Budget) -> None:
-    """A budget above the widest allocation is met by giving every layer its widest option: say so."""
+def warn_if_above_widest(table: SensitivityTable, budget: Budget) -> None:
+    """A budget above the widest allocation is met by giving every layer its widest option: say so,
+    once per user request (the entry points call this, not :func:`solve`, which sweeps call per budget)."""
     widest = int(np.where(table.bits >= 0, table.bits, 0).max(axis=1).sum())
     if budget.max_bits(table.total_numel) > widest:
         log.warning("budget %s exceeds the widest allocation (%.4f bpw, %d bytes): every layer gets its widest option",
                     budget, widest / table.total_numel, -(-widest // 8) + budget.other_bytes)
 
 
-__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "Solver", "build_problem", "solve"]
+__all__ = ["Budget", "Constraints", "Problem", "SOLVERS", "DEFAULT_SOLVER", "UNIFORM", "Solver", "build_problem", "solve", "warn_if_above_widest"]

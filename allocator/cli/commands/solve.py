@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.gguf.tensor_overrides import llama_cpp_tensor_types
     from allocator.model.corpus import check_corpus
     from allocator.runtime.gptqmodel import gptqmodel_dynamic
-    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve
+    from allocator.solvers import DEFAULT_SOLVER, Budget, Constraints, Solver, solve, warn_if_above_widest
     from allocator.storage import atomic_path
     from allocator.table.sensitivity import SensitivityTable
 
@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         budget = Budget.bytes(args.model_bytes, other_bytes=other_bytes(table))
     constraints = Constraints(loss=args.loss, tie=not args.no_tie)
     table.loss(args.loss)  # an unknown loss name fails here, in one line
+    warn_if_above_widest(table, budget)
     bitmap = solve(table, budget, constraints, solver=solver)
     if args.format == "json":
         text = json.dumps(bitmap.to_json(), indent=2) + "\n"
