@@ -28,7 +28,7 @@ from allocator.gguf.files import LINEAR_TENSOR, float_gguf, measure_gguf  # noqa
 from allocator.gguf.fold import GGUFFold, write_folded_gguf  # noqa: E402
 from allocator.gguf.ggml_types import effective_type, type_bpw  # noqa: E402
 from allocator.gguf.imatrix import compute_imatrix  # noqa: E402
-from allocator.gguf.llama_eval import REFERENCE, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
+from allocator.gguf.llama_eval import REFERENCE, cpu_has_amx, evaluate_ggufs, load_llama, window_logprobs  # noqa: E402
 from allocator.model.arch import gguf_tensor_name  # noqa: E402
 from allocator.model.layers import quantizable_linears, swapped_weights  # noqa: E402
 from allocator.model.loading import LoadedModel  # noqa: E402
@@ -161,6 +161,30 @@ def test_float_gguf_reproduces_hf_logprobs(tiny, windows, isolated_cache) -> Non
     assert ours.shape == reference.shape
     kl = torch.nn.functional.kl_div(ours, reference, log_target=True, reduction="batchmean").item()
     assert kl < 1e-4, kl  # same weights, same token ids: llama.cpp and HF agree
+
+
+def test_amx_cpus_load_without_extra_buffer_types(tiny, isolated_cache, tmp_path, monkeypatch) -> None:
+    # ggml's AMX matmul segfaults in llama_decode (llama.cpp #20824): on AMX CPUs the weights must stay
+    # in plain CPU buffers, and the library's defaults must be untouched afterwards.
+    (tmp_path / "amx").write_text("processor : 0\nflags : fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8\n")
+    (tmp_path / "avx2").write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    assert cpu_has_amx(tmp_path / "amx") and not cpu_has_amx(tmp_path / "avx2") and not cpu_has_amx(tmp_path / "none")
+    import llama_cpp
+
+    seen: list[bool] = []
+    original = llama_cpp.llama_cpp.llama_model_default_params
+    real_load = llama_cpp.llama_cpp.llama_model_load_from_file
+
+    def recording_load(path, params):  # type: ignore[no-untyped-def]
+        seen.append(bool(params.use_extra_bufts))
+        return real_load(path, params)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_load_from_file", recording_load)
+    for amx in (True, False):
+        monkeypatch.setattr("allocator.gguf.llama_eval.cpu_has_amx", lambda amx=amx: amx)
+        load_llama(float_gguf(tiny[1]), seqlen=16).close()
+    assert seen == [False, True]
+    assert llama_cpp.llama_cpp.llama_model_default_params is original
 
 
 def test_bitmap_export_types_bpw_and_run(tiny, windows, isolated_cache, tmp_path) -> None:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,16 +51,54 @@ class GGUFEvalResult:
         return asdict(self)
 
 
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU advertises AMX int8 tiles (Sapphire Rapids and later); False where unknown."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " amx_int8" in line for line in text.splitlines())
+
+
+@contextmanager
+def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """Load models without ggml's extra CPU buffer types (AMX, weight repacking).
+
+    ggml's AMX matmul segfaults in llama_decode on AMX CPUs (llama.cpp issue #20824, still in the
+    llama.cpp that llama-cpp-python 0.3.36 bundles); llama_cpp.Llama has no argument for
+    ``use_extra_bufts``, so the default model parameters are wrapped for the one constructor call.
+    """
+    low_level = llama_cpp.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_extra() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 def load_llama(path: Path, seqlen: int, threads: int | None = None) -> Any:
-    """A llama.cpp context on ``path`` that keeps the logits of every position of a ``seqlen`` window."""
+    """A llama.cpp context on ``path`` that keeps the logits of every position of a ``seqlen`` window.
+
+    On AMX CPUs the weights stay in plain CPU buffers (see :func:`_without_extra_buffer_types`);
+    elsewhere llama.cpp repacks them as it would by default.
+    """
     llama_cpp = require_llama_cpp()
     if not Path(path).is_file():
         raise BitallocError(f"no GGUF at {path}")
+    guard = _without_extra_buffer_types(llama_cpp) if cpu_has_amx() else ExitStack()
     try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True,
-            n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
-        )
+        with guard:
+            return llama_cpp.Llama(
+                model_path=str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True,
+                n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, verbose=False,
+            )
     except (ValueError, RuntimeError, OSError) as exc:
         raise BitallocError(f"llama.cpp could not load {path}: {str(exc).splitlines()[0]}") from None
 
