@@ -222,3 +222,27 @@ def test_profile_keeps_every_option_weight(loaded, corpus, isolated_cache) -> No
         kept.assemble({table.names[3]: label})
     again = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
     assert kept.missing(table.names) == [] and np.array_equal(again.bits, table.bits)
+
+
+def test_gptq_by_rtn_prices_gptq_options_on_their_rtn_twins(loaded, corpus, isolated_cache) -> None:
+    from allocator.measure.option_weights import OptionWeights
+    from allocator.measure.proxies import rtn_twin_settings
+
+    options = parse_options(["xnor", "gptq2:clip=mse", "gptq4"])
+    own = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
+    priced = profile_model(loaded, corpus, options, samples=4, seqlen=32, gptq_by_rtn=True, progress=False)
+    assert cached_table_path(priced) != cached_table_path(own) and priced.key != own.key
+    assert priced.metadata["gptq_by_rtn"] is True and "gptq_by_rtn" not in own.metadata
+    assert priced.options == own.options and np.array_equal(priced.bits, own.bits)  # the options stay GPTQ, at GPTQ's bits
+    kept = OptionWeights.beside(cached_table_path(priced), priced.labels)
+    weight = quantizable_linears(loaded.model)[priced.names[0]].weight.detach().float()
+    for option in priced.options[1:]:
+        twin = rtn_twin_settings(option.settings)
+        assert twin["quantizer"] == "rtn" and twin["bits"] == option.settings["bits"]
+        assert twin.get("clip", "minmax") == option.settings.get("clip", "minmax")
+        if twin.get("clip", "minmax") == "minmax":  # (mse clipping weighs its search by diag(H), which RTN gets in the profile too)
+            expected = quantizer_from_settings(twin).quantize(weight).dequantized
+            assert torch.allclose(kept.load(priced.names[0], option.label), expected.half().float())
+    # xnor is no GPTQ option: priced by itself in both tables; GPTQ's error is below its RTN twin's summed over layers
+    assert np.allclose(priced.loss(HESSIAN_ERR)[:, 0], own.loss(HESSIAN_ERR)[:, 0])
+    assert (priced.loss(HESSIAN_ERR)[:, 1:].sum(axis=0) > own.loss(HESSIAN_ERR)[:, 1:].sum(axis=0)).all()

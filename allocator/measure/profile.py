@@ -48,6 +48,7 @@ from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
 from allocator.evaluate.perplexity import next_token_logprobs
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
 from allocator.measure.option_weights import OptionWeights
+from allocator.measure.proxies import GPTQ_BY_RTN_SUFFIX, pricing_quantizer
 from allocator.model.arch import tie_groups
 from allocator.model.calibration import InputStatistics, capture_block_inputs, run_block
 from allocator.model.corpus import Corpus
@@ -57,7 +58,7 @@ from allocator.model.tokens import calibration_samples
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
 from allocator.storage import cache_dir, write_json
 from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
-from allocator.table.options import default_options, quantizer_from_settings
+from allocator.table.options import default_options
 from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from quantizers import Quantizer
 
@@ -388,6 +389,7 @@ def profile_model(
     progress: bool = True,
     keep_weights: bool = True,
     scale_fold: ScaleFoldSettings | None = None,
+    gptq_by_rtn: bool = False,
 ) -> SensitivityTable:
     """The sensitivity table of ``loaded`` for ``options`` (default: :func:`allocator.table.options.default_options`).
 
@@ -403,19 +405,23 @@ def profile_model(
     the table's key (appended to its code version, so the cache id and every digest of the key
     differ from the unfolded table's) and its metadata. No option weights are kept then: they would
     be the folded model's, which a consumer swapping them into the reference would misread.
+
+    With ``gptq_by_rtn`` every loss (and kept weight) of a GPTQ option is measured on RTN onto the same grid
+    (:mod:`allocator.measure.proxies`): the profile skips GPTQ's per-option column loop; the options, their bits
+    and the bit maps solved on the table stay GPTQ. This too enters the key's code version and the metadata.
     """
     options = list(options) if options is not None else default_options()
     if not options:
         raise BitallocError("a profile needs at least one option")
     if measure_kl and not 1 <= kl_samples <= samples:
         raise BitallocError(f"the KL is measured on 1 to {samples} (the calibration samples) windows, got {kl_samples}")
-    quantizers = [quantizer_from_settings(o.settings) for o in options]
+    quantizers = [pricing_quantizer(o.settings, gptq_by_rtn) for o in options]
     model = loaded.model
     linears = quantizable_linears(model)
     names = list(linears)
     if not names:
         raise BitallocError(f"{loaded.name} has no linear layers in its decoder blocks")
-    code_version = CODE_VERSION + (scale_fold.key_suffix() if scale_fold is not None else "")
+    code_version = CODE_VERSION + (scale_fold.key_suffix() if scale_fold is not None else "") + (GPTQ_BY_RTN_SUFFIX if gptq_by_rtn else "")
     key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=code_version, seed=seed)
     fingerprint = model_fingerprint(model)
     cache_id = profile_cache_id(key, options, fingerprint, measure_kl, kl_samples)
@@ -456,6 +462,8 @@ def profile_model(
     }
     if scale_fold is not None:
         metadata["scale_fold"] = scale_fold.as_dict()
+    if gptq_by_rtn:
+        metadata["gptq_by_rtn"] = True
     if len(done) < len(names):
         tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
         log.info("profiling %d layers x %d options on %d x %d calibration tokens", len(names) - len(done), len(options), samples, seqlen)

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fisher-samples", type=positive_int,
                         help=f"calibration windows of the Fisher pass (default {DEFAULT_FISHER_WINDOWS}, or --samples if fewer)")
     parser.add_argument("--fisher-seqlen", type=positive_int, help=f"tokens of each Fisher window (default {DEFAULT_FISHER_SEQLEN}, or --seqlen if shorter)")
+    parser.add_argument("--gptq-by-rtn", action="store_true",
+                        help="measure each GPTQ option's losses on RTN onto the same grid (same bits; GPTQ's per-option column loop "
+                        "skipped); the options and bit maps stay GPTQ")
     parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     parser.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     add_scale_fold_flags(parser, "profiling (use the same with quantize)")
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         table = profile_model(
             loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
             recompute=args.recompute, progress=not args.no_progress, scale_fold=scale_fold_settings(args),
+            gptq_by_rtn=args.gptq_by_rtn,
         )
         if args.measure_kl:
             table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,
