@@ -25,7 +25,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from allocator.jobs.compare import EvalSettings
 from allocator.jobs.pareto import plan_sweep, run_pareto
-from allocator.jobs.run import RUN_KL_ANCHORS, print_run, run_job, save_run
+from allocator.jobs.run import print_run, run_job, save_run
 from allocator.measure.layer_kl import add_kl_losses, calibrated_kl
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import load_corpus
@@ -109,7 +109,8 @@ def run_sequential(model: str, budgets: list[float]) -> None:
         start = time.perf_counter()
         loaded, corpus, settings = load_model(model), load_corpus("enwiki"), EvalSettings()
         budget = Budget.bpw(bpw)
-        result = run_job(loaded, corpus, parse_options(["default"]), budget, "ilp", settings, list(RUN_KL_ANCHORS))
+        # the main job as it was when this file was measured: the default options, kl_est from gptq-w3g128
+        result = run_job(loaded, corpus, parse_options(["default"]), budget, "ilp", settings, ["gptq-w3g128"])
         print_run(result, model, budget)
         save_run(work, result, loaded, model, "enwiki", settings)
         rows = json.loads((work / "rows.json").read_text())["rows"]

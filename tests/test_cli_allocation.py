@@ -262,19 +262,24 @@ def test_pareto_bad_input_is_one_line(profiled, tmp_path, capsys) -> None:
 def test_run_is_profile_solve_quantize_eval(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
     out = tmp_path / "job"
     code, stdout, _ = run(capsys, "run", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
-                          "--options", "xnor:group_size=128", "gptq", "--bpw", "3.0", "--tokens", "128", "--out", str(out), "--no-progress")
+                          "--bpw", "3.0", "--tokens", "128", "--out", str(out), "--no-progress")
     assert code == 0, stdout
     assert all(f"[{i}/4]" in stdout for i in range(1, 5)) and "ilp@3bpw" in stdout
+    stages = next(line for line in stdout.splitlines() if line.startswith("stages: "))
+    assert all(f"{stage} " in stages for stage in ("load", "profile", "kl", "solve", "quantize", "eval")) and "= total" in stages
     bitmap = BitMap.load(out / "bitmap.json")
-    assert bitmap.predicted_bpw <= 3.0 and bitmap.loss_name == "kl_est"  # calibrated on gptq-w3g128's measured KL
+    assert bitmap.predicted_bpw <= 3.0 and bitmap.loss_name == "kl_est"  # calibrated on gptq-w3g128-act-mse's measured KL
+    assert {e.option for e in bitmap.modules.values()} <= {"xnor-g128", "w1p1-g128", "gptq-w2g128-act-mse", "gptq-w3g128-act-mse",
+                                                            "gptq-w4g128-act-mse"}
     packed = load_quantized(out / "packed")
     assert packed.quantized.bits_per_weight == pytest.approx(bitmap.predicted_bpw)
     rows = json.loads((out / "rows.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["reference", "ilp@3bpw"] and rows[1]["bpw"] == pytest.approx(bitmap.predicted_bpw)
+    saved_stages = json.loads((out / "rows.json").read_text())["stage_seconds"]
+    assert list(saved_stages) == ["load", "profile", "kl", "solve", "quantize", "eval"] and all(v >= 0 for v in saved_stages.values())
     # a trained policy is one more solver: the same job, the profile above reused from the cache
     code, stdout, _ = run(capsys, "run", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
-                          "--options", "xnor:group_size=128", "gptq", "--bpw", "3.0", "--tokens", "128", "--policy", "smollm2-135m-sac",
-                          "--no-progress")
+                          "--bpw", "3.0", "--tokens", "128", "--policy", "smollm2-135m-sac", "--no-progress")
     assert code == 0, stdout
     assert "[2/4] solve: sac-policy at" in stdout and "sac-policy@3bpw" in stdout
 

@@ -29,9 +29,11 @@ PACKED_DIR = "packed"
 ROWS_FILE = "rows.json"
 """What :func:`save_run` writes into the job's directory."""
 
-RUN_KL_ANCHORS = ["gptq-w3g128"]
-"""What ``bitalloc run`` measures the single-layer KL of (one forward per layer): on SmolLM2 the gain
-calibrated on this option alone ranked measured allocations as well as measuring every option."""
+RUN_OPTIONS = ["main"]
+"""``bitalloc run``'s candidate options (:data:`allocator.table.options.MAIN_JOB_OPTION_SPECS`)."""
+RUN_KL_ANCHORS = ["gptq-w3g128-act-mse"]
+"""What ``bitalloc run`` measures the single-layer KL of (one forward per layer) to calibrate every option's
+Hessian error into ``kl_est`` (results/sensitivity.md: closest to measuring every option's KL, at a fifth of its cost)."""
 
 
 @dataclass
@@ -45,6 +47,8 @@ class RunResult:
     windows: torch.Tensor
     """The evaluation windows the rows were measured on."""
     seconds: float
+    stage_seconds: dict[str, float]
+    """Wall seconds of each stage, in order (profile, kl, solve, quantize, eval; kl absent when not measured)."""
 
 
 def run_job(
@@ -64,16 +68,23 @@ def run_job(
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
     evaluate against the reference. ``say`` reports each stage."""
     start = time.perf_counter()
+    stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
     say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")
+    tick = time.perf_counter()
     table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress)
+    stages["profile"] = time.perf_counter() - tick
     if measure_kl:
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
+        tick = time.perf_counter()
         table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, progress=progress)
+        stages["kl"] = time.perf_counter() - tick
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")
+    tick = time.perf_counter()
     warn_if_above_widest(table, budget)
     bitmap = solve(table, budget, solver=solver)
+    stages["solve"] = time.perf_counter() - tick
     counts: dict[str, int] = {}
     for entry in bitmap.modules.values():
         counts[entry.option] = counts.get(entry.option, 0) + 1
@@ -81,21 +92,31 @@ def run_job(
     say("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
     tick = time.perf_counter()
     quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress)
-    seconds = time.perf_counter() - tick
+    stages["quantize"] = time.perf_counter() - tick
     row_name = f"{name}@{budget.value:g}bpw" if budget.kind == "bpw" else f"{name}@{budget}"
     say("[4/4] eval")
-    rows = compare_quantized(loaded, corpus, {row_name: quantized}, settings, {row_name: seconds}, progress, windows)
-    return RunResult(table, bitmap, quantized, rows, windows, time.perf_counter() - start)
+    tick = time.perf_counter()
+    rows = compare_quantized(loaded, corpus, {row_name: quantized}, settings, {row_name: stages["quantize"]}, progress, windows)
+    stages["eval"] = time.perf_counter() - tick
+    return RunResult(table, bitmap, quantized, rows, windows, time.perf_counter() - start, stages)
 
 
-def print_run(result: RunResult, model: str, budget: Budget) -> None:
-    """The main job's table on the terminal."""
+def stage_line(stages: dict[str, float]) -> str:
+    """``load 3.1 s, profile 212.0 s, ... = total 540.2 s``: where the main job's time went."""
+    return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items()) + f" = total {sum(stages.values()):.1f} s"
+
+
+def print_run(result: RunResult, model: str, budget: Budget, load_seconds: float | None = None) -> None:
+    """The main job's table on the terminal, and the time of each stage (``load_seconds``: the model's loading, if timed)."""
     name = result.bitmap.solver.name
     shown = f"{budget.value:g} bpw" if budget.kind == "bpw" else str(budget)
     print_rows(result.rows, title=f"{model}: {name} allocation at {shown} - {result.windows.numel()} eval tokens")
+    stages = {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
+    print("stages: " + stage_line(stages))
 
 
-def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corpus_name: str, settings: EvalSettings) -> None:
+def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corpus_name: str, settings: EvalSettings,
+             load_seconds: float | None = None) -> None:
     """``out/bitmap.json``, the packed model in ``out/packed`` and the rows in ``out/rows.json``, each
     written atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -103,4 +124,6 @@ def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corp
     calibration = {"corpus": corpus_name, "samples": settings.samples, "seqlen": settings.seqlen, "seed": settings.seed}
     save_quantized(out / PACKED_DIR, model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
                    model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, BITMAP_FILE, calibration))
-    rows_to_json(out / ROWS_FILE, result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds})
+    stages = {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
+    rows_to_json(out / ROWS_FILE, result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds,
+                                                "stage_seconds": stages})

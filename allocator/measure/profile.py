@@ -410,6 +410,7 @@ def profile_model(
     (:mod:`allocator.measure.proxies`): the profile skips GPTQ's per-option column loop; the options, their bits
     and the bit maps solved on the table stay GPTQ. This too enters the key's code version and the metadata.
     """
+    start = time.perf_counter()
     options = list(options) if options is not None else default_options()
     if not options:
         raise BitallocError("a profile needs at least one option")
@@ -472,6 +473,7 @@ def profile_model(
             overlay = compute_scale_fold(model, tokens, scale_fold, None, progress)[1]
         with swapped_weights(model, overlay):  # the folded model computes the same function
             _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept)
+    metadata["seconds"] = time.perf_counter() - start  # wall time of this call (a resumed profile: its own part)
     table = _build_table(key, names, options, done, metadata)
     if cache:
         table.save(path)

@@ -6,6 +6,8 @@ its quantizer (:meth:`quantizers.Quantizer.settings`). Option specs, as ``bitall
 
 - ``default``: the default set (:data:`DEFAULT_OPTION_SPECS`): the 1-bit family at its defaults
   (``xnor-g128``, ``billm``, ``pbllm``, ``w1p1``) and GPTQ at 2, 3 and 4 bits, group size 128;
+- ``main``: ``bitalloc run``'s set (:data:`MAIN_JOB_OPTION_SPECS`): ``xnor-g128``, ``w1p1`` and GPTQ at 2, 3 and
+  4 bits with act order and mse-clipped g128 grids;
 - ``binary``: the 1-bit family of the default set; ``gptq``: its GPTQ options;
 - ``gptqN`` / ``rtnN`` (N = 1..8): that bit width at group size 128;
 - ``keep8``: 8-bit symmetric per-row RTN, the "keep" option (about 8 bpw);
@@ -40,8 +42,12 @@ KEEP_SETTINGS: dict[str, Any] = {"quantizer": "rtn", "bits": 8, "group_size": No
 BINARY_OPTION_SPECS = ("xnor:group_size=128", "billm", "pbllm", "w1p1")
 GPTQ_OPTION_SPECS = ("gptq2", "gptq3", "gptq4")
 DEFAULT_OPTION_SPECS = BINARY_OPTION_SPECS + GPTQ_OPTION_SPECS
+MAIN_JOB_OPTION_SPECS = ("xnor:group_size=128", "w1p1", *(f"gptq{b}:clip=mse,act_order=true" for b in (2, 3, 4)))
+"""``bitalloc run``'s candidates (results/sensitivity.md): GPTQ with act order and mse-clipped grids, and of the 1-bit family
+the two that earn their profiling time (BiLLM and PB-LLM cost 4x the rest of the profile for 2% ppl at 2.5 bpw)."""
 GROUPS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_OPTION_SPECS,
+    "main": MAIN_JOB_OPTION_SPECS,
     "binary": BINARY_OPTION_SPECS,
     "gptq": GPTQ_OPTION_SPECS,
 }
@@ -122,7 +128,7 @@ def _parse_one(spec: str, allow_labels: bool = True) -> list[Option]:
         settings = _known_labels().get(name)
     if settings is None:
         raise BitallocError(
-            f"unknown option {spec!r}: use default, binary, gptq, gptqN, rtnN, keep8, a quantizer name "
+            f"unknown option {spec!r}: use default, main, binary, gptq, gptqN, rtnN, keep8, a quantizer name "
             f"({', '.join(sorted(QUANTIZERS))}) or a label, optionally with :key=value,..."
         )
     if overrides:

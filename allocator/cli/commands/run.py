@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from allocator.cli.common import kl_anchors
@@ -15,7 +16,7 @@ HELP = "the main job: profile -> solve -> quantize -> eval for one budget, print
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from allocator.jobs.compare import EvalSettings
-    from allocator.jobs.run import RUN_KL_ANCHORS
+    from allocator.jobs.run import RUN_KL_ANCHORS, RUN_OPTIONS
     from allocator.model.corpus import DEFAULT_CORPUS
     from allocator.model.loading import DEFAULT_MODEL
 
@@ -26,14 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--solver", default=None, help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
     method.add_argument("--policy", help="allocate with this trained policy instead of a solver (as for solve: a policy.zip, its run "
                                          "directory, or a shipped policy's name)")
-    parser.add_argument("--options", nargs="+", default=["default"], metavar="SPEC", help="candidate options (as for profile)")
+    parser.add_argument("--options", nargs="+", default=RUN_OPTIONS, metavar="SPEC",
+                        help="candidate options (as for profile; default main: xnor, w1p1, GPTQ 2/3/4-bit with act order and mse clipping)")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP)
     parser.add_argument("--samples", type=positive_int, default=defaults.samples, help="calibration sequences")
     parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen)
     parser.add_argument("--tokens", type=positive_int, default=defaults.tokens, help="evaluation tokens")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--kl-anchors", nargs="+", metavar="LABEL", default=RUN_KL_ANCHORS,
-                        help="options whose single-layer KL calibrates the loss (default gptq-w3g128; 'all' measures every option)")
+                        help=f"options whose single-layer KL calibrates the loss (default {RUN_KL_ANCHORS[0]}; 'all' measures every option)")
     parser.add_argument("--no-kl", action="store_true", help="solve on the Hessian-weighted output error alone (no KL measurement)")
     parser.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
     parser.add_argument("--no-progress", action="store_true")
@@ -64,12 +66,14 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         packed_output(args.out / PACKED_DIR, "--out")
     check_corpus(args.corpus)
+    tick = time.perf_counter()
     loaded = load_model(args.model)
+    load_seconds = time.perf_counter() - tick
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
     result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress)
-    print_run(result, args.model, budget)
+    print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
-        save_run(args.out, result, loaded, args.model, args.corpus, settings)
+        save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)
         print(args.out)
     return 0

@@ -1,0 +1,257 @@
+"""Which loss to allocate on: cost and prediction quality of every sensitivity loss -> results/sensitivity.md.
+
+Per model, ``bitalloc run``'s option set (``main``: xnor-g128, w1p1-g128 and GPTQ 2/3/4-bit g128 with act order and
+mse clipping) is profiled twice on the same 64 x 512 calibration tokens: with every option's own weights (GPTQ run per option)
+and with GPTQ options priced by their RTN twins (``--gptq-by-rtn``). On the first the single-layer KL of every
+(layer, option) is measured (1 x 256 tokens, one forward each) and both profiles get the Fisher losses (16 x 512
+tokens, one forward and backward per window and variant). Every loss below is then:
+
+- priced: wall seconds and model passes it took beyond loading the model (the profile's share, the KL
+  forwards, the gradient pass), each measured in this run;
+- checked against measured quality: the ILP on every loss at ``SCREEN_BUDGETS`` gives allocations (their
+  union, at least 30), each realized one-shot from the first profile's kept (true GPTQ) weights and its KL
+  measured on ``SCREEN_TOKENS`` evaluation tokens; per loss, Spearman and log-Pearson correlation of its
+  additive prediction with those measured KLs (all losses scored on the same allocations);
+- used: the ILP allocations of the ``SEQUENTIAL_LOSSES`` at 2.0/2.5/3.0/3.5 bpw quantized as ``bitalloc run``
+  does (GPTQ-family layers in order on the quantized prefix) and evaluated on the standard evaluation tokens.
+
+Derived losses (no extra measurement beyond what their name says):
+- ``<base>_layer``: ``base`` times each layer's gain ``kl / base`` of the anchor option gptq-w3g128-act-mse (one KL
+  forward per layer: ``hessian_err_layer`` is the kl_est that `bitalloc run` solves on);
+- ``<base>_opt<k>``: ``base`` times each option's geometric-mean gain ``kl / base`` over ``k`` layers drawn
+  with a fixed seed (k forwards per option).
+
+Everything is saved under results/sensitivity/<model>/ as it finishes; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import RESULTS, provenance
+from scipy.stats import pearsonr, spearmanr
+
+from allocator.evaluate.perplexity import evaluate
+from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+from allocator.measure.fisher_losses import add_fisher_losses
+from allocator.measure.layer_kl import add_kl_losses
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
+from allocator.solvers import Budget, Constraints, solve
+from allocator.storage import write_json
+from allocator.table.options import parse_options
+from allocator.table.sensitivity import SensitivityTable
+
+OPTION_SPECS = ["main"]
+ANCHOR = "gptq-w3g128-act-mse"
+SCREEN_BUDGETS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5]
+SCREEN_TOKENS = 4096
+SEQUENTIAL_BUDGETS = [2.0, 2.5, 3.0, 3.5]
+OPTION_CAL_LAYERS = (16,)
+SETTINGS = {"smollm2-135m": {"tokens": 16384}, "gemma3-270m": {"tokens": 8192}}
+SEQUENTIAL_LOSSES = ["kl", "hessian_err_layer", "fisher"]
+
+
+def derived_losses(table: SensitivityTable, proxy: SensitivityTable) -> dict[str, np.ndarray]:
+    """Every loss this benchmark scores (see the module doc), L x O."""
+    kl = table.losses["kl"]
+    bases = {name: table.losses[name] for name in ("hessian_err", "weight_err", "fisher", "fisher_emp")}
+    bases |= {f"{name}_rtn": proxy.losses[name] for name in ("hessian_err", "fisher")}
+    losses = {"kl": kl, **bases}
+    anchor = table.labels.index(ANCHOR)
+    for name, base in bases.items():
+        if name in ("weight_err", "fisher_emp"):
+            continue
+        losses[f"{name}_layer"] = base * (kl[:, anchor] / base[:, anchor])[:, None]
+        for k in OPTION_CAL_LAYERS:
+            rows = np.random.default_rng(0).choice(table.num_layers, size=k, replace=False)
+            gain = np.exp(np.nanmean(np.log(kl[rows] / base[rows]), axis=0))
+            losses[f"{name}_opt{k}"] = base * gain[None, :]
+    return losses
+
+
+def profile_seconds(table: SensitivityTable) -> float:
+    """Wall seconds of the profile (tables cached before it was recorded: the per-layer work alone)."""
+    return float(table.metadata.get("seconds", table.metadata["layer_seconds"]))
+
+
+def loss_costs(table: SensitivityTable, proxy: SensitivityTable, losses: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per loss: wall seconds and passes beyond loading the model (see the module doc)."""
+    samples = table.key.samples
+    kl_meta = table.metadata["kl_measurement"]
+    kl_forwards = int(np.isfinite(table.losses["kl"]).sum())
+    per_kl_forward = kl_meta["seconds"] / kl_forwards
+    fisher = table.metadata["fisher"]
+    fisher_seconds = {v: s for v, s in fisher["pass_seconds"].items()}
+    profiles = {"own": profile_seconds(table), "rtn": profile_seconds(proxy)}
+    variant = {"fisher": "sampled", "fisher_emp": "empirical"}
+    costs = {}
+    for name in losses:
+        base = name.split("_layer")[0].split("_opt")[0]
+        rtn = base.endswith("_rtn")
+        core = base.removesuffix("_rtn")
+        seconds = profiles["rtn" if rtn else "own"]
+        forwards = samples  # the calibration pass (block by block)
+        backwards = 0
+        kl_count = 0
+        if core in variant:
+            v = variant[core]
+            seconds += fisher_seconds[v]
+            forwards += fisher["forward_passes"][v]
+            backwards += fisher["backward_passes"][v]
+        if name == "kl":
+            kl_count = kl_forwards
+        elif "_layer" in name:
+            kl_count = table.num_layers
+        elif "_opt" in name:
+            kl_count = int(name.rsplit("_opt", 1)[1]) * table.num_options
+        seconds += kl_count * per_kl_forward
+        costs[name] = {"seconds": seconds, "calibration_forwards": forwards, "backwards": backwards, "kl_forwards": kl_count}
+    return costs
+
+
+def allocation_of(table: SensitivityTable, loss: np.ndarray, bpw: float) -> dict[str, str]:
+    scored = dataclasses.replace(table, losses={**table.losses, "candidate": loss})
+    bitmap = solve(scored, Budget.bpw(bpw), Constraints(loss="candidate"), solver="ilp")
+    return {name: entry.option for name, entry in bitmap.modules.items()}
+
+
+def predicted(table: SensitivityTable, loss: np.ndarray, allocation: dict[str, str]) -> float:
+    return float(sum(loss[i, table.labels.index(allocation[name])] for i, name in enumerate(table.names)))
+
+
+def key_of(allocation: dict[str, str]) -> str:
+    return json.dumps(allocation, sort_keys=True)
+
+
+def run_model(model: str, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"provenance": provenance()}
+    loaded = load_model(model)
+    corpus = load_corpus("enwiki")
+    options = parse_options(OPTION_SPECS)
+    table = profile_model(loaded, corpus, options, samples=64, seqlen=512)
+    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
+    table = add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration)
+    proxy = profile_model(loaded, corpus, options, samples=64, seqlen=512, gptq_by_rtn=True)
+    proxy = add_fisher_losses(loaded, proxy, cached_table_path(proxy), corpus.calibration)
+    losses = derived_losses(table, proxy)
+    record["costs"] = loss_costs(table, proxy, losses)
+    record["profile"] = {"own": profile_seconds(table), "rtn": profile_seconds(proxy),
+                         "kl": table.metadata["kl_measurement"], "fisher": table.metadata["fisher"]}
+
+    # screening: the union of every loss's ILP allocations, each measured one-shot from the kept weights
+    allocations: dict[str, dict[str, str]] = {}
+    for loss in losses.values():
+        for bpw in SCREEN_BUDGETS:
+            allocation = allocation_of(table, loss, bpw)
+            allocations.setdefault(key_of(allocation), allocation)
+    screened = record.setdefault("screened", {})
+    weights = OptionWeights.beside(cached_table_path(table), table.labels)
+    windows = evaluation_tokens(loaded, corpus, EvalSettings(tokens=SCREEN_TOKENS))
+    todo = [k for k in allocations if k not in screened]
+    for start in range(0, len(todo), 4):
+        keys = todo[start:start + 4]
+        results = evaluate(loaded.model, windows, {k: weights.assemble(allocations[k]) for k in keys}, progress=False)
+        for k in keys:
+            screened[k] = {"kl": results[k].kl, "perplexity": results[k].perplexity}
+        write_json(record_path, record)
+        print(f"screened {len(screened)}/{len(allocations)} allocations", flush=True)
+    keys = list(allocations)
+    measured = np.array([screened[k]["kl"] for k in keys])
+    quality = {}
+    for name, loss in losses.items():
+        guess = np.array([predicted(table, loss, allocations[k]) for k in keys])
+        quality[name] = {"spearman": float(spearmanr(guess, measured)[0]),
+                         "pearson_log": float(pearsonr(np.log(np.maximum(guess, 1e-12)), np.log(measured))[0]),
+                         "allocations": len(keys)}
+    record["quality"] = quality
+    write_json(record_path, record)
+
+    # the losses that matter, used as bitalloc run uses them
+    settings = EvalSettings(tokens=SETTINGS[model]["tokens"])
+    eval_windows = evaluation_tokens(loaded, corpus, settings)
+    sequential = record.setdefault("sequential", {})
+    for name in SEQUENTIAL_LOSSES:
+        for bpw in SEQUENTIAL_BUDGETS:
+            key = f"{name}@{bpw:g}"
+            if key in sequential:
+                continue
+            scored = dataclasses.replace(table, losses={**table.losses, "candidate": losses[name]})
+            bitmap = solve(scored, Budget.bpw(bpw), Constraints(loss="candidate"), solver="ilp")
+            tick = time.perf_counter()
+            quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress=False)
+            seconds = time.perf_counter() - tick
+            rows = compare_quantized(loaded, corpus, {key: quantized}, settings, {key: seconds}, False, eval_windows)
+            row = next(r for r in rows if r.name == key)
+            counts: dict[str, int] = {}
+            for entry in bitmap.modules.values():
+                counts[entry.option] = counts.get(entry.option, 0) + 1
+            sequential[key] = {"bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl, "quantize_seconds": seconds,
+                               "reference_perplexity": rows[0].perplexity, "options": dict(sorted(counts.items()))}
+            write_json(record_path, record)
+            print(f"{model} {key}: ppl {row.perplexity:.2f} KL {row.kl:.4f}", flush=True)
+    return record
+
+
+def report(records: dict[str, dict]) -> str:
+    lines = ["# Sensitivity losses: cost, prediction quality, and the allocations they give", "",
+             (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+    for model, record in records.items():
+        lines += [f"## {model}", "", record["provenance"]]
+        costs, quality = record.get("costs", {}), record.get("quality", {})
+        kl_cost = costs.get("kl", {}).get("seconds")
+        lines += ["| loss | wall s | share of `kl`'s | calibration fwd | backward | KL fwd | Spearman | log-Pearson |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name in sorted(costs, key=lambda n: -quality.get(n, {}).get("pearson_log", -2)):
+            c, q = costs[name], quality.get(name, {})
+            share = f"{c['seconds'] / kl_cost:.0%}" if kl_cost else "-"
+            lines.append(f"| `{name}` | {c['seconds']:.0f} | {share} | {c['calibration_forwards']} | {c['backwards']} | {c['kl_forwards']} | "
+                         f"{q.get('spearman', float('nan')):.3f} | {q.get('pearson_log', float('nan')):.3f} |")
+        n = next(iter(quality.values()), {}).get("allocations", 0)
+        lines += ["", f"Correlations over {n} allocations (every loss's ILP at {', '.join(f'{b:g}' for b in SCREEN_BUDGETS)} bpw, "
+                  f"realized one-shot from the kept GPTQ weights, KL measured on {SCREEN_TOKENS} evaluation tokens).", ""]
+        sequential = record.get("sequential", {})
+        if sequential:
+            lines += ["Quantized as `bitalloc run` does (sequential GPTQ, 64 x 512 calibration tokens), "
+                      f"{SETTINGS[model]['tokens']} evaluation tokens:", "",
+                      "| loss | " + " | ".join(f"{b:g} bpw: ppl | KL" for b in SEQUENTIAL_BUDGETS) + " |",
+                      "|---|" + "---|---|" * len(SEQUENTIAL_BUDGETS)]
+            for name in SEQUENTIAL_LOSSES:
+                cells = []
+                for bpw in SEQUENTIAL_BUDGETS:
+                    s = sequential.get(f"{name}@{bpw:g}")
+                    cells += [f"{s['perplexity']:.2f}", f"{s['kl']:.4f}"] if s else ["-", "-"]
+                lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(SETTINGS))
+    parser.add_argument("--render", action="store_true", help="only rewrite sensitivity.md from the saved records")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = RESULTS / "sensitivity"
+    for model in args.models.split(","):
+        if model not in SETTINGS:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
+        if not args.render:
+            run_model(model, base / model)
+    records = {p.parent.name: json.loads(p.read_text()) for p in sorted(base.glob("*/record.json"))}
+    (RESULTS / "sensitivity.md").write_text(report(records))
+    print(RESULTS / "sensitivity.md")
+
+
+if __name__ == "__main__":
+    main()
