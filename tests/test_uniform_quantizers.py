@@ -82,6 +82,24 @@ def test_gptq_is_deterministic_and_handles_dead_inputs() -> None:
     assert torch.isfinite(first.dequantized).all()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_many_is_bit_identical_to_one_by_one(act_order: bool) -> None:
+    from quantizers.gptq import gptq_many
+
+    weight, hessian = weight_and_hessian()
+    hessian[5, :] = 0
+    hessian[:, 5] = 0  # a dead input too
+    grids = [(2, False, "mse"), (3, True, "minmax"), (4, False, "minmax"), (1, False, "mse")]
+    quantizers = [GPTQQuantizer(b, 32, symmetric=sym, act_order=act_order, clip=clip) for b, sym, clip in grids]
+    together = gptq_many(quantizers, weight, hessian)
+    for quantizer, result in zip(quantizers, together):
+        alone = quantizer.quantize(weight, hessian)
+        assert torch.equal(result.dequantized, alone.dequantized) and result.storage_bits == alone.storage_bits
+        assert all(torch.equal(result.stored[k], alone.stored[k]) for k in alone.stored)
+    with pytest.raises(ValueError, match="differ only in their grids"):
+        gptq_many([GPTQQuantizer(2, 32), GPTQQuantizer(2, 64)], weight, hessian)
+
+
 def test_gptq_requires_hessian() -> None:
     with pytest.raises(ValueError):
         GPTQQuantizer(3).quantize(torch.randn(4, 8))

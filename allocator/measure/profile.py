@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -60,7 +60,8 @@ from allocator.storage import cache_dir, write_json
 from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
 from allocator.table.options import default_options
 from allocator.table.sensitivity import Option, SensitivityTable, TableKey
-from quantizers import Quantizer
+from quantizers import QuantizedTensor, Quantizer
+from quantizers.gptq import GPTQQuantizer, gptq_many
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,26 @@ class KLProbe:
 
 
 @torch.inference_mode()
+def quantize_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> list[QuantizedTensor]:
+    """Every quantizer's result on one layer, in order; GPTQ options differing only in their grids share one column
+    loop (:func:`quantizers.gptq.gptq_many`, bit-identical to quantizing one by one)."""
+    results: list[QuantizedTensor | None] = [None] * len(quantizers)
+    batches: list[list[int]] = []
+    for index, quantizer in enumerate(quantizers):
+        if isinstance(quantizer, GPTQQuantizer):
+            batch = next((b for b in batches if cast(GPTQQuantizer, quantizers[b[0]]).shares_column_loop(quantizer)), None)
+            if batch is None:
+                batches.append([index])
+            else:
+                batch.append(index)
+        else:
+            results[index] = quantizer.quantize(weight, hessian)
+    for batch in batches:
+        for index, qt in zip(batch, gptq_many([cast(GPTQQuantizer, quantizers[i]) for i in batch], weight, hessian)):
+            results[index] = qt
+    return [qt for qt in results if qt is not None]
+
+
 def profile_layer(
     name: str,
     weight: torch.Tensor,
@@ -215,8 +236,7 @@ def profile_layer(
     losses: dict[str, list[float]] = {HESSIAN_ERR: [], WEIGHT_ERR: []}
     if kl_probe is not None:
         losses[KL] = []
-    for index, quantizer in enumerate(quantizers):
-        qt = quantizer.quantize(w, hessian)
+    for index, qt in enumerate(quantize_options(quantizers, w, hessian)):
         if kept is not None:
             kept[str(index)] = qt.dequantized
         error = (w - qt.dequantized).double()
