@@ -194,7 +194,6 @@ class KLProbe:
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 
 
-@torch.inference_mode()
 def quantize_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> list[QuantizedTensor]:
     """Every quantizer's result on one layer, in order; GPTQ options differing only in their grids share one column
     loop (:func:`quantizers.gptq.gptq_many`, bit-identical to quantizing one by one)."""
@@ -215,6 +214,7 @@ def quantize_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hess
     return [qt for qt in results if qt is not None]
 
 
+@torch.inference_mode()
 def profile_layer(
     name: str,
     weight: torch.Tensor,
