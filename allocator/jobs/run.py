@@ -31,9 +31,10 @@ ROWS_FILE = "rows.json"
 
 RUN_OPTIONS = ["main"]
 """``bitalloc run``'s candidate options (:data:`allocator.table.options.MAIN_JOB_OPTION_SPECS`)."""
-RUN_KL_ANCHORS = ["gptq-w3g128-act-mse"]
-"""What ``bitalloc run`` measures the single-layer KL of (one forward per layer) to calibrate every option's
-Hessian error into ``kl_est`` (results/sensitivity.md: closest to measuring every option's KL, at a fifth of its cost)."""
+RUN_KL_SEQLEN = 128
+"""Tokens of the one calibration window ``bitalloc run`` measures every (layer, option)'s single-layer KL on: on
+SmolLM2 at 2.5 bpw the ILP on it lands within 3% ppl of 256 tokens at half the cost, while one anchor's KL
+(kl_est) or the Fisher loss miss by 8-47% (results/sensitivity.md)."""
 
 
 @dataclass
@@ -61,10 +62,12 @@ def run_job(
     kl_anchors: list[str] | None,
     measure_kl: bool = True,
     progress: bool = True,
+    kl_seqlen: int | None = None,
     say: Callable[[str], None] = print,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
-    ``kl_anchors`` (None: every option) unless ``measure_kl`` is off, allocate ``budget`` with
+    ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
+    ``measure_kl`` is off, allocate ``budget`` with
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
     evaluate against the reference. ``say`` reports each stage."""
     start = time.perf_counter()
@@ -77,7 +80,7 @@ def run_job(
     if measure_kl:
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
         tick = time.perf_counter()
-        table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, progress=progress)
+        table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, seqlen=kl_seqlen, progress=progress)
         stages["kl"] = time.perf_counter() - tick
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")

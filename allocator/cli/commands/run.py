@@ -16,7 +16,7 @@ HELP = "the main job: profile -> solve -> quantize -> eval for one budget, print
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from allocator.jobs.compare import EvalSettings
-    from allocator.jobs.run import RUN_KL_ANCHORS, RUN_OPTIONS
+    from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS
     from allocator.model.corpus import DEFAULT_CORPUS
     from allocator.model.loading import DEFAULT_MODEL
 
@@ -34,8 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen)
     parser.add_argument("--tokens", type=positive_int, default=defaults.tokens, help="evaluation tokens")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--kl-anchors", nargs="+", metavar="LABEL", default=RUN_KL_ANCHORS,
-                        help=f"options whose single-layer KL calibrates the loss (default {RUN_KL_ANCHORS[0]}; 'all' measures every option)")
+    parser.add_argument("--kl-anchors", nargs="+", metavar="LABEL",
+                        help="measure the single-layer KL of these options only and solve on kl_est (their KL calibrates every "
+                        "option's Hessian error); default: every option's KL is measured and solved on")
+    parser.add_argument("--kl-seqlen", type=positive_int,
+                        help=f"tokens of the calibration window the single-layer KL is measured on (default {RUN_KL_SEQLEN}, or --seqlen if shorter)")
+    parser.add_argument("--true-sequential", action="store_true",
+                        help="calibrate each GPTQ layer on the outputs of the already quantized layers of its own block too (slower; "
+                        "default: a block's layers share one calibration pass over its quantized-prefix inputs)")
     parser.add_argument("--no-kl", action="store_true", help="solve on the Hessian-weighted output error alone (no KL measurement)")
     parser.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
     parser.add_argument("--no-progress", action="store_true")
@@ -44,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
     from allocator.jobs.compare import EvalSettings
-    from allocator.jobs.run import BITMAP_FILE, PACKED_DIR, ROWS_FILE, RUN_KL_ANCHORS, print_run, run_job, save_run
+    from allocator.jobs.run import BITMAP_FILE, PACKED_DIR, ROWS_FILE, RUN_KL_SEQLEN, print_run, run_job, save_run
     from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
     from allocator.solvers import SOLVERS, Budget, Solver
@@ -52,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
     options = parse_options(args.options)  # bad input fails before the model loads
     budget = Budget.bpw(args.bpw)
-    default_missing = args.kl_anchors == RUN_KL_ANCHORS and not set(RUN_KL_ANCHORS) <= {o.label for o in options}
-    # without the default anchor among the options, every option is measured
-    anchors = None if args.no_kl or default_missing else kl_anchors(args.kl_anchors, options)
+    anchors = None if args.no_kl else kl_anchors(args.kl_anchors, options)
+    kl_seqlen = min(RUN_KL_SEQLEN, args.seqlen) if args.kl_seqlen is None else args.kl_seqlen
+    if kl_seqlen > args.seqlen or kl_seqlen < 2:
+        raise BitallocError(f"--kl-seqlen must be 2 to {args.seqlen} tokens (--seqlen), got {kl_seqlen}")
     solver: str | Solver = args.solver or "ilp"
     if args.policy is not None:
         from policies.solver import PolicySolver
@@ -70,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     load_seconds = time.perf_counter() - tick
     corpus = load_corpus(args.corpus)
-    settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed)
-    result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress)
+    settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed, true_sequential=args.true_sequential)
+    result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress,
+                     kl_seqlen=kl_seqlen)
     print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
         save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)
