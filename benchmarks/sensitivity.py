@@ -3,8 +3,8 @@
 Per model, ``bitalloc run``'s option set (``main``: xnor-g128, w1p1-g128 and GPTQ 2/3/4-bit g128 with act order and
 mse clipping) is profiled twice on the same 64 x 512 calibration tokens: with every option's own weights (GPTQ run per option)
 and with GPTQ options priced by their RTN twins (``--gptq-by-rtn``). On the first the single-layer KL of every
-(layer, option) is measured (1 x 256 tokens, one forward each) and both profiles get the Fisher losses (16 x 512
-tokens, one forward and backward per window and variant). Every loss below is then:
+(layer, option) is measured twice (1 x 128 tokens as ``bitalloc run`` does: ``kl128``; 1 x 256 tokens: ``kl``; one
+forward each) and both profiles get the Fisher losses (16 x 512 tokens, one forward and backward per window and variant). Every loss below is then:
 
 - priced: wall seconds and model passes it took beyond loading the model (the profile's share, the KL
   forwards, the gradient pass), each measured in this run;
@@ -12,8 +12,9 @@ tokens, one forward and backward per window and variant). Every loss below is th
   union, at least 30), each realized one-shot from the first profile's kept (true GPTQ) weights and its KL
   measured on ``SCREEN_TOKENS`` evaluation tokens; per loss, Spearman and log-Pearson correlation of its
   additive prediction with those measured KLs (all losses scored on the same allocations);
-- used: the ILP allocations of the ``SEQUENTIAL_LOSSES`` at 2.0/2.5/3.0/3.5 bpw quantized as ``bitalloc run``
-  does (GPTQ-family layers in order on the quantized prefix) and evaluated on the standard evaluation tokens.
+- used: the ILP allocations of the ``SEQUENTIAL_LOSSES`` at ``--budgets`` quantized as ``bitalloc run`` does
+  (GPTQ block by block on the quantized prefix, 64 x 512 calibration tokens) and evaluated on the standard
+  evaluation tokens.
 
 Derived losses (no extra measurement beyond what their name says):
 - ``<base>_layer``: ``base`` times each layer's gain ``kl / base`` of the anchor option gptq-w3g128-act-mse (one KL
@@ -55,17 +56,18 @@ ANCHOR = "gptq-w3g128-act-mse"
 SCREEN_BUDGETS = [2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5]
 SCREEN_TOKENS = 4096
 SEQUENTIAL_BUDGETS = [2.0, 2.5, 3.0, 3.5]
+"""The issue's budgets; ``--budgets`` runs a subset first (each costs one quantization and evaluation per loss)."""
 OPTION_CAL_LAYERS = (16,)
 SETTINGS = {"smollm2-135m": {"tokens": 16384}, "gemma3-270m": {"tokens": 8192}}
-SEQUENTIAL_LOSSES = ["kl", "hessian_err_layer", "fisher"]
+SEQUENTIAL_LOSSES = ["kl", "kl128", "hessian_err_layer", "fisher"]
 
 
-def derived_losses(table: SensitivityTable, proxy: SensitivityTable) -> dict[str, np.ndarray]:
+def derived_losses(table: SensitivityTable, proxy: SensitivityTable, kl128: np.ndarray) -> dict[str, np.ndarray]:
     """Every loss this benchmark scores (see the module doc), L x O."""
     kl = table.losses["kl"]
     bases = {name: table.losses[name] for name in ("hessian_err", "weight_err", "fisher", "fisher_emp")}
     bases |= {f"{name}_rtn": proxy.losses[name] for name in ("hessian_err", "fisher")}
-    losses = {"kl": kl, **bases}
+    losses = {"kl": kl, "kl128": kl128, **bases}
     anchor = table.labels.index(ANCHOR)
     for name, base in bases.items():
         if name in ("weight_err", "fisher_emp"):
@@ -83,7 +85,7 @@ def profile_seconds(table: SensitivityTable) -> float:
     return float(table.metadata.get("seconds", table.metadata["layer_seconds"]))
 
 
-def loss_costs(table: SensitivityTable, proxy: SensitivityTable, losses: dict[str, np.ndarray]) -> dict[str, dict]:
+def loss_costs(table: SensitivityTable, proxy: SensitivityTable, losses: dict[str, np.ndarray], kl128_seconds: float) -> dict[str, dict]:
     """Per loss: wall seconds and passes beyond loading the model (see the module doc)."""
     samples = table.key.samples
     kl_meta = table.metadata["kl_measurement"]
@@ -107,6 +109,9 @@ def loss_costs(table: SensitivityTable, proxy: SensitivityTable, losses: dict[st
             seconds += fisher_seconds[v]
             forwards += fisher["forward_passes"][v]
             backwards += fisher["backward_passes"][v]
+        if name == "kl128":
+            costs[name] = {"seconds": seconds + kl128_seconds, "calibration_forwards": forwards, "backwards": 0, "kl_forwards": kl_forwards}
+            continue
         if name == "kl":
             kl_count = kl_forwards
         elif "_layer" in name:
@@ -132,7 +137,7 @@ def key_of(allocation: dict[str, str]) -> str:
     return json.dumps(allocation, sort_keys=True)
 
 
-def run_model(model: str, out: Path) -> dict:
+def run_model(model: str, out: Path, budgets: list[float]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"provenance": provenance()}
@@ -140,12 +145,19 @@ def run_model(model: str, out: Path) -> dict:
     corpus = load_corpus("enwiki")
     options = parse_options(OPTION_SPECS)
     table = profile_model(loaded, corpus, options, samples=64, seqlen=512)
+    kl128_path = out / "kl128.npy"
+    if not kl128_path.is_file():  # measured first, as bitalloc run does; the table then keeps the 256-token kl
+        short = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=128)
+        record["kl128_seconds"] = short.metadata["kl_measurement"]["seconds"]
+        np.save(kl128_path, short.losses["kl"])
+        write_json(record_path, record)
+    kl128 = np.load(kl128_path, allow_pickle=False)
     table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, windows=1, seqlen=256)
     table = add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration)
     proxy = profile_model(loaded, corpus, options, samples=64, seqlen=512, gptq_by_rtn=True)
     proxy = add_fisher_losses(loaded, proxy, cached_table_path(proxy), corpus.calibration)
-    losses = derived_losses(table, proxy)
-    record["costs"] = loss_costs(table, proxy, losses)
+    losses = derived_losses(table, proxy, kl128)
+    record["costs"] = loss_costs(table, proxy, losses, record["kl128_seconds"])
     record["profile"] = {"own": profile_seconds(table), "rtn": profile_seconds(proxy),
                          "kl": table.metadata["kl_measurement"], "fisher": table.metadata["fisher"]}
 
@@ -178,11 +190,11 @@ def run_model(model: str, out: Path) -> dict:
     write_json(record_path, record)
 
     # the losses that matter, used as bitalloc run uses them
-    settings = EvalSettings(tokens=SETTINGS[model]["tokens"])
+    settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)  # as bitalloc run quantizes
     eval_windows = evaluation_tokens(loaded, corpus, settings)
     sequential = record.setdefault("sequential", {})
-    for name in SEQUENTIAL_LOSSES:
-        for bpw in SEQUENTIAL_BUDGETS:
+    for bpw in budgets:
+        for name in SEQUENTIAL_LOSSES:
             key = f"{name}@{bpw:g}"
             if key in sequential:
                 continue
@@ -222,7 +234,7 @@ def report(records: dict[str, dict]) -> str:
                   f"realized one-shot from the kept GPTQ weights, KL measured on {SCREEN_TOKENS} evaluation tokens).", ""]
         sequential = record.get("sequential", {})
         if sequential:
-            lines += ["Quantized as `bitalloc run` does (sequential GPTQ, 64 x 512 calibration tokens), "
+            lines += ["Quantized as `bitalloc run` does (GPTQ block by block on the quantized prefix, 64 x 512 calibration tokens), "
                       f"{SETTINGS[model]['tokens']} evaluation tokens:", "",
                       "| loss | " + " | ".join(f"{b:g} bpw: ppl | KL" for b in SEQUENTIAL_BUDGETS) + " |",
                       "|---|" + "---|---|" * len(SEQUENTIAL_BUDGETS)]
@@ -239,6 +251,8 @@ def report(records: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SETTINGS))
+    parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SEQUENTIAL_BUDGETS),
+                        help="budgets of the sequential quantizations (default 2,2.5,3,3.5)")
     parser.add_argument("--render", action="store_true", help="only rewrite sensitivity.md from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -247,7 +261,7 @@ def main() -> None:
         if model not in SETTINGS:
             raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
         if not args.render:
-            run_model(model, base / model)
+            run_model(model, base / model, [float(b) for b in args.budgets.split(",")])
     records = {p.parent.name: json.loads(p.read_text()) for p in sorted(base.glob("*/record.json"))}
     (RESULTS / "sensitivity.md").write_text(report(records))
     print(RESULTS / "sensitivity.md")

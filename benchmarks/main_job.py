@@ -1,0 +1,73 @@
+"""The README's main job, timed from an empty cache -> results/main_job.md.
+
+Runs ``bitalloc run --model M --bpw B --out DIR`` exactly as the README gives it, with ``$BITALLOC_CACHE`` pointed
+at a fresh directory (so the GGUF is dequantized, and the profile, the single-layer KL, the quantization and the
+evaluation all run), and records the printed stage times, the rows and the wall time of the whole command
+(process start included). Nothing else should share the CPU while it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import RESULTS, provenance
+
+from allocator.storage import write_json
+
+TARGETS = {"minutes": 10.0, "perplexity": 50.0}
+"""Issue 22's targets for SmolLM2 at 2.5 bpw: from an empty cache in at most 10 min on 2 cores, ppl at most 50."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bpw", type=float, default=2.5)
+    args = parser.parse_args()
+    bitalloc = Path(sys.executable).with_name("bitalloc")
+    with tempfile.TemporaryDirectory(prefix="bitalloc-main-job-") as scratch:
+        out = Path(scratch) / "job"
+        env = {**os.environ, "BITALLOC_CACHE": str(Path(scratch) / "cache")}
+        command = [str(bitalloc), "run", "--model", args.model, "--bpw", f"{args.bpw:g}", "--out", str(out), "--no-progress"]
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"bitalloc run failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        saved = json.loads((out / "rows.json").read_text())
+    record = {"provenance": provenance(), "command": f"bitalloc run --model {args.model} --bpw {args.bpw:g}", "wall_seconds": wall,
+              "stage_seconds": saved["stage_seconds"], "rows": saved["rows"], "settings": saved["settings"], "stdout": done.stdout}
+    directory = RESULTS / "main_job"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / f"{args.model}-{args.bpw:g}.json", record)
+    (RESULTS / "main_job.md").write_text(report(sorted(directory.glob("*.json"))))
+    print(RESULTS / "main_job.md")
+
+
+def report(paths: list[Path]) -> str:
+    lines = ["# The main job from an empty cache", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+    for path in paths:
+        record = json.loads(path.read_text())
+        quantized = record["rows"][-1]
+        reference = record["rows"][0]
+        minutes = record["wall_seconds"] / 60
+        lines += [f"## `{record['command']}`", "", record["provenance"],
+                  f"- whole command: {minutes:.1f} min (target <= {TARGETS['minutes']:g} min: {'met' if minutes <= TARGETS['minutes'] else 'missed'})",
+                  f"- perplexity {quantized['perplexity']:.2f} at {quantized['bpw']:.4f} bpw (reference {reference['perplexity']:.2f}; "
+                  f"target <= {TARGETS['perplexity']:g}: {'met' if quantized['perplexity'] <= TARGETS['perplexity'] else 'missed'}), "
+                  f"KL {quantized['kl']:.4f} on {quantized['eval_tokens']} evaluation tokens", "",
+                  "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in record["stage_seconds"].items()]
+        lines += [f"| whole command (process start, imports, writing --out) | {record['wall_seconds']:.1f} |", "",
+                  "```", record["stdout"].strip(), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
