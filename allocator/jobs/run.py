@@ -124,7 +124,8 @@ def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corp
     written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     result.bitmap.save(out / BITMAP_FILE)
-    calibration = {"corpus": corpus_name, "samples": settings.samples, "seqlen": settings.seqlen, "seed": settings.seed}
+    calibration = {"corpus": corpus_name, "samples": settings.samples, "seqlen": settings.seqlen, "seed": settings.seed,
+                   "true_sequential": settings.true_sequential}
     save_quantized(out / PACKED_DIR, model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
                    model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, BITMAP_FILE, calibration))
     stages = {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
