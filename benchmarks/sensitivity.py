@@ -133,6 +133,22 @@ def predicted(table: SensitivityTable, loss: np.ndarray, allocation: dict[str, s
     return float(sum(loss[i, table.labels.index(allocation[name])] for i, name in enumerate(table.names)))
 
 
+def prediction_quality(table: SensitivityTable, losses: dict[str, np.ndarray], allocations: dict[str, dict[str, str]],
+                       screened: dict[str, dict]) -> dict[str, dict]:
+    """Per loss: Spearman and log-Pearson of its additive prediction against the measured KL of the screened allocations."""
+    keys = [k for k in allocations if k in screened]
+    if len(keys) < 3:
+        return {}
+    measured = np.array([screened[k]["kl"] for k in keys])
+    quality = {}
+    for name, loss in losses.items():
+        guess = np.array([predicted(table, loss, allocations[k]) for k in keys])
+        quality[name] = {"spearman": float(spearmanr(guess, measured)[0]),
+                         "pearson_log": float(pearsonr(np.log(np.maximum(guess, 1e-12)), np.log(measured))[0]),
+                         "allocations": len(keys), "of": len(allocations)}
+    return quality
+
+
 def key_of(allocation: dict[str, str]) -> str:
     return json.dumps(allocation, sort_keys=True)
 
@@ -161,34 +177,6 @@ def run_model(model: str, out: Path, budgets: list[float]) -> dict:
     record["profile"] = {"own": profile_seconds(table), "rtn": profile_seconds(proxy),
                          "kl": table.metadata["kl_measurement"], "fisher": table.metadata["fisher"]}
 
-    # screening: the union of every loss's ILP allocations, each measured one-shot from the kept weights
-    allocations: dict[str, dict[str, str]] = {}
-    for loss in losses.values():
-        for bpw in SCREEN_BUDGETS:
-            allocation = allocation_of(table, loss, bpw)
-            allocations.setdefault(key_of(allocation), allocation)
-    screened = record.setdefault("screened", {})
-    weights = OptionWeights.beside(cached_table_path(table), table.labels)
-    windows = evaluation_tokens(loaded, corpus, EvalSettings(tokens=SCREEN_TOKENS))
-    todo = [k for k in allocations if k not in screened]
-    for start in range(0, len(todo), 4):
-        keys = todo[start:start + 4]
-        results = evaluate(loaded.model, windows, {k: weights.assemble(allocations[k]) for k in keys}, progress=False)
-        for k in keys:
-            screened[k] = {"kl": results[k].kl, "perplexity": results[k].perplexity}
-        write_json(record_path, record)
-        print(f"screened {len(screened)}/{len(allocations)} allocations", flush=True)
-    keys = list(allocations)
-    measured = np.array([screened[k]["kl"] for k in keys])
-    quality = {}
-    for name, loss in losses.items():
-        guess = np.array([predicted(table, loss, allocations[k]) for k in keys])
-        quality[name] = {"spearman": float(spearmanr(guess, measured)[0]),
-                         "pearson_log": float(pearsonr(np.log(np.maximum(guess, 1e-12)), np.log(measured))[0]),
-                         "allocations": len(keys)}
-    record["quality"] = quality
-    write_json(record_path, record)
-
     # the losses that matter, used as bitalloc run uses them
     settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)  # as bitalloc run quantizes
     eval_windows = evaluation_tokens(loaded, corpus, settings)
@@ -212,6 +200,28 @@ def run_model(model: str, out: Path, budgets: list[float]) -> dict:
                                "reference_perplexity": rows[0].perplexity, "options": dict(sorted(counts.items()))}
             write_json(record_path, record)
             print(f"{model} {key}: ppl {row.perplexity:.2f} KL {row.kl:.4f}", flush=True)
+
+    # screening: the union of every loss's ILP allocations, each measured one-shot from the kept weights
+    allocations: dict[str, dict[str, str]] = {}
+    for loss in losses.values():
+        for bpw in SCREEN_BUDGETS:
+            allocation = allocation_of(table, loss, bpw)
+            allocations.setdefault(key_of(allocation), allocation)
+    screened = record.setdefault("screened", {})
+    weights = OptionWeights.beside(cached_table_path(table), table.labels)
+    windows = evaluation_tokens(loaded, corpus, EvalSettings(tokens=SCREEN_TOKENS))
+    todo = [k for k in allocations if k not in screened]
+    for start in range(0, len(todo), 4):
+        keys = todo[start:start + 4]
+        results = evaluate(loaded.model, windows, {k: weights.assemble(allocations[k]) for k in keys}, progress=False)
+        for k in keys:
+            screened[k] = {"kl": results[k].kl, "perplexity": results[k].perplexity}
+        record["quality"] = prediction_quality(table, losses, allocations, screened)
+        write_json(record_path, record)
+        print(f"screened {len(screened)}/{len(allocations)} allocations", flush=True)
+    record["quality"] = prediction_quality(table, losses, allocations, screened)
+    write_json(record_path, record)
+
     return record
 
 
@@ -229,8 +239,9 @@ def report(records: dict[str, dict]) -> str:
             share = f"{c['seconds'] / kl_cost:.0%}" if kl_cost else "-"
             lines.append(f"| `{name}` | {c['seconds']:.0f} | {share} | {c['calibration_forwards']} | {c['backwards']} | {c['kl_forwards']} | "
                          f"{q.get('spearman', float('nan')):.3f} | {q.get('pearson_log', float('nan')):.3f} |")
-        n = next(iter(quality.values()), {}).get("allocations", 0)
-        lines += ["", f"Correlations over {n} allocations (every loss's ILP at {', '.join(f'{b:g}' for b in SCREEN_BUDGETS)} bpw, "
+        first = next(iter(quality.values()), {})
+        n, of = first.get("allocations", 0), first.get("of", 0)
+        lines += ["", f"Correlations over {n} of {of} allocations (every loss's ILP at {', '.join(f'{b:g}' for b in SCREEN_BUDGETS)} bpw, "
                   f"realized one-shot from the kept GPTQ weights, KL measured on {SCREEN_TOKENS} evaluation tokens).", ""]
         sequential = record.get("sequential", {})
         if sequential:
