@@ -157,6 +157,7 @@ def run_model(model: str, out: Path, budgets: list[float]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"provenance": provenance()}
+    record.setdefault("resumed", []).append(provenance())  # every run of the script that added to this record
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
     options = parse_options(OPTION_SPECS)
@@ -230,6 +231,8 @@ def report(records: dict[str, dict]) -> str:
              (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
     for model, record in records.items():
         lines += [f"## {model}", "", record["provenance"]]
+        lines += [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
+                  for run in record.get("resumed", [])[1:]] + [""]
         costs, quality = record.get("costs", {}), record.get("quality", {})
         kl_cost = costs.get("kl", {}).get("seconds")
         lines += ["| loss | wall s | share of `kl`'s | calibration fwd | backward | KL fwd | Spearman | log-Pearson |",
