@@ -82,10 +82,10 @@ class GPTQQuantizer(Quantizer):
     def _quantize(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
         return _gptq_stacked([self], weight, hessian)[0]
 
-    def shares_column_loop(self, other: GPTQQuantizer) -> bool:
-        """Whether :func:`gptq_many` can run ``other`` in the same column loop (only the grids may differ)."""
-        return (self.group_size, self.act_order, self.damp_ratio, self.block_size) == (
-            other.group_size, other.act_order, other.damp_ratio, other.block_size)
+    @property
+    def column_loop(self) -> tuple[int | None, bool, float, int]:
+        """What the column loop depends on besides the grid: quantizers with equal values share one :func:`gptq_many` loop."""
+        return (self.group_size, self.act_order, self.damp_ratio, self.block_size)
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         return uniform_grid_storage_bits((out_features, in_features), self.spec, GroupLayout(in_features, self.group_size))
@@ -115,12 +115,11 @@ def gptq_many(quantizers: Sequence[GPTQQuantizer], weight: torch.Tensor, hessian
     GPTQ treats rows independently under the layer's one Hessian, so the copies of the weight, one per quantizer,
     are stacked as rows and share every per-column step; only each copy's grid (bits, symmetry, clipping) differs.
     A profile pricing GPTQ at 2, 3 and 4 bits pays the loop's Python overhead once instead of three times. The
-    quantizers must share group size, act order, damping and block size (:meth:`GPTQQuantizer.shares_column_loop`).
+    quantizers must share group size, act order, damping and block size (:attr:`GPTQQuantizer.column_loop`).
     """
     if not quantizers:
         return []
-    first = quantizers[0]
-    if not all(first.shares_column_loop(q) for q in quantizers):
+    if len({q.column_loop for q in quantizers}) > 1:
         raise ValueError("gptq_many needs quantizers that differ only in their grids")
     with single_threaded():
         return _gptq_stacked(list(quantizers), weight, hessian)

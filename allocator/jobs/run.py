@@ -33,8 +33,8 @@ RUN_OPTIONS = ["main"]
 """``bitalloc run``'s candidate options (:data:`allocator.table.options.MAIN_JOB_OPTION_SPECS`)."""
 RUN_KL_SEQLEN = 128
 """Tokens of the one calibration window ``bitalloc run`` measures every (layer, option)'s single-layer KL on: on
-SmolLM2 at 2.5 bpw the ILP on it lands within 3% ppl of 256 tokens at half the cost, while one anchor's KL
-(kl_est) or the Fisher loss miss by 8-47% (results/sensitivity.md)."""
+SmolLM2 at 2.5 bpw the ILP on it lands within 4.5% ppl of 256 tokens at half the KL measurement's cost, while one
+anchor's KL (kl_est) or the Fisher loss miss by 9% and 44% (results/sensitivity.md)."""
 
 
 @dataclass
@@ -109,13 +109,17 @@ def stage_line(stages: dict[str, float]) -> str:
     return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in stages.items()) + f" = total {sum(stages.values()):.1f} s"
 
 
+def _stages_with_load(result: RunResult, load_seconds: float | None) -> dict[str, float]:
+    """The job's stage seconds, after the model's loading where it was timed (the CLI loads before the job)."""
+    return {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
+
+
 def print_run(result: RunResult, model: str, budget: Budget, load_seconds: float | None = None) -> None:
     """The main job's table on the terminal, and the time of each stage (``load_seconds``: the model's loading, if timed)."""
     name = result.bitmap.solver.name
     shown = f"{budget.value:g} bpw" if budget.kind == "bpw" else str(budget)
     print_rows(result.rows, title=f"{model}: {name} allocation at {shown} - {result.windows.numel()} eval tokens")
-    stages = {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
-    print("stages: " + stage_line(stages))
+    print("stages: " + stage_line(_stages_with_load(result, load_seconds)))
 
 
 def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corpus_name: str, settings: EvalSettings,
@@ -128,6 +132,5 @@ def save_run(out: Path, result: RunResult, loaded: LoadedModel, model: str, corp
                    "true_sequential": settings.true_sequential}
     save_quantized(out / PACKED_DIR, model, result.quantized, result.bitmap.assignment(), result.bitmap.options(),
                    model_size_bytes(loaded.model, result.quantized), bitmap_source(result.bitmap, BITMAP_FILE, calibration))
-    stages = {**({"load": load_seconds} if load_seconds is not None else {}), **result.stage_seconds}
     rows_to_json(out / ROWS_FILE, result.rows, {"model": model, "settings": vars(settings), "wall_seconds": result.seconds,
-                                                "stage_seconds": stages})
+                                                "stage_seconds": _stages_with_load(result, load_seconds)})

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,21 +197,16 @@ class KLProbe:
 def quantize_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> list[QuantizedTensor]:
     """Every quantizer's result on one layer, in order; GPTQ options differing only in their grids share one column
     loop (:func:`quantizers.gptq.gptq_many`, bit-identical to quantizing one by one)."""
-    results: list[QuantizedTensor | None] = [None] * len(quantizers)
-    batches: list[list[int]] = []
+    results: dict[int, QuantizedTensor] = {}
+    loops: dict[tuple, list[tuple[int, GPTQQuantizer]]] = {}
     for index, quantizer in enumerate(quantizers):
         if isinstance(quantizer, GPTQQuantizer):
-            batch = next((b for b in batches if cast(GPTQQuantizer, quantizers[b[0]]).shares_column_loop(quantizer)), None)
-            if batch is None:
-                batches.append([index])
-            else:
-                batch.append(index)
+            loops.setdefault(quantizer.column_loop, []).append((index, quantizer))
         else:
             results[index] = quantizer.quantize(weight, hessian)
-    for batch in batches:
-        for index, qt in zip(batch, gptq_many([cast(GPTQQuantizer, quantizers[i]) for i in batch], weight, hessian)):
-            results[index] = qt
-    return [qt for qt in results if qt is not None]
+    for members in loops.values():
+        results.update(zip((i for i, _ in members), gptq_many([q for _, q in members], weight, hessian)))
+    return [results[index] for index in range(len(quantizers))]
 
 
 @torch.inference_mode()
