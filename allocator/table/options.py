@@ -43,8 +43,9 @@ BINARY_OPTION_SPECS = ("xnor:group_size=128", "billm", "pbllm", "w1p1")
 GPTQ_OPTION_SPECS = ("gptq2", "gptq3", "gptq4")
 DEFAULT_OPTION_SPECS = BINARY_OPTION_SPECS + GPTQ_OPTION_SPECS
 MAIN_JOB_OPTION_SPECS = ("xnor:group_size=128", "w1p1", *(f"gptq{b}:clip=mse,act_order=true" for b in (2, 3, 4)))
-"""``bitalloc run``'s candidates (results/sensitivity.md): GPTQ with act order and mse-clipped grids, and of the 1-bit family
-the two that earn their profiling time (BiLLM and PB-LLM cost 4x the rest of the profile for 2% ppl at 2.5 bpw)."""
+"""``bitalloc run``'s candidates: GPTQ with act order and mse-clipped grids, and of the 1-bit family the two that earn their
+profiling time (in a probe on SmolLM2, BiLLM and PB-LLM cost 4x the rest of the profile for 2% ppl at 2.5 bpw; the set's
+own allocations are measured in results/sensitivity.md and results/main_job.md)."""
 GROUPS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_OPTION_SPECS,
     "main": MAIN_JOB_OPTION_SPECS,
