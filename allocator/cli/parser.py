@@ -72,3 +72,13 @@ def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--scale-fold-alpha", type=alpha, default=NOT_GIVEN, metavar="ALPHA",
                         help=f"s = max|x|^alpha / max|w|^(1-alpha): a number in [0, 1] (default {DEFAULT_ALPHA}) or "
                              "'search' (per fold site on a grid, by the Hessian-weighted error of the quantizer)")
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype``: where blocks run, and the dtype the model is kept in (:mod:`allocator.model.placement`)."""
+    from allocator.model.placement import DEVICE_HELP, STORAGE_DTYPES
+
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="float32", choices=list(STORAGE_DTYPES),
+                        help="the dtype the model is kept in (auto: its checkpoint's); blocks always run in float32, one at a time on "
+                        "--device, for the profile and quantization; the evaluation runs the whole model in this dtype (default float32)")

@@ -14,6 +14,7 @@ from allocator.evaluate.rows import VariantRow
 from allocator.model.corpus import Corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
+from allocator.model.placement import CPU
 from allocator.model.tokens import calibration_samples, evaluation_windows
 from allocator.quantize.apply import QuantizedModel, quantize_model, quantize_with_scale_fold
 from allocator.quantize.scalefold import ScaleFoldSettings
@@ -51,16 +52,18 @@ def quantize_assignment(
     settings: EvalSettings = EvalSettings(),
     progress: bool = True,
     scale_fold: ScaleFoldSettings | None = None,
+    device: torch.device = CPU,
 ) -> QuantizedModel:
     """Quantize the modules of ``assignment`` (settings, or quantizers already built; calibrating on
     ``corpus`` when a quantizer needs it); with ``scale_fold``, on the scale-folded model
-    (:func:`allocator.quantize.apply.quantize_with_scale_fold`, which always calibrates)."""
+    (:func:`allocator.quantize.apply.quantize_with_scale_fold`, which always calibrates, on the CPU). Blocks run on
+    ``device``."""
     quantizers = assignment.quantizers() if isinstance(assignment, Assignment) else assignment
     if scale_fold is not None:
         samples = calibration_tokens(loaded, corpus, settings)
         return quantize_with_scale_fold(loaded.model, quantizers, samples, scale_fold, settings.true_sequential, progress)
     samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in quantizers.values()) else None
-    return quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress)
+    return quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress, device)
 
 
 def compare_variants(

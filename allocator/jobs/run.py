@@ -18,6 +18,7 @@ from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import Corpus
 from allocator.model.loading import LoadedModel
+from allocator.model.placement import CPU
 from allocator.quantize.apply import QuantizedModel
 from allocator.runtime.packed import bitmap_source, save_quantized
 from allocator.solvers import Budget, Solver, solve, warn_if_above_widest
@@ -64,18 +65,21 @@ def run_job(
     progress: bool = True,
     kl_seqlen: int | None = None,
     say: Callable[[str], None] = print,
+    device: torch.device = CPU,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
     ``measure_kl`` is off, allocate ``budget`` with
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
-    evaluate against the reference. ``say`` reports each stage."""
+    evaluate against the reference. ``say`` reports each stage. The profile's and the quantization's blocks run on
+    ``device`` (:mod:`allocator.model.placement`)."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
     say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")
     tick = time.perf_counter()
-    table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress)
+    table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress,
+                          device=device)
     stages["profile"] = time.perf_counter() - tick
     if measure_kl:
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
@@ -94,7 +98,7 @@ def run_job(
     say(f"      {bitmap.predicted_bpw:.4f} bpw; " + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())))
     say("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
     tick = time.perf_counter()
-    quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress)
+    quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress, device=device)
     stages["quantize"] = time.perf_counter() - tick
     row_name = f"{name}@{budget.value:g}bpw" if budget.kind == "bpw" else f"{name}@{budget}"
     say("[4/4] eval")

@@ -25,6 +25,7 @@ written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -54,6 +55,7 @@ from allocator.model.calibration import InputStatistics, capture_block_inputs, r
 from allocator.model.corpus import Corpus
 from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
 from allocator.model.loading import LoadedModel
+from allocator.model.placement import COMPUTE_DTYPE, CPU, is_placed, working_block
 from allocator.model.tokens import calibration_samples
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
 from allocator.storage import cache_dir, write_json
@@ -124,6 +126,10 @@ class KLProbe:
     ``base`` (module name -> weight) is swapped in under every overlay: the KL is then that of a whole
     quantized allocation with one more change, still against the unquantized reference, which is how
     the single-layer losses are re-measured around an allocation instead of around the float model.
+
+    A model stored in another dtype than fp32 (:mod:`allocator.model.placement`) runs its blocks, norm and head in fp32
+    on the block-wise path, the reference included; the check against the whole forward (which runs in the storage
+    dtype) then only has to agree to that dtype's rounding.
     """
 
     def __init__(self, model: PreTrainedModel, windows: torch.Tensor, base: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -136,8 +142,12 @@ class KLProbe:
         self._block_inputs: list[list[torch.Tensor]] | None = None
         self._kwargs: list[dict[str, Any]] = []
         self._prefix = ""
+        self._stored_fp32 = all(p.dtype == COMPUTE_DTYPE for p in model.parameters() if p.is_floating_point())
         with torch.inference_mode(), swapped_weights(model, self.base):
             self._prepare_tail()
+        if self._block_inputs is not None and not self._stored_fp32:
+            with torch.inference_mode():
+                self.reference = [self._tail_logprobs(0, index) for index in range(len(windows))]
 
     def _prepare_tail(self) -> None:
         norm = getattr(getattr(self.model, "model", None), "norm", None)
@@ -147,15 +157,19 @@ class KLProbe:
         layers = decoder_layers(self.model)
         captured = capture_block_inputs(self.model, self.windows, batch_size=1)
         inputs = [list(captured.hidden_states)]
-        for index, block in enumerate(layers[:-1]):
-            inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
+        for index, stored in enumerate(layers[:-1]):
+            with working_block(stored, CPU) as block:
+                inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
         self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
-        self._norm, self._head = norm, head
+        # the blocks' outputs are fp32: so are the final norm and head they feed (copies only for a model stored otherwise)
+        self._norm = norm if is_placed(norm, CPU) else copy.deepcopy(norm).to(dtype=COMPUTE_DTYPE)
+        self._head = head if is_placed(head, CPU) else copy.deepcopy(head).to(dtype=COMPUTE_DTYPE)
         if self.base and self._first_block(self.base) is None:
             self._block_inputs = None  # the base changes weights outside the blocks: whole forwards
             return
         whole = next_token_logprobs(self.model, self.windows[:1]) if self.base else self.reference[0]
-        if not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=1e-4, atol=1e-4):
+        tolerance = 1e-4 if self._stored_fp32 else 0.1  # bf16/fp16 activations in the whole forward
+        if not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=tolerance, atol=tolerance):
             log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
             self._block_inputs = None
 
@@ -163,7 +177,8 @@ class KLProbe:
         layers = decoder_layers(self.model)
         hidden = self._block_inputs[start][window]
         for index in range(start, len(layers)):
-            hidden = run_block(layers[index], hidden, self._kwargs[index])
+            with working_block(layers[index], CPU) as block:
+                hidden = run_block(block, hidden, self._kwargs[index])
         logits = self._head(self._norm(hidden))
         return torch.log_softmax(logits[0, :-1].float(), dim=-1)
 
@@ -223,9 +238,10 @@ def profile_layer(
     """Measure one layer and quantize it alone with every quantizer (see the module doc); with
     ``kept``, each quantizer's dequantized weight is put there under its index ("0", "1", ...)."""
     start = time.perf_counter()
-    hessian = stats.hessian.hessian()
-    measurements = measure_layer(name, weight, hessian, stats.absmax, block, num_blocks)
-    w = weight.detach().float()
+    # the block ran on its device; the quantizers run on the CPU
+    hessian = stats.hessian.hessian().cpu()
+    w = weight.detach().float().cpu()
+    measurements = measure_layer(name, w, hessian, stats.absmax.cpu(), block, num_blocks)
     h = hessian.double()
     bits: list[int] = []
     losses: dict[str, list[float]] = {HESSIAN_ERR: [], WEIGHT_ERR: []}
@@ -405,6 +421,7 @@ def profile_model(
     keep_weights: bool = True,
     scale_fold: ScaleFoldSettings | None = None,
     gptq_by_rtn: bool = False,
+    device: torch.device = CPU,
 ) -> SensitivityTable:
     """The sensitivity table of ``loaded`` for ``options`` (default: :func:`allocator.table.options.default_options`).
 
@@ -424,6 +441,9 @@ def profile_model(
     With ``gptq_by_rtn`` every loss (and kept weight) of a GPTQ option is measured on RTN onto the same grid
     (:mod:`allocator.measure.proxies`): the profile skips GPTQ's per-option column loop; the options, their bits
     and the bit maps solved on the table stay GPTQ. This too enters the key's code version and the metadata.
+
+    Each decoder block runs on ``device`` in fp32 (:mod:`allocator.model.placement`), the model staying where and in the
+    dtype it is stored; the device does not enter the key (the same table, up to float rounding, on any device).
     """
     start = time.perf_counter()
     options = list(options) if options is not None else default_options()
@@ -487,7 +507,8 @@ def profile_model(
         if scale_fold is not None:
             overlay = compute_scale_fold(model, tokens, scale_fold, None, progress)[1]
         with swapped_weights(model, overlay):  # the folded model computes the same function
-            _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept)
+            _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept,
+                            device)
     metadata["seconds"] = time.perf_counter() - start  # wall time of this call (a resumed profile: its own part)
     table = _build_table(key, names, options, done, metadata)
     if cache:
@@ -508,10 +529,11 @@ def _profile_layers(
     kl_samples: int,
     progress: bool,
     kept: OptionWeights | None = None,
+    device: torch.device = CPU,
 ) -> None:
     """Profile every layer not in ``done`` (adding it there, and to ``partial`` at once)."""
     kl_probe = KLProbe(model, tokens[:kl_samples]) if measure_kl else None
-    inputs = capture_block_inputs(model, tokens)
+    inputs = capture_block_inputs(model, tokens, device=device)
     hidden = inputs.hidden_states
     prefix = decoder_prefix(model)
     layers = decoder_layers(model)
@@ -519,18 +541,18 @@ def _profile_layers(
     last_needed = max(i for i, block in enumerate(qualified) if any(q not in done for q in block.values()))
     with tqdm(total=total, initial=len(done), desc="profile layers", disable=not progress) as bar:
         for index in range(last_needed + 1):
-            block = layers[index]
             wanted = [local for local, q in qualified[index].items() if q not in done]
-            stats, hidden = _collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
-            modules = layer_linears(block)
+            with working_block(layers[index], device) as block:
+                stats, hidden = _collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
+                weights_of = {local: module.weight.detach().float().cpu() for local, module in layer_linears(block).items()}
             for local in wanted:
                 name = qualified[index][local]
                 bar.set_postfix_str(name, refresh=False)
                 if local not in stats:  # never called on the calibration samples (an unused expert, ...)
                     log.warning("%s saw no calibration input; its Hessian is zero", name)
-                    stats[local] = InputStatistics(modules[local].in_features)
+                    stats[local] = InputStatistics(weights_of[local].shape[1])
                 weights: dict[str, torch.Tensor] | None = {} if kept is not None else None
-                result = profile_layer(name, modules[local].weight, stats[local], quantizers, index, len(layers), kl_probe, weights)
+                result = profile_layer(name, weights_of[local], stats[local], quantizers, index, len(layers), kl_probe, weights)
                 if kept is not None and weights is not None:
                     kept.save(name, {kept.labels[int(i)]: w for i, w in weights.items()})
                 done[name] = result

@@ -9,6 +9,7 @@ embeddings) each block receives; blocks are then run one by one on those tensors
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from allocator.model.layers import decoder_layers
+from allocator.model.placement import COMPUTE_DTYPE, CPU, to_compute
 
 CALIBRATION_BATCH = 8
 """Samples per block forward: batching is about 3x faster per sample on CPU than one at a time."""
@@ -44,43 +46,59 @@ def _detach(value: Any) -> Any:
 
 
 @torch.inference_mode()
-def capture_block_inputs(model: PreTrainedModel, samples: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> BlockInputs:
-    """Inputs of the first decoder block for every sample, and every block's keyword arguments."""
+def capture_block_inputs(
+    model: PreTrainedModel, samples: torch.Tensor, batch_size: int = CALIBRATION_BATCH, device: torch.device = CPU
+) -> BlockInputs:
+    """Inputs of the first decoder block for every sample, and every block's keyword arguments, on ``device`` in fp32.
+
+    No decoder block runs here: the embedding's output is taken to fp32 (so the masks and rotary embeddings the model
+    derives from it are fp32 too, whatever the model is stored in), and while the keyword arguments are recorded every
+    block passes its input through unchanged.
+    """
     layers = decoder_layers(model)
     block_kwargs: list[dict[str, Any]] = [{} for _ in layers]
     hidden_states: list[torch.Tensor] = []
 
-    def record_kwargs(index: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            block_kwargs[index] = {k: _detach(v) for k, v in kwargs.items() if k != "hidden_states"}
+    def passthrough(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            block_kwargs[index] = to_compute({k: _detach(v) for k, v in kwargs.items() if k != "hidden_states"}, device)
             if index == len(layers) - 1:
                 raise StopForward
+            return args[0] if args else kwargs["hidden_states"]
 
-        return hook
+        return forward
 
     def record_hidden(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden_states.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+        hidden_states.append(to_compute((args[0] if args else kwargs["hidden_states"]).detach(), device).clone())
         raise StopForward
 
-    # One full pass (stopped before the last block runs) records every block's kwargs ...
-    handles = [layer.register_forward_pre_hook(record_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    def embed_in_compute_dtype(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.to(COMPUTE_DTYPE)
+
+    embedding = model.get_input_embeddings().register_forward_hook(embed_in_compute_dtype)
     try:
-        model(samples[:1], use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for handle in handles:
+        # One pass of one sample, every block a pass-through, records every block's kwargs ...
+        for index, layer in enumerate(layers):
+            layer.forward = passthrough(index)
+        try:
+            model(samples[:1], use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for layer in layers:
+                del layer.forward  # the class's forward again
+        # ... then the samples run, in batches, only up to the first block.
+        handle = layers[0].register_forward_pre_hook(record_hidden, with_kwargs=True)
+        try:
+            for batch in samples.split(batch_size):
+                try:
+                    model(batch, use_cache=False)
+                except StopForward:
+                    pass
+        finally:
             handle.remove()
-    # ... then the samples run, in batches, only up to the first block.
-    handle = layers[0].register_forward_pre_hook(record_hidden, with_kwargs=True)
-    try:
-        for batch in samples.split(batch_size):
-            try:
-                model(batch, use_cache=False)
-            except StopForward:
-                pass
     finally:
-        handle.remove()
+        embedding.remove()
     return BlockInputs(hidden_states, block_kwargs)
 
 
@@ -90,18 +108,25 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum_x x x^T`` over all input rows of one linear layer."""
+    """Running ``H = 2/n * sum_x x x^T`` over all input rows of one linear layer, on the device the inputs are on
+    (float64 where the device has it)."""
 
     def __init__(self, in_features: int) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.in_features = in_features
+        self.sum: torch.Tensor | None = None
         self.rows = 0
 
     def add(self, inputs: torch.Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.sum += (x.T @ x).double()
+        if self.sum is None:
+            dtype = torch.float32 if x.device.type == "mps" else torch.float64
+            self.sum = torch.zeros(self.in_features, self.in_features, dtype=dtype, device=x.device)
+        self.sum += (x.T @ x).to(self.sum.dtype)
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
+        if self.sum is None:
+            return torch.zeros(self.in_features, self.in_features)
         return (2.0 * self.sum / max(self.rows, 1)).float()
 
 
@@ -118,7 +143,7 @@ class InputStatistics:
     def add(self, inputs: torch.Tensor) -> None:
         self.hessian.add(inputs)
         x = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.absmax = torch.maximum(self.absmax.to(x.device), x.abs().amax(dim=0))
 
     @property
     def rows(self) -> int:

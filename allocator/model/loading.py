@@ -84,8 +84,9 @@ class LoadedModel:
             raise BitallocError(f"{what} {tokens} is longer than {self.name}'s context of {self.context_length} tokens")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``spec``: a built-in name, a ``.gguf`` path, an HF model directory, or a hub id."""
+def load_model(spec: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
+    """Load ``spec``: a built-in name, a ``.gguf`` path, an HF model directory, or a hub id, kept in CPU memory in ``dtype``
+    (None: the dtype its checkpoint holds; a built-in's float cache holds float32)."""
     if spec in BUILTIN_MODELS:
         directory = _float_cache(spec, BUILTIN_MODELS[spec].locate_gguf())
     else:
@@ -111,7 +112,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     try:
         AutoConfig.from_pretrained(source)  # a config without a model type is named as such, not as a tokenizer failure
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         # transformers reports a broken config (``{}``, an unknown model type, no usable tokenizer) as
         # ValueError/KeyError/TypeError; all are bad input, told in their first line

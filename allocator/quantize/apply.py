@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from allocator.errors import BitallocError
 from allocator.model.calibration import HessianAccumulator, StopForward, capture_block_inputs, run_block
 from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
+from allocator.model.placement import COMPUTE_DTYPE, CPU
 from allocator.quantize.scalefold import ScaleFold, ScaleFoldSettings, compute_scale_fold, search_quantizers
 from quantizers import QuantizedTensor, Quantizer
 
@@ -63,9 +64,11 @@ def quantize_model(
     samples: torch.Tensor | None = None,
     true_sequential: bool = True,
     progress: bool = True,
+    device: torch.device = CPU,
 ) -> QuantizedModel:
     """Quantize every module named in ``quantizers``; ``samples`` (N x seqlen token ids) feed
-    the quantizers that need input Hessians."""
+    the quantizers that need input Hessians. Blocks run on ``device`` in fp32, each on a copy; the quantizers run on
+    the CPU."""
     linears = quantizable_linears(model)
     unknown = sorted(set(quantizers) - set(linears))
     if unknown:
@@ -73,11 +76,11 @@ def quantize_model(
     if not any(q.uses_hessian for q in quantizers.values()):
         result = QuantizedModel()
         for name in tqdm(list(quantizers), desc="quantize", disable=not progress):
-            result.tensors[name] = quantizers[name].quantize(linears[name].weight)
+            result.tensors[name] = quantizers[name].quantize(linears[name].weight.detach().float())
         return result
     if samples is None:
         raise BitallocError("calibration samples are needed for Hessian-based quantizers")
-    return _quantize_sequential(model, quantizers, samples, true_sequential, progress)
+    return _quantize_sequential(model, quantizers, samples, true_sequential, progress, device)
 
 
 @torch.inference_mode()
@@ -87,14 +90,15 @@ def _quantize_sequential(
     samples: torch.Tensor,
     true_sequential: bool,
     progress: bool,
+    device: torch.device,
 ) -> QuantizedModel:
     result = QuantizedModel()
-    inputs = capture_block_inputs(model, samples)
+    inputs = capture_block_inputs(model, samples, device=device)
     hidden = inputs.hidden_states
     prefix = decoder_prefix(model)
     layers = decoder_layers(model)
     for index in tqdm(range(len(layers)), desc="quantize blocks", disable=not progress):
-        block = copy.deepcopy(layers[index])
+        block = copy.deepcopy(layers[index]).to(device=device, dtype=COMPUTE_DTYPE)  # quantized in place
         kwargs = inputs.block_kwargs[index]
         wanted = {local: f"{prefix}.{index}.{local}" for local in layer_linears(block) if f"{prefix}.{index}.{local}" in quantizers}
         if wanted:
@@ -162,8 +166,8 @@ def _quantize_group(
             for handle in handles:
                 handle.remove()
     for m in members:
-        hessian = accumulators[m].hessian() if m in accumulators else None
-        qt = quantizers[m].quantize(modules[m].weight, hessian)
+        hessian = accumulators[m].hessian().cpu() if m in accumulators else None
+        qt = quantizers[m].quantize(modules[m].weight.detach().cpu(), hessian)
         modules[m].weight.data.copy_(qt.dequantized.to(modules[m].weight.dtype))
         result.tensors[qualified[m]] = qt
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allocator.cli.common import kl_anchors, scale_fold_settings
 from allocator.cli.outputs import output_file
-from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, model_help, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_scale_fold_flags, model_help, positive_int
 
 NAME = "profile"
 HELP = "measure every (layer, option): exact bits, loss estimates and features -> sensitivity table"
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure each GPTQ option's losses on RTN onto the same grid (same bits; GPTQ's per-option column loop "
                         "skipped); the options and bit maps stay GPTQ")
     parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
+    add_placement_flags(parser)
     parser.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     add_scale_fold_flags(parser, "profiling (use the same with quantize)")
     parser.add_argument("--ggml-types", nargs="*", metavar="TYPE",
@@ -62,11 +63,13 @@ def run(args: argparse.Namespace) -> int:
     from allocator.measure.profile import cached_table_path, profile_model, save_table
     from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
+    from allocator.model.placement import resolve_device, storage_dtype
     from allocator.table.options import parse_options
 
     if args.ggml_types is not None:
         return profile_ggml_types_command(args)
     options = parse_options(args.options)  # bad specs fail before the model loads
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     if args.measure_kl and args.scale_fold:
         raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
     if args.kl_anchors and not args.measure_kl:
@@ -85,14 +88,14 @@ def run(args: argparse.Namespace) -> int:
     output_file(args.out, "--out")  # an existing directory, say, fails now, not after profiling
     check_corpus(args.corpus)
     start = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype)
     loaded.check_window(args.seqlen)
     corpus = load_corpus(args.corpus)
     try:
         table = profile_model(
             loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
             recompute=args.recompute, progress=not args.no_progress, scale_fold=scale_fold_settings(args),
-            gptq_by_rtn=args.gptq_by_rtn,
+            gptq_by_rtn=args.gptq_by_rtn, device=device,
         )
         if args.measure_kl:
             table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allocator.cli.common import scale_fold_settings
 from allocator.cli.outputs import packed_output
-from allocator.cli.parser import CORPUS_HELP, add_scale_fold_flags, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_scale_fold_flags, positive_int
 
 NAME = "quantize"
 HELP = "quantize a model by a bit map and save the packed result"
@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm-head-bits", type=int, choices=(4, 8), default=None,
                         help="also store the LM head as a round-to-nearest 8- or 4-bit grid (groups of 128) that the kernels run; "
                         "outside the bit map and its bpw (default: the float head)")
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import load_model
+    from allocator.model.placement import resolve_device, storage_dtype
     from allocator.quantize.head import head_quantizer, quantize_head
     from allocator.quantize.validation import check_assignment_fits
     from allocator.runtime.packed import bitmap_source, save_quantized
@@ -49,15 +51,17 @@ def run(args: argparse.Namespace) -> int:
     bitmap = BitMap.load(args.bitmap)
     assignment = bitmap.assignment().quantizers()  # every entry's settings must build a quantizer
     scale_fold = scale_fold_settings(args)
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     packed_output(args.out, "--out")  # a foreign non-empty directory fails now, not after quantizing
     check_corpus(args.corpus)
     start = time.perf_counter()
-    loaded = load_model(args.model or bitmap.model)
+    loaded = load_model(args.model or bitmap.model, dtype)
     check_assignment_fits(assignment, quantizable_linears(loaded.model), shown(args.bitmap),
                           {name: e.numel for name, e in bitmap.modules.items()})
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
-    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold)
+    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold,
+                                    device=device)
     if args.lm_head_bits:
         quantized.head = quantize_head(loaded.model, args.lm_head_bits)
     log = logging.getLogger("bitalloc")

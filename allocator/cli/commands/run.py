@@ -8,7 +8,7 @@ from pathlib import Path
 
 from allocator.cli.common import kl_anchors
 from allocator.cli.outputs import output_dir, packed_output
-from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, model_help, positive_int
 
 NAME = "run"
 HELP = "the main job: profile -> solve -> quantize -> eval for one budget, printing a table"
@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: a block's layers share one calibration pass over its quantized-prefix inputs)")
     parser.add_argument("--no-kl", action="store_true", help="solve on the Hessian-weighted output error alone (no KL measurement)")
     parser.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.jobs.run import BITMAP_FILE, PACKED_DIR, ROWS_FILE, RUN_KL_SEQLEN, print_run, run_job, save_run
     from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.loading import load_model
+    from allocator.model.placement import resolve_device, storage_dtype
     from allocator.solvers import SOLVERS, Budget, Solver
     from allocator.table.options import parse_options
 
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     kl_seqlen = min(RUN_KL_SEQLEN, args.seqlen) if args.kl_seqlen is None else args.kl_seqlen
     if kl_seqlen > args.seqlen or kl_seqlen < 2:
         raise BitallocError(f"--kl-seqlen must be 2 to {args.seqlen} tokens (--seqlen), got {kl_seqlen}")
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     solver: str | Solver = args.solver or "ilp"
     if args.policy is not None:
         from policies.solver import PolicySolver
@@ -74,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
         packed_output(args.out / PACKED_DIR, "--out")
     check_corpus(args.corpus)
     tick = time.perf_counter()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype)
     load_seconds = time.perf_counter() - tick
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed, true_sequential=args.true_sequential)
     result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress,
-                     kl_seqlen=kl_seqlen)
+                     kl_seqlen=kl_seqlen, device=device)
     print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
         save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)
