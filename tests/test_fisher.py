@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import allocator.measure.fisher as fisher_module
 from allocator.errors import BitallocError
@@ -128,7 +129,8 @@ def test_fisher_losses_are_half_the_fisher_weighted_error_of_the_kept_weights(lo
     layer, absent = table.names[3], table.names[5]
     weight = quantizable_linears(loaded.model)[layer].weight.detach()
     step = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.01
-    kept.save(layer, {label: weight + (j + 1) * step for j, label in enumerate(table.labels)})  # errors δ, 2δ, 3δ
+    # errors δ, 2δ, 3δ, written as a cache of the older format (one fp16 weight per option), which is still read
+    save_file({label: (weight + (j + 1) * step).half().contiguous() for j, label in enumerate(table.labels)}, str(kept.path(layer)))
     kept.path(absent).unlink()
     result = add_fisher_losses(loaded, table, table_path, corpus.calibration, windows=3, seqlen=24, progress=False)
     sampled, empirical = result.loss(FISHER), result.loss(FISHER_EMPIRICAL)

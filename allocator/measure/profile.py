@@ -233,10 +233,10 @@ def profile_layer(
     block: int,
     num_blocks: int,
     kl_probe: KLProbe | None = None,
-    kept: dict[str, torch.Tensor] | None = None,
+    kept: dict[str, QuantizedTensor] | None = None,
 ) -> LayerResult:
     """Measure one layer and quantize it alone with every quantizer (see the module doc); with
-    ``kept``, each quantizer's dequantized weight is put there under its index ("0", "1", ...)."""
+    ``kept``, each quantizer's result is put there under its index ("0", "1", ...)."""
     start = time.perf_counter()
     # the block ran on its device; the quantizers run on the CPU
     hessian = stats.hessian.hessian().cpu()
@@ -249,7 +249,7 @@ def profile_layer(
         losses[KL] = []
     for index, qt in enumerate(quantize_options(quantizers, w, hessian)):
         if kept is not None:
-            kept[str(index)] = qt.dequantized
+            kept[str(index)] = qt
         error = (w - qt.dequantized).double()
         bits.append(qt.storage_bits)
         losses[HESSIAN_ERR].append(float(((error @ h) * error).sum()))
@@ -551,7 +551,7 @@ def _profile_layers(
                 if local not in stats:  # never called on the calibration samples (an unused expert, ...)
                     log.warning("%s saw no calibration input; its Hessian is zero", name)
                     stats[local] = InputStatistics(weights_of[local].shape[1])
-                weights: dict[str, torch.Tensor] | None = {} if kept is not None else None
+                weights: dict[str, QuantizedTensor] | None = {} if kept is not None else None
                 result = profile_layer(name, weights_of[local], stats[local], quantizers, index, len(layers), kl_probe, weights)
                 if kept is not None and weights is not None:
                     kept.save(name, {kept.labels[int(i)]: w for i, w in weights.items()})
