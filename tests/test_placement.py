@@ -136,3 +136,36 @@ def test_bf16_stored_model_measures_kl_like_its_fp32_copy() -> None:
     for got, want in zip(probes[0].reference, probes[1].reference):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert probes[0].mean_kl(overlay) == pytest.approx(probes[1].mean_kl(overlay), rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_blockwise_evaluation_matches_whole_forwards(family: str) -> None:
+    from allocator.evaluate.perplexity import _evaluate_whole, evaluate
+    from allocator.model.blockwise import BlockwiseForward
+
+    stored, reference = stored_pair(family)
+    windows = torch.randint(2, 30, (10, 24), generator=torch.Generator().manual_seed(4))  # two chunks, the second partial
+    name = "model.layers.0.self_attn.o_proj"
+    overlay = {name: (reference.get_submodule(name).weight.detach() * 0.9).bfloat16().float()}
+    assert BlockwiseForward(reference).check(windows[0])
+    whole = _evaluate_whole(reference, windows, {"v": overlay}, progress=False)
+    blockwise = evaluate(reference, windows, {"v": overlay}, progress=False)
+    from_bf16 = evaluate(stored, windows, {"v": overlay}, progress=False)  # blocks in fp32: as the fp32 copy computes
+    for results in (blockwise, from_bf16):
+        for key in ("reference", "v"):
+            assert results[key].tokens == whole[key].tokens
+            assert results[key].perplexity == pytest.approx(whole[key].perplexity, rel=1e-5)
+            assert results[key].kl == pytest.approx(whole[key].kl, rel=1e-3, abs=1e-9)
+    assert whole["v"].kl > 0
+
+
+def test_evaluation_falls_back_to_whole_forwards_outside_the_blocks() -> None:
+    from allocator.evaluate.perplexity import evaluate
+    from allocator.model.blockwise import BlockwiseForward
+
+    _, reference = stored_pair()
+    embeddings = {"model.embed_tokens": reference.model.embed_tokens.weight.detach() * 1.1}
+    assert not BlockwiseForward(reference).handles(embeddings)
+    windows = torch.randint(2, 30, (2, 16), generator=torch.Generator().manual_seed(5))
+    results = evaluate(reference, windows, {"emb": embeddings}, progress=False)
+    assert results["emb"].kl > 0

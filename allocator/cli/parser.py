@@ -80,5 +80,5 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", default="float32", choices=list(STORAGE_DTYPES),
-                        help="the dtype the model is kept in (auto: its checkpoint's); blocks always run in float32, one at a time on "
-                        "--device, for the profile and quantization; the evaluation runs the whole model in this dtype (default float32)")
+                        help="the dtype the model is kept in, in CPU memory (auto: its checkpoint's; default float32); whatever it is, "
+                        "every block runs in float32, one at a time on --device")

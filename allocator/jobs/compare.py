@@ -97,6 +97,7 @@ def compare_quantized(
     quantize_seconds: Mapping[str, float] | None = None,
     progress: bool = True,
     windows: torch.Tensor | None = None,
+    device: torch.device = CPU,
 ) -> list[VariantRow]:
     """Evaluate already quantized variants (module name -> quantized tensor, any subset of the
     linears) against the float reference on the same windows (default: :func:`evaluation_tokens`).
@@ -104,7 +105,7 @@ def compare_quantized(
     model = loaded.model
     if windows is None:
         windows = evaluation_tokens(loaded, corpus, settings)
-    results = evaluate(model, windows, {n: q.dequantized_weights() for n, q in quantized.items()}, progress)
+    results = evaluate(model, windows, {n: q.dequantized_weights() for n, q in quantized.items()}, progress, device)
     reference = results[REFERENCE]
     rows = [_row(REFERENCE, None, model_size_bytes(model), reference, reference.perplexity, 0.0)]
     for name, qm in quantized.items():

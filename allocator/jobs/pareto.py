@@ -40,6 +40,7 @@ from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, model_fingerprint
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
+from allocator.model.placement import CPU
 from allocator.solvers import SOLVERS, UNIFORM, Budget, Constraints, solve, warn_if_above_widest
 from allocator.solvers.base import MAX_BPW
 from allocator.storage import atomic_path, is_file, read_json, write_json
@@ -158,6 +159,7 @@ def measure_allocations(
     on_chunk: Callable[[dict[str, Measured], float], None],
     chunk: int = 4,
     progress: bool = True,
+    device: torch.device = CPU,
 ) -> None:
     """Evaluate every allocation not in ``done`` (``chunk`` at a time, each chunk sharing one
     reference pass); ``on_chunk(measured, reference_ppl)`` is called as each chunk ends."""
@@ -165,7 +167,7 @@ def measure_allocations(
     for start in range(0, len(todo), chunk):
         keys = todo[start : start + chunk]
         overlays = {key: weights.assemble(allocations[key]) for key in keys}
-        results = evaluate(model, windows, overlays, progress)
+        results = evaluate(model, windows, overlays, progress, device)
         del overlays
         reference = results["reference"].perplexity
         measured = {key: Measured(results[key].perplexity, results[key].perplexity / reference, results[key].kl) for key in keys}
@@ -267,6 +269,8 @@ def run_pareto(
     model: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = print,
+    device: torch.device = CPU,
+    dtype: torch.dtype | None = torch.float32,
 ) -> str:
     """``bitalloc pareto``: solve every budget of ``start..stop`` by ``step`` with each solver (and each
     option uniformly) from the table at ``profile``, measure every distinct allocation from the kept
@@ -300,7 +304,7 @@ def run_pareto(
     reference_ppl = None
     if weights is not None:
         done, reference_ppl = load_measured(json_path, table, settings)
-        loaded = load_model(model or table.key.model)
+        loaded = load_model(model or table.key.model, dtype)
         if table.metadata.get("model_fingerprint") not in (None, model_fingerprint(loaded.model)):
             raise BitallocError(f"{model or table.key.model} is not the model this profile was made from (weights differ)")
         windows = evaluation_tokens(loaded, load_corpus(corpus), EvalSettings(seqlen=seqlen, tokens=tokens))
@@ -313,7 +317,7 @@ def run_pareto(
             save_sweep(json_path, sweep_record(table, points, settings, notes, reference_ppl))
 
         say(f"{len(allocations)} distinct allocations from {len(points)} points; {len([k for k in allocations if k in done])} measured before")
-        measure_allocations(loaded.model, windows, weights, allocations, done, record, chunk, progress)
+        measure_allocations(loaded.model, windows, weights, allocations, done, record, chunk, progress, device)
     final = sweep_record(table, points, settings, notes, reference_ppl)
     save_sweep(json_path, final)
     summary = sweep_markdown(points, final)

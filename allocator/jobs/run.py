@@ -71,8 +71,8 @@ def run_job(
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
     ``measure_kl`` is off, allocate ``budget`` with
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
-    evaluate against the reference. ``say`` reports each stage. The profile's and the quantization's blocks run on
-    ``device`` (:mod:`allocator.model.placement`)."""
+    evaluate against the reference. ``say`` reports each stage. The blocks of the profile, the quantization and the
+    evaluation run on ``device`` (:mod:`allocator.model.placement`)."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
@@ -84,7 +84,8 @@ def run_job(
     if measure_kl:
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
         tick = time.perf_counter()
-        table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, seqlen=kl_seqlen, progress=progress)
+        table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, seqlen=kl_seqlen, progress=progress,
+                              device=device)
         stages["kl"] = time.perf_counter() - tick
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")
@@ -103,7 +104,7 @@ def run_job(
     row_name = f"{name}@{budget.value:g}bpw" if budget.kind == "bpw" else f"{name}@{budget}"
     say("[4/4] eval")
     tick = time.perf_counter()
-    rows = compare_quantized(loaded, corpus, {row_name: quantized}, settings, {row_name: stages["quantize"]}, progress, windows)
+    rows = compare_quantized(loaded, corpus, {row_name: quantized}, settings, {row_name: stages["quantize"]}, progress, windows, device)
     stages["eval"] = time.perf_counter() - tick
     return RunResult(table, bitmap, quantized, rows, windows, time.perf_counter() - start, stages)
 

@@ -26,22 +26,20 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from allocator.errors import BitallocError
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import KLProbe
 from allocator.model.loading import LoadedModel
+from allocator.model.placement import CPU
 from allocator.model.tokens import calibration_samples
 from allocator.storage import atomic_path
 from allocator.table.losses import HESSIAN_ERR, KL_CALIBRATED, KL_LOCAL, KL_MEASURED
 from allocator.table.sensitivity import SensitivityTable
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +174,7 @@ def add_kl_losses(
     windows: int = 1,
     seqlen: int | None = None,
     progress: bool = True,
+    device: torch.device = CPU,
 ) -> SensitivityTable:
     """Measure the single-layer KL (of ``anchors``, or every option) from the weights kept beside
     ``table_path``, on the first ``windows`` calibration windows of the table's own calibration
@@ -184,7 +183,8 @@ def add_kl_losses(
 
     Interrupted measurements resume from ``<table>.kl-<settings>.npy`` (the recorded seconds are then
     those of the last session); a table that already holds losses measured on the same windows for
-    these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors.
+    these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors. The probe's blocks
+    run on ``device``.
     """
     seqlen = _kl_seqlen(table, windows, seqlen)
     measure = anchor_mask(table, anchors)
@@ -197,7 +197,7 @@ def add_kl_losses(
         result.save(Path(table_path))
         return result
     weights = OptionWeights.beside(table_path, table.labels)
-    probe = KLProbe(loaded.model, _kl_windows(loaded, table, calibration_text, windows, seqlen))
+    probe = KLProbe(loaded.model, _kl_windows(loaded, table, calibration_text, windows, seqlen), device=device)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
     start = time.perf_counter()

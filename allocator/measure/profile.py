@@ -25,7 +25,6 @@ written.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -51,11 +50,12 @@ from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasu
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.proxies import GPTQ_BY_RTN_SUFFIX, pricing_quantizer
 from allocator.model.arch import tie_groups
-from allocator.model.calibration import InputStatistics, capture_block_inputs, run_block
+from allocator.model.blockwise import BlockwiseForward
+from allocator.model.calibration import BlockInputs, InputStatistics, capture_block_inputs, run_block
 from allocator.model.corpus import Corpus
 from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears, swapped_weights
 from allocator.model.loading import LoadedModel
-from allocator.model.placement import COMPUTE_DTYPE, CPU, is_placed, working_block
+from allocator.model.placement import CPU, working_block
 from allocator.model.tokens import calibration_samples
 from allocator.quantize.scalefold import ScaleFoldSettings, compute_scale_fold
 from allocator.storage import cache_dir, write_json
@@ -119,75 +119,76 @@ class KLProbe:
 
     An overlay that changes only blocks ``>= b`` leaves every block's input before ``b`` as it is,
     so where it can the probe keeps each window's input to every decoder block and runs only blocks
-    ``b..`` plus the final norm and head (about half the forward on average). That shortcut is used
-    only if, on the ``base`` weights, it reproduces the full forward's log-probabilities; otherwise
-    (an architecture whose head this does not understand) every call runs the whole model.
+    ``b..`` plus the final norm and head (about half the forward on average), block by block
+    (:class:`allocator.model.blockwise.BlockwiseForward`: each block an fp32 copy on ``device``, the overlay swapped into
+    that copy). That shortcut is used only if, on the ``base`` weights, it reproduces the full forward's
+    log-probabilities; otherwise (an architecture whose head this does not understand) every call runs the whole model.
 
     ``base`` (module name -> weight) is swapped in under every overlay: the KL is then that of a whole
     quantized allocation with one more change, still against the unquantized reference, which is how
     the single-layer losses are re-measured around an allocation instead of around the float model.
 
-    A model stored in another dtype than fp32 (:mod:`allocator.model.placement`) runs its blocks, norm and head in fp32
-    on the block-wise path, the reference included; the check against the whole forward (which runs in the storage
-    dtype) then only has to agree to that dtype's rounding.
+    The reference is the whole forward for an fp32 model on the CPU; on another device, or for a model stored in another
+    dtype, it is the block-wise forward too (whose check against the whole forward, in the storage dtype, then only
+    has to agree to that dtype's rounding).
     """
 
-    def __init__(self, model: PreTrainedModel, windows: torch.Tensor, base: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, windows: torch.Tensor, base: Mapping[str, torch.Tensor] | None = None,
+                 device: torch.device = CPU) -> None:
         self.model = model
         self.windows = windows
         self.base = dict(base or {})
+        self._forward = BlockwiseForward(model, device)
+        whole_reference = self._forward.stored_fp32 and device == CPU
         with torch.inference_mode():
-            self.reference = [next_token_logprobs(model, w[None]) for w in windows]
-        self.tokens = sum(r.shape[0] for r in self.reference)
+            self.reference = [next_token_logprobs(model, w[None]) for w in windows] if whole_reference else []
         self._block_inputs: list[list[torch.Tensor]] | None = None
-        self._kwargs: list[dict[str, Any]] = []
-        self._prefix = ""
-        self._stored_fp32 = all(p.dtype == COMPUTE_DTYPE for p in model.parameters() if p.is_floating_point())
-        with torch.inference_mode(), swapped_weights(model, self.base):
+        self._captured: BlockInputs | None = None
+        with torch.inference_mode():
             self._prepare_tail()
-        if self._block_inputs is not None and not self._stored_fp32:
+        if not self.reference:
             with torch.inference_mode():
-                self.reference = [self._tail_logprobs(0, index) for index in range(len(windows))]
+                if self._block_inputs is not None:
+                    self.reference = [self._tail_logprobs(0, index, {}) for index in range(len(windows))]
+                else:
+                    self.reference = [next_token_logprobs(model, w[None]) for w in windows]
+        self.tokens = sum(r.shape[0] for r in self.reference)
 
     def _prepare_tail(self) -> None:
-        norm = getattr(getattr(self.model, "model", None), "norm", None)
-        head = self.model.get_output_embeddings()
-        if not isinstance(norm, nn.Module) or not isinstance(head, nn.Module) or getattr(self.model.config, "final_logit_softcapping", None):
-            return
-        layers = decoder_layers(self.model)
-        captured = capture_block_inputs(self.model, self.windows, batch_size=1)
+        forward = self._forward
+        if not forward.handles(self.base) or not forward.handles({}):
+            return  # no norm/head this understands, or a base outside the blocks: whole forwards
+        captured = forward.capture(self.windows, batch_size=1)
         inputs = [list(captured.hidden_states)]
-        for index, stored in enumerate(layers[:-1]):
-            with working_block(stored, CPU) as block:
-                inputs.append([run_block(block, h, captured.block_kwargs[index]) for h in inputs[-1]])
-        self._block_inputs, self._kwargs, self._prefix = inputs, captured.block_kwargs, decoder_prefix(self.model) + "."
-        # the blocks' outputs are fp32: so are the final norm and head they feed (copies only for a model stored otherwise)
-        self._norm = norm if is_placed(norm, CPU) else copy.deepcopy(norm).to(dtype=COMPUTE_DTYPE)
-        self._head = head if is_placed(head, CPU) else copy.deepcopy(head).to(dtype=COMPUTE_DTYPE)
+        for index in range(len(forward.layers) - 1):
+            inputs.append([forward.run_blocks(h, captured, self.base, index, index + 1) for h in inputs[-1]])
+        self._block_inputs, self._captured = inputs, captured
         if self.base and self._first_block(self.base) is None:
             self._block_inputs = None  # the base changes weights outside the blocks: whole forwards
             return
-        whole = next_token_logprobs(self.model, self.windows[:1]) if self.base else self.reference[0]
-        tolerance = 1e-4 if self._stored_fp32 else 0.1  # bf16/fp16 activations in the whole forward
-        if not torch.allclose(self._tail_logprobs(0, 0), whole, rtol=tolerance, atol=tolerance):
+        if self.reference and not self.base:
+            whole = self.reference[0]
+        else:
+            with swapped_weights(self.model, self.base):
+                whole = next_token_logprobs(self.model, self.windows[:1])
+        tolerance = 1e-4 if forward.stored_fp32 else 0.1  # bf16/fp16 activations in the whole forward
+        if not torch.allclose(self._tail_logprobs(0, 0, {}), whole, rtol=tolerance, atol=tolerance):
             log.debug("KL probe: the block-wise forward does not reproduce %s; using whole forwards", type(self.model).__name__)
             self._block_inputs = None
 
-    def _tail_logprobs(self, start: int, window: int) -> torch.Tensor:
-        layers = decoder_layers(self.model)
-        hidden = self._block_inputs[start][window]
-        for index in range(start, len(layers)):
-            with working_block(layers[index], CPU) as block:
-                hidden = run_block(block, hidden, self._kwargs[index])
-        logits = self._head(self._norm(hidden))
-        return torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    def _tail_logprobs(self, start: int, window: int, overlay: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        assert self._block_inputs is not None and self._captured is not None
+        weights = {**self.base, **overlay}
+        hidden = self._forward.run_blocks(self._block_inputs[start][window], self._captured, weights, start)
+        return self._forward.logprobs(hidden[0], weights)
 
     def _first_block(self, overlay: Mapping[str, torch.Tensor]) -> int | None:
         """The first decoder block ``overlay`` touches; None if it touches anything outside the
         blocks (embeddings, final norm, head: the whole forward runs)."""
         blocks = []
+        prefix = self._forward.prefix
         for name in overlay:
-            rest = name[len(self._prefix):] if name.startswith(self._prefix) else ""
+            rest = name[len(prefix):] if name.startswith(prefix) else ""
             index = rest.split(".", 1)[0]
             if not index.isdigit():
                 return None
@@ -199,13 +200,13 @@ class KLProbe:
         """KL with the weights of ``overlay`` (module name -> weight) swapped in."""
         total = 0.0
         start = self._first_block(overlay) if self._block_inputs is not None else None
-        with swapped_weights(self.model, {**self.base, **overlay}):
-            for index, (window, reference) in enumerate(zip(self.windows, self.reference)):
-                if start is None:
+        for index, (window, reference) in enumerate(zip(self.windows, self.reference)):
+            if start is None:
+                with swapped_weights(self.model, {**self.base, **overlay}):
                     logprobs = next_token_logprobs(self.model, window[None])
-                else:
-                    logprobs = self._tail_logprobs(start, index)
-                total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+            else:
+                logprobs = self._tail_logprobs(start, index, overlay)
+            total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 
 
@@ -532,7 +533,7 @@ def _profile_layers(
     device: torch.device = CPU,
 ) -> None:
     """Profile every layer not in ``done`` (adding it there, and to ``partial`` at once)."""
-    kl_probe = KLProbe(model, tokens[:kl_samples]) if measure_kl else None
+    kl_probe = KLProbe(model, tokens[:kl_samples], device=device) if measure_kl else None
     inputs = capture_block_inputs(model, tokens, device=device)
     hidden = inputs.hidden_states
     prefix = decoder_prefix(model)

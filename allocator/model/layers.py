@@ -54,15 +54,16 @@ def quantizable_linears(model: PreTrainedModel) -> dict[str, nn.Linear]:
 
 
 @contextlib.contextmanager
-def swapped_weights(model: PreTrainedModel, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily run ``model`` with some linear weights replaced (no copies of the model)."""
+def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily run ``model`` (a model or one block) with some weights replaced (no copies of the model); each weight
+    takes the device and dtype of the one it replaces."""
     modules = dict(model.named_modules())
     originals = {}
     try:
         for name, weight in weights.items():
             module = modules[name]
             originals[name] = module.weight
-            module.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
+            module.weight = nn.Parameter(weight.to(device=module.weight.device, dtype=module.weight.dtype), requires_grad=False)
         yield
     finally:
         for name, weight in originals.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allocator.cli.common import scale_fold_settings
 from allocator.cli.outputs import output_file
-from allocator.cli.parser import CORPUS_HELP, NOT_GIVEN, add_scale_fold_flags, group_size, model_help, positive_int
+from allocator.cli.parser import CORPUS_HELP, NOT_GIVEN, add_placement_flags, add_scale_fold_flags, group_size, model_help, positive_int
 
 NAME = "eval"
 HELP = "quantize the decoder linears (uniformly, or by a bit map) and compare with the float reference"
@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     add_scale_fold_flags(parser, "quantizing --quantizer/--bitmap (a packed --quantized model carries its own)")
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from allocator.model.corpus import check_corpus, load_corpus
     from allocator.model.layers import quantizable_linears
     from allocator.model.loading import DEFAULT_MODEL, load_model
+    from allocator.model.placement import resolve_device, storage_dtype
     from allocator.quantize.validation import check_assignment_fits, validate_group_size
     from allocator.runtime.packed import check_float_weights, check_matches, load_quantized
     from allocator.storage import shown
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if quantizer_name not in (None, "none"):
         quantizer = quantizer_from_flags(quantizer_name, args.bits, None if not group_given else args.group_size, group_given, args.sym, args.act_order)
     scale_fold = scale_fold_settings(args)
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     if scale_fold is not None and quantizer is None and args.bitmap is None:
         raise BitallocError("--scale-fold applies to --quantizer/--bitmap variants; a packed --quantized model carries its own")
     suffix = f"+{scale_fold.label()}" if scale_fold is not None else ""
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     for made_for, what in ((bitmap.model if bitmap else None, "bit map"), (packed.model if packed else None, "packed model")):
         if made_for and made_for != model_spec:
             logging.getLogger("bitalloc").warning("the %s was made for %s; evaluating on %s", what, made_for, model_spec)
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, dtype)
     linears = quantizable_linears(loaded.model)
     if quantizer is not None:
         validate_group_size(getattr(quantizer, "group_size", None), linears)
@@ -98,16 +101,17 @@ def run(args: argparse.Namespace) -> int:
     if quantizer is not None:
         tick = time.perf_counter()
         label = quantizer.label() + suffix
-        quantized[label] = quantize_assignment(loaded, corpus, {name: quantizer for name in linears}, settings, progress, scale_fold)
+        quantized[label] = quantize_assignment(loaded, corpus, {name: quantizer for name in linears}, settings, progress, scale_fold,
+                                               device)
         seconds[label] = time.perf_counter() - tick
     if bitmap is not None:
         name = f"bitmap:{args.bitmap.stem}{suffix}"
         tick = time.perf_counter()
-        quantized[name] = quantize_assignment(loaded, corpus, bitmap_quantizers, settings, progress, scale_fold)
+        quantized[name] = quantize_assignment(loaded, corpus, bitmap_quantizers, settings, progress, scale_fold, device)
         seconds[name] = time.perf_counter() - tick
     if packed is not None:
         quantized[f"packed:{args.quantized.name}"] = packed.quantized
-    rows = compare_quantized(loaded, corpus, quantized, settings, seconds, progress, windows)
+    rows = compare_quantized(loaded, corpus, quantized, settings, seconds, progress, windows, device)
     print_rows(rows, title=f"{model_spec} - {windows.numel()} eval tokens")
     if args.json is not None:
         context = {"model": model_spec, "corpus": args.corpus, "settings": vars(settings), "wall_seconds": time.perf_counter() - start}

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from allocator.cli.outputs import output_dir
-from allocator.cli.parser import CORPUS_HELP, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, positive_int
 
 NAME = "pareto"
 HELP = "solve a range of budgets from one table, measure every allocation, plot ppl vs bpw"
@@ -32,20 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=positive_int, default=4, help="allocations evaluated per reference pass")
     parser.add_argument("--no-measure", action="store_true", help="only solve (predicted loss and bpw, no evaluation)")
     parser.add_argument("--no-uniform", action="store_true", help="leave out the uniform points (one option on every layer)")
+    add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from allocator.jobs.pareto import SWEEP_FILES, run_pareto
     from allocator.model.corpus import check_corpus
+    from allocator.model.placement import resolve_device, storage_dtype
 
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     output_dir(args.out, "--out", files=SWEEP_FILES)
     if not args.no_measure:
         check_corpus(args.corpus)
     solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
     summary = run_pareto(args.profile, args.out, solvers, args.start, args.stop, args.step, loss=args.loss, tie=not args.no_tie,
                          corpus=args.corpus, seqlen=args.seqlen, tokens=args.tokens, chunk=args.chunk, measure=not args.no_measure,
-                         uniform=not args.no_uniform, model=args.model, progress=not args.no_progress)
+                         uniform=not args.no_uniform, model=args.model, progress=not args.no_progress,
+                         device=device, dtype=dtype)
     print(summary)
     print(args.out)
     return 0
