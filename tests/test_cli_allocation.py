@@ -94,12 +94,12 @@ def test_profile_solve_quantize_eval_round_trip(profiled, tiny_model_dir, text_f
 
 def test_profile_measure_kl_adds_kl_losses_the_solver_takes(profiled, tiny_model_dir, text_file, tmp_path, capsys) -> None:
     code, stdout, _ = run(capsys, "profile", "--model", str(tiny_model_dir), "--corpus", str(text_file), *CALIBRATION,
-                          "--options", "xnor:group_size=128", "gptq", "--measure-kl", "--kl-anchors", "gptq-w3g128", "--kl-seqlen", "16",
-                          "--out", str(profiled), "--no-progress")
+                          "--options", "xnor:group_size=128", "gptq", "--measure-kl", "--kl-anchors", "gptq-w2g128", "--kl-seqlen", "16",
+                          "--out", str(profiled), "--no-progress")  # (3 bits of this tiny model move some layers' KL below float noise)
     assert code == 0 and "kl, kl_est" in stdout
     table = SensitivityTable.load(profiled)
     # the --out copy holds no wall-clock time (same seed, same bytes); the cached table keeps it
-    assert table.metadata["kl_measurement"] == {"windows": 1, "seqlen": 16, "anchors": ["gptq-w3g128"]}
+    assert table.metadata["kl_measurement"] == {"windows": 1, "seqlen": 16, "anchors": ["gptq-w2g128"]}
     code, _, err = run(capsys, "solve", "--profile", str(profiled), "--bpw", "3.0", "--loss", "kl_est")
     assert code == 0 and "predicted kl_est" in err
 

@@ -169,3 +169,18 @@ def test_evaluation_falls_back_to_whole_forwards_outside_the_blocks() -> None:
     windows = torch.randint(2, 30, (2, 16), generator=torch.Generator().manual_seed(5))
     results = evaluate(reference, windows, {"emb": embeddings}, progress=False)
     assert results["emb"].kl > 0
+
+
+def test_released_float_copies_decode_to_the_same_weights() -> None:
+    _, reference = stored_pair()
+    samples = torch.randint(2, 30, (4, 32), generator=torch.Generator().manual_seed(6))
+    names = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    quantizers = {n: GPTQQuantizer(2, 32) for n in names}
+    kept = quantize_model(reference, quantizers, samples, progress=False)
+    lean = quantize_model(reference, quantizers, samples, progress=False, keep_dequantized=False)
+    assert all(qt.dequantized.numel() == 0 for qt in lean.tensors.values())  # the stored forms alone
+    view = lean.dequantized_weights()
+    assert sorted(view) == sorted(names) and len(view) == len(names)
+    for name in names:
+        assert torch.equal(view[name], kept.tensors[name].dequantized)
+    assert lean.storage_bits == kept.storage_bits

@@ -53,17 +53,18 @@ def quantize_assignment(
     progress: bool = True,
     scale_fold: ScaleFoldSettings | None = None,
     device: torch.device = CPU,
+    keep_dequantized: bool = True,
 ) -> QuantizedModel:
     """Quantize the modules of ``assignment`` (settings, or quantizers already built; calibrating on
     ``corpus`` when a quantizer needs it); with ``scale_fold``, on the scale-folded model
     (:func:`allocator.quantize.apply.quantize_with_scale_fold`, which always calibrates, on the CPU). Blocks run on
-    ``device``."""
+    ``device``; ``keep_dequantized``: :func:`allocator.quantize.apply.quantize_model`'s."""
     quantizers = assignment.quantizers() if isinstance(assignment, Assignment) else assignment
     if scale_fold is not None:
         samples = calibration_tokens(loaded, corpus, settings)
         return quantize_with_scale_fold(loaded.model, quantizers, samples, scale_fold, settings.true_sequential, progress)
     samples = calibration_tokens(loaded, corpus, settings) if any(q.uses_hessian for q in quantizers.values()) else None
-    return quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress, device)
+    return quantize_model(loaded.model, quantizers, samples, settings.true_sequential, progress, device, keep_dequantized)
 
 
 def compare_variants(

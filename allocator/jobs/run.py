@@ -99,7 +99,7 @@ def run_job(
     say(f"      {bitmap.predicted_bpw:.4f} bpw; " + ", ".join(f"{label} x{n}" for label, n in sorted(counts.items())))
     say("[3/4] quantize (GPTQ-family layers in order, on the quantized prefix)")
     tick = time.perf_counter()
-    quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress, device=device)
+    quantized = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress, device=device, keep_dequantized=False)
     stages["quantize"] = time.perf_counter() - tick
     row_name = f"{name}@{budget.value:g}bpw" if budget.kind == "bpw" else f"{name}@{budget}"
     say("[4/4] eval")

@@ -48,7 +48,7 @@ class BlockwiseForward:
 
     def _block_overlay(self, index: int, overlay: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         start = f"{self.prefix}{index}."
-        return {name[len(start):]: weight for name, weight in overlay.items() if name.startswith(start)}
+        return {name[len(start):]: overlay[name] for name in overlay if name.startswith(start)}  # reads (decodes) only these
 
     def capture(self, windows: torch.Tensor, batch_size: int | None = None) -> BlockInputs:
         """What enters the first block for ``windows`` (in batches of ``batch_size``, default all), and every block's
@@ -78,9 +78,9 @@ class BlockwiseForward:
         last (seqlen-1 x vocab, fp32, on the CPU)."""
         assert self.norm_name is not None and self.head_name is not None
         norm, head = self.model.get_submodule(self.norm_name), self.model.get_submodule(self.head_name)
-        outside = {name: weight for name, weight in overlay.items() if not name.startswith(self.prefix)}
+        outside = {name: overlay[name] for name in overlay if not name.startswith(self.prefix)}
         with swapped_weights(self.model, outside), working_block(norm, self.device) as norm_c, working_block(head, self.device) as head_c:
-            logits = head_c(norm_c(hidden[:-1]))
+            logits = head_c(norm_c(hidden))[:-1]  # all positions, as the model's forward shapes it (same bits), then cut
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return torch.log_softmax(logits.float(), dim=-1).cpu()

@@ -10,7 +10,7 @@ each block is quantized on a copy.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,28 @@ from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears
 from allocator.model.placement import COMPUTE_DTYPE, CPU
 from allocator.quantize.scalefold import ScaleFold, ScaleFoldSettings, compute_scale_fold, search_quantizers
 from quantizers import QuantizedTensor, Quantizer
+from quantizers.formats import decode
+
+
+class DequantizedView(Mapping[str, torch.Tensor]):
+    """Module name -> float weight of a :class:`QuantizedModel`, decoded from the stored form on access when the float
+    copy is not held."""
+
+    def __init__(self, quantized: QuantizedModel) -> None:
+        self._float = quantized.float_weights
+        self._quantized = {**quantized.tensors, **quantized.head}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._quantized:
+            qt = self._quantized[name]
+            return qt.dequantized if qt.dequantized.numel() else decode(qt)
+        return self._float[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._float, *(n for n in self._quantized if n not in self._float)])
+
+    def __len__(self) -> int:
+        return len(set(self._float) | set(self._quantized))
 
 
 @dataclass
@@ -41,9 +63,16 @@ class QuantizedModel:
     """The quantized LM head, if any (:mod:`allocator.quantize.head`): outside the bit map, so not counted in
     :attr:`storage_bits` / :attr:`bits_per_weight` (which describe the decoder linears)."""
 
-    def dequantized_weights(self) -> dict[str, torch.Tensor]:
-        """Everything to swap into the reference model: the float overrides, the dequantized linears and head."""
-        return {**self.float_weights, **{name: qt.dequantized for name, qt in {**self.tensors, **self.head}.items()}}
+    def dequantized_weights(self) -> Mapping[str, torch.Tensor]:
+        """Everything to swap into the reference model: the float overrides, the dequantized linears and head (a view
+        that decodes a tensor whose float weight was released, :meth:`release_dequantized`, when it is read)."""
+        return DequantizedView(self)
+
+    def release_dequantized(self) -> None:
+        """Drop every quantized tensor's float copy (keeping its stored form): the model then costs its honest bits in
+        memory, and each weight is decoded again where it is used."""
+        for qt in (*self.tensors.values(), *self.head.values()):
+            qt.dequantized = torch.empty(0)
 
     @property
     def storage_bits(self) -> int:
@@ -65,10 +94,12 @@ def quantize_model(
     true_sequential: bool = True,
     progress: bool = True,
     device: torch.device = CPU,
+    keep_dequantized: bool = True,
 ) -> QuantizedModel:
     """Quantize every module named in ``quantizers``; ``samples`` (N x seqlen token ids) feed
     the quantizers that need input Hessians. Blocks run on ``device`` in fp32, each on a copy; the quantizers run on
-    the CPU."""
+    the CPU. Without ``keep_dequantized`` each tensor's float copy is released as soon as its block no longer needs it
+    (:meth:`QuantizedModel.release_dequantized`): the result then holds the stored forms alone."""
     linears = quantizable_linears(model)
     unknown = sorted(set(quantizers) - set(linears))
     if unknown:
@@ -77,10 +108,12 @@ def quantize_model(
         result = QuantizedModel()
         for name in tqdm(list(quantizers), desc="quantize", disable=not progress):
             result.tensors[name] = quantizers[name].quantize(linears[name].weight.detach().float())
+            if not keep_dequantized:
+                result.tensors[name].dequantized = torch.empty(0)
         return result
     if samples is None:
         raise BitallocError("calibration samples are needed for Hessian-based quantizers")
-    return _quantize_sequential(model, quantizers, samples, true_sequential, progress, device)
+    return _quantize_sequential(model, quantizers, samples, true_sequential, progress, device, keep_dequantized)
 
 
 @torch.inference_mode()
@@ -91,6 +124,7 @@ def _quantize_sequential(
     true_sequential: bool,
     progress: bool,
     device: torch.device,
+    keep_dequantized: bool,
 ) -> QuantizedModel:
     result = QuantizedModel()
     inputs = capture_block_inputs(model, samples, device=device)
@@ -109,6 +143,9 @@ def _quantize_sequential(
                     _quantize_group(block, members, {m: quantizers[wanted[m]] for m in members}, hidden, kwargs, result, wanted)
         hidden = [run_block(block, h, kwargs) for h in hidden]
         del block
+        if not keep_dequantized:  # the block's quantized weights live on in its stored forms alone
+            for name in wanted.values():
+                result.tensors[name].dequantized = torch.empty(0)
     return result
 
 

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, samples=args.samples, seed=args.seed)
     quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=not args.no_progress, scale_fold=scale_fold,
-                                    device=device)
+                                    device=device, keep_dequantized=False)
     if args.lm_head_bits:
         quantized.head = quantize_head(loaded.model, args.lm_head_bits)
     log = logging.getLogger("bitalloc")

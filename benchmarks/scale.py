@@ -1,0 +1,328 @@
+"""How the cost and memory of allocating a model grow with its size -> results/scale.md.
+
+A ladder of llama-family shapes (random-init: they serve time and memory, never quality), each built with
+``MEASURED_BLOCKS`` decoder blocks at its real width and its real vocabulary, stored in bfloat16 (``--dtype``) in
+CPU memory, blocks running one at a time in fp32 on ``--device`` as ``bitalloc run --dtype bfloat16`` runs them.
+Every stage runs in its own process (so its peak RSS is its own) on the calibration text's real token ids
+(SmolLM2's tokenizer: every shape's vocabulary is at least as large):
+
+- ``capture``: the calibration pass up to the first block (64 x 512 tokens): the fixed part of profile and quantize;
+- ``profile``: ``profile_model`` with ``bitalloc run``'s options (``main``: 5 per layer), nothing cached;
+  per block = (profile - capture) / blocks;
+- ``kl``: the single-layer KL probe as ``bitalloc run`` measures it (1 x 128 tokens): one call that changes block 0
+  and one that changes the last block; their difference is one block's forward, the rest the head; the whole
+  model's KL pass is then sum over blocks b of linears x options x ((L - b) x block + head): quadratic in depth;
+- ``quantize``: ``quantize_model`` with GPTQ 3-bit g128 (act order, mse clip) on every linear, not true-sequential
+  as ``bitalloc run``; per block = (quantize - capture) / blocks;
+- ``eval``: the block-wise evaluation's forward (:class:`allocator.model.blockwise.BlockwiseForward`) of 4 x 512 tokens
+  with the blocks and with one block fewer, and its head: per block and head per 1k tokens; the whole model's
+  evaluation (reference and one quantized variant, 16k tokens) follows.
+
+The extrapolated whole-model time on this machine is the sum of those for the shape's real depth.
+Peak RSS is checked against the bound the design promises for profile and quantize:
+``model in storage dtype + one block in fp32 + calibration activations (inputs and outputs of a block, fp32) +
+one block's Hessians (fp64) + the process baseline`` (python, torch and transformers imported, measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from _common import RESULTS, provenance
+
+SHAPES: dict[str, dict] = {
+    # hidden, intermediate, full depth, heads, kv heads, vocab, tied embeddings: the public configs' shapes
+    "135m": {"hidden": 576, "intermediate": 1536, "layers": 30, "heads": 9, "kv_heads": 3, "vocab": 49152, "tied": True,
+             "like": "SmolLM2-135M"},
+    "0.5b": {"hidden": 896, "intermediate": 4864, "layers": 24, "heads": 14, "kv_heads": 2, "vocab": 151936, "tied": True,
+             "like": "Qwen2.5-0.5B"},
+    "1.5b": {"hidden": 1536, "intermediate": 8960, "layers": 28, "heads": 12, "kv_heads": 2, "vocab": 151936, "tied": True,
+             "like": "Qwen2.5-1.5B"},
+    "3b": {"hidden": 3072, "intermediate": 8192, "layers": 28, "heads": 24, "kv_heads": 8, "vocab": 128256, "tied": True,
+           "like": "Llama-3.2-3B"},
+    "8b": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256, "tied": False,
+           "like": "Llama-3.1-8B"},
+}
+STAGES = ("baseline", "capture", "profile", "kl", "quantize", "eval")
+MEASURED_BLOCKS = 2
+SAMPLES, SEQLEN = 64, 512
+KL_SEQLEN = 128
+OPTIONS = ["main"]
+EVAL_WINDOWS = 4
+EVAL_TOKENS_WHOLE = 16384
+LINEARS_PER_BLOCK = 7
+OUT = RESULTS / "scale"
+
+
+def build(shape: dict, blocks: int, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=blocks,
+                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=shape["vocab"],
+                         tie_word_embeddings=shape["tied"], max_position_embeddings=4096, use_cache=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)  # initialized in the storage dtype: no fp32 copy on the way
+    try:
+        model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from allocator.model.loading import load_model
+    from allocator.storage import cache_dir
+
+    found = sorted(cache_dir("models").glob("smollm2-135m-*"))
+    if not found:
+        load_model("smollm2-135m")  # makes the float cache once (a separate process: its memory is not counted)
+        found = sorted(cache_dir("models").glob("smollm2-135m-*"))
+    return AutoTokenizer.from_pretrained(found[0])
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def worker(name: str, stage: str, dtype: torch.dtype, device_spec: str) -> dict:
+    """One stage of one shape in this process (see the module doc)."""
+    from allocator.model.corpus import load_corpus
+    from allocator.model.loading import LoadedModel
+    from allocator.model.placement import resolve_device
+    from allocator.model.tokens import calibration_samples
+
+    device = resolve_device(device_spec)
+    shape = SHAPES[name]
+    record: dict = {"shape": name, "stage": stage, "blocks": MEASURED_BLOCKS, "dtype": str(dtype).removeprefix("torch."),
+                    "device": str(device)}
+    if stage == "baseline":
+        import transformers  # noqa: F401  (what every stage imports)
+
+        import allocator.measure.profile  # noqa: F401
+
+        record["peak_rss"] = peak_rss_bytes()
+        return record
+    tokenizer = smollm2_tokenizer()
+    corpus = load_corpus("enwiki")
+    tick = time.perf_counter()
+    model = build(shape, MEASURED_BLOCKS, dtype)
+    record["build_seconds"] = time.perf_counter() - tick
+    record["model_bytes"] = storage_bytes(model)
+    record["block_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
+    samples = calibration_samples(tokenizer, corpus.calibration, SAMPLES, SEQLEN, False, 0)
+    rss_before = peak_rss_bytes()
+
+    from allocator.model.calibration import capture_block_inputs
+
+    def timed(fn):
+        tick = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - tick
+
+    if stage in ("capture", "profile", "quantize"):
+        captured, record["capture_seconds"] = timed(lambda: capture_block_inputs(model, samples, device=device))
+        del captured
+    if stage == "profile":
+        from allocator.measure.profile import profile_model
+        from allocator.table.options import parse_options
+
+        loaded = LoadedModel(f"random-{name}", model, tokenizer, add_bos=False)
+        table, seconds = timed(lambda: profile_model(loaded, corpus, parse_options(OPTIONS), samples=SAMPLES, seqlen=SEQLEN, cache=False,
+                                                     keep_weights=False, progress=False, device=device))
+        record["profile_seconds"] = seconds
+        record["options"] = table.num_options
+        record["per_block"] = (seconds - record["capture_seconds"]) / MEASURED_BLOCKS
+    elif stage == "quantize":
+        from allocator.model.layers import quantizable_linears
+        from allocator.quantize.apply import quantize_model
+        from allocator.table.options import parse_options, quantizer_from_settings
+
+        settings = parse_options(["gptq3:act_order=true,clip=mse"])[0].settings
+        quantizers = {n: quantizer_from_settings(settings) for n in quantizable_linears(model)}
+        _, seconds = timed(lambda: quantize_model(model, quantizers, samples, true_sequential=False, progress=False, device=device))
+        record["quantize_seconds"] = seconds
+        record["per_block"] = (seconds - record["capture_seconds"]) / MEASURED_BLOCKS
+    elif stage == "kl":
+        from allocator.measure.profile import KLProbe
+
+        windows = samples[:1, :KL_SEQLEN]
+        probe, record["probe_setup_seconds"] = timed(lambda: KLProbe(model, windows))
+        record["tail_path"] = probe._block_inputs is not None
+        first, last = "model.layers.0.self_attn.q_proj", f"model.layers.{MEASURED_BLOCKS - 1}.self_attn.q_proj"
+        weights = dict(model.named_parameters())
+        overlays = {key: {key: (weights[key + ".weight"].float() * 1.01)} for key in (first, last)}
+        probe.mean_kl(overlays[first])  # warm-up
+        times = {}
+        for key in (first, last):
+            runs = [timed(lambda key=key: probe.mean_kl(overlays[key]))[1] for _ in range(3)]
+            times[key] = min(runs)
+        record["kl_from_first"] = times[first]
+        record["kl_from_last"] = times[last]
+        record["per_block"] = (times[first] - times[last]) / (MEASURED_BLOCKS - 1)
+        record["head"] = times[last] - record["per_block"]
+    elif stage == "eval":
+        from allocator.model.blockwise import BlockwiseForward
+
+        forward = BlockwiseForward(model, device)
+        windows = samples[:EVAL_WINDOWS]
+        forward.final_hidden(windows[:1], {})  # warm-up
+        hidden, full = timed(lambda: forward.final_hidden(windows, {}))
+        _, head = timed(lambda: [forward.logprobs(h, {}) for h in hidden])
+        layers = model.model.layers
+        model.model.layers = layers[:-1]
+        model.config.num_hidden_layers = MEASURED_BLOCKS - 1
+        _, fewer = timed(lambda: BlockwiseForward(model, device).final_hidden(windows, {}))
+        model.model.layers = layers
+        tokens_k = EVAL_WINDOWS * SEQLEN / 1000
+        record["per_block"] = (full - fewer) / tokens_k
+        record["head"] = head / tokens_k
+        record["embed"] = (fewer - (MEASURED_BLOCKS - 1) * (full - fewer)) / tokens_k
+    record["rss_after_build"] = rss_before
+    record["peak_rss"] = peak_rss_bytes()
+    return record
+
+
+def bound_bytes(shape: dict, model_bytes: int, baseline: int) -> dict:
+    """The design's memory bound for profile and quantize, by term (see the module doc)."""
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    head_dim = hidden // shape["heads"]
+    block = 4 * (hidden * (shape["heads"] + 2 * shape["kv_heads"]) * head_dim + hidden * hidden + 3 * hidden * inter + 2 * hidden)
+    activations = 2 * SAMPLES * SEQLEN * hidden * 4
+    hessians = 8 * (3 * hidden * hidden + inter * inter)  # qkv, o, gate/up, down inputs
+    return {"model": model_bytes, "block_fp32": block, "activations": activations, "hessians": hessians, "baseline": baseline,
+            "total": model_bytes + block + activations + hessians + baseline}
+
+
+def whole_model(shape: dict, stages: dict[str, dict], options: int) -> dict:
+    """Extrapolated whole-model seconds per stage at the shape's real depth (see the module doc)."""
+    depth = shape["layers"]
+    out = {}
+    if "profile" in stages:
+        out["profile"] = stages["profile"]["capture_seconds"] + depth * stages["profile"]["per_block"]
+    if "kl" in stages:
+        kl = stages["kl"]
+        out["kl"] = sum(LINEARS_PER_BLOCK * options * ((depth - b) * kl["per_block"] + kl["head"]) for b in range(depth))
+    if "quantize" in stages:
+        out["quantize"] = stages["quantize"]["capture_seconds"] + depth * stages["quantize"]["per_block"]
+    if "eval" in stages:
+        ev = stages["eval"]
+        out["eval"] = 2 * EVAL_TOKENS_WHOLE / 1000 * (depth * ev["per_block"] + ev["head"] + ev.get("embed", 0.0))  # reference + one variant
+    out["total"] = sum(out.values())
+    return out
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f}"
+
+
+def report(records: dict[str, dict[str, dict]]) -> str:
+    lines = ["# Scale: cost and memory per block, from 135M to 8B shapes", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
+    first = next((r for stages in records.values() for r in stages.values() if "provenance" in r), None)
+    if first:
+        lines += [first["provenance"], ""]
+    lines += ["## Time per block (seconds; eval: per 1k tokens)", "",
+              "| shape | like | block params | capture (fixed) | profile / block | KL fwd / block | KL head | quantize / block | "
+              "eval / block / 1k tok | eval head / 1k tok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, stages in records.items():
+        shape = SHAPES[name]
+        cell = lambda stage, key, fmt="{:.2f}": fmt.format(stages[stage][key]) if stage in stages and key in stages[stage] else "-"  # noqa: E731
+        params = next((s["block_params"] for s in stages.values() if "block_params" in s), 0)
+        lines.append(f"| {name} | {shape['like']} | {params / 1e6:.1f}M | {cell('profile', 'capture_seconds')} | {cell('profile', 'per_block')} | "
+                     f"{cell('kl', 'per_block', '{:.3f}')} | {cell('kl', 'head', '{:.3f}')} | {cell('quantize', 'per_block')} | "
+                     f"{cell('eval', 'per_block', '{:.3f}')} | {cell('eval', 'head', '{:.3f}')} |")
+    lines += ["", "Linear growth means per-block cost proportional to block parameters: the ratio column below divides each "
+              "shape's profile and quantize time per block by its block parameters (seconds per 100M parameters).", "",
+              "| shape | profile s / 100M params | quantize s / 100M params |", "|---|---|---|"]
+    for name, stages in records.items():
+        params = next((s["block_params"] for s in stages.values() if "block_params" in s), 0)
+        if not params:
+            continue
+        ratio = lambda stage: f"{stages[stage]['per_block'] / params * 1e8:.1f}" if stage in stages else "-"  # noqa: E731
+        lines.append(f"| {name} | {ratio('profile')} | {ratio('quantize')} |")
+    lines += ["", "## Extrapolated whole model on this machine (minutes)", "",
+              "| shape | depth | profile | single-layer KL (all options) | quantize | eval (2 x 16k tokens) | total |", "|---|---|---|---|---|---|---|"]
+    for name, stages in records.items():
+        shape = SHAPES[name]
+        options = stages.get("profile", {}).get("options", 5)
+        whole = whole_model(shape, stages, options)
+        cell = lambda key: f"{whole[key] / 60:.1f}" if key in whole else "-"  # noqa: E731
+        lines.append(f"| {name} | {shape['layers']} | {cell('profile')} | {cell('kl')} | {cell('quantize')} | {cell('eval')} | {cell('total')} |")
+    lines += ["", "## Peak RSS against the bound (GiB)", "",
+              "The bound for the measured model (its blocks) and what it becomes for the whole model: the model term grows by "
+              "the blocks not built, nothing else.", "",
+              "| shape | stage | model (measured blocks) | bound | peak RSS | peak / bound | whole-model bound |", "|---|---|---|---|---|---|---|"]
+    for name, stages in records.items():
+        shape = SHAPES[name]
+        baseline = stages.get("baseline", {}).get("peak_rss", 0)
+        for stage in ("capture", "profile", "quantize", "kl", "eval"):
+            if stage not in stages:
+                continue
+            r = stages[stage]
+            bound = bound_bytes(shape, r["model_bytes"], baseline)
+            block_storage = r["block_params"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
+            whole = bound["total"] + (shape["layers"] - MEASURED_BLOCKS) * block_storage
+            lines.append(f"| {name} | {stage} | {gib(r['model_bytes'])} | {gib(bound['total'])} | {gib(r['peak_rss'])} | "
+                         f"{r['peak_rss'] / bound['total']:.2f} | {gib(whole)} |")
+    return "\n".join(lines) + "\n"
+
+
+def load_records() -> dict[str, dict[str, dict]]:
+    records: dict[str, dict[str, dict]] = {}
+    for name in SHAPES:
+        for stage in STAGES:
+            path = OUT / f"{name}-{stage}.json"
+            if path.is_file():
+                records.setdefault(name, {})[stage] = json.loads(path.read_text())
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--render", action="store_true", help="only rewrite scale.md from the saved records")
+    parser.add_argument("--worker", nargs=2, metavar=("SHAPE", "STAGE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], dtype, args.device)))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.render:
+        for name in args.shapes.split(","):
+            if name not in SHAPES:
+                raise SystemExit(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+            for stage in args.stages.split(","):
+                path = OUT / f"{name}-{stage}.json"
+                if path.is_file():
+                    continue
+                done = subprocess.run([sys.executable, __file__, "--worker", name, stage, "--dtype", args.dtype, "--device", args.device],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"{name} {stage} failed:\n{done.stderr[-3000:]}", flush=True)
+                    continue
+                record = json.loads(done.stdout.strip().splitlines()[-1])
+                record["provenance"] = provenance()
+                path.write_text(json.dumps(record, indent=1))
+                print(f"{name} {stage}: " + ", ".join(f"{k} {v:.3g}" for k, v in record.items() if isinstance(v, float)), flush=True)
+    (RESULTS / "scale.md").write_text(report(load_records()))
+    print(RESULTS / "scale.md")
+
+
+if __name__ == "__main__":
+    main()
