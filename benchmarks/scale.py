@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from _common import RESULTS, provenance
 
@@ -252,6 +253,16 @@ def report(records: dict[str, dict[str, dict]]) -> str:
             continue
         ratio = lambda stage: f"{stages[stage]['per_block'] / params * 1e8:.1f}" if stage in stages else "-"  # noqa: E731
         lines.append(f"| {name} | {ratio('profile')} | {ratio('quantize')} |")
+    fits = []
+    for stage in ("profile", "quantize", "kl", "eval"):
+        points = [(next(r["block_params"] for r in stages.values() if "block_params" in r), stages[stage]["per_block"])
+                  for stages in records.values() if stage in stages and stages[stage]["per_block"] > 0]
+        if len(points) >= 2:
+            x, y = np.log([p for p, _ in points]), np.log([t for _, t in points])
+            fits.append(f"`{stage}` {np.polyfit(x, y, 1)[0]:.2f}")
+    if fits:
+        lines += ["", "Per-block time grows as (block parameters)^k, k fitted over the shapes measured (1 is linear): "
+                  + ", ".join(fits) + "."]
     lines += ["", "## Extrapolated whole model on this machine (minutes)", "",
               "| shape | depth | profile | single-layer KL (all options) | quantize | eval (2 x 16k tokens) | total |", "|---|---|---|---|---|---|---|"]
     for name, stages in records.items():
