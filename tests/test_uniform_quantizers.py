@@ -167,3 +167,15 @@ def test_group_size_minus_one_is_one_group_per_row_and_other_non_positive_sizes_
     for bad in (0, -2):
         with pytest.raises(ValueError, match="group_size"):
             build_quantizer(name, **settings, group_size=bad)
+
+
+def test_inverse_hessian_cholesky_is_the_damped_formula_bit_for_bit() -> None:
+    from quantizers.gptq import inverse_hessian_cholesky
+
+    x = torch.randn(300, 48, generator=torch.Generator().manual_seed(0))
+    hessian = 2 * x.T @ x / 300
+    hessian[:, 5] = hessian[5, :] = 0  # a dead input: damping alone makes it positive definite
+    h = hessian.double()
+    mean = torch.diag(h).mean()
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h + 0.01 * mean * torch.eye(48, dtype=h.dtype))), upper=True)
+    assert torch.equal(inverse_hessian_cholesky(hessian, 0.01), expected.float())

@@ -243,12 +243,13 @@ def profile_layer(
     hessian = stats.hessian.hessian().cpu()
     w = weight.detach().float().cpu()
     measurements = measure_layer(name, w, hessian, stats.absmax.cpu(), block, num_blocks)
-    h = hessian.double()
     bits: list[int] = []
     losses: dict[str, list[float]] = {HESSIAN_ERR: [], WEIGHT_ERR: []}
     if kl_probe is not None:
         losses[KL] = []
-    for index, qt in enumerate(quantize_options(quantizers, w, hessian)):
+    results = quantize_options(quantizers, w, hessian)
+    h = hessian.double()  # made after the quantizers ran: not alive beside their own n x n temporaries
+    for index, qt in enumerate(results):
         if kept is not None:
             kept[str(index)] = qt
         error = (w - qt.dequantized).double()

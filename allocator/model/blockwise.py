@@ -13,6 +13,7 @@ the caller runs whole forwards instead.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel
 
 from allocator.model.calibration import BlockInputs, capture_block_inputs, run_block
 from allocator.model.layers import decoder_layers, decoder_prefix, swapped_weights
-from allocator.model.placement import COMPUTE_DTYPE, CPU, working_block
+from allocator.model.placement import COMPUTE_DTYPE, CPU, is_placed, working_block
 
 
 class BlockwiseForward:
@@ -39,6 +40,9 @@ class BlockwiseForward:
         self.head_name = modules.get(head) if isinstance(head, nn.Module) else None
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.stored_fp32 = all(p.dtype == COMPUTE_DTYPE for p in model.parameters() if p.is_floating_point())
+        self._placed = [is_placed(layer, device) for layer in self.layers]
+        """Which blocks already are on the device in fp32 (then run as they are): the model's storage does not change
+        while this runs (overlays go into the blocks' copies, or are swapped in at the stored dtype)."""
 
     def handles(self, overlay: Mapping[str, torch.Tensor]) -> bool:
         """Whether every name of ``overlay`` is inside a block or the norm or head (not, say, the embeddings)."""
@@ -61,8 +65,13 @@ class BlockwiseForward:
         """``hidden`` (the input of block ``start``) through blocks ``start .. stop - 1`` (default: to the last), with
         ``overlay``'s weights swapped into each block's working copy."""
         for index in range(start, len(self.layers) if stop is None else stop):
-            local = self._block_overlay(index, overlay)
-            with working_block(self.layers[index], self.device) as block, swapped_weights(block, local):
+            local = self._block_overlay(index, overlay) if overlay else {}
+            stored = self.layers[index]
+            if self._placed[index] and not local:  # the common case of a probe's tail: no copy, no swap, no lookups
+                hidden = run_block(stored, hidden, captured.block_kwargs[index])
+                continue
+            with (contextlib.nullcontext(stored) if self._placed[index] else working_block(stored, self.device)) as block, \
+                    swapped_weights(block, local):
                 hidden = run_block(block, hidden, captured.block_kwargs[index])
         return hidden
 
