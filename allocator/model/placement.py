@@ -64,9 +64,10 @@ def storage_dtype(name: str) -> torch.dtype | None:
 
 
 def is_placed(module: nn.Module, device: torch.device) -> bool:
-    """Whether every floating parameter and buffer of ``module`` is already on ``device`` in :data:`COMPUTE_DTYPE`."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return all(t.device == device and (t.dtype == COMPUTE_DTYPE or not t.is_floating_point()) for t in tensors)
+    """Whether every floating parameter of ``module`` is already on ``device`` in :data:`COMPUTE_DTYPE`, and every buffer
+    on ``device`` (buffers keep their dtype: a packed kernel layer's fp16 scales are its stored form, not a weight)."""
+    return all(p.device == device and (p.dtype == COMPUTE_DTYPE or not p.is_floating_point()) for p in module.parameters()) \
+        and all(b.device == device for b in module.buffers())
 
 
 @contextlib.contextmanager
