@@ -274,7 +274,7 @@ def report(records: dict[str, dict[str, dict]]) -> str:
     lines += ["", "## Peak RSS against the bound (GiB)", "",
               "The bound for the measured model (its blocks) and what it becomes for the whole model: the model term grows by "
               "the blocks not built, nothing else.", "",
-              "| shape | stage | model (measured blocks) | bound | peak RSS | peak / bound | whole-model bound |", "|---|---|---|---|---|---|---|"]
+              "| shape | stage | model (measured blocks) | bound | peak RSS | peak / bound | whole-model bound | commit |", "|---|---|---|---|---|---|---|---|"]
     for name, stages in records.items():
         shape = SHAPES[name]
         baseline = stages.get("baseline", {}).get("peak_rss", 0)
@@ -286,8 +286,13 @@ def report(records: dict[str, dict[str, dict]]) -> str:
             block_storage = r["block_params"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
             whole = bound["total"] + (shape["layers"] - MEASURED_BLOCKS) * block_storage
             lines.append(f"| {name} | {stage} | {gib(r['model_bytes'])} | {gib(bound['total'])} | {gib(r['peak_rss'])} | "
-                         f"{r['peak_rss'] / bound['total']:.2f} | {gib(whole)} |")
+                         f"{r['peak_rss'] / bound['total']:.2f} | {gib(whole)} | {commit_of(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def commit_of(record: dict) -> str:
+    """The commit a stage's record was measured at (stages of one table may come from several runs)."""
+    return record.get("provenance", "").split("- commit: ")[-1].splitlines()[0] if "- commit: " in record.get("provenance", "") else "-"
 
 
 def load_records() -> dict[str, dict[str, dict]]:

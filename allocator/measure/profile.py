@@ -240,7 +240,7 @@ def profile_layer(
     ``kept``, each quantizer's result is put there under its index ("0", "1", ...)."""
     start = time.perf_counter()
     # the block ran on its device; the quantizers run on the CPU
-    hessian = stats.hessian.hessian().cpu()
+    hessian = stats.hessian.finish().cpu()
     w = weight.detach().float().cpu()
     measurements = measure_layer(name, w, hessian, stats.absmax.cpu(), block, num_blocks)
     bits: list[int] = []
