@@ -232,7 +232,8 @@ def report(records: dict[str, dict]) -> str:
     for model, record in records.items():
         lines += [f"## {model}", "", record["provenance"]]
         lines += [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
-                  for run in record.get("resumed", [])[1:]] + [""]
+                  for run in record.get("resumed", [])[1:]]
+        lines += [f"- note: {note}" for note in record.get("notes", [])] + [""]  # what the numbers alone do not say
         costs, quality = record.get("costs", {}), record.get("quality", {})
         kl_cost = costs.get("kl", {}).get("seconds")
         lines += ["| loss | wall s | share of `kl`'s | calibration fwd | backward | KL fwd | Spearman | log-Pearson |",
