@@ -278,6 +278,10 @@ def main() -> None:
         if not args.render:
             run_model(model, base / model, [float(b) for b in args.budgets.split(",")])
     records = {p.parent.name: json.loads(p.read_text()) for p in sorted(base.glob("*/record.json"))}
+    for model, record in records.items():  # notes.json: what a person observed while the run went (a list of lines)
+        notes = base / model / "notes.json"
+        if notes.is_file():
+            record["notes"] = json.loads(notes.read_text())
     (RESULTS / "sensitivity.md").write_text(report(records))
     print(RESULTS / "sensitivity.md")
 
