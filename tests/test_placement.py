@@ -11,6 +11,7 @@ import torch
 from allocator.errors import BitallocError
 from allocator.measure.profile import profile_model
 from allocator.model.calibration import capture_block_inputs
+from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
 from allocator.model.placement import CPU, resolve_device, storage_dtype, to_compute, working_block
 from allocator.quantize.apply import quantize_model
@@ -104,7 +105,7 @@ def test_bf16_stored_model_profiles_like_its_fp32_copy(isolated_cache, corpus) -
 def test_bf16_stored_model_quantizes_like_its_fp32_copy() -> None:
     stored, reference = stored_pair()
     samples = torch.randint(2, 30, (4, 32), generator=torch.Generator().manual_seed(1))
-    names = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    names = list(quantizable_linears(reference))
     quantizers = {n: GPTQQuantizer(3, 32) for n in names}
     got = quantize_model(stored, quantizers, samples, progress=False)
     want = quantize_model(reference, quantizers, samples, progress=False)
@@ -174,7 +175,7 @@ def test_evaluation_falls_back_to_whole_forwards_outside_the_blocks() -> None:
 def test_released_float_copies_decode_to_the_same_weights() -> None:
     _, reference = stored_pair()
     samples = torch.randint(2, 30, (4, 32), generator=torch.Generator().manual_seed(6))
-    names = [n for n, m in reference.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    names = list(quantizable_linears(reference))
     quantizers = {n: GPTQQuantizer(2, 32) for n in names}
     kept = quantize_model(reference, quantizers, samples, progress=False)
     lean = quantize_model(reference, quantizers, samples, progress=False, keep_dequantized=False)

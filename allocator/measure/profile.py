@@ -156,16 +156,13 @@ class KLProbe:
 
     def _prepare_tail(self) -> None:
         forward = self._forward
-        if not forward.handles(self.base) or not forward.handles({}):
+        if not forward.handles(self.base) or (self.base and self._first_block(self.base) is None):
             return  # no norm/head this understands, or a base outside the blocks: whole forwards
         captured = forward.capture(self.windows, batch_size=1)
         inputs = [list(captured.hidden_states)]
         for index in range(len(forward.layers) - 1):
             inputs.append([forward.run_blocks(h, captured, self.base, index, index + 1) for h in inputs[-1]])
         self._block_inputs, self._captured = inputs, captured
-        if self.base and self._first_block(self.base) is None:
-            self._block_inputs = None  # the base changes weights outside the blocks: whole forwards
-            return
         if self.reference and not self.base:
             whole = self.reference[0]
         else:

@@ -13,7 +13,6 @@ the caller runs whole forwards instead.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -70,8 +69,7 @@ class BlockwiseForward:
             if self._placed[index] and not local:  # the common case of a probe's tail: no copy, no swap, no lookups
                 hidden = run_block(stored, hidden, captured.block_kwargs[index])
                 continue
-            with (contextlib.nullcontext(stored) if self._placed[index] else working_block(stored, self.device)) as block, \
-                    swapped_weights(block, local):
+            with working_block(stored, self.device) as block, swapped_weights(block, local):
                 hidden = run_block(block, hidden, captured.block_kwargs[index])
         return hidden
 
