@@ -153,7 +153,7 @@ def key_of(allocation: dict[str, str]) -> str:
     return json.dumps(allocation, sort_keys=True)
 
 
-def run_model(model: str, out: Path, budgets: list[float]) -> dict:
+def run_model(model: str, out: Path, budgets: list[float], screen_limit: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "record.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"provenance": provenance()}
@@ -212,6 +212,8 @@ def run_model(model: str, out: Path, budgets: list[float]) -> dict:
     weights = OptionWeights.beside(cached_table_path(table), table.labels)
     windows = evaluation_tokens(loaded, corpus, EvalSettings(tokens=SCREEN_TOKENS))
     todo = [k for k in allocations if k not in screened]
+    if screen_limit is not None:  # a seeded draw, so a partial screening samples every loss and budget alike
+        todo = [todo[i] for i in np.random.default_rng(0).permutation(len(todo))][:max(0, screen_limit - len(screened))]
     for start in range(0, len(todo), 4):
         keys = todo[start:start + 4]
         results = evaluate(loaded.model, windows, {k: weights.assemble(allocations[k]) for k in keys}, progress=False)
@@ -268,6 +270,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in SEQUENTIAL_BUDGETS),
                         help="budgets of the sequential quantizations (default 2,2.5,3,3.5)")
+    parser.add_argument("--screen-limit", type=int, default=None,
+                        help="screen at most this many allocations, drawn with a fixed seed (default: all of them)")
     parser.add_argument("--render", action="store_true", help="only rewrite sensitivity.md from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -276,7 +280,7 @@ def main() -> None:
         if model not in SETTINGS:
             raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
         if not args.render:
-            run_model(model, base / model, [float(b) for b in args.budgets.split(",")])
+            run_model(model, base / model, [float(b) for b in args.budgets.split(",")], args.screen_limit)
     records = {p.parent.name: json.loads(p.read_text()) for p in sorted(base.glob("*/record.json"))}
     for model, record in records.items():  # notes.json: what a person observed while the run went (a list of lines)
         notes = base / model / "notes.json"
