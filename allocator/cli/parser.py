@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from allocator.measure.distributed import RaySettings
 
 EXIT_BAD_INPUT = 2
 
@@ -72,6 +76,30 @@ def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--scale-fold-alpha", type=alpha, default=NOT_GIVEN, metavar="ALPHA",
                         help=f"s = max|x|^alpha / max|w|^(1-alpha): a number in [0, 1] (default {DEFAULT_ALPHA}) or "
                              "'search' (per fold site on a grid, by the Hessian-weighted error of the quantizer)")
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """``--ray`` and ``--ray-cpus``: the profile's units on a Ray cluster (:mod:`allocator.measure.distributed`)."""
+    from allocator.measure.distributed import RAY_ADDRESS_HELP
+
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS", help=RAY_ADDRESS_HELP + "; the same table")
+    parser.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N",
+                        help="CPUs of the local Ray cluster --ray starts (default: every CPU here)")
+
+
+def ray_settings(args: argparse.Namespace) -> RaySettings | None:
+    """The :class:`allocator.measure.distributed.RaySettings` of ``--ray``/``--ray-cpus``, the cluster already joined
+    or started (so a missing Ray or an unreachable address fails before the model loads)."""
+    from allocator.errors import BitallocError
+    from allocator.measure.distributed import RaySettings, require_ray
+
+    if args.ray is None:
+        if args.ray_cpus is not None:
+            raise BitallocError("--ray-cpus only applies with --ray")
+        return None
+    settings = RaySettings(address=args.ray, num_cpus=args.ray_cpus)
+    settings.connect(require_ray())  # stays up until the command exits
+    return settings
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:

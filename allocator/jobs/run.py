@@ -14,6 +14,7 @@ from allocator.evaluate.accounting import model_size_bytes
 from allocator.evaluate.report import print_rows, rows_to_json
 from allocator.evaluate.rows import VariantRow
 from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+from allocator.measure.distributed import RaySettings
 from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import Corpus
@@ -66,20 +67,22 @@ def run_job(
     kl_seqlen: int | None = None,
     say: Callable[[str], None] = print,
     device: torch.device = CPU,
+    ray: RaySettings | None = None,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
     ``measure_kl`` is off, allocate ``budget`` with
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
     evaluate against the reference. ``say`` reports each stage. The blocks of the profile, the quantization and the
-    evaluation run on ``device`` (:mod:`allocator.model.placement`)."""
+    evaluation run on ``device`` (:mod:`allocator.model.placement`); with ``ray`` the profile's options are quantized on
+    that Ray cluster (:mod:`allocator.measure.distributed`)."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
     say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")
     tick = time.perf_counter()
     table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress,
-                          device=device)
+                          device=device, ray=ray)
     stages["profile"] = time.perf_counter() - tick
     if measure_kl:
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")

@@ -46,7 +46,9 @@ from allocator import __version__
 from allocator.errors import BitallocError
 from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
 from allocator.evaluate.perplexity import next_token_logprobs
+from allocator.measure.distributed import RayLayerScorer, RaySettings
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
+from allocator.measure.option_scores import OptionScore, score_options
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.proxies import GPTQ_BY_RTN_SUFFIX, pricing_quantizer
 from allocator.model.arch import tie_groups
@@ -63,7 +65,6 @@ from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
 from allocator.table.options import default_options
 from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from quantizers import QuantizedTensor, Quantizer
-from quantizers.gptq import GPTQQuantizer, gptq_many
 
 log = logging.getLogger(__name__)
 
@@ -207,19 +208,28 @@ class KLProbe:
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 
 
-def quantize_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> list[QuantizedTensor]:
-    """Every quantizer's result on one layer, in order; GPTQ options differing only in their grids share one column
-    loop (:func:`quantizers.gptq.gptq_many`, bit-identical to quantizing one by one)."""
-    results: dict[int, QuantizedTensor] = {}
-    loops: dict[tuple, list[tuple[int, GPTQQuantizer]]] = {}
-    for index, quantizer in enumerate(quantizers):
-        if isinstance(quantizer, GPTQQuantizer):
-            loops.setdefault(quantizer.column_loop, []).append((index, quantizer))
-        else:
-            results[index] = quantizer.quantize(weight, hessian)
-    for members in loops.values():
-        results.update(zip((i for i, _ in members), gptq_many([q for _, q in members], weight, hessian)))
-    return [results[index] for index in range(len(quantizers))]
+def layer_result(
+    name: str,
+    measurements: LayerMeasurements,
+    scores: Sequence[OptionScore],
+    kl_probe: KLProbe | None,
+    kept: dict[str, QuantizedTensor] | None,
+    seconds: float,
+) -> LayerResult:
+    """A layer's row of the table from its options' scores; with ``kl_probe`` each option's KL is measured here, and
+    with ``kept`` each option's weights are put there under its index ("0", "1", ...)."""
+    start = time.perf_counter()
+    losses: dict[str, list[float]] = {HESSIAN_ERR: [s.hessian_err for s in scores], WEIGHT_ERR: [s.weight_err for s in scores]}
+    if kl_probe is not None:
+        losses[KL] = [kl_probe.mean_kl({name: s.quantized.dequantized}) for s in scores]
+    if kept is not None:
+        kept.update({str(index): s.quantized for index, s in enumerate(scores)})
+    return LayerResult(name, [s.bits for s in scores], losses, measurements, seconds + time.perf_counter() - start)
+
+
+def layer_inputs(weight: torch.Tensor, stats: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 CPU weight and finished input Hessian the quantizers take (the block ran on its device)."""
+    return weight.detach().float().cpu(), stats.hessian.finish().cpu()
 
 
 @torch.inference_mode()
@@ -236,26 +246,10 @@ def profile_layer(
     """Measure one layer and quantize it alone with every quantizer (see the module doc); with
     ``kept``, each quantizer's result is put there under its index ("0", "1", ...)."""
     start = time.perf_counter()
-    # the block ran on its device; the quantizers run on the CPU
-    hessian = stats.hessian.finish().cpu()
-    w = weight.detach().float().cpu()
+    w, hessian = layer_inputs(weight, stats)
     measurements = measure_layer(name, w, hessian, stats.absmax.cpu(), block, num_blocks)
-    bits: list[int] = []
-    losses: dict[str, list[float]] = {HESSIAN_ERR: [], WEIGHT_ERR: []}
-    if kl_probe is not None:
-        losses[KL] = []
-    results = quantize_options(quantizers, w, hessian)
-    h = hessian.double()  # made after the quantizers ran: not alive beside their own n x n temporaries
-    for index, qt in enumerate(results):
-        if kept is not None:
-            kept[str(index)] = qt
-        error = (w - qt.dequantized).double()
-        bits.append(qt.storage_bits)
-        losses[HESSIAN_ERR].append(float(((error @ h) * error).sum()))
-        losses[WEIGHT_ERR].append(float((error**2).sum()))
-        if kl_probe is not None:
-            losses[KL].append(kl_probe.mean_kl({name: qt.dequantized}))
-    return LayerResult(name, bits, losses, measurements, time.perf_counter() - start)
+    scores = score_options(quantizers, w, hessian)
+    return layer_result(name, measurements, scores, kl_probe, kept, time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------- cache and resume
@@ -421,6 +415,7 @@ def profile_model(
     scale_fold: ScaleFoldSettings | None = None,
     gptq_by_rtn: bool = False,
     device: torch.device = CPU,
+    ray: RaySettings | None = None,
 ) -> SensitivityTable:
     """The sensitivity table of ``loaded`` for ``options`` (default: :func:`allocator.table.options.default_options`).
 
@@ -443,6 +438,9 @@ def profile_model(
 
     Each decoder block runs on ``device`` in fp32 (:mod:`allocator.model.placement`), the model staying where and in the
     dtype it is stored; the device does not enter the key (the same table, up to float rounding, on any device).
+
+    With ``ray`` the options are quantized on a Ray cluster (:mod:`allocator.measure.distributed`): the same table as
+    the serial run, so it does not enter the key either.
     """
     start = time.perf_counter()
     options = list(options) if options is not None else default_options()
@@ -507,7 +505,7 @@ def profile_model(
             overlay = compute_scale_fold(model, tokens, scale_fold, None, progress)[1]
         with swapped_weights(model, overlay):  # the folded model computes the same function
             _profile_layers(model, tokens, quantizers, done, len(names), partial if cache else None, measure_kl, kl_samples, progress, kept,
-                            device)
+                            device, ray)
     metadata["seconds"] = time.perf_counter() - start  # wall time of this call (a resumed profile: its own part)
     table = _build_table(key, names, options, done, metadata)
     if cache:
@@ -529,8 +527,10 @@ def _profile_layers(
     progress: bool,
     kept: OptionWeights | None = None,
     device: torch.device = CPU,
+    ray: RaySettings | None = None,
 ) -> None:
-    """Profile every layer not in ``done`` (adding it there, and to ``partial`` at once)."""
+    """Profile every layer not in ``done`` (adding it there, and to ``partial`` at once); with ``ray``, each layer's
+    options are quantized on the cluster (:mod:`allocator.measure.distributed`) while the next blocks run here."""
     kl_probe = KLProbe(model, tokens[:kl_samples], device=device) if measure_kl else None
     inputs = capture_block_inputs(model, tokens, device=device)
     hidden = inputs.hidden_states
@@ -538,27 +538,48 @@ def _profile_layers(
     layers = decoder_layers(model)
     qualified = [{local: f"{prefix}.{i}.{local}" for local in layer_linears(layer)} for i, layer in enumerate(layers)]
     last_needed = max(i for i, block in enumerate(qualified) if any(q not in done for q in block.values()))
+    scorer = RayLayerScorer(quantizers, ray) if ray is not None else None
     with tqdm(total=total, initial=len(done), desc="profile layers", disable=not progress) as bar:
-        for index in range(last_needed + 1):
-            wanted = [local for local, q in qualified[index].items() if q not in done]
-            with working_block(layers[index], device) as block:
-                stats, hidden = _collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
-                weights_of = {local: module.weight.detach().float().cpu() for local, module in layer_linears(block).items()}
-            for local in wanted:
-                name = qualified[index][local]
-                bar.set_postfix_str(name, refresh=False)
-                if local not in stats:  # never called on the calibration samples (an unused expert, ...)
-                    log.warning("%s saw no calibration input; its Hessian is zero", name)
-                    stats[local] = InputStatistics(weights_of[local].shape[1])
+
+        def record(result: LayerResult, weights: dict[str, QuantizedTensor] | None) -> None:
+            if kept is not None and weights is not None:
+                kept.save(result.name, {kept.labels[int(i)]: w for i, w in weights.items()})
+            done[result.name] = result
+            if partial is not None:
+                partial.save(result)
+            bar.set_postfix_str(result.name, refresh=False)
+            bar.update()
+
+        def record_scored(finished: list[tuple[str, Any, list[OptionScore], float]]) -> None:
+            for name, measurements, scores, seconds in finished:
                 weights: dict[str, QuantizedTensor] | None = {} if kept is not None else None
-                result = profile_layer(name, weights_of[local], stats[local], quantizers, index, len(layers), kl_probe, weights)
-                if kept is not None and weights is not None:
-                    kept.save(name, {kept.labels[int(i)]: w for i, w in weights.items()})
-                done[name] = result
-                if partial is not None:
-                    partial.save(result)
-                bar.update()
-            del stats
+                record(layer_result(name, measurements, scores, kl_probe, weights, seconds), weights)
+
+        try:
+            for index in range(last_needed + 1):
+                wanted = [local for local, q in qualified[index].items() if q not in done]
+                with working_block(layers[index], device) as block:
+                    stats, hidden = _collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
+                    weights_of = {local: module.weight.detach().float().cpu() for local, module in layer_linears(block).items()}
+                for local in wanted:
+                    name = qualified[index][local]
+                    if local not in stats:  # never called on the calibration samples (an unused expert, ...)
+                        log.warning("%s saw no calibration input; its Hessian is zero", name)
+                        stats[local] = InputStatistics(weights_of[local].shape[1])
+                    if scorer is None:
+                        weights: dict[str, QuantizedTensor] | None = {} if kept is not None else None
+                        record(profile_layer(name, weights_of[local], stats[local], quantizers, index, len(layers), kl_probe, weights), weights)
+                        continue
+                    w, hessian = layer_inputs(weights_of[local], stats[local])
+                    measurements = measure_layer(name, w, hessian, stats[local].absmax.cpu(), index, len(layers))
+                    record_scored(scorer.submit(name, w, hessian, measurements))
+                    record_scored(scorer.collect())
+                del stats
+            if scorer is not None:
+                record_scored(scorer.collect(everything=True))
+        finally:
+            if scorer is not None:
+                scorer.close()
 
 
 TIMING_KEYS = frozenset({"seconds", "layer_seconds"})

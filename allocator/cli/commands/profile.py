@@ -9,7 +9,7 @@ from pathlib import Path
 
 from allocator.cli.common import kl_anchors, scale_fold_settings
 from allocator.cli.outputs import output_file
-from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_scale_fold_flags, model_help, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_ray_flags, add_scale_fold_flags, model_help, positive_int, ray_settings
 
 NAME = "profile"
 HELP = "measure every (layer, option): exact bits, loss estimates and features -> sensitivity table"
@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "skipped); the options and bit maps stay GPTQ")
     parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     add_placement_flags(parser)
+    add_ray_flags(parser)
     parser.add_argument("--recompute", action="store_true", help="ignore a cached table and partial results")
     add_scale_fold_flags(parser, "profiling (use the same with quantize)")
     parser.add_argument("--ggml-types", nargs="*", metavar="TYPE",
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return profile_ggml_types_command(args)
     options = parse_options(args.options)  # bad specs fail before the model loads
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
+    ray = ray_settings(args)
     if args.measure_kl and args.scale_fold:
         raise BitallocError("--measure-kl needs the kept option weights, which a --scale-fold profile does not keep")
     if args.kl_anchors and not args.measure_kl:
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         table = profile_model(
             loaded, corpus, options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
             recompute=args.recompute, progress=not args.no_progress, scale_fold=scale_fold_settings(args),
-            gptq_by_rtn=args.gptq_by_rtn, device=device,
+            gptq_by_rtn=args.gptq_by_rtn, device=device, ray=ray,
         )
         if args.measure_kl:
             table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from allocator.cli.common import kl_anchors
 from allocator.cli.outputs import output_dir, packed_output
-from allocator.cli.parser import CORPUS_HELP, add_placement_flags, model_help, positive_int
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_ray_flags, model_help, positive_int, ray_settings
 
 NAME = "run"
 HELP = "the main job: profile -> solve -> quantize -> eval for one budget, printing a table"
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-kl", action="store_true", help="solve on the Hessian-weighted output error alone (no KL measurement)")
     parser.add_argument("--out", type=Path, help="also save the bit map, the packed model and the rows here (a directory)")
     add_placement_flags(parser)
+    add_ray_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     if kl_seqlen > args.seqlen or kl_seqlen < 2:
         raise BitallocError(f"--kl-seqlen must be 2 to {args.seqlen} tokens (--seqlen), got {kl_seqlen}")
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
+    ray = ray_settings(args)
     solver: str | Solver = args.solver or "ilp"
     if args.policy is not None:
         from policies.solver import PolicySolver
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed, true_sequential=args.true_sequential)
     result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress,
-                     kl_seqlen=kl_seqlen, device=device)
+                     kl_seqlen=kl_seqlen, device=device, ray=ray)
     print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
         save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)

@@ -1,0 +1,101 @@
+"""The profile on a 2-worker local Ray cluster writes the serial run's table (tiny model: mechanics only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import allocator.measure.profile as profile_module
+from allocator.errors import BitallocError
+from allocator.measure.distributed import RaySettings
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.table.options import parse_options
+from tests.cli_helpers import assert_one_line_error, run
+
+ray = pytest.importorskip("ray")
+
+OPTIONS = ["xnor", "rtn2", "gptq2", "gptq3", "gptq4"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A 2-CPU local cluster for the module (shut down after it)."""
+    settings = RaySettings(address="local", num_cpus=2, object_store_bytes=256 * 2**20)
+    started = settings.connect(ray)
+    yield settings
+    if started:
+        ray.shutdown()
+
+
+def assert_same_table(a, b) -> None:
+    assert a.names == b.names and a.labels == b.labels
+    np.testing.assert_array_equal(a.bits, b.bits)
+    assert set(a.losses) == set(b.losses)
+    for loss in a.losses:
+        np.testing.assert_array_equal(a.losses[loss], b.losses[loss], err_msg=loss)
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_ray_profile_equals_the_serial_one(loaded, corpus, local_ray) -> None:
+    options = parse_options(OPTIONS)
+    serial = profile_model(loaded, corpus, options, samples=4, seqlen=32, measure_kl=True, kl_samples=2, cache=False, progress=False)
+    on_ray = profile_model(loaded, corpus, options, samples=4, seqlen=32, measure_kl=True, kl_samples=2, cache=False, progress=False,
+                           ray=local_ray)
+    assert_same_table(serial, on_ray)
+
+
+def test_ray_profile_keeps_the_serial_weights_and_resumes(loaded, corpus, local_ray, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "serial"))
+    options = parse_options(OPTIONS)
+    serial = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False)
+    serial_weights = OptionWeights.beside(cached_table_path(serial), serial.labels)
+    monkeypatch.setenv("BITALLOC_CACHE", str(tmp_path / "ray"))
+    finish = profile_module.layer_result
+    calls: list[str] = []
+
+    def interrupted(name, *args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(name)
+        return finish(name, *args, **kwargs)
+
+    monkeypatch.setattr(profile_module, "layer_result", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False, ray=local_ray)
+    assert ray.is_initialized()  # the interrupted profile left the cluster it did not start
+    calls.clear()
+    monkeypatch.setattr(profile_module, "layer_result", lambda name, *a, **k: calls.append(name) or finish(name, *a, **k))
+    on_ray = profile_model(loaded, corpus, options, samples=4, seqlen=32, progress=False, ray=local_ray)
+    assert len(calls) == len(serial.names) - 5  # the resumed run scored only the layers the first did not save
+    assert_same_table(serial, on_ray)
+    ray_weights = OptionWeights.beside(cached_table_path(on_ray), on_ray.labels)
+    for name in serial.names:
+        for label in serial.labels:
+            assert torch.equal(serial_weights.load(name, label), ray_weights.load(name, label)), (name, label)
+
+
+def test_bad_ray_settings_fail_in_one_line() -> None:
+    with pytest.raises(BitallocError, match="at least one CPU"):
+        RaySettings(address="local", num_cpus=0)
+    with pytest.raises(BitallocError, match="needs 'auto'"):
+        RaySettings(address=" ")
+
+
+def test_an_unreachable_cluster_fails_before_any_work() -> None:
+    with pytest.raises(BitallocError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+        RaySettings(address="127.0.0.1:1").check_reachable(seconds=2)
+    with pytest.raises(BitallocError, match="is not 'auto', 'local', HOST:PORT"):
+        RaySettings(address="somewhere").check_reachable()
+
+
+@pytest.mark.parametrize("command", ["profile", "run"])
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster"),
+    (["--ray-cpus", "2"], "--ray-cpus only applies with --ray"),
+])
+def test_cli_ray_errors_are_one_line(capsys, command, flags, message) -> None:
+    extra = ["--bpw", "2.5"] if command == "run" else []
+    code, _, err = run(capsys, command, "--model", "smollm2-135m", *extra, *flags)
+    assert_one_line_error(code, err, message)
