@@ -99,3 +99,26 @@ def test_cli_ray_errors_are_one_line(capsys, command, flags, message) -> None:
     extra = ["--bpw", "2.5"] if command == "run" else []
     code, _, err = run(capsys, command, "--model", "smollm2-135m", *extra, *flags)
     assert_one_line_error(code, err, message)
+
+
+def test_option_scores_do_not_depend_on_the_thread_count() -> None:
+    """A Ray worker runs on one thread, the profiling process on several: their scores must agree bit for bit."""
+    from allocator.measure.option_scores import score_options
+    from allocator.measure.proxies import pricing_quantizer
+
+    quantizers = [pricing_quantizer(o.settings, False) for o in parse_options(["main"])]
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 512, generator=generator) * 0.02
+    inputs = torch.randn(2048, 512, generator=generator)
+    hessian = 2 * inputs.T @ inputs / len(inputs)
+    previous = torch.get_num_threads()
+    try:
+        scores = []
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            scores.append(score_options(quantizers, weight, hessian))
+    finally:
+        torch.set_num_threads(previous)
+    for one, many in zip(*scores):
+        assert (one.bits, one.hessian_err, one.weight_err) == (many.bits, many.hessian_err, many.weight_err)
+        assert torch.equal(one.quantized.dequantized, many.quantized.dequantized)

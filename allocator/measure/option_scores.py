@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from quantizers import QuantizedTensor, Quantizer
+from quantizers.base import single_threaded
 from quantizers.gptq import GPTQQuantizer, gptq_many
 
 
@@ -64,9 +65,10 @@ def score_options(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian
     results = quantize_options(quantizers, weight, hessian)
     h = hessian.double()  # made after the quantizers ran: not alive beside their own n x n temporaries
     scores = []
-    for qt in results:
-        error = (weight - qt.dequantized).double()
-        scores.append(OptionScore(qt.storage_bits, float(((error @ h) * error).sum()), float((error**2).sum()), qt))
+    with single_threaded():  # a threaded sum rounds by its thread count: one thread gives every process the same bits
+        for qt in results:
+            error = (weight - qt.dequantized).double()
+            scores.append(OptionScore(qt.storage_bits, float(((error @ h) * error).sum()), float((error**2).sum()), qt))
     return scores
 
 
