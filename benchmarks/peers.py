@@ -1,0 +1,249 @@
+"""bitalloc beside the tools a user would pick instead: same models, same tokens, same budgets -> results/peers.md, peers.png.
+
+Every row of a model is evaluated on the same evaluation token ids (16384 for SmolLM2, 8192 for Gemma3: ``SETTINGS``),
+perplexity and mean per-token KL against the same fp32 reference; a method that calibrates gets the same 64 x 512
+calibration windows (bitalloc's seeded calibration samples).
+
+- **bitalloc**: ``bitalloc run``'s job (the ``main`` options, every option's single-layer KL on 128 tokens, ILP, GPTQ
+  block by block on the quantized prefix) at ``BITALLOC_BUDGETS``; its time is the allocation (profile + KL, once per
+  model, from the profile cache's record) plus each budget's quantization.
+- **HQQ** (``hqq``): every decoder linear quantized by ``hqq.core.quantize.Quantizer.quantize`` (half-quadratic
+  zero/scale search, calibration-free) at 2, 3 and 4 bits, with HQQ's default group size 64 and with 128.
+- **llama.cpp**: its presets (with an importance matrix where they need one) and bitalloc's GGUF maps, as measured by
+  ``benchmarks/gguf_presets.py`` into ``results/gguf/<model>.json`` (copied here only when they were measured on these
+  same token ids: the reference perplexity must agree).
+
+Honest bpw = every bit a tool stores for the decoder linears / their weights: codes as packed in its storage format,
+plus each scale and zero point at the width the tool keeps it (HQQ: its packed codes, fp16 scale and fp16 zero per
+group, as ``HQQLinear`` keeps them; llama.cpp: the linears' tensor bytes in the GGUF file; bitalloc: its stored forms).
+Embeddings, norms and the head stay float in every row and are not counted.
+
+Each row is saved to results/peers/<model>.json as it is measured; a rerun measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Mapping
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, provenance
+
+from allocator.evaluate.perplexity import evaluate
+from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
+from allocator.model.corpus import load_corpus
+from allocator.model.layers import quantizable_linears
+from allocator.model.loading import LoadedModel, load_model
+from allocator.solvers import Budget
+from allocator.storage import write_json
+from allocator.table.options import parse_options
+
+SETTINGS = {"smollm2-135m": {"tokens": 16384}, "gemma3-270m": {"tokens": 8192}}
+BITALLOC_BUDGETS = [2.5, 3.0, 3.5, 4.0]
+HQQ_BITS = [2, 3, 4]
+HQQ_GROUPS = [64, 128]
+PEER_PACKAGES = ["hqq", "auto-round"]
+REFERENCE_AGREEMENT = 1e-3
+"""Relative difference of reference perplexities under which another results file counts as measured on these tokens."""
+
+Row = dict[str, Any]
+
+
+def linear_numel(loaded: LoadedModel) -> int:
+    return sum(m.weight.numel() for m in quantizable_linears(loaded.model).values())
+
+
+def measure_overlays(loaded: LoadedModel, windows: torch.Tensor, overlays: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """Perplexity and KL of each overlay (module name -> weight) against the reference (key ``reference``)."""
+    return evaluate(loaded.model, windows, overlays, progress=False)
+
+
+# ----------------------------------------------------------------------------- HQQ
+
+
+def hqq_layer(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, int]:
+    """HQQ's quantization of one linear: (dequantized fp32 weight, stored bits: packed codes + fp16 scale and zero)."""
+    from hqq.core.quantize import Quantizer as HQQQuantizer
+
+    # hqq_base_quant_config's weight settings: optimize on, zero rounded only at 4 bits, groups along the input axis
+    codes, meta = HQQQuantizer.quantize(weight.float(), nbits=bits, channel_wise=True, group_size=group_size, optimize=True,
+                                        round_zero=bits == 4, axis=1, bitpack=True, compute_dtype=torch.float16, device="cpu")
+    meta["compute_dtype"] = torch.float32  # dequantize in fp32; the stored scale and zero are fp16 in HQQLinear
+    meta["scale"], meta["zero"] = meta["scale"].half().float(), meta["zero"].half().float()
+    dequantized = HQQQuantizer.dequantize(codes, meta).float()
+    stored = codes.numel() * codes.element_size() * 8 + 16 * (meta["scale"].numel() + meta["zero"].numel())
+    return dequantized, stored
+
+
+def hqq_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    linears = quantizable_linears(loaded.model)
+    numel = linear_numel(loaded)
+    todo = [(bits, group) for bits in HQQ_BITS for group in HQQ_GROUPS if f"HQQ w{bits} g{group}" not in done]
+    for bits, group in todo:
+        tick = time.perf_counter()
+        overlay, stored = {}, 0
+        for name, module in linears.items():
+            overlay[name], bits_stored = hqq_layer(module.weight.detach(), bits, group)
+            stored += bits_stored
+        seconds = time.perf_counter() - tick
+        result = measure_overlays(loaded, windows, {"hqq": overlay})["hqq"]
+        save({"tool": "HQQ", "variant": f"HQQ w{bits} g{group}", "bpw": stored / numel, "perplexity": result.perplexity, "kl": result.kl,
+              "quantize_seconds": seconds, "settings": {"nbits": bits, "group_size": group, "optimize": True, "axis": 1}})
+
+
+# ----------------------------------------------------------------------------- bitalloc
+
+
+def bitalloc_rows(loaded: LoadedModel, model: str, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    corpus = load_corpus("enwiki")
+    settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)
+    for bpw in BITALLOC_BUDGETS:
+        name = f"bitalloc run @{bpw:g}"
+        if name in done:
+            continue
+        result = run_job(loaded, corpus, parse_options(RUN_OPTIONS), Budget.bpw(bpw), "ilp", settings, None, kl_seqlen=RUN_KL_SEQLEN,
+                         progress=False, say=lambda _line: None)
+        row = result.rows[-1]
+        table = result.table
+        allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
+        save({"tool": "bitalloc", "variant": name, "bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl,
+              "quantize_seconds": result.stage_seconds["quantize"], "allocation_seconds": allocation,
+              "settings": {"options": RUN_OPTIONS, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss}})
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+
+def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], save: Callable[[Row], None]) -> str:
+    """Copy results/gguf/<model>.json's rows measured on these tokens; returns what was done (for the notes)."""
+    path = RESULTS / "gguf" / f"{model}.json"
+    if not path.is_file():
+        return f"llama.cpp: not run for {model} (no results/gguf/{model}.json: python benchmarks/gguf_presets.py --models {model} --tokens {SETTINGS[model]['tokens']})"
+    measured = json.loads(path.read_text())
+    reference = measured["rows"][0]["perplexity"]
+    if abs(reference - reference_ppl) > REFERENCE_AGREEMENT * reference_ppl:
+        return f"llama.cpp: results/gguf/{model}.json was measured on other tokens (reference {reference:.3f} vs {reference_ppl:.3f}); not copied"
+    for row in measured["rows"][1:]:
+        if row["bpw"] is None or row["variant"].startswith("F32") or f"llama.cpp {row['variant']}" in done:
+            continue
+        save({"tool": "llama.cpp" if not row["variant"].startswith("bitalloc") else "bitalloc GGUF map (llama.cpp)",
+              "variant": f"llama.cpp {row['variant']}", "bpw": row["bpw"], "perplexity": row["perplexity"], "kl": row["kl"],
+              "quantize_seconds": row.get("make_seconds"), "settings": {"from": f"results/gguf/{model}.json", "types": row.get("linear_types")}})
+    return f"llama.cpp: rows copied from results/gguf/{model}.json ({measured['provenance'].splitlines()[2].removeprefix('- ')})"
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+def run_model(model: str, tools: set[str]) -> None:
+    path = RESULTS / "peers" / f"{model}.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"model": model, "provenance": provenance(), "rows": {}}
+    record.setdefault("resumed", []).append(provenance())
+    record["versions"] = {name: _version(name) for name in PEER_PACKAGES}
+    rows: dict[str, Row] = record["rows"]
+
+    def save(row: Row) -> None:
+        rows[row["variant"]] = row
+        write_json(path, record)
+        print(f"{model} {row['variant']}: {row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}, KL {row['kl']:.4f}", flush=True)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model)
+    windows = evaluation_tokens(loaded, load_corpus("enwiki"), EvalSettings(tokens=SETTINGS[model]["tokens"]))
+    if "reference" not in record:
+        reference = measure_overlays(loaded, windows, {})["reference"]
+        record["reference"] = {"perplexity": reference.perplexity, "tokens": reference.tokens}
+        write_json(path, record)
+    notes = record.setdefault("notes", {})
+    if "llama.cpp" in tools:
+        notes["llama.cpp"] = llama_cpp_rows(model, record["reference"]["perplexity"], rows, save)
+    if "hqq" in tools:
+        hqq_rows(loaded, windows, rows, save)
+    if "bitalloc" in tools:
+        bitalloc_rows(loaded, model, rows, save)
+    write_json(path, record)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except Exception:  # not installed: its rows are not run
+        return None
+
+
+def report(records: list[dict]) -> str:
+    lines = ["# bitalloc beside AutoRound, HQQ and llama.cpp", "", (__doc__ or "").split("\n\n", 1)[1].strip(), "",
+             "![ppl vs honest bpw](peers.png)", ""]
+    for record in records:
+        reference = record.get("reference", {})
+        lines += [f"## {record['model']}", "", record["provenance"]]
+        lines += [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
+                  for run in record.get("resumed", [])[1:]]
+        lines += [f"- peer versions: {', '.join(f'{k} {v}' for k, v in record.get('versions', {}).items())}",
+                  f"- reference (fp32) perplexity {reference.get('perplexity', float('nan')):.3f} on {reference.get('tokens')} evaluation tokens"]
+        lines += [f"- {note}" for note in record.get("notes", {}).values()] + [""]
+        lines += ["| tool | variant | honest bpw | ppl | ppl / ref | KL | quantize s | allocation s |", "|---|---|---|---|---|---|---|---|"]
+        for row in sorted(record["rows"].values(), key=lambda r: (r["tool"], r["bpw"])):
+            seconds = "-" if row.get("quantize_seconds") is None else f"{row['quantize_seconds']:.0f}"
+            allocation = f"{row['allocation_seconds']:.0f}" if row.get("allocation_seconds") else "-"
+            lines.append(f"| {row['tool']} | {row['variant']} | {row['bpw']:.3f} | {row['perplexity']:.2f} | "
+                         f"{row['perplexity'] / reference.get('perplexity', float('nan')):.3f} | {row['kl']:.4f} | {seconds} | {allocation} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(records), figsize=(6.5 * len(records), 4.8), squeeze=False)
+    for ax, record in zip(axes[0], records):
+        tools: dict[str, list[Row]] = {}
+        for row in record["rows"].values():
+            tools.setdefault(row["tool"], []).append(row)
+        for tool, rows in sorted(tools.items()):
+            rows = sorted(rows, key=lambda r: r["bpw"])
+            ax.plot([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=tool)
+        if "reference" in record:
+            ax.axhline(record["reference"]["perplexity"], color="gray", linestyle="--", linewidth=1, label="fp32 reference")
+        ax.set_yscale("log")
+        ax.set_xlabel("honest bits per weight (decoder linears)")
+        ax.set_ylabel("perplexity (log)")
+        ax.set_title(record["model"])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(SETTINGS))
+    parser.add_argument("--tools", default="llama.cpp,hqq,bitalloc", help="which rows to measure (comma-separated)")
+    parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    models = args.models.split(",")
+    for model in models:
+        if model not in SETTINGS:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
+    if not args.render:
+        for model in models:
+            run_model(model, {t.strip() for t in args.tools.split(",")})
+    records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
+    (RESULTS / "peers.md").write_text(report(records))
+    plot(records, RESULTS / "peers.png")
+    print(RESULTS / "peers.md")
+
+
+if __name__ == "__main__":
+    main()
