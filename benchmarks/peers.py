@@ -124,7 +124,8 @@ def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], sa
     """Copy results/gguf/<model>.json's rows measured on these tokens; returns what was done (for the notes)."""
     path = RESULTS / "gguf" / f"{model}.json"
     if not path.is_file():
-        return f"llama.cpp: not run for {model} (no results/gguf/{model}.json: python benchmarks/gguf_presets.py --models {model} --tokens {SETTINGS[model]['tokens']})"
+        command = f"python benchmarks/gguf_presets.py --models {model} --tokens {SETTINGS[model]['tokens']}"
+        return f"llama.cpp: not run for {model} (no results/gguf/{model}.json: {command})"
     measured = json.loads(path.read_text())
     reference = measured["rows"][0]["perplexity"]
     if abs(reference - reference_ppl) > REFERENCE_AGREEMENT * reference_ppl:
