@@ -45,6 +45,15 @@ def machine() -> str:
 _COMMIT_AT_START = git_commit()  # the code that ran, even if HEAD moves while a benchmark runs
 
 
+def chosen_models(text: str, known) -> list[str]:
+    """The comma-separated ``--models`` of a benchmark, every one checked against ``known`` before any work starts."""
+    models = [m.strip() for m in text.split(",") if m.strip()]
+    for model in models:
+        if model not in known:
+            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(known)}")
+    return models
+
+
 def provenance() -> str:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

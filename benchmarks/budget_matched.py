@@ -21,7 +21,7 @@ import json
 import math
 from pathlib import Path
 
-from _common import RESULTS, provenance
+from _common import RESULTS, chosen_models, provenance
 from finer_options import profile_and_sweep
 
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -169,9 +169,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite budget_matched.md from the saved results")
     parser.add_argument("--ladder", action="store_true", help="also profile and sweep the ladder option set (every option's KL)")
     args = parser.parse_args()
-    for model in args.models.split(","):
-        if model not in TOKENS:
-            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(TOKENS)}")
+    for model in chosen_models(args.models, TOKENS):
         if not args.render:
             measure(model, RESULTS / "budget_matched" / model)
         if args.ladder and not args.render:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from _common import RESULTS
+from _common import RESULTS, chosen_models
 from finer_options import options_used, profile_and_sweep
 
 OPTION_SPECS = ["binary", "gptq2:clip=mse", "gptq3:clip=mse", "gptq4:clip=mse"]
@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--render", action="store_true", help="only rewrite clip_search.md from the saved results")
     args = parser.parse_args()
-    for model in args.models.split(","):
-        if model not in SETTINGS:
-            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
+    for model in chosen_models(args.models, SETTINGS):
         if args.render:
             continue
         settings = SETTINGS[model]

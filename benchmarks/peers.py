@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, provenance
+from _common import RESULTS, chosen_models, provenance
 
 from allocator.evaluate.perplexity import evaluate
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -233,10 +233,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
-    models = args.models.split(",")
-    for model in models:
-        if model not in SETTINGS:
-            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
+    models = chosen_models(args.models, SETTINGS)
     if not args.render:
         for model in models:
             run_model(model, {t.strip() for t in args.tools.split(",")})

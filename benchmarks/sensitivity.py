@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, provenance
+from _common import RESULTS, chosen_models, provenance
 from scipy.stats import pearsonr, spearmanr
 
 from allocator.evaluate.perplexity import evaluate
@@ -276,9 +276,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     base = RESULTS / "sensitivity"
-    for model in args.models.split(","):
-        if model not in SETTINGS:
-            raise SystemExit(f"unknown model {model!r}; choose from {', '.join(SETTINGS)}")
+    for model in chosen_models(args.models, SETTINGS):
         if not args.render:
             run_model(model, base / model, [float(b) for b in args.budgets.split(",")], args.screen_limit)
     records = {p.parent.name: json.loads(p.read_text()) for p in sorted(base.glob("*/record.json"))}

@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -105,7 +105,6 @@ def _score_unit(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: 
 class _PendingLayer:
     payload: Any
     units: list[Any]
-    seconds: float = field(default=0.0)
 
 
 class RayLayerScorer:
