@@ -26,3 +26,19 @@ def test_pack_rejects_out_of_range_codes_and_widths() -> None:
         pack_codes(torch.tensor([0]), 9)
     with pytest.raises(ValueError):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 8)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_writes_the_documented_bit_stream(bits: int) -> None:
+    # code i at bits [i*bits, (i+1)*bits) of one little-endian stream, least significant bit first
+    codes = torch.randint(0, 1 << bits, (37,), generator=torch.Generator().manual_seed(bits))
+    stream = [(int(c) >> b) & 1 for c in codes for b in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    expected = [sum(stream[8 * k + j] << j for j in range(8)) for k in range(len(stream) // 8)]
+    assert pack_codes(codes, bits).tolist() == expected
+
+
+def test_pack_takes_float_codes_and_rejects_negative_ones() -> None:
+    assert torch.equal(unpack_codes(pack_codes(torch.tensor([[0.0, 3.0], [1.0, 2.0]]), 2), 2, 4).long(), torch.tensor([0, 3, 1, 2]))
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor([-1.0]), 2)

@@ -21,6 +21,26 @@ def test_smollm2_loads_as_llama_with_30_blocks(smollm2) -> None:
     assert not smollm2.add_bos  # SmolLM2 windows start with text, not <|im_start|>
 
 
+def test_gguf_dequantizes_once_into_a_bfloat16_cache_half_the_size(smollm2, isolated_cache) -> None:
+    """--dtype bfloat16 makes its own float cache in bf16 (each tensor cast as it is dequantized): the fp32 reference's
+    weights rounded to bf16, in half the bytes on disk; a second load reads that cache."""
+    import torch
+
+    loaded = load_model("smollm2-135m", torch.bfloat16)
+    (directory,) = (isolated_cache / "models").iterdir()
+    assert directory.name.endswith("-bfloat16")
+    params = dict(loaded.model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    reference = dict(smollm2.model.named_parameters())
+    assert all(torch.equal(params[name], reference[name].to(torch.bfloat16)) for name in params)
+    stored = (directory / "model.safetensors").stat().st_size
+    numel = sum(p.numel() for p in params.values())
+    assert 2 * numel <= stored < 2 * numel + (1 << 20)
+    again = load_model("smollm2-135m", torch.bfloat16)
+    assert [d.name for d in (isolated_cache / "models").iterdir()] == [directory.name]
+    assert torch.equal(again.model.lm_head.weight, loaded.model.lm_head.weight)
+
+
 def test_gptq_beats_rtn_at_3_bits_on_real_text(smollm2) -> None:
     # GPTQ needs a few thousand calibration tokens per Hessian (down_proj's is 1536 x 1536).
     settings = EvalSettings(seqlen=512, tokens=2048, samples=16)

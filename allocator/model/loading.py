@@ -1,8 +1,11 @@
 """Model loading: built-in GGUF models from PyPI, GGUF files, HF directories and hub ids.
 
 A GGUF file is dequantized to float by transformers once (20-60 s) and the float model is
-cached as safetensors under ``$BITALLOC_CACHE/models``, so later loads take seconds. That float
-model is the reference every quantized variant is compared with.
+cached as safetensors under ``$BITALLOC_CACHE/models``, so later loads take seconds (memory-mapped).
+That float model is the reference every quantized variant is compared with. The cache holds the
+storage dtype asked for (``--dtype``): each tensor is cast as soon as it is dequantized, so a
+bfloat16 cache never holds the fp32 model and takes half its bytes on disk and in memory. fp32 stays
+the default: the built-in models' results are measured on it.
 """
 
 from __future__ import annotations
@@ -87,14 +90,15 @@ class LoadedModel:
 def load_model(spec: str, dtype: torch.dtype | None = torch.float32) -> LoadedModel:
     """Load ``spec``: a built-in name, a ``.gguf`` path, an HF model directory, or a hub id, kept in CPU memory in ``dtype``
     (None: the dtype its checkpoint holds; a built-in's float cache holds float32)."""
+    cache_dtype = dtype if dtype is not None else torch.float32  # a GGUF holds no float dtype of its own
     if spec in BUILTIN_MODELS:
-        directory = _float_cache(spec, BUILTIN_MODELS[spec].locate_gguf())
+        directory = _float_cache(spec, BUILTIN_MODELS[spec].locate_gguf(), cache_dtype)
     else:
         path = Path(spec).expanduser()
         # a spec the system cannot even look up (a 5000-character name, ...) is refused here in one line
         status = path_stat(path, "--model")
         if is_file(path, "--model") and path.suffix == ".gguf":
-            directory = _float_cache(path.stem, path)
+            directory = _float_cache(path.stem, path, cache_dtype)
         elif is_dir(path, "--model"):
             if not is_file(path / "config.json", "--model"):
                 raise BitallocError(f"{shown(spec)} is a directory without config.json, not a model")
@@ -168,16 +172,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _float_cache(name: str, gguf_path: Path) -> Path:
-    """Directory holding the float model dequantized from ``gguf_path``; created on first use."""
-    directory = cache_dir("models") / f"{name}-{_sha256(gguf_path)[:16]}-v{FLOAT_CACHE_VERSION}"
+def float_cache_name(name: str, digest: str, dtype: torch.dtype) -> str:
+    """The float cache's directory name: fp32 caches keep the name they always had (so existing caches stay valid);
+    other dtypes add theirs."""
+    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return f"{name}-{digest[:16]}-v{FLOAT_CACHE_VERSION}{suffix}"
+
+
+def _float_cache(name: str, gguf_path: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Directory holding the float model dequantized from ``gguf_path`` in ``dtype``; created on first use."""
+    directory = cache_dir("models") / float_cache_name(name, _sha256(gguf_path), dtype)
     if (directory / "config.json").is_file():
         return directory
     open_gguf(gguf_path)  # a truncated or foreign file fails here, in one line, before transformers reads it
-    log.info("dequantizing %s to a float cache at %s (once)", gguf_path.name, directory)
+    log.info("dequantizing %s to a %s cache at %s (once)", gguf_path.name, dtype, directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # transformers casts each tensor to ``dtype`` right after dequantizing it: no fp32 copy of the whole model
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
         raise BitallocError(f"could not read GGUF {shown(gguf_path)}: {_first_line(exc)}") from None
     # The float copy is an ordinary model now, not a GGUF-quantized one.
