@@ -19,18 +19,24 @@ Every stage runs in its own process (so its peak RSS is its own) on the calibrat
   evaluation (reference and one quantized variant, 16k tokens) follows.
 
 The extrapolated whole-model time on this machine is the sum of those for the shape's real depth.
-Peak RSS is checked against the bound the design promises for profile and quantize:
-``model in storage dtype + one block in fp32 + calibration activations (inputs and outputs of a block, fp32) +
-one block's Hessians (fp64) + the process baseline`` (python, torch and transformers imported, measured).
+Peak RSS is checked against a bound made of what each stage holds by design, every term fixed by the shape's width
+(never its depth) but the model's: ``model in storage dtype + process baseline`` (python, torch and transformers
+imported, measured) plus, for profile and quantize, ``2 x one block in fp32`` (the working copy and the weights handed
+to the quantizers) ``+ a block's inputs and outputs (fp32) + its Hessian sums (fp64) + GPTQ's working set for the
+largest linear`` (the stacked weight and codes of each GPTQ option, the Hessian, its inverse and factor, fp32); for
+kl and eval, ``one block in fp32 + the windows' activations + the head in fp32`` (a bf16 model's head is copied)
+``+ one window's logits, log-probabilities and reference``; for capture, the calibration inputs of block 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -94,6 +100,30 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class StagePeak:
+    """The largest RSS while a stage runs, sampled every 10 ms (the process's own peak also holds the harness's
+    build of the random model, which can exceed what the stage itself needs)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.resident = self._process.memory_info().rss
+        self.peak = self.resident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._process.memory_info().rss)
+
+
 def storage_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -125,6 +155,8 @@ def worker(name: str, stage: str, dtype: torch.dtype, device_spec: str) -> dict:
     record["block_params"] = sum(p.numel() for p in model.model.layers[0].parameters())
     samples = calibration_samples(tokenizer, corpus.calibration, SAMPLES, SEQLEN, False, 0)
     rss_before = peak_rss_bytes()
+    gc.collect()
+    stage_peak = StagePeak()
 
     from allocator.model.calibration import capture_block_inputs
 
@@ -193,18 +225,38 @@ def worker(name: str, stage: str, dtype: torch.dtype, device_spec: str) -> dict:
         record["embed"] = (fewer - (MEASURED_BLOCKS - 1) * (full - fewer)) / tokens_k
     record["rss_after_build"] = rss_before
     record["peak_rss"] = peak_rss_bytes()
+    record["resident_before_stage"] = stage_peak.resident
+    record["stage_peak_rss"] = stage_peak.stop()
     return record
 
 
-def bound_bytes(shape: dict, model_bytes: int, baseline: int) -> dict:
-    """The design's memory bound for profile and quantize, by term (see the module doc)."""
-    hidden, inter = shape["hidden"], shape["intermediate"]
+GPTQ_OPTIONS = 3
+"""GPTQ options in ``OPTIONS`` (2/3/4-bit): the profile quantizes them stacked, one column loop for all."""
+
+
+def bound_bytes(shape: dict, model_bytes: int, baseline: int, stage: str, stored_fp32: bool = False) -> dict:
+    """The memory bound of ``stage``, by term (see the module doc): nothing in it grows with depth but the model."""
+    hidden, inter, vocab = shape["hidden"], shape["intermediate"], shape["vocab"]
     head_dim = hidden // shape["heads"]
     block = 4 * (hidden * (shape["heads"] + 2 * shape["kv_heads"]) * head_dim + hidden * hidden + 3 * hidden * inter + 2 * hidden)
-    activations = 2 * SAMPLES * SEQLEN * hidden * 4
-    hessians = 8 * (3 * hidden * hidden + inter * inter)  # qkv, o, gate/up, down inputs
-    return {"model": model_bytes, "block_fp32": block, "activations": activations, "hessians": hessians, "baseline": baseline,
-            "total": model_bytes + block + activations + hessians + baseline}
+    terms = {"model": model_bytes, "baseline": baseline}
+    if stage == "capture":
+        terms["activations"] = SAMPLES * SEQLEN * hidden * 4
+    elif stage in ("profile", "quantize"):
+        copies = GPTQ_OPTIONS if stage == "profile" else 1
+        terms["blocks_fp32"] = 2 * block  # the working copy, and its weights handed to the quantizers
+        terms["activations"] = 2 * SAMPLES * SEQLEN * hidden * 4  # a block's inputs and outputs
+        terms["hessians"] = 8 * (3 * hidden * hidden + inter * inter)  # fp64 sums: qkv, o, gate/up, down inputs
+        # the largest linear (down_proj) under GPTQ: stacked weight and codes per option, H, its inverse and factor
+        terms["gptq"] = 2 * copies * hidden * inter * 4 + 3 * inter * inter * 4
+    else:  # kl, eval: block-wise forward and the head
+        windows, seqlen = (1, KL_SEQLEN) if stage == "kl" else (EVAL_WINDOWS, SEQLEN)
+        terms["blocks_fp32"] = block
+        terms["activations"] = 2 * windows * seqlen * max(hidden, inter) * 4
+        terms["head"] = 0 if stored_fp32 else vocab * hidden * 4  # the head's fp32 copy
+        terms["logits"] = 3 * seqlen * vocab * 4  # one window's logits, log-probabilities and the reference's
+    terms["total"] = sum(terms.values())
+    return terms
 
 
 def whole_model(shape: dict, stages: dict[str, dict], options: int) -> dict:
@@ -272,21 +324,26 @@ def report(records: dict[str, dict[str, dict]]) -> str:
         cell = lambda key: f"{whole[key] / 60:.1f}" if key in whole else "-"  # noqa: E731
         lines.append(f"| {name} | {shape['layers']} | {cell('profile')} | {cell('kl')} | {cell('quantize')} | {cell('eval')} | {cell('total')} |")
     lines += ["", "## Peak RSS against the bound (GiB)", "",
-              "The bound for the measured model (its blocks) and what it becomes for the whole model: the model term grows by "
-              "the blocks not built, nothing else.", "",
-              "| shape | stage | model (measured blocks) | bound | peak RSS | peak / bound | whole-model bound | commit |", "|---|---|---|---|---|---|---|---|"]
+              "Each stage's peak RSS is sampled while the stage runs (every 10 ms), on top of what was resident when it "
+              "started: the model, the process baseline and the harness (tokenizer, corpus text, calibration ids). The "
+              "bound is that resident memory plus the stage's terms; for the whole model the model term grows by the "
+              "blocks not built, nothing else.", "",
+              "| shape | stage | model (measured blocks) | resident at start | stage terms | bound | stage peak | peak / bound | "
+              "whole-model bound | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, stages in records.items():
         shape = SHAPES[name]
         baseline = stages.get("baseline", {}).get("peak_rss", 0)
         for stage in ("capture", "profile", "quantize", "kl", "eval"):
-            if stage not in stages:
+            if stage not in stages or "stage_peak_rss" not in stages[stage]:
                 continue
             r = stages[stage]
-            bound = bound_bytes(shape, r["model_bytes"], baseline)
+            terms = bound_bytes(shape, r["model_bytes"], baseline, stage, r["dtype"] == "float32")
+            working = terms["total"] - terms["model"] - terms["baseline"]
+            bound = r["resident_before_stage"] + working
             block_storage = r["block_params"] * (2 if r["dtype"] in ("bfloat16", "float16") else 4)
-            whole = bound["total"] + (shape["layers"] - MEASURED_BLOCKS) * block_storage
-            lines.append(f"| {name} | {stage} | {gib(r['model_bytes'])} | {gib(bound['total'])} | {gib(r['peak_rss'])} | "
-                         f"{r['peak_rss'] / bound['total']:.2f} | {gib(whole)} | {commit_of(r)} |")
+            whole = bound + (shape["layers"] - MEASURED_BLOCKS) * block_storage
+            lines.append(f"| {name} | {stage} | {gib(r['model_bytes'])} | {gib(r['resident_before_stage'])} | {gib(working)} | "
+                         f"{gib(bound)} | {gib(r['stage_peak_rss'])} | {r['stage_peak_rss'] / bound:.2f} | {gib(whole)} | {commit_of(r)} |")
     return "\n".join(lines) + "\n"
 
 
