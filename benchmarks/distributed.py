@@ -1,16 +1,21 @@
-"""The profile serially and on a local Ray cluster, on a real model -> results/distributed.md.
+"""The profile and the single-layer KL serially and on a local Ray cluster, on a real model -> results/distributed.md.
 
-Profiles the model with ``bitalloc run``'s option set (``main``) on 64 x 512 calibration tokens twice in one
-process, without the cache: serially, then on a local Ray cluster of ``--cpus`` worker CPUs started for it (the
-process runs the blocks, the workers every layer's quantizers: :mod:`allocator.measure.distributed`). Records
-both wall times (Ray's start included) and whether the two tables are identical, bit for bit (every stored bit
-count, loss and feature). Nothing else should share the CPU while it runs.
+``--stage profile``: profiles the model with ``bitalloc run``'s option set (``main``) on 64 x 512 calibration tokens
+twice in one process, without the cache: serially, then on a local Ray cluster of ``--cpus`` worker CPUs started for
+it (the process runs the blocks, the workers every layer's quantizers: :mod:`allocator.measure.distributed`).
+``--stage kl``: profiles once (kept weights, in a scratch cache), then measures every (layer, option)'s single-layer
+KL as ``bitalloc run`` does (1 x 128 tokens) serially and on the local Ray cluster (each worker a copy of the model:
+:mod:`allocator.measure.distributed_kl`). Records both wall times (Ray's start included) and whether the results are
+identical, bit for bit (every stored bit count, loss and feature; every KL). Nothing else should share the CPU while
+it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,15 +23,18 @@ import numpy as np
 from _common import RESULTS, provenance
 
 from allocator.measure.distributed import RaySettings
-from allocator.measure.profile import profile_model
+from allocator.measure.layer_kl import add_kl_losses
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
 from allocator.storage import write_json
+from allocator.table.losses import KL_MEASURED
 from allocator.table.options import parse_options
 from allocator.table.sensitivity import SensitivityTable
 
 OPTION_SPECS = ["main"]
 SAMPLES, SEQLEN = 64, 512
+KL_WINDOWS, KL_SEQLEN = 1, 128
 
 
 def differences(a: SensitivityTable, b: SensitivityTable) -> list[str]:
@@ -40,38 +48,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cpus", type=int, default=2, help="worker CPUs of the local Ray cluster")
+    parser.add_argument("--stage", choices=["profile", "kl"], default="profile")
     parser.add_argument("--render", action="store_true", help="only rewrite distributed.md from the saved records")
     args = parser.parse_args()
     directory = RESULTS / "distributed"
     if not args.render:
-        loaded = load_model(args.model)
-        corpus = load_corpus("enwiki")
-        options = parse_options(OPTION_SPECS)
-        tick = time.perf_counter()
-        serial = profile_model(loaded, corpus, options, samples=SAMPLES, seqlen=SEQLEN, cache=False)
-        serial_seconds = time.perf_counter() - tick
-        tick = time.perf_counter()
-        on_ray = profile_model(loaded, corpus, options, samples=SAMPLES, seqlen=SEQLEN, cache=False,
-                               ray=RaySettings(address="local", num_cpus=args.cpus))
-        ray_seconds = time.perf_counter() - tick
-        record = {"provenance": provenance(), "model": args.model, "cpus": args.cpus, "layers": len(serial.names),
-                  "options": serial.labels, "serial_seconds": serial_seconds, "ray_seconds": ray_seconds,
-                  "differences": differences(serial, on_ray)}
+        record = compare_profiles(args.model, args.cpus) if args.stage == "profile" else compare_kl(args.model, args.cpus)
         directory.mkdir(parents=True, exist_ok=True)
-        write_json(directory / f"{args.model}-{args.cpus}cpus.json", record)
+        suffix = "" if args.stage == "profile" else "-kl"
+        write_json(directory / f"{args.model}-{args.cpus}cpus{suffix}.json", {"provenance": provenance(), **record})
     (RESULTS / "distributed.md").write_text(report(sorted(directory.glob("*.json"))))
     print(RESULTS / "distributed.md")
 
 
+def compare_profiles(model: str, cpus: int) -> dict:
+    loaded = load_model(model)
+    corpus = load_corpus("enwiki")
+    options = parse_options(OPTION_SPECS)
+    tick = time.perf_counter()
+    serial = profile_model(loaded, corpus, options, samples=SAMPLES, seqlen=SEQLEN, cache=False)
+    serial_seconds = time.perf_counter() - tick
+    tick = time.perf_counter()
+    on_ray = profile_model(loaded, corpus, options, samples=SAMPLES, seqlen=SEQLEN, cache=False, ray=RaySettings(address="local", num_cpus=cpus))
+    ray_seconds = time.perf_counter() - tick
+    return {"stage": "profile", "model": model, "cpus": cpus, "layers": len(serial.names), "options": serial.labels,
+            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds, "differences": differences(serial, on_ray)}
+
+
+def compare_kl(model: str, cpus: int) -> dict:
+    loaded = load_model(model)
+    corpus = load_corpus("enwiki")
+    with tempfile.TemporaryDirectory(prefix="bitalloc-distributed-") as scratch:
+        os.environ["BITALLOC_CACHE"] = scratch  # the kept weights the KL reads, made here and dropped after
+        table = profile_model(loaded, corpus, parse_options(OPTION_SPECS), samples=SAMPLES, seqlen=SEQLEN)
+        path = cached_table_path(table)
+        tick = time.perf_counter()
+        serial = add_kl_losses(loaded, table, path, corpus.calibration, windows=KL_WINDOWS, seqlen=KL_SEQLEN)
+        serial_seconds = time.perf_counter() - tick
+        tick = time.perf_counter()
+        on_ray = add_kl_losses(loaded, table, path, corpus.calibration, windows=KL_WINDOWS, seqlen=KL_SEQLEN,
+                               ray=RaySettings(address="local", num_cpus=cpus))
+        ray_seconds = time.perf_counter() - tick
+    same = np.array_equal(serial.loss(KL_MEASURED), on_ray.loss(KL_MEASURED), equal_nan=True)
+    return {"stage": "kl", "model": model, "cpus": cpus, "layers": len(table.names), "options": table.labels,
+            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds, "differences": [] if same else ["kl"]}
+
+
 def report(paths: list[Path]) -> str:
-    lines = ["# The profile on Ray against the serial profile", "", (__doc__ or "").split("\n\n", 1)[1].strip(), "",
-             "| model | layers x options | Ray worker CPUs | serial s | Ray s | speed-up | tables |", "|---|---|---|---|---|---|---|"]
+    lines = ["# The profile and the single-layer KL on Ray against the serial run", "", (__doc__ or "").split("\n\n", 1)[1].strip(), "",
+             "| stage | model | layers x options | Ray worker CPUs | serial s | Ray s | speed-up | results |", "|---|---|---|---|---|---|---|---|"]
     provenances = []
     for path in paths:
         r = json.loads(path.read_text())
         same = "identical" if not r["differences"] else "differ in " + ", ".join(r["differences"])
-        lines.append(f"| {r['model']} | {r['layers']} x {len(r['options'])} | {r['cpus']} | {r['serial_seconds']:.0f} | "
-                     f"{r['ray_seconds']:.0f} | {r['serial_seconds'] / r['ray_seconds']:.2f}x | {same} |")
+        lines.append(f"| {r.get('stage', 'profile')} | {r['model']} | {r['layers']} x {len(r['options'])} | {r['cpus']} | "
+                     f"{r['serial_seconds']:.0f} | {r['ray_seconds']:.0f} | {r['serial_seconds'] / r['ray_seconds']:.2f}x | {same} |")
         provenances += [f"### {path.stem}", "", r["provenance"]]
     return "\n".join(lines + [""] + provenances)
 

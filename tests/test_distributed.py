@@ -76,6 +76,38 @@ def test_ray_profile_keeps_the_serial_weights_and_resumes(loaded, corpus, local_
             assert torch.equal(serial_weights.load(name, label), ray_weights.load(name, label)), (name, label)
 
 
+def test_ray_kl_measurement_equals_the_serial_one_and_resumes(loaded, corpus, local_ray, isolated_cache, monkeypatch) -> None:
+    """Every (layer, option) KL measured on 2 Ray workers is the serial value bit for bit, also across an interruption."""
+    from allocator.measure import layer_kl
+    from allocator.measure.distributed_kl import RayKLProbe
+    from allocator.table.losses import KL_MEASURED
+
+    table = profile_model(loaded, corpus, parse_options(OPTIONS), samples=4, seqlen=32, progress=False)
+    path = cached_table_path(table)
+    serial = layer_kl.add_kl_losses(loaded, table, path, corpus.calibration, windows=2, seqlen=16, progress=False)
+    monkeypatch.setattr(layer_kl, "CHECKPOINT_EVERY", 2)
+    measure_rows = RayKLProbe.measure_rows
+    rows: list[int] = []
+
+    def interrupted(self, units):
+        for key, values in measure_rows(self, units):
+            if len(rows) == 5:
+                raise KeyboardInterrupt
+            rows.append(key[0])
+            yield key, values
+
+    monkeypatch.setattr(RayKLProbe, "measure_rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer_kl.add_kl_losses(loaded, table, path, corpus.calibration, windows=2, seqlen=16, progress=False, ray=local_ray)
+    assert ray.is_initialized()  # the cluster it did not start is left running
+    rows.clear()
+    monkeypatch.setattr(RayKLProbe, "measure_rows", lambda self, units: (rows.append(k[0]) or (k, v) for k, v in measure_rows(self, units)))
+    on_ray = layer_kl.add_kl_losses(loaded, table, path, corpus.calibration, windows=2, seqlen=16, progress=False, ray=local_ray)
+    assert len(rows) == len(table.names) - 4  # resumed from the checkpoint of the first four rows
+    np.testing.assert_array_equal(on_ray.loss(KL_MEASURED), serial.loss(KL_MEASURED))
+    assert np.isfinite(serial.loss(KL_MEASURED)).all() and (serial.loss(KL_MEASURED) > 0).any()
+
+
 def test_bad_ray_settings_fail_in_one_line() -> None:
     with pytest.raises(BitallocError, match="at least one CPU"):
         RaySettings(address="local", num_cpus=0)

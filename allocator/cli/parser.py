@@ -79,7 +79,7 @@ def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
-    """``--ray`` and ``--ray-cpus``: the profile's units on a Ray cluster (:mod:`allocator.measure.distributed`)."""
+    """``--ray`` and ``--ray-cpus``: the profile's and the KL's units on a Ray cluster (:mod:`allocator.measure.distributed`)."""
     from allocator.measure.distributed import RAY_ADDRESS_HELP
 
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS", help=RAY_ADDRESS_HELP + "; the same table")

@@ -74,8 +74,9 @@ def run_job(
     ``measure_kl`` is off, allocate ``budget`` with
     ``solver``, quantize by the bit map (GPTQ-family layers in order on the quantized prefix) and
     evaluate against the reference. ``say`` reports each stage. The blocks of the profile, the quantization and the
-    evaluation run on ``device`` (:mod:`allocator.model.placement`); with ``ray`` the profile's options are quantized on
-    that Ray cluster (:mod:`allocator.measure.distributed`)."""
+    evaluation run on ``device`` (:mod:`allocator.model.placement`); with ``ray`` the profile's options are quantized, and
+    the single-layer KLs measured, on that Ray cluster (:mod:`allocator.measure.distributed`,
+    :mod:`allocator.measure.distributed_kl`)."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
@@ -88,7 +89,7 @@ def run_job(
         say(f"      single-layer KL of {', '.join(kl_anchors) if kl_anchors else 'every option'} (cached)")
         tick = time.perf_counter()
         table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, seqlen=kl_seqlen, progress=progress,
-                              device=device)
+                              device=device, ray=ray)
         stages["kl"] = time.perf_counter() - tick
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")

@@ -35,7 +35,7 @@ from quantizers import Quantizer
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = "bitalloc[distributed]"
-RAY_ADDRESS_HELP = ("profile on Ray: 'auto' (the cluster in RAY_ADDRESS or one started here with `ray start`, else a "
+RAY_ADDRESS_HELP = ("profile (and measure the single-layer KL) on Ray: 'auto' (the cluster in RAY_ADDRESS or one started here with `ray start`, else a "
                     "new local one), 'local' (a new local one), or a cluster address (HOST:6379, ray://HOST:10001)")
 
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from allocator.errors import BitallocError
+from allocator.measure.distributed import RaySettings
+from allocator.measure.distributed_kl import RayKLProbe, Row
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import KLProbe
 from allocator.model.loading import LoadedModel
@@ -52,7 +54,7 @@ CHECKPOINT_EVERY = 8
 
 
 def measure_kept_kl(
-    probe: KLProbe,
+    probe: KLProbe | RayKLProbe,
     weights: OptionWeights,
     names: Sequence[str],
     labels: Sequence[str],
@@ -62,8 +64,9 @@ def measure_kept_kl(
 ) -> np.ndarray:
     """KL of every (layer, option) where ``measure`` (L x O bool) is set, NaN elsewhere.
 
-    Each value is ``probe.mean_kl`` with that one kept weight swapped into the reference.
-    With ``checkpoint`` the matrix is saved there every few layers and reloaded on a rerun.
+    Each value is ``probe.mean_kl`` with that one kept weight swapped into the reference; a :class:`RayKLProbe`
+    measures the layers' rows on its workers (the same values). With ``checkpoint`` the matrix is saved there every
+    few layers and reloaded on a rerun.
     """
     if measure.shape != (len(names), len(labels)):
         raise BitallocError(f"measure mask has shape {measure.shape}, expected {(len(names), len(labels))}")
@@ -81,9 +84,18 @@ def measure_kept_kl(
             result = saved
             log.info("resuming the KL measurement from %s", checkpoint)
     todo = [i for i in range(len(names)) if np.any(measure[i] & np.isnan(result[i]))]
-    for count, i in enumerate(tqdm(todo, desc="layer KL", disable=not progress), start=1):
-        for j in np.flatnonzero(measure[i] & np.isnan(result[i])):
-            result[i, j] = probe.mean_kl({names[i]: weights.load(names[i], labels[j])})
+
+    def rows() -> Iterator[Row]:
+        for i in todo:
+            columns = np.flatnonzero(measure[i] & np.isnan(result[i]))
+            yield (i, columns), [{names[i]: weights.load(names[i], labels[j])} for j in columns]
+
+    if isinstance(probe, RayKLProbe):
+        measured = probe.measure_rows(rows())
+    else:
+        measured = ((key, [probe.mean_kl(overlay) for overlay in overlays]) for key, overlays in rows())
+    for count, ((i, columns), values) in enumerate(tqdm(measured, total=len(todo), desc="layer KL", disable=not progress), start=1):
+        result[i, columns] = values
         if checkpoint is not None and (count % CHECKPOINT_EVERY == 0 or count == len(todo)):
             with atomic_path(checkpoint) as tmp, open(tmp, "wb") as handle:  # np.save appends .npy to bare paths
                 np.save(handle, result)
@@ -175,6 +187,7 @@ def add_kl_losses(
     seqlen: int | None = None,
     progress: bool = True,
     device: torch.device = CPU,
+    ray: RaySettings | None = None,
 ) -> SensitivityTable:
     """Measure the single-layer KL (of ``anchors``, or every option) from the weights kept beside
     ``table_path``, on the first ``windows`` calibration windows of the table's own calibration
@@ -184,7 +197,8 @@ def add_kl_losses(
     Interrupted measurements resume from ``<table>.kl-<settings>.npy`` (the recorded seconds are then
     those of the last session); a table that already holds losses measured on the same windows for
     these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors. The probe's blocks
-    run on ``device``.
+    run on ``device``; with ``ray`` the layers are measured on that cluster's CPU workers
+    (:mod:`allocator.measure.distributed_kl`: the same values).
     """
     seqlen = _kl_seqlen(table, windows, seqlen)
     measure = anchor_mask(table, anchors)
@@ -197,11 +211,16 @@ def add_kl_losses(
         result.save(Path(table_path))
         return result
     weights = OptionWeights.beside(table_path, table.labels)
-    probe = KLProbe(loaded.model, _kl_windows(loaded, table, calibration_text, windows, seqlen), device=device)
+    tokens = _kl_windows(loaded, table, calibration_text, windows, seqlen)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
     start = time.perf_counter()
-    kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
+    if ray is not None:
+        with RayKLProbe(loaded.model, tokens, ray) as on_ray:
+            kl = measure_kept_kl(on_ray, weights, table.names, table.labels, measure, checkpoint, progress)
+    else:
+        probe = KLProbe(loaded.model, tokens, device=device)
+        kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
     result = with_kl_losses(table, kl, {**settings, "seconds": time.perf_counter() - start}, calibrate_on=measure)
     result.save(Path(table_path))
     checkpoint.unlink(missing_ok=True)

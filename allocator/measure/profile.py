@@ -65,6 +65,7 @@ from allocator.table.losses import HESSIAN_ERR, KL, WEIGHT_ERR
 from allocator.table.options import default_options
 from allocator.table.sensitivity import Option, SensitivityTable, TableKey
 from quantizers import QuantizedTensor, Quantizer
+from quantizers.base import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ class KLProbe:
                     logprobs = next_token_logprobs(self.model, window[None])
             else:
                 logprobs = self._tail_logprobs(start, index, overlay)
-            total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
+            with single_threaded():  # a threaded sum rounds by its thread count: a one-CPU Ray worker gets the same bits
+                total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 
 

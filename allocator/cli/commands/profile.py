@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.measure_kl:
             table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, anchors,
-                                  args.kl_samples, args.kl_seqlen, progress=not args.no_progress, device=device)
+                                  args.kl_samples, args.kl_seqlen, progress=not args.no_progress, device=device, ray=ray)
         if args.fisher:
             table = add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration,
                                       fisher_samples, fisher_seqlen,
