@@ -9,13 +9,17 @@ calibration windows (bitalloc's seeded calibration samples).
   model, from the profile cache's record) plus each budget's quantization.
 - **HQQ** (``hqq``): every decoder linear quantized by ``hqq.core.quantize.Quantizer.quantize`` (half-quadratic
   zero/scale search, calibration-free) at 2, 3 and 4 bits, with HQQ's default group size 64 and with 128.
+- **AutoRound** (``auto-round``, :mod:`peer_autoround` says exactly what it is given): SignRound W2/W3/W4 (sym int,
+  group 128, ``--autoround-iters`` iterations: AutoRound's default 200 unless a row says otherwise) and AutoScheme's
+  mixed W2/W3/W4 allocation at ``SCHEME_BUDGETS`` average bits, tuned by SignRound the same way.
 - **llama.cpp**: its presets (with an importance matrix where they need one) and bitalloc's GGUF maps, as measured by
   ``benchmarks/gguf_presets.py`` into ``results/gguf/<model>.json`` (copied here only when they were measured on these
   same token ids: the reference perplexity must agree).
 
 Honest bpw = every bit a tool stores for the decoder linears / their weights: codes as packed in its storage format,
 plus each scale and zero point at the width the tool keeps it (HQQ: its packed codes, fp16 scale and fp16 zero per
-group, as ``HQQLinear`` keeps them; llama.cpp: the linears' tensor bytes in the GGUF file; bitalloc: its stored forms).
+group, as ``HQQLinear`` keeps them; AutoRound: its export's int32-packed codes and zero points and fp16 scales; any
+decoder linear a tool leaves unquantized counts at 16 bits; llama.cpp: the linears' tensor bytes in the GGUF file; bitalloc: its stored forms).
 Embeddings, norms and the head stay float in every row and are not counted.
 
 Each row is saved to results/peers/<model>.json as it is measured; a rerun measures only what is missing.
@@ -40,6 +44,7 @@ from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
 from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
+from allocator.model.tokens import calibration_samples
 from allocator.solvers import Budget
 from allocator.storage import write_json
 from allocator.table.options import parse_options
@@ -48,6 +53,9 @@ SETTINGS = {"smollm2-135m": {"tokens": 16384}, "gemma3-270m": {"tokens": 8192}}
 BITALLOC_BUDGETS = [2.5, 3.0, 3.5, 4.0]
 HQQ_BITS = [2, 3, 4]
 HQQ_GROUPS = [64, 128]
+AUTOROUND_BITS = [2, 3, 4]
+SCHEME_BUDGETS = [2.5, 3.0, 3.5]
+TOOLS = ("llama.cpp", "hqq", "bitalloc", "autoround")
 PEER_PACKAGES = ["hqq", "auto-round"]
 REFERENCE_AGREEMENT = 1e-3
 """Relative difference of reference perplexities under which another results file counts as measured on these tokens."""
@@ -97,6 +105,49 @@ def hqq_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row]
               "quantize_seconds": seconds, "settings": {"nbits": bits, "group_size": group, "optimize": True, "axis": 1}})
 
 
+# ----------------------------------------------------------------------------- AutoRound
+
+
+def calibration_windows(loaded: LoadedModel) -> torch.Tensor:
+    """The 64 x 512 calibration windows bitalloc's profile draws (same seed)."""
+    return calibration_samples(loaded.tokenizer, load_corpus("enwiki").calibration, 64, 512, loaded.add_bos, 0)
+
+
+def honest_overlay(loaded: LoadedModel, quantized: Mapping[str, tuple[torch.Tensor, int]]) -> tuple[dict[str, torch.Tensor], float]:
+    """The quantized weights as an overlay, and the bpw over every decoder linear (one left float counts 16 bits)."""
+    linears = quantizable_linears(loaded.model)
+    stored = sum(quantized[name][1] if name in quantized else 16 * module.weight.numel() for name, module in linears.items())
+    return {name: quantized[name][0] for name in linears if name in quantized}, stored / linear_numel(loaded)
+
+
+def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, iters: int, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    import peer_autoround
+
+    calibration = calibration_windows(loaded)
+    settings = {"iters": iters, "group_size": 128, "sym": True, "nsamples": 64, "seqlen": 512, "batch_size": 8, "amp": False}
+    for bits in AUTOROUND_BITS:
+        name = f"AutoRound W{bits} g128 ({iters} iters)"
+        if name in done:
+            continue
+        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, iters, bits=bits)
+        overlay, bpw = honest_overlay(loaded, quantized)
+        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
+        save({"tool": "AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": seconds,
+              "settings": {**settings, "bits": bits, "quantized_linears": len(quantized)}})
+    for avg_bits in SCHEME_BUDGETS:
+        name = f"AutoScheme @{avg_bits:g} ({iters} iters)"
+        if name in done:
+            continue
+        chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits)
+        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, iters, layer_bits=chosen)
+        overlay, bpw = honest_overlay(loaded, quantized)
+        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
+        counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
+        save({"tool": "AutoScheme + AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl,
+              "quantize_seconds": seconds, "allocation_seconds": allocation,
+              "settings": {**settings, "avg_bits": avg_bits, "options": peer_autoround.SCHEME_OPTIONS, "layers_per_bits": counts}})
+
+
 # ----------------------------------------------------------------------------- bitalloc
 
 
@@ -142,7 +193,7 @@ def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], sa
 # ----------------------------------------------------------------------------- the record
 
 
-def run_model(model: str, tools: set[str]) -> None:
+def run_model(model: str, tools: set[str], autoround_iters: int) -> None:
     path = RESULTS / "peers" / f"{model}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"model": model, "provenance": provenance(), "rows": {}}
     record.setdefault("resumed", []).append(provenance())
@@ -168,6 +219,8 @@ def run_model(model: str, tools: set[str]) -> None:
         hqq_rows(loaded, windows, rows, save)
     if "bitalloc" in tools:
         bitalloc_rows(loaded, model, rows, save)
+    if "autoround" in tools:
+        autoround_rows(loaded, windows, autoround_iters, rows, save)
     write_json(path, record)
 
 
@@ -229,14 +282,18 @@ def plot(records: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SETTINGS))
-    parser.add_argument("--tools", default="llama.cpp,hqq,bitalloc", help="which rows to measure (comma-separated)")
+    parser.add_argument("--tools", default=",".join(TOOLS), help="which rows to measure (comma-separated)")
+    parser.add_argument("--autoround-iters", type=int, default=200, help="SignRound iterations (AutoRound's default: 200)")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
     models = chosen_models(args.models, SETTINGS)
+    tools = {t.strip() for t in args.tools.split(",")}
+    if tools - set(TOOLS):
+        parser.error(f"--tools: unknown {', '.join(sorted(tools - set(TOOLS)))}; choose from {', '.join(TOOLS)}")
     if not args.render:
         for model in models:
-            run_model(model, {t.strip() for t in args.tools.split(",")})
+            run_model(model, tools, args.autoround_iters)
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
     (RESULTS / "peers.md").write_text(report(records))
     plot(records, RESULTS / "peers.png")
