@@ -25,7 +25,9 @@ imported, measured) plus, for profile and quantize, ``2 x one block in fp32`` (t
 to the quantizers) ``+ a block's inputs and outputs (fp32) + its Hessian sums (fp64) + GPTQ's working set for the
 largest linear`` (the stacked weight and codes of each GPTQ option, the Hessian, its inverse and factor, fp32); for
 kl and eval, ``one block in fp32 + the windows' activations + the head in fp32`` (a bf16 model's head is copied)
-``+ one window's logits, log-probabilities and reference``; for capture, the calibration inputs of block 0.
+``+ one window's logits, log-probabilities and reference``; for all four, ``one block's forward`` on the windows it
+runs at once (8 in profile and quantize: MLP and attention intermediates, attention scores); for capture, the
+calibration inputs of block 0.
 """
 
 from __future__ import annotations
@@ -231,6 +233,8 @@ def worker(name: str, stage: str, dtype: torch.dtype, device_spec: str) -> dict:
 
 
 GPTQ_OPTIONS = 3
+CALIBRATION_WINDOWS = 8
+"""Windows per block forward in profile and quantize (``allocator.model.calibration.CALIBRATION_BATCH``)."""
 """GPTQ options in ``OPTIONS`` (2/3/4-bit): the profile quantizes them stacked, one column loop for all."""
 
 
@@ -240,6 +244,11 @@ def bound_bytes(shape: dict, model_bytes: int, baseline: int, stage: str, stored
     head_dim = hidden // shape["heads"]
     block = 4 * (hidden * (shape["heads"] + 2 * shape["kv_heads"]) * head_dim + hidden * hidden + 3 * hidden * inter + 2 * hidden)
     terms = {"model": model_bytes, "baseline": baseline}
+
+    def forward(windows: int, seqlen: int) -> int:
+        """One block's forward on ``windows`` at once: MLP gate/up/product, attention's q/k/v/output, and its scores."""
+        return 4 * windows * seqlen * (3 * inter + 4 * hidden) + 2 * 4 * windows * shape["heads"] * seqlen * seqlen
+
     if stage == "capture":
         terms["activations"] = SAMPLES * SEQLEN * hidden * 4
     elif stage in ("profile", "quantize"):
@@ -249,12 +258,14 @@ def bound_bytes(shape: dict, model_bytes: int, baseline: int, stage: str, stored
         terms["hessians"] = 8 * (3 * hidden * hidden + inter * inter)  # fp64 sums: qkv, o, gate/up, down inputs
         # the largest linear (down_proj) under GPTQ: stacked weight and codes per option, H, its inverse and factor
         terms["gptq"] = 2 * copies * hidden * inter * 4 + 3 * inter * inter * 4
+        terms["forward"] = forward(CALIBRATION_WINDOWS, SEQLEN)
     else:  # kl, eval: block-wise forward and the head
         windows, seqlen = (1, KL_SEQLEN) if stage == "kl" else (EVAL_WINDOWS, SEQLEN)
         terms["blocks_fp32"] = block
         terms["activations"] = 2 * windows * seqlen * max(hidden, inter) * 4
         terms["head"] = 0 if stored_fp32 else vocab * hidden * 4  # the head's fp32 copy
         terms["logits"] = 3 * seqlen * vocab * 4  # one window's logits, log-probabilities and the reference's
+        terms["forward"] = forward(windows, seqlen)
     terms["total"] = sum(terms.values())
     return terms
 
