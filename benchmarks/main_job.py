@@ -55,9 +55,10 @@ def main() -> None:
 
 
 def report(paths: list[Path]) -> str:
+    """Every saved run, newest first (an earlier run is kept beside the newest under another file name)."""
     lines = ["# The main job from an empty cache", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
-    for path in paths:
-        record = json.loads(path.read_text())
+    records = [json.loads(path.read_text()) for path in paths]
+    for record in sorted(records, key=lambda r: r["provenance"].split("- date: ")[-1][:16], reverse=True):
         quantized = record["rows"][-1]
         reference = record["rows"][0]
         minutes = record["wall_seconds"] / 60

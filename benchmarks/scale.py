@@ -18,7 +18,11 @@ Every stage runs in its own process (so its peak RSS is its own) on the calibrat
   with the blocks and with one block fewer, and its head: per block and head per 1k tokens; the whole model's
   evaluation (reference and one quantized variant, 16k tokens) follows.
 
-The extrapolated whole-model time on this machine is the sum of those for the shape's real depth.
+The extrapolated whole-model time on this machine is the sum of those for the shape's real depth. This shared
+machine's speed varies between sessions: the 0.5b profile took 45.7 s per block at 2026-12-04 23:32 UTC and 60.3 s at
+2026-12-05 09:47 UTC (the code differs only in summing the losses on one thread, a few seconds per block at most; the
+same morning the main job's stages that did not change at all ran 16-28% slower than the evening before:
+main_job.md), so compare shapes measured in the same session; each row says when its profile was measured.
 Peak RSS is checked against a bound made of what each stage holds by design, every term fixed by the shape's width
 (never its depth) but the model's: ``model in storage dtype + process baseline`` (python, torch and transformers
 imported, measured) plus, for profile and quantize, ``2 x one block in fp32`` (the working copy and the weights handed
@@ -299,14 +303,14 @@ def report(records: dict[str, dict[str, dict]]) -> str:
         lines += [first["provenance"], ""]
     lines += ["## Time per block (seconds; eval: per 1k tokens)", "",
               "| shape | like | block params | capture (fixed) | profile / block | KL fwd / block | KL head | quantize / block | "
-              "eval / block / 1k tok | eval head / 1k tok |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "eval / block / 1k tok | eval head / 1k tok | profile measured |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, stages in records.items():
         shape = SHAPES[name]
         cell = lambda stage, key, fmt="{:.2f}": fmt.format(stages[stage][key]) if stage in stages and key in stages[stage] else "-"  # noqa: E731
         params = next((s["block_params"] for s in stages.values() if "block_params" in s), 0)
         lines.append(f"| {name} | {shape['like']} | {params / 1e6:.1f}M | {cell('profile', 'capture_seconds')} | {cell('profile', 'per_block')} | "
                      f"{cell('kl', 'per_block', '{:.3f}')} | {cell('kl', 'head', '{:.3f}')} | {cell('quantize', 'per_block')} | "
-                     f"{cell('eval', 'per_block', '{:.3f}')} | {cell('eval', 'head', '{:.3f}')} |")
+                     f"{cell('eval', 'per_block', '{:.3f}')} | {cell('eval', 'head', '{:.3f}')} | {measured_on(stages.get('profile', {}))} |")
     lines += ["", "Linear growth means per-block cost proportional to block parameters: the ratio column below divides each "
               "shape's profile and quantize time per block by its block parameters (seconds per 100M parameters).", "",
               "| shape | profile s / 100M params | quantize s / 100M params |", "|---|---|---|"]
@@ -356,6 +360,13 @@ def report(records: dict[str, dict[str, dict]]) -> str:
             lines.append(f"| {name} | {stage} | {gib(r['model_bytes'])} | {gib(r['resident_before_stage'])} | {gib(working)} | "
                          f"{gib(bound)} | {gib(r['stage_peak_rss'])} | {r['stage_peak_rss'] / bound:.2f} | {gib(whole)} | {commit_of(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def measured_on(record: dict) -> str:
+    """Date and commit a stage was measured at (this shared machine's speed has varied from day to day)."""
+    text = record.get("provenance", "")
+    date = text.split("- date: ")[-1].splitlines()[0][:16] if "- date: " in text else "-"
+    return f"{date} {commit_of(record)}"
 
 
 def commit_of(record: dict) -> str:

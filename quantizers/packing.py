@@ -34,7 +34,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     flat = codes.reshape(-1)
-    if flat.numel() and (bool((flat < 0).any()) or bool((flat >= (1 << bits)).any())):
+    # compared as Python numbers: a uint8 tensor compared with 256 would wrap the bound
+    if flat.numel() and (flat.amin().item() < 0 or flat.amax().item() >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
     small = flat.to(torch.uint8).cpu().numpy()
     if bits == 8:

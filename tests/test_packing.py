@@ -42,3 +42,11 @@ def test_pack_takes_float_codes_and_rejects_negative_ones() -> None:
     assert torch.equal(unpack_codes(pack_codes(torch.tensor([[0.0, 3.0], [1.0, 2.0]]), 2), 2, 4).long(), torch.tensor([0, 3, 1, 2]))
     with pytest.raises(ValueError):
         pack_codes(torch.tensor([-1.0]), 2)
+
+
+def test_pack_takes_uint8_codes_at_every_width() -> None:
+    for bits in range(1, 9):
+        codes = torch.arange(1 << bits, dtype=torch.uint8)
+        assert torch.equal(unpack_codes(pack_codes(codes, bits), bits, codes.numel()), codes)
+    with pytest.raises(ValueError):
+        pack_codes(torch.tensor([4], dtype=torch.uint8), 2)

@@ -203,7 +203,8 @@ def _quantize_group(
             for handle in handles:
                 handle.remove()
     for m in members:
-        hessian = accumulators[m].hessian().cpu() if m in accumulators else None
+        # finished and dropped one by one: the float64 sums of the layers still to quantize are all that stays
+        hessian = accumulators.pop(m).finish().cpu() if m in accumulators else None
         qt = quantizers[m].quantize(modules[m].weight.detach().cpu(), hessian)
         modules[m].weight.data.copy_(qt.dequantized.to(modules[m].weight.dtype))
         result.tensors[qualified[m]] = qt
