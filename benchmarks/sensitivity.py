@@ -261,8 +261,36 @@ def report(records: dict[str, dict]) -> str:
                     s = sequential.get(f"{name}@{bpw:g}")
                     cells += [f"{s['perplexity']:.2f}", f"{s['kl']:.4f}"] if s else ["-", "-"]
                 lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
-            lines.append("")
+            lines += ["", *target_verdict(costs, sequential, kl_cost), ""]
     return "\n".join(lines)
+
+
+TARGET_PPL, TARGET_COST = 1.02, 0.10
+"""Issue 22's target: a loss whose ILP allocation is within 2% ppl of measured ``kl``'s, at <= 10% of its cost."""
+
+
+def target_verdict(costs: dict, sequential: dict, kl_cost: float | None) -> list[str]:
+    """Per budget, each sequentially quantized loss's ppl against ``kl``'s and its cost share: is the target met?"""
+    lines = [f"Against the target (ppl within {TARGET_PPL - 1:.0%} of `kl`'s allocation, at most {TARGET_COST:.0%} of its cost):"]
+    met = []
+    for bpw in SEQUENTIAL_BUDGETS:
+        reference = sequential.get(f"kl@{bpw:g}")
+        if reference is None or not kl_cost:
+            continue
+        parts = []
+        for name in SEQUENTIAL_LOSSES:
+            row = sequential.get(f"{name}@{bpw:g}")
+            if name == "kl" or row is None or name not in costs:
+                continue
+            ratio, share = row["perplexity"] / reference["perplexity"], costs[name]["seconds"] / kl_cost
+            parts.append(f"`{name}` {ratio - 1:+.1%} at {share:.0%}")
+            if ratio <= TARGET_PPL and share <= TARGET_COST:
+                met.append(f"`{name}` at {bpw:g} bpw")
+        lines.append(f"- {bpw:g} bpw: " + ", ".join(parts))
+    cheapest = min((c["seconds"] / kl_cost for c in costs.values()), default=float("nan")) if kl_cost else float("nan")
+    lines.append(f"- target met by: {', '.join(met)}" if met else
+                 f"- target not met: no loss measured here costs {TARGET_COST:.0%} of `kl`'s or less (the cheapest: {cheapest:.0%})")
+    return lines
 
 
 def main() -> None:
