@@ -89,9 +89,12 @@ def compare_kl(model: str, cpus: int) -> dict:
         on_ray = add_kl_losses(loaded, table, path, corpus.calibration, windows=KL_WINDOWS, seqlen=KL_SEQLEN,
                                ray=RaySettings(address="local", num_cpus=cpus))
         ray_seconds = time.perf_counter() - tick
-    same = np.array_equal(serial.loss(KL_MEASURED), on_ray.loss(KL_MEASURED), equal_nan=True)
+    a, b = serial.loss(KL_MEASURED), on_ray.loss(KL_MEASURED)
+    same = np.array_equal(a, b, equal_nan=True)
+    relative = float(np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))
     return {"stage": "kl", "model": model, "cpus": cpus, "layers": len(table.names), "options": table.labels,
-            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds, "differences": [] if same else ["kl"]}
+            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds,
+            "differences": [] if same else [f"kl (max relative difference {relative:.1e})"]}
 
 
 def report(paths: list[Path]) -> str:

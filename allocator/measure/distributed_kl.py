@@ -3,7 +3,9 @@
 Every worker (one CPU each) holds a copy of the model and its own :class:`allocator.measure.profile.KLProbe` on the
 same windows; the driver decodes one layer's kept option weights, sends them as one unit, and takes the rows back in
 the order it sent them, so the checkpointing and resuming of :func:`allocator.measure.layer_kl.measure_kept_kl` work as
-in the serial run. The probe sums each KL on one thread, so a worker's values are the serial run's bit for bit.
+in the serial run. The probe sums each KL on one thread; the forward itself still runs on the worker's one thread,
+which on a real model rounds differently from a multi-threaded driver (results/distributed.md: SmolLM2's KLs differ
+from the serial ones), so the values agree with the serial run's to float rounding, bit for bit only on small shapes.
 
 Memory: each worker holds the model in the dtype it is stored in, so a cluster of N workers on one machine needs N
 model copies beside the driver's; ``--ray-cpus`` bounds N on a local cluster.
