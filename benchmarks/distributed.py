@@ -78,6 +78,7 @@ def compare_profiles(model: str, cpus: int) -> dict:
 def compare_kl(model: str, cpus: int) -> dict:
     loaded = load_model(model)
     corpus = load_corpus("enwiki")
+    previous = os.environ.get("BITALLOC_CACHE")
     with tempfile.TemporaryDirectory(prefix="bitalloc-distributed-") as scratch:
         os.environ["BITALLOC_CACHE"] = scratch  # the kept weights the KL reads, made here and dropped after
         table = profile_model(loaded, corpus, parse_options(OPTION_SPECS), samples=SAMPLES, seqlen=SEQLEN)
@@ -89,6 +90,10 @@ def compare_kl(model: str, cpus: int) -> dict:
         on_ray = add_kl_losses(loaded, table, path, corpus.calibration, windows=KL_WINDOWS, seqlen=KL_SEQLEN,
                                ray=RaySettings(address="local", num_cpus=cpus))
         ray_seconds = time.perf_counter() - tick
+    if previous is None:
+        os.environ.pop("BITALLOC_CACHE")
+    else:
+        os.environ["BITALLOC_CACHE"] = previous
     a, b = serial.loss(KL_MEASURED), on_ray.loss(KL_MEASURED)
     same = np.array_equal(a, b, equal_nan=True)
     relative = float(np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))

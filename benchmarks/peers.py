@@ -35,6 +35,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import peer_autoround
 import torch
 from _common import RESULTS, chosen_models, provenance
 
@@ -121,8 +122,6 @@ def honest_overlay(loaded: LoadedModel, quantized: Mapping[str, tuple[torch.Tens
 
 
 def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, iters: int, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
-    import peer_autoround
-
     calibration = calibration_windows(loaded)
     settings = {"iters": iters, "group_size": 128, "sym": True, "nsamples": 64, "seqlen": 512, "batch_size": 8, "amp": False}
     for bits in AUTOROUND_BITS:
@@ -283,7 +282,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--tools", default=",".join(TOOLS), help="which rows to measure (comma-separated)")
-    parser.add_argument("--autoround-iters", type=int, default=200, help="SignRound iterations (AutoRound's default: 200)")
+    parser.add_argument("--autoround-iters", type=int, default=peer_autoround.DEFAULT_ITERS,
+                        help=f"SignRound iterations (AutoRound's default: {peer_autoround.DEFAULT_ITERS})")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -44,10 +44,10 @@ class _KLWorker:
 class RayKLProbe:
     """KLs of many rows on Ray (see the module doc). Use as a context manager, or :meth:`close` it."""
 
-    def __init__(self, model: PreTrainedModel, windows: torch.Tensor, settings: RaySettings, workers: int | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, windows: torch.Tensor, settings: RaySettings) -> None:
         self._ray = ray = require_ray()
         self._started = settings.connect(ray)
-        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        count = max(1, int(ray.cluster_resources().get("CPU", 1)))
         model_ref, windows_ref = ray.put(model), ray.put(windows)
         actor = ray.remote(num_cpus=1)(_KLWorker)
         self._actors = [actor.remote(model_ref, windows_ref) for _ in range(count)]

@@ -19,6 +19,7 @@ Both are added to the table as losses the solvers can take (``--loss kl`` / ``--
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,7 +66,7 @@ def measure_kept_kl(
     """KL of every (layer, option) where ``measure`` (L x O bool) is set, NaN elsewhere.
 
     Each value is ``probe.mean_kl`` with that one kept weight swapped into the reference; a :class:`RayKLProbe`
-    measures the layers' rows on its workers (the same values). With ``checkpoint`` the matrix is saved there every
+    measures the layers' rows on its workers (the same values up to float rounding). With ``checkpoint`` the matrix is saved there every
     few layers and reloaded on a rerun.
     """
     if measure.shape != (len(names), len(labels)):
@@ -198,7 +199,7 @@ def add_kl_losses(
     those of the last session); a table that already holds losses measured on the same windows for
     these options (or all) is not measured again, only its ``kl_est`` re-calibrated on these anchors. The probe's blocks
     run on ``device``; with ``ray`` the layers are measured on that cluster's CPU workers
-    (:mod:`allocator.measure.distributed_kl`: the same values).
+    (:mod:`allocator.measure.distributed_kl`: the same values up to float rounding).
     """
     seqlen = _kl_seqlen(table, windows, seqlen)
     measure = anchor_mask(table, anchors)
@@ -215,12 +216,9 @@ def add_kl_losses(
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     checkpoint = Path(table_path).with_suffix(f".kl-{digest}.npy")
     start = time.perf_counter()
-    if ray is not None:
-        with RayKLProbe(loaded.model, tokens, ray) as on_ray:
-            kl = measure_kept_kl(on_ray, weights, table.names, table.labels, measure, checkpoint, progress)
-    else:
-        probe = KLProbe(loaded.model, tokens, device=device)
-        kl = measure_kept_kl(probe, weights, table.names, table.labels, measure, checkpoint, progress)
+    probe = RayKLProbe(loaded.model, tokens, ray) if ray is not None else contextlib.nullcontext(KLProbe(loaded.model, tokens, device=device))
+    with probe as measuring:
+        kl = measure_kept_kl(measuring, weights, table.names, table.labels, measure, checkpoint, progress)
     result = with_kl_losses(table, kl, {**settings, "seconds": time.perf_counter() - start}, calibrate_on=measure)
     result.save(Path(table_path))
     checkpoint.unlink(missing_ok=True)

@@ -205,7 +205,7 @@ class KLProbe:
                     logprobs = next_token_logprobs(self.model, window[None])
             else:
                 logprobs = self._tail_logprobs(start, index, overlay)
-            with single_threaded():  # a threaded sum rounds by its thread count: a one-CPU Ray worker gets the same bits
+            with single_threaded():  # a threaded sum rounds by its thread count; one thread: the same sum in every process
                 total += torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="sum").item()
         return max(total / max(self.tokens, 1), 0.0)  # float noise can dip a hair below 0
 
