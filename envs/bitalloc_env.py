@@ -24,6 +24,12 @@ o, then gate/up, then down), so a tied group takes one option in one step; with
     than that price; ``mu`` is in the table's own loss units, so an action means the same on
     models whose losses differ in scale.
 
+With ``reward_tables`` (one per table: the same layers, options and bits) the policy observes and acts on
+``tables`` but is rewarded on the reward tables' loss (``reward_loss``, default their own default). That is the
+features-only training of RAMP's zero-shot setting: observe a features table (:mod:`allocator.measure.features_pass`,
+nothing measured), be scored on the measured table of the same model; applied to a new model, the policy needs
+only that model's features table.
+
 The budget is drawn per episode, uniformly in stored bits over ``bpw_range`` clipped to the
 table's feasible range (the lightest to the heaviest non-dominated allocation), so one policy
 serves many budgets; ``reset(options={"bpw": b})`` (or ``{"budget_bits": n}``) fixes it and
@@ -62,6 +68,7 @@ from envs.observation import (
     FeatureNormalization,
     check_same_features,
     observation_names,
+    observation_version,
     unit_observations,
 )
 from envs.quality import QualityBackend, TableQuality
@@ -141,6 +148,18 @@ class _Model:
     option_bits: np.ndarray
     """U x 2: bits of each unit's lightest and heaviest non-dominated option."""
     eps: float
+    reward_problem: Problem
+    """The problem the reward is computed on: ``problem`` itself, or the reward table's (same units and bits)."""
+    reward_relaxation: LPRelaxation
+
+
+def check_reward_table(table: SensitivityTable, reward_table: SensitivityTable) -> None:
+    """A reward table must describe the same layers with the same options at the same bits as the observed table."""
+    if reward_table is table:
+        return
+    if reward_table.names != table.names or reward_table.labels != table.labels or not np.array_equal(reward_table.bits, table.bits):
+        raise BitallocError(f"the reward table of {reward_table.key.model} has other layers, options or bits than the table of "
+                            f"{table.key.model}")
 
 
 def _load(table: SensitivityTable | str | Path) -> SensitivityTable:
@@ -158,6 +177,8 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
     :param quality: ``"table"``, or one backend per table (e.g. :class:`envs.quality.KLQuality`).
     :param render_mode: ``None`` or ``"ansi"``.
     :param action_mapping: ``"index"`` or ``"price"`` (module doc).
+    :param reward_tables: one table per table whose loss the reward is computed on (module doc); default: ``tables``.
+    :param reward_loss: the loss of the reward tables (default: each one's default loss).
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -172,6 +193,8 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         quality: str | Sequence[QualityBackend] = "table",
         render_mode: str | None = None,
         action_mapping: str = "index",
+        reward_tables: Sequence[SensitivityTable | str | Path] | None = None,
+        reward_loss: str | None = None,
     ) -> None:
         super().__init__()
         if action_mapping not in ACTION_MAPPINGS:
@@ -182,6 +205,17 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
             raise BitallocError("the environment needs at least one sensitivity table")
         for table in loaded[1:]:
             check_same_features(loaded[0], table)
+        versions = {observation_version(table) for table in loaded}
+        if len(versions) > 1:
+            raise BitallocError("the tables mix features tables and measured profiles; a policy observes one kind")
+        self.observation_version = versions.pop()
+        scored = [_load(t) for t in reward_tables] if reward_tables is not None else loaded
+        if len(scored) != len(loaded):
+            raise BitallocError(f"{len(scored)} reward tables for {len(loaded)} tables")
+        for table, reward_table in zip(loaded, scored):
+            check_reward_table(table, reward_table)
+        if reward_tables is None and reward_loss is not None:
+            raise BitallocError("reward_loss applies to reward_tables only (the tables' own loss is the constraints' loss)")
         low, high = (float(b) for b in bpw_range)
         if not 0 < low <= high:
             raise BitallocError(f"the bpw range must satisfy 0 < low <= high, got {bpw_range}")
@@ -200,17 +234,27 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         self.constraints = constraints
         self.reward_config = reward
         self.normalization = normalization or FeatureNormalization.fit(loaded)
-        self.models = [self._prepare(table, backend) for table, backend in zip(loaded, backends)]
+        self.models = [self._prepare(table, backend, reward_table if reward_tables is not None else None, reward_loss)
+                       for table, backend, reward_table in zip(loaded, backends, scored)]
         self.observation_names = observation_names(loaded[0].feature_names)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(len(self.observation_names),), dtype=np.float32)
         self.action_space = spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
         self._model: _Model | None = None
         self._problem: Problem | None = None
+        self._reward_problem: Problem | None = None
 
-    def _prepare(self, table: SensitivityTable, backend: QualityBackend | None) -> _Model:
+    def _prepare(self, table: SensitivityTable, backend: QualityBackend | None, reward_table: SensitivityTable | None,
+                 reward_loss: str | None) -> _Model:
         self.normalization.check(table)
         widest = float(np.nanmax(table.bpw))
-        problem = build_problem(table, Budget.bpw(widest + 1.0), self.constraints)  # slack: every allocation fits
+        slack = Budget.bpw(widest + 1.0)  # every allocation fits
+        problem = build_problem(table, slack, self.constraints)
+        if reward_table is None:
+            reward_problem = problem
+        else:
+            reward_problem = build_problem(reward_table, slack, dataclasses.replace(self.constraints, loss=reward_loss))
+            if not (np.array_equal(reward_problem.weight, problem.weight) and len(reward_problem.units) == len(problem.units)):
+                raise BitallocError(f"the reward table of {table.key.model} groups its units or prices its options unlike the table")
         options = pareto_options(problem)
         rows = np.arange(problem.num_units)
         option_bits = np.stack([problem.weight[rows, [o[0] for o in options]], problem.weight[rows, [o[-1] for o in options]]], axis=1)
@@ -219,11 +263,12 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         low = min(max(Budget.bpw(self.bpw_range[0]).max_bits(total), min_bits), max_bits)
         high = min(max(Budget.bpw(self.bpw_range[1]).max_bits(total), low), max_bits)
         relaxation = LPRelaxation(problem)
-        quality = backend if backend is not None else TableQuality(relaxation)
+        reward_relaxation = relaxation if reward_problem is problem else LPRelaxation(reward_problem)
+        quality = backend if backend is not None else TableQuality(reward_relaxation)
         light = np.array([o[0] for o in options])
-        eps = 1e-6 * max(problem.total_cost(light), 0.0) + 1e-30
+        eps = 1e-6 * max(reward_problem.total_cost(light), 0.0) + 1e-30
         return _Model(table, problem, options, unit_observations(problem, self.normalization, options), relaxation, quality,
-                      min_bits, max_bits, low, high, option_bits, eps)
+                      min_bits, max_bits, low, high, option_bits, eps, reward_problem, reward_relaxation)
 
     # -- episode ----------------------------------------------------------------------------
 
@@ -260,12 +305,13 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
             budget = Budget.bpw(bits / base.total_numel)
         self._index, self._model = index, model
         self._problem = dataclasses.replace(base, budget=budget, budget_bits=bits)
+        self._reward_problem = dataclasses.replace(model.reward_problem, budget=budget, budget_bits=bits)
         self._step = 0
         self._used = 0
         self._previous = 0.0
         self._paid = 0.0
         self._choice = np.full(base.num_units, -1, dtype=np.int64)
-        self._unit_lp = model.relaxation.unit_costs(bits) if self.reward_config.dense else None
+        self._unit_lp = model.reward_relaxation.unit_costs(bits) if self.reward_config.dense else None
         self._numel_left = np.concatenate([np.cumsum(base.numel[::-1])[::-1], [0]])
         self._min_left = np.concatenate([np.cumsum(model.option_bits[::-1, 0])[::-1], [0]])
         self._max_left = np.concatenate([np.cumsum(model.option_bits[::-1, 1])[::-1], [0]])
@@ -297,8 +343,9 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         if self._step < problem.num_units:
             reward = 0.0
             if self._unit_lp is not None:
-                scale = model.relaxation.bound(problem.budget_bits) + model.eps
-                reward = -(float(problem.cost[unit, option]) - float(self._unit_lp[unit])) / scale
+                scale = model.reward_relaxation.bound(problem.budget_bits) + model.eps
+                assert self._reward_problem is not None
+                reward = -(float(self._reward_problem.cost[unit, option]) - float(self._unit_lp[unit])) / scale
                 self._paid += reward
             return self._observation(), reward, False, False, info
         return self._observation(), *self._finish(info)
@@ -308,8 +355,9 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         assert model is not None and problem is not None
         raw = self._choice.copy()
         projected = downgrade(problem, raw) if self._used > problem.budget_bits else raw
-        loss = model.quality.loss(problem, projected)
-        reference = model.quality.reference(problem)
+        assert self._reward_problem is not None
+        loss = model.quality.loss(self._reward_problem, projected)
+        reference = model.quality.reference(self._reward_problem)
         reward = terminal_reward(loss, reference, model.eps, self._used, problem.budget_bits, self.reward_config) - self._paid
         bits = problem.total_bits(projected)
         info.update(

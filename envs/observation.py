@@ -13,6 +13,12 @@ The full list of observation columns, their formulas and their scales is in ``en
 
 Every column is clipped to +-:data:`OBS_CLIP`. Bump :data:`OBSERVATION_VERSION` whenever a column
 or a scale changes: policy artifacts record it and refuse a mismatch.
+
+The columns are the same for every table, but what part 2 reads differs: on a measured profile the units' losses
+are measured sensitivities (:data:`OBSERVATION_VERSION`); on a features table (the features pass,
+:mod:`allocator.measure.features_pass`) they are the cheap RTN-twin errors or a prior rule, nothing measured on
+the model (:data:`FEATURES_OBSERVATION_VERSION`, RAMP's zero-shot setting). A policy trained on one kind observes
+only that kind (:func:`observation_version`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from allocator.solvers.base import Problem
 from allocator.table.sensitivity import SensitivityTable
 
 OBSERVATION_VERSION = "bitalloc-obs-v1"
+FEATURES_OBSERVATION_VERSION = "bitalloc-obs-features-v1"
+OBSERVATION_VERSIONS = (OBSERVATION_VERSION, FEATURES_OBSERVATION_VERSION)
 OBS_CLIP = 10.0
 """Bound of every observation column (the observation space is ``Box(-OBS_CLIP, OBS_CLIP)``)."""
 BPW_SCALE = 8.0
@@ -54,6 +62,11 @@ BUDGET_FEATURES: tuple[str, ...] = (
     "remaining_position",
     "previous_action",
 )
+
+
+def observation_version(table: SensitivityTable) -> str:
+    """The observation a policy builds from ``table``: features-only on a features table, else the table's."""
+    return FEATURES_OBSERVATION_VERSION if table.features_only else OBSERVATION_VERSION
 
 
 def observation_names(feature_names: Sequence[str]) -> list[str]:

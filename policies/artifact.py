@@ -53,7 +53,15 @@ from allocator.solvers.base import Constraints
 from allocator.storage import atomic_path, write_json
 from allocator.table.sensitivity import SensitivityTable
 from envs.bitalloc_env import ACTION_MAPPINGS
-from envs.observation import OBS_CLIP, OBSERVATION_VERSION, FeatureNormalization, observation_names
+from envs.observation import (
+    FEATURES_OBSERVATION_VERSION,
+    OBS_CLIP,
+    OBSERVATION_VERSION,
+    OBSERVATION_VERSIONS,
+    FeatureNormalization,
+    observation_names,
+    observation_version,
+)
 from envs.reward import RewardConfig
 from policies.replay_buffer import load_replay_buffer
 
@@ -390,8 +398,9 @@ class PolicyCard:
             raise BitallocError(f"policy sidecar schema {_short(version)}, this code reads {ARTIFACT_SCHEMA_VERSION}")
         if data.get("algorithm") != ALGORITHM:
             raise BitallocError(f"algorithm {_short(data.get('algorithm'))}, this code runs {ALGORITHM}")
-        if data.get("observation_version") != OBSERVATION_VERSION:
-            raise BitallocError(f"the policy observes {_short(data.get('observation_version'))}, this code builds {OBSERVATION_VERSION!r}; "
+        observed = data.get("observation_version")
+        if observed not in OBSERVATION_VERSIONS:
+            raise BitallocError(f"the policy observes {_short(observed)}, this code builds {' or '.join(map(repr, OBSERVATION_VERSIONS))}; "
                                 "train it again")
         missing = [key for key in _CARD_REQUIRED if key not in data]
         if missing:
@@ -423,15 +432,24 @@ class PolicyCard:
             action_mapping=action_mapping,
             zip_sha256=_sha256(data["zip_sha256"], "zip_sha256"),
             replay_buffer_sha256=_sha256(data.get("replay_buffer_sha256", ""), "replay_buffer_sha256", empty=True),
-            observation_version=OBSERVATION_VERSION,
+            observation_version=str(observed),
             algorithm=ALGORITHM,
             versions=_versions(data.get("versions"), "versions"),
             training=None if training is None else TrainingState.from_json(training),
         )
 
+    @property
+    def features_only(self) -> bool:
+        """Whether the policy observes a features table (the features pass) rather than a measured profile."""
+        return self.observation_version == FEATURES_OBSERVATION_VERSION
+
     def check_table(self, table: SensitivityTable) -> None:
-        """Refuse a table this policy cannot observe (another feature schema or feature list)."""
+        """Refuse a table this policy cannot observe (another feature schema or feature list, or the other kind of
+        table: a features-only policy observes features tables only, a table policy measured profiles only)."""
         self.normalization.check(table)
+        if observation_version(table) != self.observation_version:
+            wanted = "a features table (bitalloc features)" if self.features_only else "a measured profile (bitalloc profile)"
+            raise BitallocError(f"the policy observes {self.observation_version!r}: it needs {wanted} of {table.key.model}")
 
 
 def versions() -> dict[str, str]:

@@ -178,8 +178,8 @@ def policy_score(model: Any, env: BitAllocEnv, budgets: Sequence[float]) -> floa
         for budget in feasible or [{"budget_bits": (prepared.min_bits + prepared.max_bits) // 2}]:
             info = rollout(env, act, {"table": index, **budget})
             problem = env.problem
-            loss = problem.total_cost(repair(problem, info["raw_choice"]))
-            bound = prepared.relaxation.bound(problem.budget_bits)
+            loss = prepared.reward_problem.total_cost(repair(problem, info["raw_choice"]))  # the reward table's loss
+            bound = prepared.reward_relaxation.bound(problem.budget_bits)
             scores.append(math.log((max(loss, 0.0) + prepared.eps) / (max(bound, 0.0) + prepared.eps)))
     return float(np.mean(scores))
 
@@ -256,8 +256,13 @@ def _resume(latest: tuple[Path, Path], card: PolicyCard, config: TrainConfig, en
                            gamma=config.gamma)
 
 
-def _run_record(tables: Sequence[SensitivityTable], config: TrainConfig) -> dict[str, Any]:
-    return {"tables": [table_record(t) for t in tables], "settings": config.run_settings()}
+def _run_record(tables: Sequence[SensitivityTable], config: TrainConfig, reward_tables: Sequence[SensitivityTable] | None = None,
+                reward_loss: str | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {"tables": [table_record(t) for t in tables], "settings": config.run_settings()}
+    if reward_tables is not None:  # runs rewarded on their own tables keep the record they always had
+        record["reward_tables"] = [table_record(t) for t in reward_tables]
+        record["reward_loss"] = reward_loss
+    return record
 
 
 def _logger(directory: Path):  # -> stable_baselines3 Logger
@@ -275,8 +280,14 @@ def train(
     config: TrainConfig = TrainConfig(),
     resume: bool = False,
     progress: bool = True,
+    reward_tables: Sequence[SensitivityTable] | None = None,
+    reward_loss: str | None = None,
 ) -> Path:
-    """Train (or with ``resume`` continue) a policy; returns the path of ``policy.zip`` in ``out_dir``."""
+    """Train (or with ``resume`` continue) a policy; returns the path of ``policy.zip`` in ``out_dir``.
+
+    With ``reward_tables`` (one per table, same layers, options and bits) the policy observes ``tables`` and is
+    rewarded (and its checkpoints scored) on the reward tables' ``reward_loss``: features-only training observes the
+    features tables of the training models and is scored on their measured tables (:mod:`envs.bitalloc_env`)."""
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import CallbackList
 
@@ -285,7 +296,7 @@ def train(
         raise BitallocError("training needs at least one sensitivity table")
     out_dir = Path(out_dir)
     run_path = out_dir / RUN_FILE
-    record = _run_record(tables, config)
+    record = _run_record(tables, config, reward_tables, reward_loss)
     if run_path.is_file():
         if not resume:
             raise BitallocError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
@@ -297,7 +308,7 @@ def train(
 
     normalization = FeatureNormalization.fit(tables)
     env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward, normalization=normalization,
-                      action_mapping=config.action_mapping)
+                      action_mapping=config.action_mapping, reward_tables=reward_tables, reward_loss=reward_loss)
     policy_kwargs = {"net_arch": list(config.net_arch)}
     card = PolicyCard(
         normalization=normalization,
@@ -310,6 +321,7 @@ def train(
         reward=config.reward,
         policy_kwargs=policy_kwargs,
         action_mapping=config.action_mapping,
+        observation_version=env.observation_version,
         versions=versions(),
     )
     checkpoints = out_dir / CHECKPOINTS
@@ -338,7 +350,8 @@ def train(
         every = min(config.checkpoint_every, config.timesteps)
         budgets = eval_budgets(config.bpw_range)
         eval_env = BitAllocEnv(tables, bpw_range=config.bpw_range, constraints=config.constraints, reward=config.reward,
-                               normalization=normalization, action_mapping=config.action_mapping)
+                               normalization=normalization, action_mapping=config.action_mapping, reward_tables=reward_tables,
+                               reward_loss=reward_loss)
         callbacks = CallbackList([_checkpoint_callback(card, every, checkpoints), _best_callback(card, every, out_dir, eval_env, budgets),
                                   _stats_callback()])
         model.learn(total_timesteps=remaining, callback=callbacks, reset_num_timesteps=latest is None, progress_bar=progress)

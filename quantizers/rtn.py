@@ -8,7 +8,7 @@ import torch
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_group_size
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
-from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, quantize_codes
+from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid, fit_minmax, quantize_codes
 
 
 class RTNQuantizer(Quantizer):
@@ -33,6 +33,13 @@ class RTNQuantizer(Quantizer):
         codes = torch.empty_like(w)
         scales = torch.empty(w.shape[0], layout.count)
         zeros = torch.empty_like(scales)
+        if self.clip == "minmax" and w.shape[1] == layout.count * layout.size and not (self.spec.symmetric and self.spec.bits == 1):
+            # every group at once: a row's groups are consecutive, so (rows, cols) -> (rows * groups, group) is a view and
+            # each of its rows gets the same min, max and elementwise rounding as the group's slice in the loop below
+            flat = w.reshape(-1, layout.size)
+            scale, zero = fit_minmax(flat, self.spec)
+            codes = quantize_codes(flat, scale, zero, self.spec).reshape(w.shape)
+            return encode_uniform_grid(codes, scale.reshape(scales.shape), zero.reshape(zeros.shape), self.spec, layout)
         importance = None if hessian is None else torch.diag(hessian.detach().float())
         for g in range(layout.count):
             start, stop = layout.bounds(g)

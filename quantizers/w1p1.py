@@ -148,12 +148,22 @@ class W1P1Quantizer(Quantizer):
             fit_block = fit if self.group_size is not None else (lambda start, stop, current: None)
             quantize_with_error_feedback(w, hinv_cholesky, block, fit_block, quantize_column)
         else:
-            if self.group_size is not None:
+            if self.group_size is not None and cols == layout.count * layout.size:
+                # every (row, group) at once: its own 2-means, and a pair whose assignment has settled stays put while
+                # the others go on, so this is the group-by-group fit below
+                count = layout.count
+                magnitudes = w.abs().reshape(rows * count, layout.size)
+                low, high = fit_two_scales(magnitudes, column_weights.reshape(count, layout.size).repeat(rows, 1), self.em_iterations)
+                scales[:, :, 0], scales[:, :, 1] = to_scale(low).reshape(rows, count), to_scale(high).reshape(rows, count)
+            elif self.group_size is not None:
                 for g in range(layout.count):
                     start, stop = layout.bounds(g)
                     fit(start, stop, w[:, start:stop])
-            for col in range(cols):
-                quantize_column(col, w[:, col])
+            # every column at once: each takes its group's two scales (the same per-column rule as quantize_column)
+            low, high = scales[:, column_group, 0], scales[:, column_group, 1]
+            member, _ = nearest_scale(w, low, high)
+            members[:, :] = member
+            signs[:, :] = sign_bits(w)
 
         stored, meta = encode_w1p1(signs, members, scales, layout)
         meta["paper_bpw"] = 2.0  # "W(1+1)": sign + membership bit, scales left out

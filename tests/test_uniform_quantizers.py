@@ -56,6 +56,22 @@ def test_every_group_uses_at_most_2_pow_bits_levels(bits: int) -> None:
             assert row.unique().numel() <= 2**bits
 
 
+@pytest.mark.parametrize("bits,sym,group,shape", [(2, False, 128, (48, 256)), (3, True, 64, (40, 192)), (4, False, None, (16, 96)),
+                                                  (1, False, 32, (8, 64)), (2, False, 128, (24, 200))])
+def test_rtn_minmax_equals_the_group_by_group_rule_exactly(bits: int, sym: bool, group: int | None, shape: tuple[int, int]) -> None:
+    """The all-groups-at-once min-max path (and the ragged-group loop) store exactly what fitting each group's slice does."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 3, shape[1])
+    spec = GridSpec(bits, sym)
+    layout = GroupLayout(shape[1], group)
+    codes, scales, zeros = torch.empty_like(w), torch.empty(shape[0], layout.count), torch.empty(shape[0], layout.count)
+    for g in range(layout.count):
+        start, stop = layout.bounds(g)
+        scales[:, g], zeros[:, g] = fit_minmax(w[:, start:stop], spec)
+        codes[:, start:stop] = quantize_codes(w[:, start:stop], scales[:, g], zeros[:, g], spec)
+    expected = (codes - zeros.repeat_interleave(layout.size, dim=1)[:, : shape[1]]) * scales.repeat_interleave(layout.size, dim=1)[:, : shape[1]]
+    assert torch.equal(RTNQuantizer(bits, group, sym).quantize(w).dequantized, expected)
+
+
 def test_rtn_error_falls_with_bits() -> None:
     weight, _ = weight_and_hessian()
     errors = [(RTNQuantizer(b, 32).quantize(weight).dequantized - weight).pow(2).mean().item() for b in (1, 2, 3, 4, 8)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from allocator.cli.parser import NOT_GIVEN
@@ -65,6 +66,15 @@ def profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:
 
     loaded = load_model(model)
     return profile_model(loaded, load_corpus(args.corpus), samples=args.samples, seqlen=args.seqlen, progress=not args.no_progress)
+
+
+def features_for(model: str, args: argparse.Namespace, options: Sequence[Option]) -> SensitivityTable:
+    """The features table of ``model`` for ``options`` (cached by bitalloc features): all a features-only policy reads."""
+    from allocator.measure.features_pass import features_table
+    from allocator.model.corpus import load_corpus
+    from allocator.model.loading import load_model
+
+    return features_table(load_model(model), load_corpus(args.corpus), options, progress=not args.no_progress)
 
 
 def other_bytes(table: SensitivityTable) -> int:

@@ -110,15 +110,20 @@ class LayerMeasurements:
         return cls(**{f.name: data[f.name] for f in fields(cls)})
 
 
-def _relative_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> tuple[float, float]:
-    """(``||E||_F / ||W||_F``, ``tr(E H E^T) / tr(W H W^T)``) with ``E = W - Q``, in float64."""
+def _relative_error(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """``||E||_F / ||W||_F`` with ``E = W - Q``, in float64."""
+    w = weight.double()
+    return float((w - quantized.double()).norm()) / max(float(w.norm()), EPS)
+
+
+def _relative_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(E H E^T) / tr(W H W^T)`` with ``E = W - Q``, in float64."""
     w = weight.double()
     error = w - quantized.double()
     h = hessian.double()
-    weight_norm = float(w.norm())
     output_weight = float(((w @ h) * w).sum())
     output_error = float(((error @ h) * error).sum())
-    return float(error.norm()) / max(weight_norm, EPS), output_error / max(output_weight, EPS)
+    return output_error / max(output_weight, EPS)
 
 
 @torch.inference_mode()
@@ -147,8 +152,9 @@ def measure_layer(
     spread = float(channel_rms.max()) / median if median > 0 else 0.0
     outlier = float(act_absmax.max()) / act_rms if act_rms > 0 else 0.0
 
-    rtn2, rtn2_output = _relative_error(weight, RTNQuantizer(2, RTN_GROUP_SIZE).quantize(weight).dequantized, hessian)
-    rtn4, _ = _relative_error(weight, RTNQuantizer(4, RTN_GROUP_SIZE).quantize(weight).dequantized, hessian)
+    rtn2_weight = RTNQuantizer(2, RTN_GROUP_SIZE).quantize(weight).dequantized
+    rtn2, rtn2_output = _relative_error(weight, rtn2_weight), _relative_output_error(weight, rtn2_weight, hessian)
+    rtn4 = _relative_error(weight, RTNQuantizer(4, RTN_GROUP_SIZE).quantize(weight).dequantized)
     return LayerMeasurements(
         name=name,
         block=block,

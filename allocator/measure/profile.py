@@ -359,7 +359,7 @@ class PartialProfile:
 # ----------------------------------------------------------------------------- the profile
 
 
-def _collect_and_run(
+def collect_and_run(
     block: nn.Module, wanted: Sequence[str], hidden: list[torch.Tensor], kwargs: dict[str, Any]
 ) -> tuple[dict[str, InputStatistics], list[torch.Tensor]]:
     """Run ``block`` on every hidden batch, collecting the input statistics of the ``wanted``
@@ -577,7 +577,7 @@ def _profile_layers(
             for index in range(last_needed + 1):
                 wanted = [local for local, q in qualified[index].items() if q not in done]
                 with working_block(layers[index], device) as block:
-                    stats, hidden = _collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
+                    stats, hidden = collect_and_run(block, wanted, hidden, inputs.block_kwargs[index])
                     weights_of = {local: module.weight.detach().float().cpu() for local, module in layer_linears(block).items()}
                 for local in wanted:
                     name = qualified[index][local]

@@ -43,6 +43,9 @@ from allocator.model.arch import BLOCK_LINEARS, tie_groups
 from allocator.storage import atomic_path, is_file, shown
 from allocator.table.losses import HESSIAN_ERR, PREFERRED_LOSSES
 
+FEATURES_PASS_KEY = "features_pass"
+"""Metadata key that marks a features table (and holds the features pass's settings and cost)."""
+
 TABLE_SCHEMA_VERSION = 1
 NOT_APPLICABLE = -1
 """Value of ``bits[l, o]`` for an option that cannot be applied to layer ``l``."""
@@ -138,6 +141,12 @@ class SensitivityTable:
     @property
     def loss_names(self) -> list[str]:
         return list(self.losses)
+
+    @property
+    def features_only(self) -> bool:
+        """Whether this table came from the features pass (:mod:`allocator.measure.features_pass`): its losses are
+        cheap quantization-error features and rules, not measured sensitivities."""
+        return FEATURES_PASS_KEY in self.metadata
 
     @property
     def total_numel(self) -> int:

@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from allocator.cli.commands import evaluate, export, generate, models, pareto, profile, quantize, run, solve, train
+from allocator.cli.commands import evaluate, export, features, generate, models, pareto, profile, quantize, run, solve, train
 
-COMMANDS: tuple[ModuleType, ...] = (evaluate, profile, solve, train, quantize, pareto, run, export, generate, models)
+COMMANDS: tuple[ModuleType, ...] = (evaluate, profile, features, solve, train, quantize, pareto, run, export, generate, models)

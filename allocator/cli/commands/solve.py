@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from allocator.cli.common import other_bytes, profile_for
+from allocator.cli.common import features_for, other_bytes, profile_for
 from allocator.cli.outputs import output_file
 from allocator.cli.parser import CORPUS_HELP, model_help, positive_int
 
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_mutually_exclusive_group()
     method.add_argument("--solver", default=None, help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
     method.add_argument("--policy", help="allocate with this trained policy instead of a solver: a policy.zip (from bitalloc train), "
-                        "its run directory, or the name of a shipped policy (policies/pretrained/, e.g. smollm2-135m-sac)")
+                        "its run directory, or the name of a shipped policy (policies/pretrained/, e.g. smollm2-135m-sac); with --model, a "
+                        "features-only policy runs only the features pass (bitalloc features), not the profile")
     parser.add_argument("--loss", help="loss to minimize: kl, else kl_est (with --measure-kl), else hessian_err by default; or weight_err")
     parser.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different options")
     parser.add_argument("--out", type=Path, help="write the result here (default: print it)")
@@ -53,12 +54,19 @@ def run(args: argparse.Namespace) -> int:
     output_file(args.out, "--out")
     if args.model is not None:
         check_corpus(args.corpus)  # it profiles the model on it
+    from allocator.table.options import parse_options
+    from policies.solver import PolicySolver
+
     solver: str | Solver = args.solver or DEFAULT_SOLVER
     if args.policy is not None:
-        from policies.solver import PolicySolver
-
         solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
-    table = SensitivityTable.load(args.profile) if args.profile is not None else profile_for(args.model, args)
+    if args.profile is not None:
+        table = SensitivityTable.load(args.profile)
+    elif isinstance(solver, PolicySolver) and solver.policy.card.features_only:
+        # a features-only policy reads the cheap features pass of the model, never its measured sensitivities
+        table = features_for(args.model, args, parse_options(solver.policy.card.models[0]["option_labels"]))
+    else:
+        table = profile_for(args.model, args)
     if args.bpw is not None:
         budget = Budget.bpw(args.bpw)
     elif args.bytes is not None:

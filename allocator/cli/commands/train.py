@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from allocator.cli.common import TRAIN_ACTION_MAPPINGS, profile_for
+from allocator.cli.common import TRAIN_ACTION_MAPPINGS, features_for, profile_for
 from allocator.cli.outputs import output_dir
 from allocator.cli.parser import CORPUS_HELP, positive_int
 
@@ -33,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how an action picks a unit's option: price (default; scales the price that paces the budget) or index "
                         "(envs/FEATURES.md)")
     parser.add_argument("--loss", help="table loss to train on (default: kl, else kl_est if profiled with --measure-kl, else hessian_err)")
+    parser.add_argument("--features-only", action="store_true",
+                        help="train a features-only policy (zero-shot on a new model from its features pass alone): it observes each "
+                        "--models model's features table (bitalloc features) and is rewarded on its profile's --loss")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP + " (to profile --models)")
     parser.add_argument("--samples", type=positive_int, default=defaults.samples, help="calibration sequences (to profile --models)")
     parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --models)")
@@ -56,11 +60,23 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
                          action_mapping=args.action_mapping)
+    if args.features_only and args.profile:
+        raise BitallocError("--features-only trains on --models (each one's features pass and profile), not on --profile tables")
     tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
     tables += [profile_for(model, args) for model in models]
+    reward_tables = None
+    if args.features_only:
+        from allocator.measure.features_pass import CHEAP_LOSS
+
+        for table in tables:
+            table.loss(args.loss)  # an unknown loss fails before the features passes
+        reward_tables = tables
+        tables = [features_for(model, args, table.options) for model, table in zip(models, reward_tables)]
+        config = replace(config, constraints=Constraints(loss=CHEAP_LOSS))
     start = time.perf_counter()
     try:
-        path = train(tables, args.out, config, resume=args.resume, progress=not args.no_progress)
+        path = train(tables, args.out, config, resume=args.resume, progress=not args.no_progress, reward_tables=reward_tables,
+                     reward_loss=args.loss if args.features_only else None)
     except KeyboardInterrupt:
         print(f"bitalloc: interrupted; run the same command with --resume to continue from the last checkpoint in {args.out}", file=sys.stderr)
         return 130

@@ -1,0 +1,59 @@
+"""``bitalloc features``: the features pass alone (few calibration windows, calibration-free option twins, no KL)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from allocator.cli.outputs import output_file
+from allocator.cli.parser import CORPUS_HELP, add_placement_flags, model_help, positive_int
+
+NAME = "features"
+HELP = "the cheap features pass a features-only policy allocates from (no per-layer sensitivity measured) -> features table"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN
+    from allocator.model.corpus import DEFAULT_CORPUS
+    from allocator.model.loading import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=model_help())
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP)
+    parser.add_argument("--samples", type=positive_int, default=FEATURE_PASS_SAMPLES,
+                        help=f"calibration windows (default {FEATURE_PASS_SAMPLES}; a full profile takes 64)")
+    parser.add_argument("--seqlen", type=positive_int, default=FEATURE_PASS_SEQLEN)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--options", nargs="+", default=["main"], metavar="SPEC",
+                        help="candidate options, as for bitalloc profile (default: main, bitalloc run's)")
+    parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
+    add_placement_flags(parser)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from allocator.measure.features_pass import features_table, features_table_path
+    from allocator.measure.profile import save_table
+    from allocator.model.corpus import check_corpus, load_corpus
+    from allocator.model.loading import load_model
+    from allocator.model.placement import resolve_device, storage_dtype
+    from allocator.table.options import parse_options
+
+    options = parse_options(args.options)  # bad specs fail before the model loads
+    device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
+    output_file(args.out, "--out")
+    check_corpus(args.corpus)
+    start = time.perf_counter()
+    loaded = load_model(args.model, dtype)
+    loaded.check_window(args.seqlen)
+    table = features_table(loaded, load_corpus(args.corpus), options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
+                           progress=not args.no_progress, device=device)
+    path = features_table_path(table)
+    if args.out is not None:
+        path = save_table(table, args.out)
+    computed = table.metadata["features_pass"]["seconds"]
+    print(f"{table.num_layers} layers x {table.num_options} options, losses {', '.join(table.loss_names)}, "
+          f"{table.features.shape[1]} features; {time.perf_counter() - start:.1f} s now (the pass itself took {computed:.1f} s "
+          f"on {args.samples} x {args.seqlen} tokens)")
+    print(path)
+    return 0

@@ -1,0 +1,199 @@
+"""The features pass: what a features-only policy (RAMP's zero-shot setting) may know of a new model.
+
+A full profile quantizes every layer with every option (GPTQ's column loop per option) on 64 calibration windows,
+and ``bitalloc run`` then measures each (layer, option)'s KL with a forward pass: minutes on a 135M model, hours on
+a 7B one. The features pass runs the same block-by-block calibration forward of the float model on
+:data:`FEATURE_PASS_SAMPLES` windows only, and prices every option by its calibration-free twin
+(:func:`cheap_twin_settings`: RTN onto the option's grid without a clipping search for GPTQ and RTN options,
+W(1+1) without error feedback, the other options as they are). That gives, with no forward pass ever seeing a
+quantized layer:
+
+- the layer features (:mod:`allocator.measure.features`: structure, weight and activation statistics, RTN errors);
+- :data:`CHEAP_LOSS`: ``sum_j diag(H)_j ||W[:, j] - Q[:, j]||^2`` of each (layer, option)'s twin, the output error
+  the layer would make if its input channels were uncorrelated (a diagonal-Hessian error, one pass over the weight:
+  the full ``tr(E H E^T)`` costs a matrix product per option), and ``weight_err`` = ``||W - Q||_F^2``;
+- the prior losses (:mod:`allocator.table.prior_losses`), which need nothing measured;
+- each option's exact stored bits (each twin stores exactly what its option stores, which is checked).
+
+The result is a :class:`SensitivityTable` marked ``features_only`` (its metadata holds ``features_pass``: the
+settings and the wall time), so the solvers run on it as on any table, and a features-only policy observes it and
+nothing else (:mod:`envs.observation`). It is cached under ``$BITALLOC_CACHE/features``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from allocator.errors import BitallocError
+from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
+from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
+from allocator.measure.profile import CODE_VERSION, collect_and_run, layer_inputs, model_fingerprint, profile_cache_id
+from allocator.model.arch import tie_groups
+from allocator.model.calibration import capture_block_inputs
+from allocator.model.corpus import Corpus
+from allocator.model.layers import decoder_layers, decoder_prefix, layer_linears, quantizable_linears
+from allocator.model.loading import LoadedModel
+from allocator.model.placement import CPU, working_block
+from allocator.model.tokens import calibration_samples
+from allocator.storage import cache_dir
+from allocator.table.losses import WEIGHT_ERR
+from allocator.table.options import Option, quantizer_from_settings
+from allocator.table.prior_losses import prior_losses
+from allocator.table.sensitivity import FEATURES_PASS_KEY, SensitivityTable, TableKey
+from quantizers import Quantizer
+
+log = logging.getLogger(__name__)
+
+FEATURE_PASS_SAMPLES = 8
+"""Calibration windows of the features pass (the full profile takes 64)."""
+FEATURE_PASS_SEQLEN = 512
+FEATURES_PASS_VERSION = "features-pass-v1"
+"""Enters the table key's code version; bump it when the pass computes anything differently."""
+TWIN_EM_ITERATIONS = 4
+"""EM rounds of the W(1+1) twin (the option itself runs up to 30)."""
+CHEAP_LOSS = "hdiag_err"
+"""The features table's default loss (module doc)."""
+LOSS_DESCRIPTIONS = {
+    CHEAP_LOSS: "sum_j diag(H)_j ||W[:, j] - Q[:, j]||^2 of the option's calibration-free twin (features pass)",
+    WEIGHT_ERR: "||W - Q||_F^2 of the option's calibration-free twin (features pass)",
+}
+
+
+def cheap_twin_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The calibration-free quantizer the features pass prices an option of ``settings`` with (module doc)."""
+    name = settings.get("quantizer")
+    if name in ("gptq", "rtn"):
+        return {"quantizer": "rtn", **{k: settings[k] for k in ("bits", "group_size", "symmetric") if k in settings}}
+    if name == "w1p1":
+        return {**settings, "error_feedback": False, "weighting": "plain", "em_iterations": TWIN_EM_ITERATIONS}
+    return dict(settings)
+
+
+def features_table(
+    loaded: LoadedModel,
+    corpus: Corpus,
+    options: Sequence[Option],
+    samples: int = FEATURE_PASS_SAMPLES,
+    seqlen: int = FEATURE_PASS_SEQLEN,
+    seed: int = 0,
+    cache: bool = True,
+    progress: bool = True,
+    device: torch.device = CPU,
+) -> SensitivityTable:
+    """The features table of ``loaded`` for ``options`` (module doc), from the cache when it was made before with
+    the same settings; ``metadata["features_pass"]["seconds"]`` is the pass's wall time when it was computed."""
+    start = time.perf_counter()
+    options = list(options)
+    if not options:
+        raise BitallocError("the features pass needs at least one option")
+    model = loaded.model
+    names = list(quantizable_linears(model))
+    if not names:
+        raise BitallocError(f"{loaded.name} has no linear layers in its decoder blocks")
+    key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=f"{CODE_VERSION}+{FEATURES_PASS_VERSION}",
+                   seed=seed)
+    fingerprint = model_fingerprint(model)
+    cache_id = profile_cache_id(key, options, fingerprint, False, 0)
+    path = _cache_path(loaded.name, cache_id)
+    labels = [o.label for o in options]
+    if cache and path.is_file():
+        try:
+            table = SensitivityTable.load(path)
+            if table.key == key and table.labels == labels and table.names == names:
+                log.info("using the cached features table %s", path)
+                return table
+        except BitallocError as exc:
+            log.warning("recomputing: %s", exc)
+    tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
+    twins = [(quantizer_from_settings(o.settings), quantizer_from_settings(cheap_twin_settings(o.settings))) for o in options]
+    rows = _measure_layers(model, tokens, twins, progress, device)
+    total_numel = sum(rows[n][0].numel for n in names)
+    seconds = time.perf_counter() - start
+    metadata = {
+        "cache_id": cache_id,
+        "model_fingerprint": fingerprint,
+        "calibration_tokens": samples * seqlen,
+        "add_bos": loaded.add_bos,
+        "other_bytes": model_size_bytes(model) - total_numel * OTHER_TENSOR_BITS // 8,
+        "losses": dict(LOSS_DESCRIPTIONS),
+        "seconds": seconds,
+        FEATURES_PASS_KEY: {"version": FEATURES_PASS_VERSION, "samples": samples, "seqlen": seqlen, "seconds": seconds,
+                            "twins": [cheap_twin_settings(o.settings) for o in options]},
+    }
+    measurements = [rows[n][0] for n in names]
+    table = SensitivityTable(
+        names=names,
+        numel=np.array([m.numel for m in measurements], dtype=np.int64),
+        tie_group=tie_groups(names),
+        options=options,
+        bits=np.array([rows[n][1] for n in names], dtype=np.int64),
+        losses={CHEAP_LOSS: np.array([rows[n][2] for n in names]), WEIGHT_ERR: np.array([rows[n][3] for n in names])},
+        key=key,
+        features=feature_matrix(measurements),
+        feature_names=list(FEATURE_NAMES),
+        feature_schema=FEATURE_SCHEMA,
+        metadata=metadata,
+    )
+    table = dataclasses.replace(table, losses={**table.losses, **prior_losses(table)})
+    if cache:
+        table.save(path)
+    return table
+
+
+def _cache_path(model: str, cache_id: str) -> Path:
+    return cache_dir("features") / f"{model}-{cache_id}.npz"
+
+
+def features_table_path(table: SensitivityTable) -> Path:
+    """Where :func:`features_table` caches ``table``."""
+    return _cache_path(table.key.model, str(table.metadata["cache_id"]))
+
+
+Row = tuple[LayerMeasurements, list[int], list[float], list[float]]
+"""A layer's measurements, and per option: stored bits, the cheap loss and the weight error."""
+
+
+@torch.inference_mode()
+def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequence[tuple[Quantizer, Quantizer]], progress: bool,
+                    device: torch.device) -> dict[str, Row]:
+    """Every layer's row: the option's own stored bits (known from the shape), its twin's errors."""
+    inputs = capture_block_inputs(model, tokens, device=device)
+    hidden = inputs.hidden_states
+    prefix = decoder_prefix(model)
+    layers = decoder_layers(model)
+    rows: dict[str, Row] = {}
+    for index in tqdm(range(len(layers)), desc="features pass", disable=not progress):
+        with working_block(layers[index], device) as block:
+            linears = layer_linears(block)
+            stats, hidden = collect_and_run(block, list(linears), hidden, inputs.block_kwargs[index])
+            weights_of = {local: module.weight.detach().float().cpu() for local, module in linears.items()}
+        for local, weight in weights_of.items():
+            name = f"{prefix}.{index}.{local}"
+            if local not in stats:
+                raise BitallocError(f"{name} saw no calibration input in the features pass")
+            w, hessian = layer_inputs(weight, stats[local])
+            measurements = measure_layer(name, w, hessian, stats[local].absmax.cpu(), index, len(layers))
+            h_diag = torch.diagonal(hessian).clamp_min(0)
+            bits, cheap, plain = [], [], []
+            for option, twin in twins:
+                quantized = twin.quantize(w, hessian if twin.uses_hessian else None)
+                squared = (w - quantized.dequantized.float()).square()
+                bits.append(int(option.storage_bits(*w.shape)))
+                cheap.append(float(squared.sum(dim=0) @ h_diag))
+                plain.append(float(squared.sum()))
+            rows[name] = (measurements, bits, cheap, plain)
+        del stats
+    return rows
+
+
+__all__ = ["CHEAP_LOSS", "FEATURE_PASS_SAMPLES", "FEATURE_PASS_SEQLEN", "cheap_twin_settings", "features_table", "features_table_path"]

@@ -1,0 +1,301 @@
+"""Zero-shot as RAMP means it: features-only policies against features-only baselines and the measured-KL ILP
+-> results/policy_zeroshot.md.
+
+For each model: its measured table (``bitalloc run``'s profile: the ``main`` options, every option's single-layer
+KL on 128 tokens) and its features table (:mod:`allocator.measure.features_pass`: few windows, calibration-free
+option twins, nothing measured), with the wall time of each. Policies observe features tables only and are
+rewarded on the measured tables of the models they train on: trained on one model and applied to the other
+(leave-one-model-out, seeds ``--seeds``), and one trained on both (shipped with ``--ship``).
+
+At each budget of ``--budgets`` on each target model, every allocation below is solved, then measured:
+
+- ``ilp (measured kl)``: the ILP on the target's measured KL table: what the full profile buys;
+- ``policy (from A, seed s)``: the features-only policy trained on model A, on the target's features table;
+- features-only baselines on the same features table: ``uniform`` (the widest option every layer can take within
+  the budget), ``ilp flat`` / ``ilp ends_first`` / ``ilp module_kind`` (the prior rules of
+  :mod:`allocator.table.prior_losses` carried out by the ILP), ``ilp hdiag_err`` (the ILP on the cheap twins'
+  diagonal-Hessian error).
+
+"Measured" is ``--measure``: ``kept`` swaps the measured profile's kept (layer, option) weights into the float model
+(each layer quantized alone on the reference inputs: fast), ``sequential`` quantizes as ``bitalloc run`` does (GPTQ
+block by block on the quantized prefix; slow). Both on the same evaluation windows per model. Every record is saved
+as it is made (results/policy_zeroshot/*.json); a rerun measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import RESULTS, provenance
+
+from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
+from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
+from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS
+from allocator.measure.features_pass import CHEAP_LOSS, features_table
+from allocator.measure.layer_kl import add_kl_losses
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, profile_model
+from allocator.model.corpus import load_corpus
+from allocator.model.loading import load_model
+from allocator.solvers import Budget, Constraints, solve
+from allocator.storage import write_json
+from allocator.table.options import parse_options
+from allocator.table.prior_losses import PRIOR_LOSSES
+from allocator.table.sensitivity import SensitivityTable
+from policies.apply import apply_policy
+from policies.artifact import load_policy
+from policies.best_checkpoint import BEST_FILE, read_best
+from policies.sac import POLICY_FILE, TrainConfig, train
+
+MODELS = ("smollm2-135m", "gemma3-270m")
+EVAL_TOKENS = {"smollm2-135m": 8192, "gemma3-270m": 4096}
+OUT = RESULTS / "policy_zeroshot"
+MEASURED_LOSS = "kl"
+FEATURE_LOSSES = (*PRIOR_LOSSES, CHEAP_LOSS)
+
+
+def read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- tables and their cost
+
+
+def stage_tables(models: list[str]) -> dict[str, tuple[SensitivityTable, SensitivityTable]]:
+    """Per model (measured table, features table); their costs go to tables.json."""
+    path = OUT / "tables.json"
+    record = read(path) or {"provenance": provenance(), "models": {}}
+    corpus = load_corpus("enwiki")
+    out = {}
+    for model in models:
+        loaded = load_model(model)
+        measured = profile_model(loaded, corpus, parse_options(RUN_OPTIONS), progress=False)
+        measured = add_kl_losses(loaded, measured, cached_table_path(measured), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
+        start = time.perf_counter()
+        features = features_table(loaded, corpus, measured.options, progress=False)
+        now = time.perf_counter() - start
+        pass_seconds = float(features.metadata["features_pass"]["seconds"])
+        profile_seconds = float(measured.metadata.get("seconds", 0.0))
+        kl_seconds = float(measured.metadata.get("kl_measurement", {}).get("seconds", 0.0))
+        entry = record["models"].get(model, {})
+        if entry.get("features_pass_seconds") != pass_seconds:  # computed now (a cached table keeps its old time)
+            entry = {"features_pass_seconds": pass_seconds, "features_measured": provenance(), "profile_seconds": profile_seconds,
+                     "kl_seconds": kl_seconds, "features_key": features.key.digest(), "measured_key": measured.key.digest(),
+                     "features_samples": features.key.samples, "profile_samples": measured.key.samples}
+        entry["loaded_now_seconds"] = now
+        record["models"][model] = entry
+        write_json(path, record)
+        print(f"{model}: features pass {pass_seconds:.1f} s, profile {profile_seconds:.1f} s + KL {kl_seconds:.1f} s")
+        out[model] = (measured, features)
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run_dir(train_on: list[str], seed: int, timesteps: int) -> Path:
+    return OUT / "runs" / f"{'+'.join(train_on)}-seed{seed}-{timesteps}"
+
+
+def stage_train(tables: dict[str, tuple[SensitivityTable, SensitivityTable]], train_on: list[str], seed: int, timesteps: int) -> Path:
+    """Train (or resume) one features-only policy; returns its best checkpoint (scored on its training tables)."""
+    directory = run_dir(train_on, seed, timesteps)
+    best = directory / BEST_FILE
+    if (directory / POLICY_FILE).is_file() and best.is_file():
+        return best
+    config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=CHEAP_LOSS))
+    start = time.perf_counter()
+    train([tables[m][1] for m in train_on], directory, config, resume=directory.exists(), progress=False,
+          reward_tables=[tables[m][0] for m in train_on], reward_loss=MEASURED_LOSS)
+    write_json(directory / "wall.json", {"seconds": time.perf_counter() - start, "provenance": provenance()})
+    print(f"trained on {'+'.join(train_on)} seed {seed}: {time.perf_counter() - start:.0f} s, best {read_best(directory)}")
+    return best
+
+
+# ----------------------------------------------------------------------------- allocations
+
+
+def uniform_choice(table: SensitivityTable, budget: Budget) -> dict[str, str] | None:
+    """Every layer at the widest option all layers can take whose total fits the budget."""
+    usable = [o for o in range(table.num_options) if (table.bits[:, o] >= 0).all()]
+    fitting = [o for o in usable if int(table.bits[:, o].sum()) <= budget.max_bits(table.total_numel)]
+    if not fitting:
+        return None
+    best = max(fitting, key=lambda o: int(table.bits[:, o].sum()))
+    return {name: table.labels[best] for name in table.names}
+
+
+def plan(target: str, tables: dict, policies: dict[str, Path], budgets: list[float]) -> list[dict[str, Any]]:
+    measured, features = tables[target]
+    rows: list[dict[str, Any]] = []
+
+    def add(kind: str, bpw: float, options: dict[str, str], **extra: Any) -> None:
+        bits = sum(int(measured.bits[i, measured.option_index(options[n])]) for i, n in enumerate(measured.names))
+        predicted = sum(float(measured.losses[MEASURED_LOSS][i, measured.option_index(options[n])]) for i, n in enumerate(measured.names))
+        rows.append({"kind": kind, "budget": bpw, "allocation": allocation_hash(options), "options": options,
+                     "bpw": bits / measured.total_numel, "predicted_kl": predicted, **extra})
+
+    for bpw in budgets:
+        budget = Budget.bpw(bpw)
+        add("ilp (measured kl)", bpw, solve(measured, budget, Constraints(loss=MEASURED_LOSS)).options())
+        for name, path in policies.items():
+            bitmap = apply_policy(load_policy(path), features, budget, Constraints(loss=CHEAP_LOSS))
+            add("policy", bpw, bitmap.options(), policy=name)
+        uniform = uniform_choice(features, budget)
+        if uniform is not None:
+            add("uniform", bpw, uniform)
+        for loss in FEATURE_LOSSES:
+            add(f"ilp {loss}", bpw, solve(features, budget, Constraints(loss=loss)).options())
+    return rows
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def stage_measure(target: str, tables: dict, rows: list[dict[str, Any]], how: str, kinds: set[str] | None) -> dict[str, Any]:
+    path = OUT / f"measured-{target}-{how}.json"
+    measured_table = tables[target][0]
+    key = {"target": target, "table": measured_table.key.digest(), "tokens": EVAL_TOKENS[target], "how": how}
+    record = read(path)
+    if not record or record.get("key") != key:
+        record = {"key": key, "provenance": provenance(), "measured": {}, "seconds": {}}
+    done: dict[str, Measured] = {k: Measured(**v) for k, v in record["measured"].items()}
+    wanted = {r["allocation"]: r["options"] for r in rows if kinds is None or r["kind"] in kinds or r["kind"].startswith(tuple(kinds))}
+    todo = {k: v for k, v in wanted.items() if k not in done}
+    print(f"[{target} {how}] {len(wanted)} allocations, {len(todo)} to measure")
+    if todo:
+        corpus = load_corpus("enwiki")
+        loaded = load_model(target)
+        settings = EvalSettings(tokens=EVAL_TOKENS[target], true_sequential=False)
+        windows = evaluation_tokens(loaded, corpus, settings)
+
+        def save(measured: dict[str, Measured], reference: float) -> None:
+            record["reference_perplexity"] = reference
+            record["measured"].update({k: {"perplexity": m.perplexity, "ppl_ratio": m.ppl_ratio, "kl": m.kl} for k, m in measured.items()})
+            write_json(path, record)
+
+        if how == "kept":
+            weights = OptionWeights.beside(cached_table_path(measured_table), measured_table.labels)
+            measure_allocations(loaded.model, windows, weights, todo, done, save, chunk=4, progress=False)
+        else:
+            labels = {o.label: o for o in measured_table.options}
+            from allocator.table.assignment import Assignment
+
+            for allocation, options in todo.items():
+                start = time.perf_counter()
+                assignment = Assignment({n: labels[label].settings for n, label in options.items()})
+                quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=False, keep_dequantized=False)
+                seconds = time.perf_counter() - start
+                result = compare_quantized(loaded, corpus, {"q": quantized}, settings, progress=False, windows=windows)
+                record["seconds"][allocation] = seconds
+                save({allocation: Measured(result[1].perplexity, result[1].perplexity / result[0].perplexity, result[1].kl)},
+                     result[0].perplexity)
+                print(f"  {allocation}: ppl {result[1].perplexity:.2f} ({seconds:.0f} s to quantize)", flush=True)
+    return record
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(models: list[str], tables_record: dict, results: dict[str, dict[str, Any]], budgets: list[float], seeds: list[int]) -> str:
+    lines = ["# Zero-shot, features only: policies and baselines that never measure the target's sensitivities", "",
+             "Command, commit and machine of each part are in results/policy_zeroshot/*.json (provenance); "
+             "this file is rewritten from them by `python benchmarks/policy_zeroshot.py --report`.", ""]
+    lines += ["## Cost of what each path measures on the target", "",
+              "| model | features pass | full profile | + single-layer KL | features / profile | features / (profile + KL) |",
+              "|---|---|---|---|---|---|"]
+    for model in models:
+        e = tables_record["models"].get(model)
+        if not e:
+            continue
+        full = e["profile_seconds"] + e["kl_seconds"]
+        lines.append(f"| {model} | {e['features_pass_seconds']:.1f} s ({e['features_samples']} windows) | {e['profile_seconds']:.1f} s "
+                     f"({e['profile_samples']} windows) | {e['kl_seconds']:.1f} s | {e['features_pass_seconds'] / e['profile_seconds']:.0%} | "
+                     f"{e['features_pass_seconds'] / full:.0%} |")
+    for target, data in results.items():
+        rows, measured = data["rows"], data["measured"]
+        lines += ["", f"## {target}", ""]
+        for how, record in measured.items():
+            if record is None:
+                continue
+            ref = record.get("reference_perplexity")
+            lines += [f"### measured: {how} ({EVAL_TOKENS[target]} evaluation tokens; reference ppl {ref:.3f})" if ref else f"### {how}", "",
+                      "| budget | allocation | bpw | predicted KL (sum) | ppl | KL | ppl vs measured-KL ILP |", "|---|---|---|---|---|---|---|"]
+            for bpw in budgets:
+                at = [r for r in rows if r["budget"] == bpw]
+                ilp = next((record["measured"].get(r["allocation"]) for r in at if r["kind"] == "ilp (measured kl)"), None)
+                for r in at:
+                    m = record["measured"].get(r["allocation"])
+                    if m is None:
+                        continue
+                    label = r["kind"] + (f" ({r['policy']})" if "policy" in r else "")
+                    gap = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
+                    lines.append(f"| {bpw:g} | {label} | {r['bpw']:.3f} | {r['predicted_kl']:.4g} | {m['perplexity']:.2f} | {m['kl']:.4f} | {gap} |")
+            lines += ["", *verdict(rows, record, budgets, seeds), ""]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict[str, Any]], record: dict[str, Any], budgets: list[float], seeds: list[int]) -> list[str]:
+    out = []
+    for bpw in budgets:
+        at = [r for r in rows if r["budget"] == bpw]
+        get = lambda r: record["measured"].get(r["allocation"])  # noqa: E731
+        ilp = next((get(r) for r in at if r["kind"] == "ilp (measured kl)"), None)
+        policy = [get(r)["perplexity"] for r in at if r["kind"] == "policy" and get(r)]
+        baselines = {r["kind"]: get(r)["perplexity"] for r in at if r["kind"] not in ("policy", "ilp (measured kl)") and get(r)}
+        if not ilp or not policy or not baselines:
+            continue
+        best_name = min(baselines, key=lambda k: baselines[k])
+        median = statistics.median(policy)
+        out.append(f"- {bpw:g} bpw: policy median ppl {median:.2f} over {len(policy)} policies (range {min(policy):.2f}-{max(policy):.2f}), "
+                   f"{median / ilp['perplexity'] - 1:+.1%} vs the measured-KL ILP ({ilp['perplexity']:.2f}); best features-only baseline "
+                   f"{best_name} {baselines[best_name]:.2f} ({baselines[best_name] / ilp['perplexity'] - 1:+.1%}); "
+                   f"policy {'beats' if median < baselines[best_name] else 'does not beat'} it; "
+                   f"target (within 3% of the ILP) {'met' if median <= 1.03 * ilp['perplexity'] else 'not met'}.")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--budgets", default="2.5,3,3.5")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--timesteps", type=int, default=20000)
+    parser.add_argument("--measure", default="kept", help="kept, sequential or kept,sequential")
+    parser.add_argument("--sequential-kinds", default="ilp (measured kl),policy,ilp hdiag_err,ilp module_kind,ilp ends_first",
+                        help="which allocations the sequential measurement covers (comma-separated kinds or prefixes)")
+    parser.add_argument("--report", action="store_true", help="only rewrite policy_zeroshot.md from the records")
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    budgets = [float(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    OUT.mkdir(parents=True, exist_ok=True)
+    tables = stage_tables(models)
+    results: dict[str, dict[str, Any]] = {}
+    for target in models:
+        sources = [m for m in models if m != target]
+        policies = {f"from {m}, seed {s}": stage_train(tables, [m], s, args.timesteps) for m in sources for s in seeds}
+        rows = plan(target, tables, policies, budgets)
+        write_json(OUT / f"plan-{target}.json", {"provenance": provenance(), "rows": rows})
+        measured: dict[str, Any] = {}
+        for how in ("kept", "sequential"):
+            path = OUT / f"measured-{target}-{how}.json"
+            if not args.report and how in args.measure.split(","):
+                kinds = None if how == "kept" else set(args.sequential_kinds.split(","))
+                measured[how] = stage_measure(target, tables, rows, how, kinds)
+            else:
+                measured[how] = read(path)
+        results[target] = {"rows": rows, "measured": measured}
+    (RESULTS / "policy_zeroshot.md").write_text(report(models, read(OUT / "tables.json") or {"models": {}}, results, budgets, seeds))
+    print(RESULTS / "policy_zeroshot.md")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

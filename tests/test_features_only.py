@@ -1,0 +1,132 @@
+"""The features pass, the prior losses, and features-only policies (observe a features table, rewarded on a
+measured one), on the tiny model: mechanics only."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from allocator.errors import BitallocError
+from allocator.measure import features_pass
+from allocator.measure.features_pass import CHEAP_LOSS, features_table, features_table_path
+from allocator.measure.profile import profile_model
+from allocator.solvers import Budget, Constraints, solve
+from allocator.table.bitmap import BitMap
+from allocator.table.options import parse_options
+from allocator.table.prior_losses import ENDS_WEIGHT, KIND_WEIGHT, PRIOR_LOSSES
+from allocator.table.sensitivity import FEATURES_PASS_KEY, SensitivityTable
+from envs.bitalloc_env import BitAllocEnv
+from envs.observation import FEATURES_OBSERVATION_VERSION
+from policies.apply import apply_policy
+from policies.artifact import load_policy, read_card
+from policies.sac import TrainConfig, train
+from tests.cli_helpers import assert_one_line_error, run
+
+OPTIONS = ["xnor:group_size=16", "w1p1:group_size=16", "gptq2:group_size=16", "gptq4:group_size=16"]
+
+
+@pytest.fixture(scope="module")
+def features(loaded, corpus) -> SensitivityTable:
+    return features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False)
+
+
+def measured_twin(table: SensitivityTable, seed: int = 0) -> SensitivityTable:
+    """A stand-in for the measured profile of the same model: same layers, options and bits, other losses."""
+    rng = np.random.default_rng(seed)
+    kl = table.losses[CHEAP_LOSS] * np.exp(rng.normal(0, 1, size=(table.num_layers, 1)))
+    metadata = {k: v for k, v in table.metadata.items() if k != FEATURES_PASS_KEY}
+    return dataclasses.replace(table, losses={"kl": kl}, metadata=metadata)
+
+
+def test_features_table_prices_every_option_at_its_own_bits_and_holds_no_measured_loss(features, loaded, corpus) -> None:
+    assert features.features_only and features.default_loss == CHEAP_LOSS
+    assert set(features.loss_names) == {CHEAP_LOSS, "weight_err", *PRIOR_LOSSES}
+    profiled = profile_model(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False, keep_weights=False)
+    assert not profiled.features_only
+    assert profiled.names == features.names and np.array_equal(profiled.bits, features.bits)
+    assert np.isfinite(features.losses[CHEAP_LOSS]).all() and (features.losses[CHEAP_LOSS] >= 0).all()
+    bpw = features.bpw
+    for name in ("gptq-w2g16", "gptq-w4g16"):  # more bits of the same grid, less error, on every layer
+        assert name in features.labels
+    two, four = features.option_index("gptq-w2g16"), features.option_index("gptq-w4g16")
+    assert (features.losses[CHEAP_LOSS][:, four] < features.losses[CHEAP_LOSS][:, two]).all() and (bpw[:, four] > bpw[:, two]).all()
+
+
+def test_features_table_is_cached_and_reloaded_without_a_forward(loaded, corpus, isolated_cache, monkeypatch) -> None:
+    first = features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, progress=False)
+    assert features_table_path(first).is_file()
+
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("the cached features table was recomputed")
+
+    monkeypatch.setattr(features_pass, "_measure_layers", no_work)
+    again = features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, progress=False)
+    assert again.key == first.key and np.array_equal(again.losses[CHEAP_LOSS], first.losses[CHEAP_LOSS])
+
+
+def test_prior_rules_weigh_the_end_blocks_and_the_heavy_kinds(features) -> None:
+    depth = features.features[:, features.feature_names.index("relative_depth")]
+    flat, ends, kind = (features.losses[name] for name in ("flat", "ends_first", "module_kind"))
+    ratio = ends[:, 0] / flat[:, 0]
+    assert np.allclose(ratio[(depth == depth.min()) | (depth == depth.max())], ENDS_WEIGHT)
+    assert np.allclose(ratio[(depth > depth.min()) & (depth < depth.max())], 1.0)
+    heavy = np.array([name.endswith(("v_proj", "down_proj")) for name in features.names])
+    assert np.allclose((kind[:, 0] / flat[:, 0])[heavy], KIND_WEIGHT) and np.allclose((kind[:, 0] / flat[:, 0])[~heavy], 1.0)
+    bitmap = solve(features, Budget.bpw(3.0), Constraints(loss="module_kind", tie=False))
+    width = {name: entry.storage_bits / entry.numel for name, entry in bitmap.modules.items()}
+    for block in {name.rsplit(".", 2)[0] for name in features.names}:  # v never gets fewer bits than q of its block
+        assert width[f"{block}.self_attn.v_proj"] >= width[f"{block}.self_attn.q_proj"] - 1e-9
+
+
+def test_env_observes_the_features_table_and_rewards_on_the_measured_one(features) -> None:
+    measured = measured_twin(features)
+    env = BitAllocEnv(features, constraints=Constraints(loss=CHEAP_LOSS), reward_tables=[measured], reward_loss="kl")
+    assert env.observation_version == FEATURES_OBSERVATION_VERSION
+    env.reset(seed=0, options={"bpw": 3.0})
+    done, info = False, {}
+    while not done:
+        _, _, done, _, info = env.step(np.array([0.5], dtype=np.float32))
+    choice = info["choice"]
+    reward_cost = sum(measured.losses["kl"][i, choice[u]] for u, members in enumerate(env.problem.units) for i in members)
+    assert info["loss"] == pytest.approx(reward_cost)
+    with pytest.raises(BitallocError, match="other layers, options or bits"):
+        BitAllocEnv(features, reward_tables=[dataclasses.replace(measured, bits=measured.bits + 8)])
+    with pytest.raises(BitallocError, match="mix features tables"):
+        BitAllocEnv([features, measured])
+
+
+def test_features_only_policy_trains_applies_to_features_tables_only(features, tmp_path: Path) -> None:
+    measured = measured_twin(features)
+    config = TrainConfig(timesteps=200, seed=1, checkpoint_every=100, learning_starts=50, batch_size=32, net_arch=(16, 16),
+                         constraints=Constraints(loss=CHEAP_LOSS))
+    path = train([features], tmp_path / "run", config, progress=False, reward_tables=[measured], reward_loss="kl")
+    card = read_card(path)
+    assert card.features_only and card.observation_version == FEATURES_OBSERVATION_VERSION
+    bitmap = apply_policy(load_policy(path), features, 3.0, Constraints(loss=CHEAP_LOSS))
+    assert bitmap.predicted_bpw <= 3.0
+    with pytest.raises(BitallocError, match="needs a features table"):
+        apply_policy(load_policy(path), measured, 3.0)
+
+
+def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    common = ["--corpus", str(text_file), "--no-progress"]
+    code, stdout, _ = run(capsys, "features", "--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--options", *OPTIONS,
+                          *common)
+    assert code == 0 and Path(stdout.strip().splitlines()[-1]).is_file()
+    code, _, err = run(capsys, "train", "--features-only", "--profile", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r"), *common)
+    assert_one_line_error(code, err, "--features-only trains on --models")
+    out = tmp_path / "run"
+    profile = ["--samples", "4", "--seqlen", "32"]
+    code, _, err = run(capsys, "train", "--features-only", "--models", str(tiny_model_dir), "--timesteps", "120", "--checkpoint-every", "100",
+                       "--out", str(out), *profile, *common)
+    assert code == 0, err
+    assert read_card(out / "policy.zip").features_only
+    profiles = set((isolated_cache / "profiles").glob("*.npz"))
+    code, _, err = run(capsys, "solve", "--policy", str(out / "policy.zip"), "--model", str(tiny_model_dir), "--bpw", "3",
+                       "--out", str(tmp_path / "b.json"), *profile, *common)
+    assert code == 0, err
+    assert BitMap.load(tmp_path / "b.json").predicted_bpw <= 3
+    assert set((isolated_cache / "profiles").glob("*.npz")) == profiles  # solving read the features table, profiled nothing
