@@ -37,7 +37,7 @@ from _common import RESULTS, provenance
 from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
 from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS
-from allocator.measure.features_pass import CHEAP_LOSS, features_table
+from allocator.measure.features_pass import CHEAP_LOSS, SHAPE_LOSS, features_table
 from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, profile_model
@@ -52,12 +52,17 @@ from policies.apply import apply_policy
 from policies.artifact import load_policy
 from policies.best_checkpoint import BEST_FILE, read_best
 from policies.sac import POLICY_FILE, TrainConfig, train
+from policies.shipping import ship_policy
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 EVAL_TOKENS = {"smollm2-135m": 8192, "gemma3-270m": 4096}
 OUT = RESULTS / "policy_zeroshot"
 MEASURED_LOSS = "kl"
-FEATURE_LOSSES = (*PRIOR_LOSSES, CHEAP_LOSS)
+FEATURE_LOSSES = (*PRIOR_LOSSES, CHEAP_LOSS, SHAPE_LOSS)
+POLICY_LOSS = SHAPE_LOSS
+"""What the policies observe and price on (the features table's default loss)."""
+SHIPPED = "features-sac"
+"""Name of the shipped features-only policy (``bitalloc solve --policy features-sac``)."""
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -100,7 +105,7 @@ def stage_tables(models: list[str]) -> dict[str, tuple[SensitivityTable, Sensiti
 
 
 def run_dir(train_on: list[str], seed: int, timesteps: int) -> Path:
-    return OUT / "runs" / f"{'+'.join(train_on)}-seed{seed}-{timesteps}"
+    return OUT / "runs" / f"{'+'.join(train_on)}-{POLICY_LOSS}-seed{seed}-{timesteps}"
 
 
 def stage_train(tables: dict[str, tuple[SensitivityTable, SensitivityTable]], train_on: list[str], seed: int, timesteps: int) -> Path:
@@ -109,7 +114,7 @@ def stage_train(tables: dict[str, tuple[SensitivityTable, SensitivityTable]], tr
     best = directory / BEST_FILE
     if (directory / POLICY_FILE).is_file() and best.is_file():
         return best
-    config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=CHEAP_LOSS))
+    config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=POLICY_LOSS))
     start = time.perf_counter()
     train([tables[m][1] for m in train_on], directory, config, resume=directory.exists(), progress=False,
           reward_tables=[tables[m][0] for m in train_on], reward_loss=MEASURED_LOSS)
@@ -145,7 +150,7 @@ def plan(target: str, tables: dict, policies: dict[str, Path], budgets: list[flo
         budget = Budget.bpw(bpw)
         add("ilp (measured kl)", bpw, solve(measured, budget, Constraints(loss=MEASURED_LOSS)).options())
         for name, path in policies.items():
-            bitmap = apply_policy(load_policy(path), features, budget, Constraints(loss=CHEAP_LOSS))
+            bitmap = apply_policy(load_policy(path), features, budget, Constraints(loss=POLICY_LOSS))
             add("policy", bpw, bitmap.options(), policy=name)
         uniform = uniform_choice(features, budget)
         if uniform is not None:
@@ -271,6 +276,7 @@ def main() -> None:
     parser.add_argument("--sequential-kinds", default="ilp (measured kl),policy,ilp hdiag_err,ilp module_kind,ilp ends_first",
                         help="which allocations the sequential measurement covers (comma-separated kinds or prefixes)")
     parser.add_argument("--report", action="store_true", help="only rewrite policy_zeroshot.md from the records")
+    parser.add_argument("--ship", action="store_true", help=f"also train on every model (seed 0) and ship it as policies/pretrained/{SHIPPED}")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -292,6 +298,9 @@ def main() -> None:
             else:
                 measured[how] = read(path)
         results[target] = {"rows": rows, "measured": measured}
+    if args.ship and len(models) > 1:
+        shipped = ship_policy(stage_train(tables, models, 0, args.timesteps), SHIPPED)
+        print(f"shipped {shipped} (trained on {', '.join(models)})")
     (RESULTS / "policy_zeroshot.md").write_text(report(models, read(OUT / "tables.json") or {"models": {}}, results, budgets, seeds))
     print(RESULTS / "policy_zeroshot.md")
 

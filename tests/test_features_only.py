@@ -11,7 +11,7 @@ import pytest
 
 from allocator.errors import BitallocError
 from allocator.measure import features_pass
-from allocator.measure.features_pass import CHEAP_LOSS, features_table, features_table_path
+from allocator.measure.features_pass import CHEAP_LOSS, SHAPE_LOSS, features_table, features_table_path
 from allocator.measure.profile import profile_model
 from allocator.solvers import Budget, Constraints, solve
 from allocator.table.bitmap import BitMap
@@ -42,8 +42,13 @@ def measured_twin(table: SensitivityTable, seed: int = 0) -> SensitivityTable:
 
 
 def test_features_table_prices_every_option_at_its_own_bits_and_holds_no_measured_loss(features, loaded, corpus) -> None:
-    assert features.features_only and features.default_loss == CHEAP_LOSS
-    assert set(features.loss_names) == {CHEAP_LOSS, "weight_err", *PRIOR_LOSSES}
+    assert features.features_only and features.default_loss == SHAPE_LOSS
+    assert set(features.loss_names) == {SHAPE_LOSS, CHEAP_LOSS, "weight_err", *PRIOR_LOSSES}
+    flat, shape = features.losses["flat"], features.losses[SHAPE_LOSS]
+    widest = features.bits.argmax(axis=1)
+    rows = np.arange(features.num_layers)
+    assert np.allclose(shape[rows, widest], flat[rows, widest])  # the flat rule's scale, the twins' ratios
+    assert np.allclose(shape / shape[rows, widest][:, None], features.losses[CHEAP_LOSS] / features.losses[CHEAP_LOSS][rows, widest][:, None])
     profiled = profile_model(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False, keep_weights=False)
     assert not profiled.features_only
     assert profiled.names == features.names and np.array_equal(profiled.bits, features.bits)
@@ -116,8 +121,9 @@ def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, tex
     code, stdout, _ = run(capsys, "features", "--model", str(tiny_model_dir), "--samples", "2", "--seqlen", "32", "--options", *OPTIONS,
                           *common)
     assert code == 0 and Path(stdout.strip().splitlines()[-1]).is_file()
-    code, _, err = run(capsys, "train", "--features-only", "--profile", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r"), *common)
-    assert_one_line_error(code, err, "--features-only trains on --models")
+    code, _, err = run(capsys, "train", "--features-only", "--models", str(tiny_model_dir), "--loss", "nope", "--samples", "4", "--seqlen", "32",
+                       "--out", str(tmp_path / "r"), *common)
+    assert_one_line_error(code, err, "no loss 'nope'")
     out = tmp_path / "run"
     profile = ["--samples", "4", "--seqlen", "32"]
     code, _, err = run(capsys, "train", "--features-only", "--models", str(tiny_model_dir), "--timesteps", "120", "--checkpoint-every", "100",
@@ -130,3 +136,9 @@ def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, tex
     assert code == 0, err
     assert BitMap.load(tmp_path / "b.json").predicted_bpw <= 3
     assert set((isolated_cache / "profiles").glob("*.npz")) == profiles  # solving read the features table, profiled nothing
+    code, stdout, err = run(capsys, "run", "--policy", str(out / "policy.zip"), "--model", str(tiny_model_dir), "--bpw", "3", "--tokens", "128",
+                            *profile, *common)
+    assert code == 0, err
+    stages = next(line for line in stdout.splitlines() if line.startswith("stages: "))
+    assert "[1/4] features pass" in stdout and "features " in stages and "profile " not in stages and "kl " not in stages
+    assert set((isolated_cache / "profiles").glob("*.npz")) == profiles

@@ -15,6 +15,7 @@ from allocator.evaluate.report import print_rows, rows_to_json
 from allocator.evaluate.rows import VariantRow
 from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
 from allocator.measure.distributed import RaySettings
+from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN, features_table
 from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import Corpus
@@ -68,6 +69,7 @@ def run_job(
     say: Callable[[str], None] = print,
     device: torch.device = CPU,
     ray: RaySettings | None = None,
+    features_only: bool = False,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
@@ -80,6 +82,15 @@ def run_job(
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
+    if features_only:  # a features-only policy reads the features pass alone: no profile, no KL
+        samples, seqlen = min(FEATURE_PASS_SAMPLES, settings.samples), min(FEATURE_PASS_SEQLEN, settings.seqlen)
+        say(f"[1/4] features pass: {len(options)} options per layer priced by calibration-free twins on {samples} x {seqlen} calibration "
+            "tokens (cached)")
+        tick = time.perf_counter()
+        table = features_table(loaded, corpus, list(options), samples=samples, seqlen=seqlen, seed=settings.seed, progress=progress,
+                               device=device)
+        stages["features"] = time.perf_counter() - tick
+        return _finish_job(loaded, corpus, table, budget, solver, settings, progress, say, device, windows, stages, start)
     say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")
     tick = time.perf_counter()
     table = profile_model(loaded, corpus, list(options), samples=settings.samples, seqlen=settings.seqlen, seed=settings.seed, progress=progress,
@@ -91,6 +102,13 @@ def run_job(
         table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, kl_anchors, seqlen=kl_seqlen, progress=progress,
                               device=device, ray=ray)
         stages["kl"] = time.perf_counter() - tick
+    return _finish_job(loaded, corpus, table, budget, solver, settings, progress, say, device, windows, stages, start)
+
+
+def _finish_job(loaded: LoadedModel, corpus: Corpus, table: SensitivityTable, budget: Budget, solver: str | Solver, settings: EvalSettings,
+                progress: bool, say: Callable[[str], None], device: torch.device, windows: torch.Tensor, stages: dict[str, float],
+                start: float) -> RunResult:
+    """Solve, quantize and evaluate: the job's stages after its table."""
     name = solver if isinstance(solver, str) else solver.name
     say(f"[2/4] solve: {name} at {budget}, minimizing {table.default_loss}")
     tick = time.perf_counter()

@@ -62,7 +62,12 @@ FEATURES_PASS_VERSION = "features-pass-v1"
 TWIN_EM_ITERATIONS = 4
 """EM rounds of the W(1+1) twin (the option itself runs up to 30)."""
 CHEAP_LOSS = "hdiag_err"
-"""The features table's default loss (module doc)."""
+"""The twins' diagonal-Hessian error (module doc)."""
+SHAPE_LOSS = "twin_shape"
+"""The features table's default loss: the ``flat`` rule's value at each layer's widest option, spread over its other
+options in proportion to their :data:`CHEAP_LOSS`. The absolute twin error ranks layers by their activation scale,
+which says little about what a layer does to the output (its ILP is far worse than the flat rule's on both real
+models: results/policy_zeroshot.md); its ratios between one layer's options do carry how that layer quantizes."""
 LOSS_DESCRIPTIONS = {
     CHEAP_LOSS: "sum_j diag(H)_j ||W[:, j] - Q[:, j]||^2 of the option's calibration-free twin (features pass)",
     WEIGHT_ERR: "||W - Q||_F^2 of the option's calibration-free twin (features pass)",
@@ -111,7 +116,7 @@ def features_table(
             table = SensitivityTable.load(path)
             if table.key == key and table.labels == labels and table.names == names:
                 log.info("using the cached features table %s", path)
-                return table
+                return with_rules(table)
         except BitallocError as exc:
             log.warning("recomputing: %s", exc)
     tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
@@ -144,10 +149,20 @@ def features_table(
         feature_schema=FEATURE_SCHEMA,
         metadata=metadata,
     )
-    table = dataclasses.replace(table, losses={**table.losses, **prior_losses(table)})
     if cache:
-        table.save(path)
-    return table
+        table.save(path)  # the measurements; the rules are derived from them on every read
+    return with_rules(table)
+
+
+def with_rules(table: SensitivityTable) -> SensitivityTable:
+    """``table`` (the twins' measurements) with :data:`SHAPE_LOSS` first (the default loss) and the prior rules added."""
+    priors = prior_losses(table)
+    cheap = table.losses[CHEAP_LOSS]
+    bits = np.where(np.isfinite(cheap), table.bits, -1)
+    widest = bits.argmax(axis=1)
+    rows = np.arange(table.num_layers)
+    shape = priors["flat"][rows, widest][:, None] * cheap / np.maximum(cheap[rows, widest], 1e-30)[:, None]
+    return dataclasses.replace(table, losses={SHAPE_LOSS: shape, **table.losses, **priors})
 
 
 def _cache_path(model: str, cache_id: str) -> Path:
@@ -196,4 +211,5 @@ def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequenc
     return rows
 
 
-__all__ = ["CHEAP_LOSS", "FEATURE_PASS_SAMPLES", "FEATURE_PASS_SEQLEN", "cheap_twin_settings", "features_table", "features_table_path"]
+__all__ = ["CHEAP_LOSS", "FEATURE_PASS_SAMPLES", "FEATURE_PASS_SEQLEN", "SHAPE_LOSS", "cheap_twin_settings", "features_table",
+           "features_table_path", "with_rules"]

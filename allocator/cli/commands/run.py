@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method = parser.add_mutually_exclusive_group()
     method.add_argument("--solver", default=None, help="ilp (default), ilp-cvxpy, convex, baq, dp or greedy")
     method.add_argument("--policy", help="allocate with this trained policy instead of a solver (as for solve: a policy.zip, its run "
-                                         "directory, or a shipped policy's name)")
+                                         "directory, or a shipped policy's name); a features-only policy runs the features pass instead of the profile "
+                                         "and the single-layer KL")
     parser.add_argument("--options", nargs="+", default=RUN_OPTIONS, metavar="SPEC",
                         help="candidate options (as for profile; default main: xnor, w1p1, GPTQ 2/3/4-bit with act order and mse clipping)")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP)
@@ -68,10 +69,12 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     ray = ray_settings(args)
     solver: str | Solver = args.solver or "ilp"
+    features_only = False
     if args.policy is not None:
         from policies.solver import PolicySolver
 
         solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
+        features_only = solver.policy.card.features_only  # it reads the features pass, not the profile and KL
     elif solver not in SOLVERS:
         raise BitallocError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
     output_dir(args.out, "--out", files=(BITMAP_FILE, ROWS_FILE))
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed, true_sequential=args.true_sequential)
     result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress,
-                     kl_seqlen=kl_seqlen, device=device, ray=ray)
+                     kl_seqlen=kl_seqlen, device=device, ray=ray, features_only=features_only)
     print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
         save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)

@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(envs/FEATURES.md)")
     parser.add_argument("--loss", help="table loss to train on (default: kl, else kl_est if profiled with --measure-kl, else hessian_err)")
     parser.add_argument("--features-only", action="store_true",
-                        help="train a features-only policy (zero-shot on a new model from its features pass alone): it observes each "
-                        "--models model's features table (bitalloc features) and is rewarded on its profile's --loss")
+                        help="train a features-only policy (zero-shot on a new model from its features pass alone): it observes the "
+                        "features table (bitalloc features) of each model trained on and is rewarded on its profile's --loss (e.g. kl "
+                        "from bitalloc profile --measure-kl)")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP + " (to profile --models)")
     parser.add_argument("--samples", type=positive_int, default=defaults.samples, help="calibration sequences (to profile --models)")
     parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen, help="calibration sequence length (to profile --models)")
@@ -60,19 +61,18 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
                          action_mapping=args.action_mapping)
-    if args.features_only and args.profile:
-        raise BitallocError("--features-only trains on --models (each one's features pass and profile), not on --profile tables")
     tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
     tables += [profile_for(model, args) for model in models]
     reward_tables = None
     if args.features_only:
-        from allocator.measure.features_pass import CHEAP_LOSS
+        from allocator.measure.features_pass import SHAPE_LOSS
 
         for table in tables:
             table.loss(args.loss)  # an unknown loss fails before the features passes
         reward_tables = tables
-        tables = [features_for(model, args, table.options) for model, table in zip(models, reward_tables)]
-        config = replace(config, constraints=Constraints(loss=CHEAP_LOSS))
+        # each table's own model (a built-in name or the path it was profiled from) gets its features pass
+        tables = [features_for(table.key.model, args, table.options) for table in reward_tables]
+        config = replace(config, constraints=Constraints(loss=SHAPE_LOSS))
     start = time.perf_counter()
     try:
         path = train(tables, args.out, config, resume=args.resume, progress=not args.no_progress, reward_tables=reward_tables,
