@@ -212,6 +212,7 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
     lines = ["# Zero-shot, features only: policies and baselines that never measure the target's sensitivities", "",
              "Command, commit and machine of each part are in results/policy_zeroshot/*.json (provenance); "
              "this file is rewritten from them by `python benchmarks/policy_zeroshot.py --report`.", ""]
+    lines += [tables_record.get("provenance", ""), ""]
     lines += ["## Cost of what each path measures on the target", "",
               "| model | features pass | full profile | + single-layer KL | features / profile | features / (profile + KL) |",
               "|---|---|---|---|---|---|"]
@@ -223,6 +224,10 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
         lines.append(f"| {model} | {e['features_pass_seconds']:.1f} s ({e['features_samples']} windows) | {e['profile_seconds']:.1f} s "
                      f"({e['profile_samples']} windows) | {e['kl_seconds']:.1f} s | {e['features_pass_seconds'] / e['profile_seconds']:.0%} | "
                      f"{e['features_pass_seconds'] / full:.0%} |")
+    lines += ["", "Times as recorded when each table was made (the features pass here, alone on the machine; the profile and the KL "
+              "from the cached tables of `bitalloc run`'s job, the KL possibly while other work shared the cores: the main job's KL "
+              "stage took 145-157 s on SmolLM2, main_job.md). The policy path needs only the features pass; the measured-KL ILP needs "
+              "the profile and the KL."]
     for target, data in results.items():
         rows, measured = data["rows"], data["measured"]
         lines += ["", f"## {target}", ""]
@@ -231,6 +236,7 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
                 continue
             ref = record.get("reference_perplexity")
             lines += [f"### measured: {how} ({EVAL_TOKENS[target]} evaluation tokens; reference ppl {ref:.3f})" if ref else f"### {how}", "",
+                      record.get("provenance", ""), "",
                       "| budget | allocation | bpw | predicted KL (sum) | ppl | KL | ppl vs measured-KL ILP |", "|---|---|---|---|---|---|---|"]
             for bpw in budgets:
                 at = [r for r in rows if r["budget"] == bpw]
@@ -243,6 +249,21 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
                     gap = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
                     lines.append(f"| {bpw:g} | {label} | {r['bpw']:.3f} | {r['predicted_kl']:.4g} | {m['perplexity']:.2f} | {m['kl']:.4f} | {gap} |")
             lines += ["", *verdict(rows, record, budgets, seeds), ""]
+    first = read(OUT / "first-try-hdiag-priced-plan-smollm2-135m.json")
+    kept = (results.get("smollm2-135m", {}).get("measured") or {}).get("kept")
+    if first and kept:
+        lines += ["## First try: policies priced on the absolute twin error (hdiag_err)", "",
+                  "The same training with the policies observing and pricing on `hdiag_err` instead of `twin_shape` (three Gemma3 "
+                  "policies applied to SmolLM2; plan kept in first-try-hdiag-priced-plan-smollm2-135m.json):", "",
+                  "| budget | allocation | predicted KL (sum) | ppl (kept) |", "|---|---|---|---|"]
+        for r in first["rows"]:
+            if r["kind"] in ("policy", "ilp hdiag_err", "ilp (measured kl)"):
+                m = kept["measured"].get(r["allocation"])
+                label = r["kind"] + (f" ({r['policy']})" if "policy" in r else "")
+                lines.append(f"| {r['budget']:g} | {label} | {r['predicted_kl']:.4g} | {m['perplexity']:.2f} |" if m else
+                             f"| {r['budget']:g} | {label} | {r['predicted_kl']:.4g} | - |")
+        lines += ["", "The price mapping paces the budget by the LP relaxation of the loss the policy observes; on `hdiag_err` that "
+                  "relaxation is 3-10x off in predicted KL and the policies stayed next to it.", ""]
     return "\n".join(lines) + "\n"
 
 
