@@ -154,12 +154,12 @@ class _Model:
 
 
 def check_reward_table(table: SensitivityTable, reward_table: SensitivityTable) -> None:
-    """A reward table must describe the same layers with the same options at the same bits as the observed table."""
-    if reward_table is table:
-        return
-    if reward_table.names != table.names or reward_table.labels != table.labels or not np.array_equal(reward_table.bits, table.bits):
-        raise BitallocError(f"the reward table of {reward_table.key.model} has other layers, options or bits than the table of "
-                            f"{table.key.model}")
+    """A reward table must describe the same layers (and tie groups) with the same options at the same bits as the observed table,
+    so both give the same units at the same bits."""
+    if (reward_table.names != table.names or reward_table.labels != table.labels or not np.array_equal(reward_table.bits, table.bits)
+            or not np.array_equal(reward_table.tie_group, table.tie_group)):
+        raise BitallocError(f"the reward table of {reward_table.key.model} has other layers, options, bits or tie groups than the "
+                            f"table of {table.key.model}")
 
 
 def _load(table: SensitivityTable | str | Path) -> SensitivityTable:
@@ -209,11 +209,13 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         if len(versions) > 1:
             raise BitallocError("the tables mix features tables and measured profiles; a policy observes one kind")
         self.observation_version = versions.pop()
-        scored = [_load(t) for t in reward_tables] if reward_tables is not None else loaded
-        if len(scored) != len(loaded):
-            raise BitallocError(f"{len(scored)} reward tables for {len(loaded)} tables")
-        for table, reward_table in zip(loaded, scored):
-            check_reward_table(table, reward_table)
+        scored: list[SensitivityTable | None] = [None] * len(loaded)
+        if reward_tables is not None:
+            scored = [_load(t) for t in reward_tables]
+            if len(scored) != len(loaded):
+                raise BitallocError(f"{len(scored)} reward tables for {len(loaded)} tables")
+            for table, reward_table in zip(loaded, scored):
+                check_reward_table(table, reward_table)
         if reward_tables is None and reward_loss is not None:
             raise BitallocError("reward_loss applies to reward_tables only (the tables' own loss is the constraints' loss)")
         low, high = (float(b) for b in bpw_range)
@@ -234,8 +236,7 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         self.constraints = constraints
         self.reward_config = reward
         self.normalization = normalization or FeatureNormalization.fit(loaded)
-        self.models = [self._prepare(table, backend, reward_table if reward_tables is not None else None, reward_loss)
-                       for table, backend, reward_table in zip(loaded, backends, scored)]
+        self.models = [self._prepare(table, backend, reward_table, reward_loss) for table, backend, reward_table in zip(loaded, backends, scored)]
         self.observation_names = observation_names(loaded[0].feature_names)
         self.observation_space = spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(len(self.observation_names),), dtype=np.float32)
         self.action_space = spaces.Box(0.0, 1.0, shape=(1,), dtype=np.float32)
@@ -249,12 +250,8 @@ class BitAllocEnv(gym.Env[np.ndarray, np.ndarray]):
         widest = float(np.nanmax(table.bpw))
         slack = Budget.bpw(widest + 1.0)  # every allocation fits
         problem = build_problem(table, slack, self.constraints)
-        if reward_table is None:
-            reward_problem = problem
-        else:
-            reward_problem = build_problem(reward_table, slack, dataclasses.replace(self.constraints, loss=reward_loss))
-            if not (np.array_equal(reward_problem.weight, problem.weight) and len(reward_problem.units) == len(problem.units)):
-                raise BitallocError(f"the reward table of {table.key.model} groups its units or prices its options unlike the table")
+        # same layers, bits and tie groups (check_reward_table), so the same units at the same bits
+        reward_problem = problem if reward_table is None else build_problem(reward_table, slack, dataclasses.replace(self.constraints, loss=reward_loss))
         options = pareto_options(problem)
         rows = np.arange(problem.num_units)
         option_bits = np.stack([problem.weight[rows, [o[0] for o in options]], problem.weight[rows, [o[-1] for o in options]]], axis=1)

@@ -30,16 +30,16 @@ class RTNQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         w = weight.detach().float()
         layout = GroupLayout(w.shape[1], self.group_size)
-        codes = torch.empty_like(w)
-        scales = torch.empty(w.shape[0], layout.count)
-        zeros = torch.empty_like(scales)
         if self.clip == "minmax" and w.shape[1] == layout.count * layout.size and not (self.spec.symmetric and self.spec.bits == 1):
             # every group at once: a row's groups are consecutive, so (rows, cols) -> (rows * groups, group) is a view and
             # each of its rows gets the same min, max and elementwise rounding as the group's slice in the loop below
             flat = w.reshape(-1, layout.size)
             scale, zero = fit_minmax(flat, self.spec)
             codes = quantize_codes(flat, scale, zero, self.spec).reshape(w.shape)
-            return encode_uniform_grid(codes, scale.reshape(scales.shape), zero.reshape(zeros.shape), self.spec, layout)
+            return encode_uniform_grid(codes, scale.reshape(-1, layout.count), zero.reshape(-1, layout.count), self.spec, layout)
+        codes = torch.empty_like(w)
+        scales = torch.empty(w.shape[0], layout.count)
+        zeros = torch.empty_like(scales)
         importance = None if hessian is None else torch.diag(hessian.detach().float())
         for g in range(layout.count):
             start, stop = layout.bounds(g)

@@ -97,8 +97,10 @@ def test_env_observes_the_features_table_and_rewards_on_the_measured_one(feature
     choice = info["choice"]
     reward_cost = sum(measured.losses["kl"][i, choice[u]] for u, members in enumerate(env.problem.units) for i in members)
     assert info["loss"] == pytest.approx(reward_cost)
-    with pytest.raises(BitallocError, match="other layers, options or bits"):
+    with pytest.raises(BitallocError, match="other layers, options, bits or tie groups"):
         BitAllocEnv(features, reward_tables=[dataclasses.replace(measured, bits=measured.bits + 8)])
+    with pytest.raises(BitallocError, match="other layers, options, bits or tie groups"):
+        BitAllocEnv(features, reward_tables=[dataclasses.replace(measured, tie_group=np.arange(measured.num_layers))])
     with pytest.raises(BitallocError, match="mix features tables"):
         BitAllocEnv([features, measured])
 

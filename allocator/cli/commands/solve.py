@@ -54,17 +54,20 @@ def run(args: argparse.Namespace) -> int:
     output_file(args.out, "--out")
     if args.model is not None:
         check_corpus(args.corpus)  # it profiles the model on it
-    from allocator.table.options import parse_options
-    from policies.solver import PolicySolver
-
     solver: str | Solver = args.solver or DEFAULT_SOLVER
+    features_options = None
     if args.policy is not None:
+        from allocator.table.options import parse_options
+        from policies.solver import PolicySolver
+
         solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
+        card = solver.policy.card
+        if card.features_only:  # it reads the cheap features pass of the model, never its measured sensitivities
+            features_options = parse_options(card.models[0]["option_labels"])
     if args.profile is not None:
         table = SensitivityTable.load(args.profile)
-    elif isinstance(solver, PolicySolver) and solver.policy.card.features_only:
-        # a features-only policy reads the cheap features pass of the model, never its measured sensitivities
-        table = features_for(args.model, args, parse_options(solver.policy.card.models[0]["option_labels"]))
+    elif features_options is not None:
+        table = features_for(args.model, args, features_options)
     else:
         table = profile_for(args.model, args)
     if args.bpw is not None:
