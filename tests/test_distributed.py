@@ -108,6 +108,39 @@ def test_ray_kl_measurement_equals_the_serial_one_and_resumes(loaded, corpus, lo
     assert np.isfinite(serial.loss(KL_MEASURED)).all() and (serial.loss(KL_MEASURED) > 0).any()
 
 
+def test_ray_fisher_equals_the_serial_one_and_resumes_a_serial_pass(loaded, corpus, local_ray, isolated_cache, monkeypatch) -> None:
+    """The Fisher's chunks on 2 Ray workers add up to the serial diagonals bit for bit (10 windows: a short last
+    chunk), also when the Ray pass resumes the checkpoint of an interrupted serial one."""
+    import allocator.measure.fisher_gradients as gradients
+    from allocator.measure.fisher import cached_fisher, fisher_diagonals
+    from allocator.model.tokens import calibration_samples
+
+    windows = calibration_samples(loaded.tokenizer, corpus.calibration, 10, 24, add_bos=False, seed=0)
+    serial = fisher_diagonals(loaded.model, windows, seed=0, progress=False)
+    on_ray = fisher_diagonals(loaded.model, windows, seed=0, progress=False, ray=local_ray)
+    accumulate = gradients.accumulate_window
+    calls: list[int] = []
+
+    def interrupted(*args, **kwargs):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return accumulate(*args, **kwargs)
+
+    monkeypatch.setattr(gradients, "accumulate_window", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cached_fisher(loaded.model, "tiny", "random", windows, seed=0, progress=False)
+    assert len(list((isolated_cache / "fisher").glob("*.partial.safetensors"))) == 1  # the first chunk saved
+    resumed = cached_fisher(loaded.model, "tiny", "random", windows, seed=0, progress=False, ray=local_ray)
+    assert len(calls) == 5  # the driver ran no window after resuming: the workers did
+    for variant, expected in serial.items():
+        assert expected.tokens == on_ray[variant].tokens == resumed[variant].tokens == 10 * 23
+        for name, tensor in expected.diagonal.items():
+            assert torch.equal(tensor, on_ray[variant].diagonal[name]), (variant, name)
+            assert torch.equal(tensor, resumed[variant].diagonal[name]), (variant, name)
+        assert any(bool((t > 0).any()) for t in expected.diagonal.values())
+
+
 def test_bad_ray_settings_fail_in_one_line() -> None:
     with pytest.raises(BitallocError, match="at least one CPU"):
         RaySettings(address="local", num_cpus=0)

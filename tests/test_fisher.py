@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import allocator.measure.fisher as fisher_module
+import allocator.measure.fisher_gradients as gradients_module
 from allocator.errors import BitallocError
-from allocator.measure.fisher import EMPIRICAL, SAMPLED, cached_fisher, fisher_diagonals
+from allocator.measure.fisher import cached_fisher, fisher_diagonals
+from allocator.measure.fisher_gradients import CHUNK_WINDOWS, EMPIRICAL, SAMPLED
 from allocator.measure.fisher_losses import add_fisher_losses, fisher_windows
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import KLProbe, cached_table_path, profile_model
@@ -21,7 +22,7 @@ from allocator.table.sensitivity import SensitivityTable
 from tests.cli_helpers import assert_one_line_error, run
 from tests.conftest import random_text, tiny_llama, tiny_tokenizer
 
-ACCUMULATE = fisher_module.accumulate_window
+ACCUMULATE = gradients_module.accumulate_window
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +65,7 @@ def count_windows(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None
         calls.append(1)
         return ACCUMULATE(*args, **kwargs)
 
-    monkeypatch.setattr(fisher_module, "accumulate_window", counting)
+    monkeypatch.setattr(gradients_module, "accumulate_window", counting)
     return calls
 
 
@@ -98,7 +99,7 @@ def test_the_pass_is_deterministic_under_its_seed_and_leaves_the_model_as_it_was
 
 
 def test_an_interrupted_pass_resumes_to_the_same_bytes(model, windows, diagonals, isolated_cache, monkeypatch) -> None:
-    monkeypatch.setattr(fisher_module, "CHECKPOINT_EVERY", 2)
+    assert CHUNK_WINDOWS == 4  # a checkpoint after every chunk
     calls = count_windows(monkeypatch, fail_after=5)
     with pytest.raises(KeyboardInterrupt):
         cached_fisher(model, "tiny", "random", windows, seed=0, progress=False)

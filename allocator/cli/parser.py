@@ -79,11 +79,11 @@ def add_scale_fold_flags(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
-    """``--ray`` and ``--ray-cpus``: the profile's and the KL's units on a Ray cluster (:mod:`allocator.measure.distributed`)."""
+    """``--ray`` and ``--ray-cpus``: the profile's, the KL's and the Fisher's units on a Ray cluster (:mod:`allocator.measure.distributed`)."""
     from allocator.measure.distributed import RAY_ADDRESS_HELP
 
     parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                        help=RAY_ADDRESS_HELP + "; the serial table, its measured KLs up to float rounding")
+                        help=RAY_ADDRESS_HELP + "; the serial table, its measured KLs and Fisher losses up to float rounding")
     parser.add_argument("--ray-cpus", type=positive_int, default=None, metavar="N",
                         help="CPUs of the local Ray cluster --ray starts (default: every CPU here)")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -35,8 +35,8 @@ from quantizers import Quantizer
 log = logging.getLogger(__name__)
 
 RAY_EXTRA = "bitalloc[distributed]"
-RAY_ADDRESS_HELP = ("profile (and measure the single-layer KL) on Ray: 'auto' (the cluster in RAY_ADDRESS or one started here with `ray start`, else a "
-                    "new local one), 'local' (a new local one), or a cluster address (HOST:6379, ray://HOST:10001)")
+RAY_ADDRESS_HELP = ("profile (and measure the single-layer KL and the Fisher) on Ray: 'auto' (the cluster in RAY_ADDRESS or one started here "
+                    "with `ray start`, else a new local one), 'local' (a new local one), or a cluster address (HOST:6379, ray://HOST:10001)")
 
 
 def require_ray() -> ModuleType:
@@ -93,6 +93,24 @@ class RaySettings:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise BitallocError(f"cannot reach the Ray cluster {self.address!r}: {str(exc).splitlines()[0]}") from None
         return True
+
+
+def in_order_on_actors(actors: Sequence[Any], call: Callable[[Any, Any], Any], units: Iterable[Any], max_in_flight: int) -> Iterator[Any]:
+    """``call(actor, unit)`` (an actor method's remote call) for every unit on a pool of ``actors``, the results in
+    the order the units came; at most ``max_in_flight`` units sent and not yet returned (a unit waits for them)."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(list(actors))
+    waiting = 0
+    for unit in units:
+        if waiting >= max_in_flight:
+            yield pool.get_next()
+            waiting -= 1
+        pool.submit(call, unit)
+        waiting += 1
+    while waiting:
+        yield pool.get_next()
+        waiting -= 1
 
 
 def _score_unit(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> tuple[list[OptionScore], float]:
@@ -170,4 +188,4 @@ class RayLayerScorer:
             self._ray.shutdown()
 
 
-__all__ = ["RAY_ADDRESS_HELP", "RAY_EXTRA", "RayLayerScorer", "RaySettings", "require_ray"]
+__all__ = ["RAY_ADDRESS_HELP", "RAY_EXTRA", "RayLayerScorer", "RaySettings", "in_order_on_actors", "require_ray"]

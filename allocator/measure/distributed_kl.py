@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from allocator.measure.distributed import RaySettings, require_ray
+from allocator.measure.distributed import RaySettings, in_order_on_actors, require_ray
 from allocator.measure.profile import KLProbe
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,7 @@ class RayKLProbe:
 
     def measure_rows(self, rows: Iterable[Row]) -> Iterator[tuple[Any, list[float]]]:
         """Each row's key and its overlays' KLs, in the order the rows came (a row waits for a free worker)."""
-        from ray.util import ActorPool
-
-        pool = ActorPool(self._actors)
-        waiting = 0
-        for row in rows:
-            if waiting >= self.max_in_flight:
-                yield pool.get_next()
-                waiting -= 1
-            pool.submit(lambda worker, unit: worker.measure.remote(unit), row)
-            waiting += 1
-        while waiting:
-            yield pool.get_next()
-            waiting -= 1
+        return in_order_on_actors(self._actors, lambda worker, unit: worker.measure.remote(unit), rows, self.max_in_flight)
 
     def close(self) -> None:
         """Stop the workers, and the cluster if this started or joined it."""

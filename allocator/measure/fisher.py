@@ -24,22 +24,26 @@ normalization. Its cross terms do not vanish (the text's scores need not have me
 squared window gradient that gradient-based allocators score with, in KL units only as far as the text
 resembles the model's own samples. The variants share each window's forward; each costs one backward.
 
+Chunks: the windows run in chunks of :data:`allocator.measure.fisher_gradients.CHUNK_WINDOWS`, each summed
+from zero and added to the total in chunk order, so a chunk can run anywhere (here, or on a Ray worker with
+``ray=``: :mod:`allocator.measure.distributed_fisher`) and the float sums come out the same.
+
 Memory: only the linear weights require grad; a post-accumulate hook adds each weight's squared
-gradient into its float32 accumulator and frees the gradient at once. Windows run one at a time
+gradient into its chunk's float32 accumulator and frees the gradient at once. Windows run one at a time
 (batch 1), so the peak is about
 
-    model + V x (linear weights, float32) accumulators + the largest linear's gradient
+    model + 2 x V x (linear weights, float32) accumulators (the total and the chunk's) + the largest linear's gradient
     + one window's autograd graph (each block's saved activations, ~seqlen x (a few x hidden + intermediate
       + heads x seqlen) floats per block, and ~3 x seqlen x vocab floats of logits, softmax and NLL),
 
 with V the number of variants; writing the cache adds one variant's bytes while a file is serialized. On
 SmolLM2-135M (fp32 model 0.54 GB, 0.42 GB of linear weights) with both variants on 256-token windows the
-process peaked at 2.6 GB.
+process peaked at 2.6 GB before chunks (one set of accumulators; chunks add 0.84 GB).
 
 Cache and resume: each variant's diagonals are one safetensors file under ``$BITALLOC_CACHE/fisher``,
 keyed by the model's fingerprint (:func:`allocator.measure.profile.model_fingerprint`), corpus, windows,
 seqlen, label seed, a digest of the token ids and the variant. While a pass runs, its float32 sums and
-window count are saved every :data:`CHECKPOINT_EVERY` windows; a rerun continues from there and, since
+window count are saved after every chunk; a rerun continues from there and, since
 the labels of window ``i`` depend only on ``(seed, i)`` and the sums are restored exactly, ends with the
 same bytes as an uninterrupted run.
 """
@@ -52,36 +56,29 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from allocator.errors import BitallocError
+from allocator.measure.distributed import RaySettings
+from allocator.measure.fisher_gradients import CHUNK_WINDOWS, VARIANTS, Sums, add_sums, chunk_starts, chunk_sums, zero_sums
 from allocator.measure.profile import model_fingerprint
 from allocator.model.layers import quantizable_linears
 from allocator.storage import atomic_path, cache_dir
 
 log = logging.getLogger(__name__)
 
-SAMPLED = "sampled"
-"""Labels drawn from the reference's own predictive distribution: the true Fisher."""
-EMPIRICAL = "empirical"
-"""Labels = the text's next tokens: the empirical Fisher (squared NLL gradient)."""
-VARIANTS = (SAMPLED, EMPIRICAL)
-FISHER_VERSION = 1
-"""Bump when what a pass computes changes (invalidates cached diagonals)."""
+FISHER_VERSION = 2
+"""Bump when what a pass computes changes (invalidates cached diagonals). 2: sums added chunk by chunk."""
 FISHER_CACHE = "fisher"
-CHECKPOINT_EVERY = 4
-"""Windows between saves of the partial sums (an interrupted pass resumes from the last save)."""
 
 
 @dataclass
@@ -109,63 +106,11 @@ class FisherDiagonal:
 # ----------------------------------------------------------------------------- the gradient pass
 
 
-def window_generator(seed: int, index: int) -> torch.Generator:
-    """The label sampler of window ``index``: seeded by ``(seed, index)`` alone, so a resumed pass draws the same labels."""
-    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator().manual_seed(state)
-
-
-@contextlib.contextmanager
-def _linear_weights_require_grad(model: PreTrainedModel, weights: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Freeze every parameter but ``weights`` (no gradients, no graph for the rest), in eval mode; restore after."""
-    flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
-    grads = [(w, w.grad) for w in weights]
-    training = model.training
-    try:
-        model.eval()
-        for parameter, _ in flags.values():
-            parameter.requires_grad_(False)
-        for weight in weights:
-            weight.grad = None
-            weight.requires_grad_(True)
-        yield
-    finally:
-        for parameter, flag in flags.values():
-            parameter.requires_grad_(flag)
-        for weight, grad in grads:
-            weight.grad = grad
-        model.train(training)
-
-
-def accumulate_window(
-    model: PreTrainedModel,
-    window: torch.Tensor,
-    variants: Sequence[str],
-    generator: torch.Generator,
-    active: list[str],
-) -> int:
-    """One forward of ``window`` (1-D token ids) and one backward per variant; the weights' hooks add the
-    squared gradients into the accumulators of ``active[0]``, which this sets per backward. Returns the
-    predicted positions (``len(window) - 1``)."""
-    logits = model(window[None], use_cache=False).logits[0, :-1].float()
-    losses = {}
-    if SAMPLED in variants:
-        with torch.no_grad():
-            labels = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-        losses[SAMPLED] = F.cross_entropy(logits, labels, reduction="sum")
-    if EMPIRICAL in variants:
-        losses[EMPIRICAL] = F.cross_entropy(logits, window[1:], reduction="sum")
-    for number, variant in enumerate(variants, start=1):
-        active[0] = variant
-        losses[variant].backward(retain_graph=number < len(variants))
-    return int(logits.shape[0])
-
-
 @dataclass
 class _PassState:
     """The running sums of a pass: what a checkpoint holds."""
 
-    sums: dict[str, dict[str, torch.Tensor]]
+    sums: Sums
     windows_done: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -208,7 +153,6 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-@torch.inference_mode(False)  # a caller's inference mode would make the accumulators unwritable and the graph impossible
 def fisher_diagonals(
     model: PreTrainedModel,
     windows: torch.Tensor,
@@ -217,52 +161,50 @@ def fisher_diagonals(
     checkpoint: Path | None = None,
     checkpoint_key: Mapping[str, Any] | None = None,
     progress: bool = True,
+    ray: RaySettings | None = None,
 ) -> dict[str, FisherDiagonal]:
     """diag(F̄) of every quantizable linear weight of ``model`` on ``windows`` (W x seqlen token ids), for
     each of ``variants`` (:data:`SAMPLED`, :data:`EMPIRICAL`), in one pass (see the module doc).
 
-    With ``checkpoint`` the float32 sums are saved there every :data:`CHECKPOINT_EVERY` windows (with
-    ``checkpoint_key``, which a resumed pass must match) and a rerun resumes from them; the caller removes it.
+    The windows run in chunks of :data:`CHUNK_WINDOWS`, here or (``ray``) on a Ray cluster's workers
+    (:mod:`allocator.measure.distributed_fisher`); the chunks' sums are added in chunk order either way. With
+    ``checkpoint`` the float32 sums are saved there after every chunk (with ``checkpoint_key``, which a resumed
+    pass must match) and a rerun resumes from them; the caller removes it.
     """
     variants = [v for v in VARIANTS if v in variants]
     if not variants:
         raise BitallocError(f"no Fisher variant to compute (choose from {', '.join(VARIANTS)})")
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise BitallocError(f"the Fisher needs at least one window of at least 2 tokens, got shape {tuple(windows.shape)}")
-    linears = quantizable_linears(model)
-    if not linears:
+    if not quantizable_linears(model):
         raise BitallocError(f"{type(model).__name__} has no linear layers in its decoder blocks")
-    state = _PassState({v: {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in linears.items()} for v in variants})
-    key = {**dict(checkpoint_key or {}), "variants": variants, "seed": seed}
+    state = _PassState(zero_sums(model, variants))
+    key = {**dict(checkpoint_key or {}), "variants": variants, "seed": seed, "chunk": CHUNK_WINDOWS}
     if checkpoint is not None and checkpoint.is_file() and _load_state(checkpoint, state, key):
         log.info("resuming the Fisher pass from %s: %d of %d windows done", checkpoint, state.windows_done, len(windows))
-    active = [variants[0]]
-
-    def make_hook(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(weight: torch.Tensor) -> None:
-            assert weight.grad is not None
-            grad = weight.grad.float()  # a bf16/fp16 model's gradient, squared and summed in float32
-            state.sums[active[0]][name].addcmul_(grad, grad)
-            weight.grad = None  # free it now: one layer's gradient alive at a time
-
-        return hook
-
-    weights = [m.weight for m in linears.values()]
-    handles = [m.weight.register_post_accumulate_grad_hook(make_hook(name)) for name, m in linears.items()]
-    start = time.perf_counter()
+    starts = chunk_starts(len(windows), state.windows_done)
+    start_time = time.perf_counter()
     seconds_before = state.seconds
-    try:
-        with _linear_weights_require_grad(model, weights), torch.enable_grad():
-            todo = range(state.windows_done, len(windows))
-            for index in tqdm(todo, desc="fisher windows", disable=not progress, total=len(windows), initial=state.windows_done):
-                state.tokens += accumulate_window(model, windows[index], variants, window_generator(seed, index), active)
-                state.windows_done = index + 1
-                state.seconds = seconds_before + time.perf_counter() - start
-                if checkpoint is not None and state.windows_done % CHECKPOINT_EVERY == 0 and state.windows_done < len(windows):
-                    _save_state(checkpoint, state, key)
-    finally:
-        for handle in handles:
-            handle.remove()
+    bar = tqdm(desc="fisher windows", disable=not progress, total=len(windows), initial=state.windows_done)
+    with contextlib.ExitStack() as stack:
+        if ray is not None:
+            from allocator.measure.distributed_fisher import RayFisherPass  # imports Ray only when asked for
+
+            on_ray = stack.enter_context(RayFisherPass(model, variants, seed, ray))
+            results = on_ray.run((start, windows[start:start + CHUNK_WINDOWS]) for start in starts)
+        else:
+            scratch = zero_sums(model, variants)
+            results = ((start, *chunk_sums(model, windows[start:start + CHUNK_WINDOWS], start, variants, seed, scratch))
+                       for start in starts)
+        for start, sums, tokens in results:
+            add_sums(state.sums, sums)
+            state.tokens += tokens
+            state.windows_done = min(start + CHUNK_WINDOWS, len(windows))
+            state.seconds = seconds_before + time.perf_counter() - start_time
+            bar.update(state.windows_done - bar.n)
+            if checkpoint is not None and state.windows_done < len(windows):
+                _save_state(checkpoint, state, key)
+    bar.close()
     return {
         variant: FisherDiagonal(
             variant=variant,
@@ -289,6 +231,7 @@ def fisher_key(model: PreTrainedModel, corpus: str, windows: torch.Tensor, seed:
         "windows": int(windows.shape[0]),
         "seqlen": int(windows.shape[1]),
         "seed": seed,
+        "chunk": CHUNK_WINDOWS,
         "tokens": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
     }
 
@@ -337,9 +280,10 @@ def cached_fisher(
     seed: int = 0,
     recompute: bool = False,
     progress: bool = True,
+    ray: RaySettings | None = None,
 ) -> dict[str, FisherDiagonal]:
     """:func:`fisher_diagonals`, each variant loaded from the cache where it is there (``recompute``: never),
-    the missing ones computed together in one resumable pass and cached."""
+    the missing ones computed together in one resumable pass (on ``ray``'s cluster if given) and cached."""
     key = fisher_key(model, corpus, windows, seed)
     shapes = {name: m.weight.shape for name, m in quantizable_linears(model).items()}
     found: dict[str, FisherDiagonal] = {}
@@ -354,7 +298,7 @@ def cached_fisher(
         checkpoint = cache_dir(FISHER_CACHE) / f"{fisher_cache_path(model_name, key, 'pass').stem}-{_digest(pass_key)}.partial.safetensors"
         if recompute:
             checkpoint.unlink(missing_ok=True)
-        computed = fisher_diagonals(model, windows, missing, seed, checkpoint, pass_key, progress)
+        computed = fisher_diagonals(model, windows, missing, seed, checkpoint, pass_key, progress, ray)
         for variant, fisher in computed.items():
             fisher.key = {**key, "variant": variant}
             save_fisher(fisher_cache_path(model_name, key, variant), fisher, key)
@@ -364,15 +308,9 @@ def cached_fisher(
 
 
 __all__ = [
-    "CHECKPOINT_EVERY",
-    "EMPIRICAL",
-    "SAMPLED",
-    "VARIANTS",
     "FisherDiagonal",
-    "accumulate_window",
     "cached_fisher",
     "fisher_cache_path",
     "fisher_diagonals",
     "fisher_key",
-    "window_generator",
 ]

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from allocator.errors import BitallocError
-from allocator.measure.fisher import EMPIRICAL, SAMPLED, VARIANTS, FisherDiagonal, cached_fisher
+from allocator.measure.distributed import RaySettings
+from allocator.measure.fisher import FisherDiagonal, cached_fisher
+from allocator.measure.fisher_gradients import EMPIRICAL, SAMPLED, VARIANTS
 from allocator.measure.option_weights import OptionWeights
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel
@@ -115,12 +117,13 @@ def add_fisher_losses(
     seed: int | None = None,
     recompute: bool = False,
     progress: bool = True,
+    ray: RaySettings | None = None,
 ) -> SensitivityTable:
     """Add ``fisher`` / ``fisher_emp`` (one per variant) to the table at ``table_path`` and save it there.
 
     The Fisher comes from one pass over the first ``windows`` windows of the table's calibration draw cut to
     ``seqlen`` tokens, labels sampled with ``seed`` (default: the table's); it is cached and an interrupted
-    pass resumes (:func:`allocator.measure.fisher.cached_fisher`). The options' weights are the ones kept beside
+    pass resumes (:func:`allocator.measure.fisher.cached_fisher`; on ``ray``'s cluster if given). The options' weights are the ones kept beside
     the table; a layer without them gets NaN losses. A table already holding these losses from the same
     settings is returned as it is. The metadata records the settings, the wall seconds (``seconds``: this call,
     ``pass_seconds``: the gradient pass, 0-cost when cached) and the forward and backward passes.
@@ -142,7 +145,7 @@ def add_fisher_losses(
     for name in kept.missing(table.names):
         log.warning("%s has no kept weights: its Fisher losses are NaN", name)
     start = time.perf_counter()
-    fishers = cached_fisher(loaded.model, loaded.name, table.key.corpus, tokens, variants, seed, recompute, progress)
+    fishers = cached_fisher(loaded.model, loaded.name, table.key.corpus, tokens, variants, seed, recompute, progress, ray)
     linears = quantizable_linears(loaded.model)
     unknown_layers = [n for n in table.names if n not in linears]
     if unknown_layers:

@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if args.fisher:
             table = add_fisher_losses(loaded, table, cached_table_path(table), corpus.calibration,
                                       fisher_samples, fisher_seqlen,
-                                      recompute=args.recompute, progress=not args.no_progress)
+                                      recompute=args.recompute, progress=not args.no_progress, ray=ray)
     except KeyboardInterrupt:
         print("bitalloc: interrupted; the finished layers are saved, run the same command again to resume", file=sys.stderr)
         return 130
