@@ -153,6 +153,7 @@ def _metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
+@torch.inference_mode(False)  # a caller's inference mode would make the sums unwritable and the graph impossible
 def fisher_diagonals(
     model: PreTrainedModel,
     windows: torch.Tensor,
