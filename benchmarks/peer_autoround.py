@@ -8,7 +8,8 @@ What AutoRound is given, and why:
   tokenizer would mask every calibration token equal to its pad id);
 - ``amp=False`` (on a CPU, amp casts the whole model to bf16 in place) and ``enable_torch_compile=False`` (an inductor
   compile per block on a CPU); ``device_map="cpu"``; everything else its default: sym int, group size 128,
-  ``iters=200`` (``SignRoundConfig``), ``batch_size=8``, ``seed=42``.
+  ``batch_size=8``, ``seed=42``, and one of AutoRound's CLI recipes (:data:`RECIPES`: ``default`` = 200 iterations at
+  its default learning rate 1/iters, ``light`` = 50 iterations at lr 5e-3) as ``SignRoundConfig(iters, lr)``.
 
 AutoScheme (``avg_bits``) only takes a dataset *name*; its calibration loader is pointed at the same windows (two
 module attributes patched for the call) and its score cache at a fresh directory (it is keyed by the dataset name,
@@ -37,15 +38,17 @@ from torch import nn
 
 os.environ.setdefault("AR_LOG_LEVEL", "WARNING")  # read when auto_round is first imported
 TOKENIZER_STUB = types.SimpleNamespace(pad_token_id=None, pad_token=None)
-DEFAULT_ITERS = 200
+RECIPES = {"default": {"iters": 200, "lr": None}, "light": {"iters": 50, "lr": 5e-3}}
+"""AutoRound's CLI recipes (``auto_round.cli.main.RECIPES``), their SignRound settings only (bitalloc's calibration
+replaces their nsamples and seqlen)."""
 SCHEME_OPTIONS = "W2A16,W3A16,W4A16"
 
 
-def _common(iters: int) -> dict[str, Any]:
+def _common(recipe: str) -> dict[str, Any]:
     from auto_round import SignRoundConfig
 
     return {"tokenizer": TOKENIZER_STUB, "device_map": "cpu", "amp": False, "enable_torch_compile": False, "seed": 42,
-            "alg_configs": SignRoundConfig(iters=iters)}
+            "alg_configs": SignRoundConfig(**RECIPES[recipe])}
 
 
 def stored_bits(out_features: int, in_features: int, bits: int, group_size: int) -> int:
@@ -71,7 +74,7 @@ def _samples(calibration: torch.Tensor) -> list[torch.Tensor]:
     return [calibration[i:i + 1] for i in range(calibration.shape[0])]
 
 
-def quantize(model: nn.Module, calibration: torch.Tensor, iters: int = DEFAULT_ITERS, bits: int | None = None,
+def quantize(model: nn.Module, calibration: torch.Tensor, recipe: str = "default", bits: int | None = None,
              layer_bits: Mapping[str, int] | None = None) -> tuple[dict[str, tuple[torch.Tensor, int]], float]:
     """SignRound on a copy of ``model``: every decoder linear at ``bits``, or each at ``layer_bits[name]``; returns
     :func:`quantized_linears` of the result and the wall seconds."""
@@ -82,7 +85,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor, iters: int = DEFAULT_I
         "scheme": "W4A16", "layer_config": {name: {"bits": b, "group_size": 128, "sym": True, "data_type": "int"} for name, b in (layer_bits or {}).items()}}
     tick = time.perf_counter()
     rounder = AutoRound(work, dataset=_samples(calibration), nsamples=calibration.shape[0], seqlen=calibration.shape[1],
-                        batch_size=8, **extra, **_common(iters))
+                        batch_size=8, **extra, **_common(recipe))
     rounder.quantize()
     return quantized_linears(work), time.perf_counter() - tick
 
@@ -126,4 +129,4 @@ def scheme_bits(model: nn.Module, calibration: torch.Tensor, avg_bits: float) ->
     return chosen, time.perf_counter() - tick
 
 
-__all__ = ["DEFAULT_ITERS", "quantize", "scheme_bits", "stored_bits"]
+__all__ = ["RECIPES", "quantize", "scheme_bits", "stored_bits"]

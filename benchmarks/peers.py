@@ -7,10 +7,14 @@ calibration windows (bitalloc's seeded calibration samples).
 - **bitalloc**: ``bitalloc run``'s job (the ``main`` options, every option's single-layer KL on 128 tokens, ILP, GPTQ
   block by block on the quantized prefix) at ``BITALLOC_BUDGETS``; its time is the allocation (profile + KL, once per
   model, from the profile cache's record) plus each budget's quantization.
+- **bitalloc uniform**: each of those GPTQ options on every linear, each layer quantized alone against the float
+  model (the profile's kept weights; no sequential quantization), as HQQ quantizes: bitalloc's quantizer beside a
+  peer's at the same bits (issue 26 item 3: a peer's quantizer that beats it becomes a profile option).
 - **HQQ** (``hqq``): every decoder linear quantized by ``hqq.core.quantize.Quantizer.quantize`` (half-quadratic
   zero/scale search, calibration-free) at 2, 3 and 4 bits, with HQQ's default group size 64 and with 128.
 - **AutoRound** (``auto-round``, :mod:`peer_autoround` says exactly what it is given): SignRound W2/W3/W4 (sym int,
-  group 128, ``--autoround-iters`` iterations: AutoRound's default 200 unless a row says otherwise) and AutoScheme's
+  group 128, ``--autoround-recipe``: AutoRound's ``default`` 200 iterations, or its ``light`` 50 at lr 5e-3, as each
+  row says) and AutoScheme's
   mixed W2/W3/W4 allocation at ``SCHEME_BUDGETS`` average bits, tuned by SignRound the same way.
 - **llama.cpp**: its presets (with an importance matrix where they need one) and bitalloc's GGUF maps, as measured by
   ``benchmarks/gguf_presets.py`` into ``results/gguf/<model>.json`` (copied here only when they were measured on these
@@ -42,6 +46,8 @@ from _common import RESULTS, chosen_models, provenance
 from allocator.evaluate.perplexity import evaluate
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
+from allocator.measure.option_weights import OptionWeights
+from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
@@ -58,6 +64,8 @@ AUTOROUND_BITS = [2, 3, 4]
 SCHEME_BUDGETS = [2.5, 3.0, 3.5]
 TOOLS = ("llama.cpp", "hqq", "bitalloc", "autoround")
 PEER_PACKAGES = ["hqq", "auto-round"]
+CALIBRATION_SAMPLES, CALIBRATION_SEQLEN = 64, 512
+"""bitalloc's profile calibration (``bitalloc run``'s), handed to every peer that calibrates."""
 REFERENCE_AGREEMENT = 1e-3
 """Relative difference of reference perplexities under which another results file counts as measured on these tokens."""
 
@@ -111,7 +119,7 @@ def hqq_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row]
 
 def calibration_windows(loaded: LoadedModel) -> torch.Tensor:
     """The 64 x 512 calibration windows bitalloc's profile draws (same seed)."""
-    return calibration_samples(loaded.tokenizer, load_corpus("enwiki").calibration, 64, 512, loaded.add_bos, 0)
+    return calibration_samples(loaded.tokenizer, load_corpus("enwiki").calibration, CALIBRATION_SAMPLES, CALIBRATION_SEQLEN, loaded.add_bos, 0)
 
 
 def honest_overlay(loaded: LoadedModel, quantized: Mapping[str, tuple[torch.Tensor, int]]) -> tuple[dict[str, torch.Tensor], float]:
@@ -121,24 +129,26 @@ def honest_overlay(loaded: LoadedModel, quantized: Mapping[str, tuple[torch.Tens
     return {name: quantized[name][0] for name in linears if name in quantized}, stored / linear_numel(loaded)
 
 
-def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, iters: int, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, bit_widths: list[int], scheme_budgets: list[float],
+                   done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
     calibration = calibration_windows(loaded)
-    settings = {"iters": iters, "group_size": 128, "sym": True, "nsamples": 64, "seqlen": 512, "batch_size": 8, "amp": False}
-    for bits in AUTOROUND_BITS:
-        name = f"AutoRound W{bits} g128 ({iters} iters)"
+    settings = {"recipe": recipe, **peer_autoround.RECIPES[recipe], "group_size": 128, "sym": True,
+                "nsamples": CALIBRATION_SAMPLES, "seqlen": CALIBRATION_SEQLEN, "batch_size": 8, "amp": False}
+    for bits in bit_widths:
+        name = f"AutoRound W{bits} g128 ({recipe})"
         if name in done:
             continue
-        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, iters, bits=bits)
+        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, bits=bits)
         overlay, bpw = honest_overlay(loaded, quantized)
         result = measure_overlays(loaded, windows, {"q": overlay})["q"]
         save({"tool": "AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": seconds,
               "settings": {**settings, "bits": bits, "quantized_linears": len(quantized)}})
-    for avg_bits in SCHEME_BUDGETS:
-        name = f"AutoScheme @{avg_bits:g} ({iters} iters)"
+    for avg_bits in scheme_budgets:
+        name = f"AutoScheme @{avg_bits:g} ({recipe})"
         if name in done:
             continue
         chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits)
-        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, iters, layer_bits=chosen)
+        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
         overlay, bpw = honest_overlay(loaded, quantized)
         result = measure_overlays(loaded, windows, {"q": overlay})["q"]
         counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
@@ -167,6 +177,24 @@ def bitalloc_rows(loaded: LoadedModel, model: str, done: Mapping[str, Row], save
               "settings": {"options": RUN_OPTIONS, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss}})
 
 
+def bitalloc_uniform_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    """Each GPTQ option of ``bitalloc run`` on every linear, each layer quantized alone against the float model (the
+    profile's kept weights, as HQQ's rows quantize each layer alone): bitalloc's quantizer beside a peer's at the
+    same bits, the comparison that decides whether a peer's quantizer should become a profile option."""
+    table = profile_model(loaded, load_corpus("enwiki"), parse_options(RUN_OPTIONS), samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN,
+                          progress=False)  # the run rows' cached profile
+    weights = OptionWeights.beside(cached_table_path(table), table.labels)
+    for j, option in enumerate(table.options):
+        name = f"bitalloc {option.label} uniform"
+        if option.settings["quantizer"] != "gptq" or name in done:
+            continue
+        overlay = {layer: weights.load(layer, option.label) for layer in table.names}
+        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
+        save({"tool": "bitalloc uniform", "variant": name, "bpw": float(table.bits[:, j].sum()) / table.total_numel,
+              "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": None,
+              "settings": {**option.settings, "how": "the profile's kept weights: each layer quantized alone"}})
+
+
 # ----------------------------------------------------------------------------- llama.cpp
 
 
@@ -192,7 +220,7 @@ def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], sa
 # ----------------------------------------------------------------------------- the record
 
 
-def run_model(model: str, tools: set[str], autoround_iters: int) -> None:
+def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits: list[int], scheme_budgets: list[float]) -> None:
     path = RESULTS / "peers" / f"{model}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"model": model, "provenance": provenance(), "rows": {}}
     record.setdefault("resumed", []).append(provenance())
@@ -218,8 +246,9 @@ def run_model(model: str, tools: set[str], autoround_iters: int) -> None:
         hqq_rows(loaded, windows, rows, save)
     if "bitalloc" in tools:
         bitalloc_rows(loaded, model, rows, save)
+        bitalloc_uniform_rows(loaded, windows, rows, save)
     if "autoround" in tools:
-        autoround_rows(loaded, windows, autoround_iters, rows, save)
+        autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
     write_json(path, record)
 
 
@@ -282,8 +311,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--tools", default=",".join(TOOLS), help="which rows to measure (comma-separated)")
-    parser.add_argument("--autoround-iters", type=int, default=peer_autoround.DEFAULT_ITERS,
-                        help=f"SignRound iterations (AutoRound's default: {peer_autoround.DEFAULT_ITERS})")
+    parser.add_argument("--autoround-recipe", choices=sorted(peer_autoround.RECIPES), default="default",
+                        help="AutoRound's recipe: default (200 iterations) or light (50 at lr 5e-3)")
+    parser.add_argument("--autoround-bits", default=",".join(map(str, AUTOROUND_BITS)), help="SignRound's uniform bit widths (comma-separated, in order)")
+    parser.add_argument("--scheme-budgets", default=",".join(map(str, SCHEME_BUDGETS)), help="AutoScheme's avg_bits ('' for none)")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -293,7 +324,8 @@ def main() -> None:
         parser.error(f"--tools: unknown {', '.join(sorted(tools - set(TOOLS)))}; choose from {', '.join(TOOLS)}")
     if not args.render:
         for model in models:
-            run_model(model, tools, args.autoround_iters)
+            run_model(model, tools, args.autoround_recipe, [int(b) for b in args.autoround_bits.split(",") if b],
+                      [float(b) for b in args.scheme_budgets.split(",") if b])
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
     (RESULTS / "peers.md").write_text(report(records))
     plot(records, RESULTS / "peers.png")
