@@ -39,6 +39,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import peer_autoround
 import torch
 from _common import RESULTS, chosen_models, provenance
@@ -276,8 +277,53 @@ def report(records: list[dict]) -> str:
             allocation = f"{row['allocation_seconds']:.0f}" if row.get("allocation_seconds") else "-"
             lines.append(f"| {row['tool']} | {row['variant']} | {row['bpw']:.3f} | {row['perplexity']:.2f} | "
                          f"{row['perplexity'] / reference.get('perplexity', float('nan')):.3f} | {row['kl']:.4f} | {seconds} | {allocation} |")
-        lines.append("")
+        lines += [""] + verdict(list(record["rows"].values())) + [""]
     return "\n".join(lines)
+
+
+PEER_TOOLS = ("HQQ", "AutoRound", "AutoScheme + AutoRound", "llama.cpp")
+TARGET_RANGE = (2.5, 4.0)
+"""Honest bpw where bitalloc's mixed curve should lie below every peer's (the issue's target)."""
+
+
+def bitalloc_curve(rows: list[Row], bpw: float) -> float | None:
+    """``bitalloc run``'s perplexity at ``bpw``: log-linear between its budgets, its widest budget's above them (it
+    stores fewer bits there), None below its narrowest."""
+    points = sorted((r["bpw"], r["perplexity"]) for r in rows if r["tool"] == "bitalloc")
+    if not points or bpw < points[0][0] - 1e-9:
+        return None
+    if bpw >= points[-1][0]:
+        return points[-1][1]
+    for (b0, p0), (b1, p1) in zip(points, points[1:]):
+        if b0 <= bpw <= b1:
+            return float(np.exp(np.interp(bpw, [b0, b1], [np.log(p0), np.log(p1)])))
+    return None
+
+
+def verdict(rows: list[Row]) -> list[str]:
+    """Target check: is ``bitalloc run``'s curve below every peer row it can be compared with (2.5 bpw and up), and
+    is bitalloc's own quantizer (its uniform rows) below each peer quantizer at the same code bits."""
+    lines = ["Against the target (bitalloc's mixed curve below every peer at 2.5-4.0 honest bpw; a peer row above 4.0 bpw "
+             "is compared with bitalloc's 4.0 budget, which stores fewer bits):", ""]
+    for row in sorted((r for r in rows if r["tool"] in PEER_TOOLS), key=lambda r: r["bpw"]):
+        mine = bitalloc_curve(rows, row["bpw"])
+        if mine is None:
+            lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): below bitalloc's narrowest budget, not compared")
+            continue
+        word = "below" if mine < row["perplexity"] else "ABOVE" if row["bpw"] <= TARGET_RANGE[1] + 0.01 else "above, outside the target range"
+        lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
+                     f"({mine / row['perplexity'] - 1:+.1%})")
+    uniform = {r["settings"].get("bits"): r for r in rows if r["tool"] == "bitalloc uniform"}
+    pairs = [(r, uniform[r["settings"].get("nbits") or r["settings"].get("bits")]) for r in rows if r["tool"] in ("HQQ", "AutoRound")
+             and (r["settings"].get("nbits") or r["settings"].get("bits")) in uniform]
+    if pairs:
+        lines += ["", "Quantizer against quantizer at the same code bits (each layer alone; item 3 of the issue: a peer that wins "
+                  "here becomes a profile option):", ""]
+        for peer, own in sorted(pairs, key=lambda pair: pair[0]["bpw"]):
+            wins = own["perplexity"] < peer["perplexity"] and own["bpw"] <= peer["bpw"]
+            lines.append(f"- {peer['variant']} ({peer['bpw']:.3f} bpw, ppl {peer['perplexity']:.2f}) vs {own['variant']} "
+                         f"({own['bpw']:.3f} bpw, ppl {own['perplexity']:.2f}): {'bitalloc' if wins else 'the peer, or mixed'}")
+    return lines
 
 
 def plot(records: list[dict], path: Path) -> None:
