@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -95,22 +95,53 @@ class RaySettings:
         return True
 
 
-def in_order_on_actors(actors: Sequence[Any], call: Callable[[Any, Any], Any], units: Iterable[Any], max_in_flight: int) -> Iterator[Any]:
-    """``call(actor, unit)`` (an actor method's remote call) for every unit on a pool of ``actors``, the results in
-    the order the units came; at most ``max_in_flight`` units sent and not yet returned (a unit waits for them)."""
-    from ray.util import ActorPool
+_Actors = TypeVar("_Actors", bound="RayActors")
 
-    pool = ActorPool(list(actors))
-    waiting = 0
-    for unit in units:
-        if waiting >= max_in_flight:
+
+class RayActors:
+    """One actor per CPU of a Ray cluster, each built from the same arguments (put into the object store once), and
+    units sent to them with the results in the order the units came. Joins or starts the cluster; :meth:`close`
+    (or leaving its ``with``) stops the actors, and the cluster if this started or joined it."""
+
+    def __init__(self, actor_class: type, settings: RaySettings, *arguments: Any) -> None:
+        self._ray = ray = require_ray()
+        self._started = settings.connect(ray)
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        references = [ray.put(argument) for argument in arguments]
+        actor = ray.remote(num_cpus=1)(actor_class)
+        self._actors = [actor.remote(*references) for _ in range(self.workers)]
+        self.max_in_flight = 2 * self.workers
+        """Units sent and not yet returned: bounds what waits in the object store."""
+
+    def in_order(self, call: Callable[[Any, Any], Any], units: Iterable[Any]) -> Iterator[Any]:
+        """``call(actor, unit)`` (an actor method's remote call) for every unit, the results in the order the units
+        came; a unit waits while :attr:`max_in_flight` are out."""
+        from ray.util import ActorPool
+
+        pool = ActorPool(self._actors)
+        waiting = 0
+        for unit in units:
+            if waiting >= self.max_in_flight:
+                yield pool.get_next()
+                waiting -= 1
+            pool.submit(call, unit)
+            waiting += 1
+        while waiting:
             yield pool.get_next()
             waiting -= 1
-        pool.submit(call, unit)
-        waiting += 1
-    while waiting:
-        yield pool.get_next()
-        waiting -= 1
+
+    def close(self) -> None:
+        for worker in self._actors:
+            self._ray.kill(worker)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
+
+    def __enter__(self: _Actors) -> _Actors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _score_unit(quantizers: Sequence[Quantizer], weight: torch.Tensor, hessian: torch.Tensor) -> tuple[list[OptionScore], float]:
@@ -188,4 +219,4 @@ class RayLayerScorer:
             self._ray.shutdown()
 
 
-__all__ = ["RAY_ADDRESS_HELP", "RAY_EXTRA", "RayLayerScorer", "RaySettings", "in_order_on_actors", "require_ray"]
+__all__ = ["RAY_ADDRESS_HELP", "RAY_EXTRA", "RayActors", "RayLayerScorer", "RaySettings", "require_ray"]

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from allocator.measure.distributed import RaySettings, in_order_on_actors, require_ray
+from allocator.measure.distributed import RayActors, RaySettings
 from allocator.measure.fisher_gradients import Sums, chunk_sums
 
 log = logging.getLogger(__name__)
@@ -42,37 +42,16 @@ class _FisherWorker:
         return start, sums, tokens
 
 
-class RayFisherPass:
+class RayFisherPass(RayActors):
     """Chunks of a Fisher pass on Ray (see the module doc). Use as a context manager, or :meth:`close` it."""
 
     def __init__(self, model: PreTrainedModel, variants: Sequence[str], seed: int, settings: RaySettings) -> None:
-        self._ray = ray = require_ray()
-        self._started = settings.connect(ray)
-        count = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        model_ref = ray.put(model)
-        actor = ray.remote(num_cpus=1)(_FisherWorker)
-        self._actors = [actor.remote(model_ref, list(variants), seed) for _ in range(count)]
-        self.max_in_flight = 2 * count
-        """Chunks sent and not yet returned: bounds the sums waiting in the object store."""
-        log.info("running the Fisher pass on Ray: %d workers, each with a copy of the model", count)
+        super().__init__(_FisherWorker, settings, model, list(variants), seed)
+        log.info("running the Fisher pass on Ray: %d workers, each with a copy of the model", self.workers)
 
     def run(self, chunks: Iterable[Chunk]) -> Iterator[tuple[int, Sums, int]]:
         """Each chunk's first window, sums and predicted positions, in the order the chunks came."""
-        return in_order_on_actors(self._actors, lambda worker, unit: worker.chunk.remote(unit), chunks, self.max_in_flight)
-
-    def close(self) -> None:
-        """Stop the workers, and the cluster if this started or joined it."""
-        for worker in self._actors:
-            self._ray.kill(worker)
-        self._actors = []
-        if self._started:
-            self._ray.shutdown()
-
-    def __enter__(self) -> RayFisherPass:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.in_order(lambda worker, unit: worker.chunk.remote(unit), chunks)
 
 
 __all__ = ["Chunk", "RayFisherPass"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from allocator.measure.distributed import RaySettings, in_order_on_actors, require_ray
+from allocator.measure.distributed import RayActors, RaySettings
 from allocator.measure.profile import KLProbe
 
 log = logging.getLogger(__name__)
@@ -41,37 +41,16 @@ class _KLWorker:
         return key, [self.probe.mean_kl(overlay) for overlay in overlays]
 
 
-class RayKLProbe:
+class RayKLProbe(RayActors):
     """KLs of many rows on Ray (see the module doc). Use as a context manager, or :meth:`close` it."""
 
     def __init__(self, model: PreTrainedModel, windows: torch.Tensor, settings: RaySettings) -> None:
-        self._ray = ray = require_ray()
-        self._started = settings.connect(ray)
-        count = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        model_ref, windows_ref = ray.put(model), ray.put(windows)
-        actor = ray.remote(num_cpus=1)(_KLWorker)
-        self._actors = [actor.remote(model_ref, windows_ref) for _ in range(count)]
-        self.max_in_flight = 2 * count
-        """Rows sent and not yet returned: bounds the decoded weights waiting in the object store."""
-        log.info("measuring the single-layer KL on Ray: %d workers, each with a copy of the model", count)
+        super().__init__(_KLWorker, settings, model, windows)
+        log.info("measuring the single-layer KL on Ray: %d workers, each with a copy of the model", self.workers)
 
     def measure_rows(self, rows: Iterable[Row]) -> Iterator[tuple[Any, list[float]]]:
         """Each row's key and its overlays' KLs, in the order the rows came (a row waits for a free worker)."""
-        return in_order_on_actors(self._actors, lambda worker, unit: worker.measure.remote(unit), rows, self.max_in_flight)
-
-    def close(self) -> None:
-        """Stop the workers, and the cluster if this started or joined it."""
-        for worker in self._actors:
-            self._ray.kill(worker)
-        self._actors = []
-        if self._started:
-            self._ray.shutdown()
-
-    def __enter__(self) -> RayKLProbe:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.in_order(lambda worker, unit: worker.measure.remote(unit), rows)
 
 
 __all__ = ["RayKLProbe", "Row"]
