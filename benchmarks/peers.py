@@ -314,8 +314,8 @@ def verdict(rows: list[Row]) -> list[str]:
         lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
                      f"({mine / row['perplexity'] - 1:+.1%})")
     uniform = {r["settings"].get("bits"): r for r in rows if r["tool"] == "bitalloc uniform"}
-    pairs = [(r, uniform[r["settings"].get("nbits") or r["settings"].get("bits")]) for r in rows if r["tool"] in ("HQQ", "AutoRound")
-             and (r["settings"].get("nbits") or r["settings"].get("bits")) in uniform]
+    code_bits = {id(r): r["settings"].get("nbits") or r["settings"].get("bits") for r in rows}  # HQQ's rows say nbits
+    pairs = [(r, uniform[code_bits[id(r)]]) for r in rows if r["tool"] in ("HQQ", "AutoRound") and code_bits[id(r)] in uniform]
     if pairs:
         lines += ["", "Quantizer against quantizer at the same code bits (each layer alone; item 3 of the issue: a peer that wins "
                   "here becomes a profile option):", ""]
@@ -353,14 +353,25 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def number_list(kind: type) -> Callable[[str], list]:
+    """An argparse type: comma-separated numbers of ``kind`` ('' for none); a bad one is argparse's one-line error."""
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}s: {text!r}") from None
+
+    return parse
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(SETTINGS))
     parser.add_argument("--tools", default=",".join(TOOLS), help="which rows to measure (comma-separated)")
     parser.add_argument("--autoround-recipe", choices=sorted(peer_autoround.RECIPES), default="default",
                         help="AutoRound's recipe: default (200 iterations) or light (50 at lr 5e-3)")
-    parser.add_argument("--autoround-bits", default=",".join(map(str, AUTOROUND_BITS)), help="SignRound's uniform bit widths (comma-separated, in order)")
-    parser.add_argument("--scheme-budgets", default=",".join(map(str, SCHEME_BUDGETS)), help="AutoScheme's avg_bits ('' for none)")
+    parser.add_argument("--autoround-bits", type=number_list(int), default=AUTOROUND_BITS, help="SignRound's uniform bit widths (comma-separated, in order)")
+    parser.add_argument("--scheme-budgets", type=number_list(float), default=SCHEME_BUDGETS, help="AutoScheme's avg_bits ('' for none)")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -370,8 +381,7 @@ def main() -> None:
         parser.error(f"--tools: unknown {', '.join(sorted(tools - set(TOOLS)))}; choose from {', '.join(TOOLS)}")
     if not args.render:
         for model in models:
-            run_model(model, tools, args.autoround_recipe, [int(b) for b in args.autoround_bits.split(",") if b],
-                      [float(b) for b in args.scheme_budgets.split(",") if b])
+            run_model(model, tools, args.autoround_recipe, args.autoround_bits, args.scheme_budgets)
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
     (RESULTS / "peers.md").write_text(report(records))
     plot(records, RESULTS / "peers.png")
