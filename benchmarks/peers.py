@@ -10,6 +10,8 @@ calibration windows (bitalloc's seeded calibration samples).
 - **bitalloc uniform**: each of those GPTQ options on every linear, each layer quantized alone against the float
   model (the profile's kept weights; no sequential quantization), as HQQ quantizes: bitalloc's quantizer beside a
   peer's at the same bits (issue 26 item 3: a peer's quantizer that beats it becomes a profile option).
+- **bitalloc uniform sequential**: the same options on every linear, quantized as ``bitalloc run`` quantizes (block by
+  block on the quantized prefix): the counterpart of AutoRound, which tunes each block on the quantized prefix too.
 - **HQQ** (``hqq``): every decoder linear quantized by ``hqq.core.quantize.Quantizer.quantize`` (half-quadratic
   zero/scale search, calibration-free) at 2, 3 and 4 bits, with HQQ's default group size 64 and with 128.
 - **AutoRound** (``auto-round``, :mod:`peer_autoround` says exactly what it is given): SignRound W2/W3/W4 (sym int,
@@ -45,7 +47,7 @@ import torch
 from _common import RESULTS, chosen_models, provenance
 
 from allocator.evaluate.perplexity import evaluate
-from allocator.jobs.compare import EvalSettings, evaluation_tokens
+from allocator.jobs.compare import EvalSettings, evaluation_tokens, quantize_assignment
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, profile_model
@@ -55,6 +57,7 @@ from allocator.model.loading import LoadedModel, load_model
 from allocator.model.tokens import calibration_samples
 from allocator.solvers import Budget
 from allocator.storage import write_json
+from allocator.table.assignment import Assignment
 from allocator.table.options import parse_options
 
 SETTINGS = {"smollm2-135m": {"tokens": 16384}, "gemma3-270m": {"tokens": 8192}}
@@ -182,7 +185,10 @@ def bitalloc_uniform_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapp
     """Each GPTQ option of ``bitalloc run`` on every linear, each layer quantized alone against the float model (the
     profile's kept weights, as HQQ's rows quantize each layer alone): bitalloc's quantizer beside a peer's at the
     same bits, the comparison that decides whether a peer's quantizer should become a profile option."""
-    table = profile_model(loaded, load_corpus("enwiki"), parse_options(RUN_OPTIONS), samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN,
+    options = parse_options(RUN_OPTIONS)
+    if all(o.settings["quantizer"] != "gptq" or f"bitalloc {o.label} uniform" in done for o in options):
+        return  # nothing to measure: do not re-make the profile
+    table = profile_model(loaded, load_corpus("enwiki"), options, samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN,
                           progress=False)  # the run rows' cached profile
     weights = OptionWeights.beside(cached_table_path(table), table.labels)
     for j, option in enumerate(table.options):
@@ -194,6 +200,26 @@ def bitalloc_uniform_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapp
         save({"tool": "bitalloc uniform", "variant": name, "bpw": float(table.bits[:, j].sum()) / table.total_numel,
               "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": None,
               "settings": {**option.settings, "how": "the profile's kept weights: each layer quantized alone"}})
+
+
+def bitalloc_sequential_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    """Each GPTQ option of ``bitalloc run`` on every linear, quantized as ``bitalloc run`` quantizes a bit map (block by
+    block on the quantized prefix, the profile's calibration): bitalloc's quantizer beside AutoRound's, which also tunes
+    each block on the quantized prefix's outputs."""
+    corpus = load_corpus("enwiki")
+    settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)  # as bitalloc_rows' run_job
+    linears = list(quantizable_linears(loaded.model))
+    for option in parse_options(RUN_OPTIONS):
+        name = f"bitalloc {option.label} uniform sequential"
+        if option.settings["quantizer"] != "gptq" or name in done:
+            continue
+        tick = time.perf_counter()
+        quantized = quantize_assignment(loaded, corpus, Assignment.uniform(linears, option.settings), settings, progress=False)
+        seconds = time.perf_counter() - tick
+        result = measure_overlays(loaded, windows, {"q": quantized.dequantized_weights()})["q"]
+        save({"tool": "bitalloc uniform sequential", "variant": name, "bpw": quantized.bits_per_weight, "perplexity": result.perplexity,
+              "kl": result.kl, "quantize_seconds": seconds,
+              "settings": {**option.settings, "how": "bitalloc run's quantization: block by block on the quantized prefix"}})
 
 
 # ----------------------------------------------------------------------------- llama.cpp
@@ -248,6 +274,7 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
     if "bitalloc" in tools:
         bitalloc_rows(loaded, model, rows, save)
         bitalloc_uniform_rows(loaded, windows, rows, save)
+        bitalloc_sequential_rows(loaded, windows, rows, save)
     if "autoround" in tools:
         autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
     write_json(path, record)
@@ -313,12 +340,20 @@ def verdict(rows: list[Row]) -> list[str]:
         word = "below" if mine < row["perplexity"] else "ABOVE" if row["bpw"] <= TARGET_RANGE[1] + 0.01 else "above, outside the target range"
         lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
                      f"({mine / row['perplexity'] - 1:+.1%})")
-    uniform = {r["settings"].get("bits"): r for r in rows if r["tool"] == "bitalloc uniform"}
     code_bits = {id(r): r["settings"].get("nbits") or r["settings"].get("bits") for r in rows}  # HQQ's rows say nbits
-    pairs = [(r, uniform[code_bits[id(r)]]) for r in rows if r["tool"] in ("HQQ", "AutoRound") and code_bits[id(r)] in uniform]
+    own_rows = {tool: {code_bits[id(r)]: r for r in rows if r["tool"] == tool} for tool in ("bitalloc uniform", "bitalloc uniform sequential")}
+    # HQQ quantizes each layer alone, as the profile's kept weights are; AutoRound tunes block by block on the quantized
+    # prefix, as bitalloc run quantizes (its rows are compared with the sequential ones where they exist)
+    counterpart = {"HQQ": ("bitalloc uniform",), "AutoRound": ("bitalloc uniform sequential", "bitalloc uniform")}
+    pairs = []
+    for row in (r for r in rows if r["tool"] in counterpart):
+        own = next((own_rows[tool][code_bits[id(row)]] for tool in counterpart[row["tool"]] if code_bits[id(row)] in own_rows[tool]), None)
+        if own is not None:
+            pairs.append((row, own))
     if pairs:
-        lines += ["", "Quantizer against quantizer at the same code bits (each layer alone; item 3 of the issue: a peer that wins "
-                  "here becomes a profile option):", ""]
+        lines += ["", "Quantizer against quantizer at the same code bits (HQQ against bitalloc's layers quantized alone, AutoRound "
+                  "against bitalloc's sequential quantization where measured; item 3 of the issue: a peer that wins here becomes a "
+                  "profile option):", ""]
         for peer, own in sorted(pairs, key=lambda pair: pair[0]["bpw"]):
             wins = own["perplexity"] < peer["perplexity"] and own["bpw"] <= peer["bpw"]
             lines.append(f"- {peer['variant']} ({peer['bpw']:.3f} bpw, ppl {peer['perplexity']:.2f}) vs {own['variant']} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quantizers.autoround import AutoRoundQuantizer
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer
 from quantizers.billm import BiLLMQuantizer
 from quantizers.dyngroup import DynGroupQuantizer
@@ -22,6 +23,7 @@ QUANTIZERS: dict[str, type[Quantizer]] = {
     PBLLMQuantizer.name: PBLLMQuantizer,
     DynGroupQuantizer.name: DynGroupQuantizer,
     W1P1Quantizer.name: W1P1Quantizer,
+    AutoRoundQuantizer.name: AutoRoundQuantizer,
 }
 
 
@@ -37,6 +39,7 @@ __all__ = [
     "QuantizedTensor",
     "Quantizer",
     "QUANTIZERS",
+    "AutoRoundQuantizer",
     "build_quantizer",
     "decode",
     "BiLLMQuantizer",

@@ -9,7 +9,8 @@ its quantizer (:meth:`quantizers.Quantizer.settings`). Option specs, as ``bitall
 - ``main``: ``bitalloc run``'s set (:data:`MAIN_JOB_OPTION_SPECS`): ``xnor-g128``, ``w1p1`` and GPTQ at 2, 3 and
   4 bits with act order and mse-clipped g128 grids;
 - ``binary``: the 1-bit family of the default set; ``gptq``: its GPTQ options;
-- ``gptqN`` / ``rtnN`` (N = 1..8): that bit width at group size 128;
+- ``gptqN`` / ``rtnN`` (N = 1..8): that bit width at group size 128; ``autoroundN`` (N = 2..8): AutoRound's SignRound on
+  the layer (:mod:`quantizers.autoround`; needs ``bitalloc[peers]``), symmetric, group size 128, its 200 iterations;
 - ``keep8``: 8-bit symmetric per-row RTN, the "keep" option (about 8 bpw);
 - a quantizer name (``xnor``, ``billm``, ``pbllm``, ``dyngroup``, ``w1p1``) for its own defaults;
 - any of these or a label (``gptq-w3g128``, ``xnor-g128``) followed by ``:key=value,...`` to change
@@ -41,6 +42,8 @@ KEEP_SETTINGS: dict[str, Any] = {"quantizer": "rtn", "bits": 8, "group_size": No
 
 BINARY_OPTION_SPECS = ("xnor:group_size=128", "billm", "pbllm", "w1p1")
 GPTQ_OPTION_SPECS = ("gptq2", "gptq3", "gptq4")
+BIT_WIDTH_PREFIXES = ("gptq", "rtn", "autoround")
+"""Quantizer names that take a bit width in a spec (``gptq3``, ``autoround2``)."""
 DEFAULT_OPTION_SPECS = BINARY_OPTION_SPECS + GPTQ_OPTION_SPECS
 MAIN_JOB_OPTION_SPECS = ("xnor:group_size=128", "w1p1", *(f"gptq{b}:clip=mse,act_order=true" for b in (2, 3, 4)))
 """``bitalloc run``'s candidates: GPTQ with act order and mse-clipped grids, and of the 1-bit family the two that earn their
@@ -96,10 +99,10 @@ def _base_settings(name: str) -> dict[str, Any] | None:
     if name == KEEP_LABEL:
         return dict(KEEP_SETTINGS)
     if name in QUANTIZERS:
-        if name in ("gptq", "rtn"):
+        if name in BIT_WIDTH_PREFIXES:
             return None  # need a bit width: gptq3, rtn4, ...
         return {"quantizer": name}
-    for prefix in ("gptq", "rtn"):
+    for prefix in BIT_WIDTH_PREFIXES:
         suffix = name[len(prefix) :]
         if name.startswith(prefix) and suffix.isdigit() and 1 <= int(suffix) <= 8:
             return {"quantizer": prefix, "bits": int(suffix), "group_size": DEFAULT_GROUP_SIZE}
@@ -129,7 +132,7 @@ def _parse_one(spec: str, allow_labels: bool = True) -> list[Option]:
         settings = _known_labels().get(name)
     if settings is None:
         raise BitallocError(
-            f"unknown option {spec!r}: use default, main, binary, gptq, gptqN, rtnN, keep8, a quantizer name "
+            f"unknown option {spec!r}: use default, main, binary, gptq, gptqN, rtnN, autoroundN, keep8, a quantizer name "
             f"({', '.join(sorted(QUANTIZERS))}) or a label, optionally with :key=value,..."
         )
     if overrides:

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=positive_int, default=defaults.seqlen)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--options", nargs="+", default=["default"], metavar="SPEC",
-                        help="candidate options: default, main (bitalloc run's), binary, gptq, gptqN, rtnN, keep8, a quantizer name or a label, "
-                        "each optionally with :key=value,... (default: the 1-bit family and gptq 2/3/4 bits g128)")
+                        help="candidate options: default, main (bitalloc run's), binary, gptq, gptqN, rtnN, autoroundN (bitalloc[peers]), keep8, "
+                        "a quantizer name or a label, each optionally with :key=value,... (default: the 1-bit family and gptq 2/3/4 bits g128)")
     parser.add_argument("--measure-kl", action="store_true",
                         help="also measure each layer's KL with only it quantized (from the kept weights; adds the losses kl and kl_est)")
     parser.add_argument("--kl-anchors", nargs="+", metavar="LABEL",
