@@ -215,6 +215,12 @@ def test_eval_json_and_quantize_out_fail_before_the_work(made, tmp_path, tripwir
     refused(capsys, tmp_path, "not a bitalloc packed model", "run", *model, "--out", tmp_path / "job")
 
 
+def test_train_loss_a_bare_profile_lacks_fails_before_profiling(made, tmp_path, tripwire, capsys) -> None:
+    for loss in ("kl", "nope"):
+        refused(capsys, tmp_path, f"--loss '{loss}' is not in a profile made for --models", "train", "--models", made["model"], "--corpus",
+                made["corpus"], "--loss", loss, "--out", tmp_path / "run")
+
+
 def test_profile_out_onto_a_directory_fails_before_profiling(made, tmp_path, tripwire, capsys) -> None:
     (tmp_path / "table.npz").mkdir()
     refused(capsys, tmp_path, "is a directory; give a file name", "profile", "--model", made["model"], "--out", tmp_path / "table.npz")

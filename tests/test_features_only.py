@@ -125,7 +125,7 @@ def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, tex
     assert code == 0 and Path(stdout.strip().splitlines()[-1]).is_file()
     code, _, err = run(capsys, "train", "--features-only", "--models", str(tiny_model_dir), "--loss", "nope", "--samples", "4", "--seqlen", "32",
                        "--out", str(tmp_path / "r"), *common)
-    assert_one_line_error(code, err, "no loss 'nope'")
+    assert_one_line_error(code, err, "--loss 'nope' is not in a profile made for --models")
     out = tmp_path / "run"
     profile = ["--samples", "4", "--seqlen", "32"]
     code, _, err = run(capsys, "train", "--features-only", "--models", str(tiny_model_dir), "--timesteps", "120", "--checkpoint-every", "100",
@@ -144,3 +144,6 @@ def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, tex
     stages = next(line for line in stdout.splitlines() if line.startswith("stages: "))
     assert "[1/4] features pass" in stdout and "features " in stages and "profile " not in stages and "kl " not in stages
     assert set((isolated_cache / "profiles").glob("*.npz")) == profiles
+    code, _, err = run(capsys, "run", "--policy", str(out / "policy.zip"), "--model", str(tiny_model_dir), "--bpw", "3", "--kl-seqlen", "16",
+                       "--ray", *profile, *common)
+    assert_one_line_error(code, err, "is a features-only policy: it reads the features pass alone (no profile, no KL), so --ray, --kl-seqlen")

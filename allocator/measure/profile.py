@@ -78,6 +78,8 @@ LOSS_DESCRIPTIONS = {
     WEIGHT_ERR: "||W-Q||_F^2",
     KL: "mean per-token KL(reference || model) on the first kl_samples calibration windows, only this layer quantized",
 }
+BARE_PROFILE_LOSSES = (HESSIAN_ERR, WEIGHT_ERR)
+"""The losses of a profile made without ``measure_kl``."""
 DEFAULT_SAMPLES = 64
 DEFAULT_SEQLEN = 512
 DEFAULT_KL_SAMPLES = 4

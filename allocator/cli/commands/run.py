@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     if kl_seqlen > args.seqlen or kl_seqlen < 2:
         raise BitallocError(f"--kl-seqlen must be 2 to {args.seqlen} tokens (--seqlen), got {kl_seqlen}")
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
-    ray = ray_settings(args)
     solver: str | Solver = args.solver or "ilp"
     features_only = False
     if args.policy is not None:
@@ -75,8 +74,14 @@ def run(args: argparse.Namespace) -> int:
 
         solver = PolicySolver.load(args.policy)  # a bad policy (or unknown name) fails before any profiling
         features_only = solver.policy.card.features_only  # it reads the features pass, not the profile and KL
+        unused = [flag for flag, given in (("--ray", args.ray is not None), ("--kl-anchors", args.kl_anchors is not None),
+                                           ("--kl-seqlen", args.kl_seqlen is not None)) if given]
+        if features_only and unused:
+            raise BitallocError(f"{args.policy} is a features-only policy: it reads the features pass alone (no profile, no KL), "
+                                f"so {', '.join(unused)} would do nothing; leave {'it' if len(unused) == 1 else 'them'} out")
     elif solver not in SOLVERS:
         raise BitallocError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+    ray = ray_settings(args)
     output_dir(args.out, "--out", files=(BITMAP_FILE, ROWS_FILE))
     if args.out is not None:
         packed_output(args.out / PACKED_DIR, "--out")

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from allocator.errors import BitallocError
+    from allocator.measure.profile import BARE_PROFILE_LOSSES
     from allocator.model.corpus import check_corpus
     from allocator.solvers import Constraints
     from allocator.table.sensitivity import SensitivityTable
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     output_dir(args.out, "--out", files=(RUN_FILE, POLICY_FILE, BEST_FILE))
     if models:
         check_corpus(args.corpus)  # it profiles the models on it
+        if args.loss is not None and args.loss not in BARE_PROFILE_LOSSES:
+            # the tables of --models are bare profiles: a loss they will not hold fails here, not after profiling
+            raise BitallocError(f"--loss {args.loss!r} is not in a profile made for --models (it has {', '.join(BARE_PROFILE_LOSSES)}); "
+                                "profile with bitalloc profile --measure-kl (or add the loss) and pass the table with --profile")
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
                          action_mapping=args.action_mapping)
