@@ -40,7 +40,7 @@ every iteration's batch holds all of them."""
 AUTOROUND_SEED = 42
 """AutoRound's own default seed."""
 AUTOROUND_MULTIPLE = 32
-"""AutoRound leaves an int layer in float unless both its sides are multiples of this."""
+"""AutoRound leaves an int layer in float unless both its sides are multiples of this (the layer is padded to them)."""
 
 
 class _OneLinearBlock(nn.Module):
@@ -141,17 +141,25 @@ class AutoRoundQuantizer(Quantizer):
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
         if hessian is None:
             raise ValueError("autoround needs the layer's input Hessian")
+        # SignRound differentiates: callers (the profile, the sequential quantization) run in inference mode
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._tune(weight.detach().clone(), hessian.detach().clone())
+
+    def _tune(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedTensor:
         from auto_round import AutoRound, SignRoundConfig
 
         w = weight.detach().float()
         out_features, in_features = w.shape
-        if out_features % AUTOROUND_MULTIPLE or in_features % AUTOROUND_MULTIPLE:
-            # AutoRound would silently leave the layer in float
-            raise ValueError(f"autoround quantizes layers whose both sides are multiples of {AUTOROUND_MULTIPLE}, not {out_features} x {in_features}")
-        linear = nn.Linear(in_features, out_features, bias=False)
+        # AutoRound leaves a layer in float unless both sides are multiples of 32: pad with zero weights fed zero inputs
+        # (a zero weight stays exactly zero, a column without input adds no error, and the zeros do not move a group's
+        # range, which always includes zero), then cut the padding off
+        padded_out, padded_in = (math.ceil(n / AUTOROUND_MULTIPLE) * AUTOROUND_MULTIPLE for n in (out_features, in_features))
+        linear = nn.Linear(padded_in, padded_out, bias=False)
         with torch.no_grad():
-            linear.weight.copy_(w)
-        inputs = hessian_inputs(hessian, self.damp_ratio)
+            linear.weight.zero_()
+            linear.weight[:out_features, :in_features] = w
+        rows = hessian_inputs(hessian, self.damp_ratio)
+        inputs = torch.cat([rows, rows.new_zeros(rows.shape[0], padded_in - in_features)], dim=1)
         model = _HessianRowsModel(linear, inputs)
         length = inputs.shape[0] // AUTOROUND_SAMPLES
         samples = [torch.arange(i * length, (i + 1) * length)[None] for i in range(AUTOROUND_SAMPLES)]
@@ -164,11 +172,12 @@ class AutoRoundQuantizer(Quantizer):
                                 alg_configs=SignRoundConfig(iters=self.iters, lr=self.lr))
             rounder.quantize()
         tuned = model.layers[0].linear
-        scales = tuned.scale.detach().reshape(out_features, -1).float()  # fp16 values, signed
         layout = GroupLayout(in_features, self.group_size)
+        scales = tuned.scale.detach().reshape(padded_out, -1)[:out_features, :layout.count].float()  # fp16 values, signed
         per_column = scales.repeat_interleave(torch.tensor([b - a for a, b in map(layout.bounds, range(layout.count))]), dim=1)
         zero = self.spec.symmetric_zero()
-        codes = (torch.round(tuned.weight.detach().float() / per_column) + zero).clamp(0, self.spec.max_code)
+        dequantized = tuned.weight.detach()[:out_features, :in_features].float()
+        codes = (torch.round(dequantized / per_column) + zero).clamp(0, self.spec.max_code)
         return encode_uniform_grid(codes, scales, torch.full_like(scales, zero), self.spec, layout)
 
     def storage_bits(self, out_features: int, in_features: int) -> int:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from allocator.errors import BitallocError
+from allocator.runtime.packed import load_quantized
+from allocator.table.bitmap import BitMap
 from allocator.table.options import parse_options
+from allocator.table.sensitivity import SensitivityTable
 from quantizers import build_quantizer, decode
 from quantizers.autoround import AutoRoundQuantizer, hessian_inputs
 from quantizers.rtn import RTNQuantizer
+from tests.cli_helpers import run
 
 pytest.importorskip("auto_round")
 
@@ -69,10 +74,39 @@ def test_option_specs_and_settings_round_trip() -> None:
             parse_options([bad])
 
 
-def test_without_a_hessian_or_on_a_shape_autoround_skips_it_refuses() -> None:
-    weight, hessian = layer()
+def test_without_a_hessian_it_refuses() -> None:
+    weight, _ = layer()
     with pytest.raises(ValueError, match="Hessian"):
         AutoRoundQuantizer(3).quantize(weight)
-    odd, odd_hessian = layer(in_features=200)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        AutoRoundQuantizer(3).quantize(odd, odd_hessian)
+
+
+def test_a_shape_autoround_would_skip_is_padded_and_tuned() -> None:
+    """48 x 200 (not multiples of 32, the last group of 64 short): quantized, not left in float, and its stored form
+    decodes to the tuned weight."""
+    weight, hessian = layer(out_features=48, in_features=200)
+    quantizer = AutoRoundQuantizer(3, group_size=64, iters=50)
+    qt = quantizer.quantize(weight, hessian)
+    assert qt.shape == (48, 200) and qt.stored["scales"].shape == (48, 4)
+    assert torch.equal(decode(qt), qt.dequantized)
+    nearest = RTNQuantizer(3, group_size=64, symmetric=True).quantize(weight)
+    assert output_error(weight, qt.dequantized, hessian) < output_error(weight, nearest.dequantized, hessian)
+
+
+def test_profile_solve_quantize_with_the_autoround_option(tiny_model_dir, text_file, tmp_path, isolated_cache, capsys) -> None:
+    """The option goes through the CLI like any other: profiled beside GPTQ (the tiny model's 48-row k/v projections
+    padded), solved, quantized on the quantized prefix and packed."""
+    common = ["--corpus", str(text_file), "--samples", "4", "--seqlen", "32", "--no-progress"]
+    table_path, bitmap_path, packed = tmp_path / "table.npz", tmp_path / "bitmap.json", tmp_path / "packed"
+    code, _, err = run(capsys, "profile", "--model", str(tiny_model_dir), "--options", "gptq2", "autoround3:iters=10", "--out", str(table_path),
+                       *common)
+    assert code == 0, err
+    table = SensitivityTable.load(table_path)
+    assert table.labels == ["gptq-w2g128", "autoround-w3g128-i10"]
+    assert np.isfinite(table.loss("hessian_err")).all()
+    code, _, err = run(capsys, "solve", "--profile", str(table_path), "--bpw", "3.5", "--out", str(bitmap_path))
+    assert code == 0, err
+    chosen = {e.option for e in BitMap.load(bitmap_path).modules.values()}
+    assert "autoround-w3g128-i10" in chosen and chosen <= set(table.labels)
+    code, _, err = run(capsys, "quantize", "--bitmap", str(bitmap_path), "--out", str(packed), *common)
+    assert code == 0, err
+    assert load_quantized(packed).quantized.bits_per_weight == pytest.approx(BitMap.load(bitmap_path).predicted_bpw)
