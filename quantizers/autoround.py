@@ -25,7 +25,7 @@ import logging
 import math
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -58,11 +58,19 @@ class _HessianRowsModel(nn.Module):
     """What AutoRound is given as a model: "token" ``i`` embeds to row ``i`` of ``inputs``, which then goes through the
     one block. ``config``, ``dtype`` and ``device`` are the attributes AutoRound reads off a language model."""
 
+    inputs: torch.Tensor
+
     def __init__(self, linear: nn.Linear, inputs: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("inputs", inputs)
         self.layers = nn.ModuleList([_OneLinearBlock(linear)])
         self.config = types.SimpleNamespace(model_type="llama", tie_word_embeddings=False, use_cache=False)
+
+    @property
+    def block(self) -> _OneLinearBlock:
+        block = self.layers[0]
+        assert isinstance(block, _OneLinearBlock)
+        return block
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,7 +81,7 @@ class _HessianRowsModel(nn.Module):
         return self.inputs.device
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.layers[0](self.inputs[input_ids])
+        return self.block(self.inputs[input_ids])
 
 
 @contextlib.contextmanager
@@ -171,9 +179,10 @@ class AutoRoundQuantizer(Quantizer):
                                 enable_torch_compile=False, seed=AUTOROUND_SEED,
                                 alg_configs=SignRoundConfig(iters=self.iters, lr=self.lr))
             rounder.quantize()
-        tuned = model.layers[0].linear
+        tuned = model.block.linear
         layout = GroupLayout(in_features, self.group_size)
-        scales = tuned.scale.detach().reshape(padded_out, -1)[:out_features, :layout.count].float()  # fp16 values, signed
+        scale = cast(torch.Tensor, tuned.scale)  # AutoRound sets it on the tuned layer
+        scales = scale.detach().reshape(padded_out, -1)[:out_features, :layout.count].float()  # fp16 values, signed
         per_column = scales.repeat_interleave(torch.tensor([b - a for a, b in map(layout.bounds, range(layout.count))]), dim=1)
         zero = self.spec.symmetric_zero()
         dequantized = tuned.weight.detach()[:out_features, :in_features].float()
