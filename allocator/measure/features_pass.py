@@ -37,7 +37,7 @@ from transformers import PreTrainedModel
 from allocator.errors import BitallocError
 from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
-from allocator.measure.profile import CODE_VERSION, collect_and_run, layer_inputs, model_fingerprint, profile_cache_id
+from allocator.measure.profile import CODE_VERSION, cached_table, collect_and_run, layer_inputs, model_fingerprint, profile_cache_id
 from allocator.model.arch import tie_groups
 from allocator.model.calibration import capture_block_inputs
 from allocator.model.corpus import Corpus
@@ -111,14 +111,10 @@ def features_table(
     cache_id = profile_cache_id(key, options, fingerprint, False, 0)
     path = _cache_path(loaded.name, cache_id)
     labels = [o.label for o in options]
-    if cache and path.is_file():
-        try:
-            table = SensitivityTable.load(path)
-            if table.key == key and table.labels == labels and table.names == names:
-                log.info("using the cached features table %s", path)
-                return with_rules(table)
-        except BitallocError as exc:
-            log.warning("recomputing: %s", exc)
+    cached = cached_table(path, key, labels, names) if cache else None
+    if cached is not None:
+        log.info("using the cached features table %s", path)
+        return with_rules(cached)
     tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
     twins = [(quantizer_from_settings(o.settings), quantizer_from_settings(cheap_twin_settings(o.settings))) for o in options]
     rows = _measure_layers(model, tokens, twins, progress, device)

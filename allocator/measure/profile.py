@@ -305,6 +305,19 @@ def profile_cache_path(model: str, cache_id: str) -> Path:
     return cache_dir(PROFILE_CACHE) / f"{slug}-{cache_id}.npz"
 
 
+def cached_table(path: Path, key: TableKey, labels: Sequence[str], names: Sequence[str]) -> SensitivityTable | None:
+    """The table cached at ``path`` if it was made for ``key``, these option labels and these layers; None when there
+    is none, or it is for something else or unreadable (then it is recomputed and overwritten)."""
+    if not path.is_file():
+        return None
+    try:
+        table = SensitivityTable.load(path)
+    except BitallocError as exc:
+        log.warning("recomputing: %s", exc)
+        return None
+    return table if table.key == key and table.labels == list(labels) and table.names == list(names) else None
+
+
 def cached_table_path(table: SensitivityTable) -> Path:
     """Where :func:`profile_model` caches ``table``."""
     cache_id = table.metadata.get("cache_id")
@@ -481,16 +494,12 @@ def profile_model(
     path = profile_cache_path(loaded.name, cache_id)
     labels = [o.label for o in options]
     kept = OptionWeights.beside(path, labels) if cache and keep_weights and scale_fold is None else None
-    if cache and not recompute and path.is_file():
-        try:
-            table = SensitivityTable.load(path)
-            if table.key == key and table.labels == labels and table.names == names:
-                if kept is None or not kept.missing(names):
-                    log.info("using the cached profile %s", path)
-                    return table
-                log.info("completing the kept weights of the cached profile %s", path)
-        except BitallocError as exc:
-            log.warning("recomputing: %s", exc)
+    cached = cached_table(path, key, labels, names) if cache and not recompute else None
+    if cached is not None:
+        if kept is None or not kept.missing(names):
+            log.info("using the cached profile %s", path)
+            return cached
+        log.info("completing the kept weights of the cached profile %s", path)
     partial = PartialProfile(path.with_suffix(".partial"), cache_id, labels)
     if recompute:
         partial.remove()
