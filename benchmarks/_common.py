@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,3 +81,18 @@ def merged_batches(batches: dict, names) -> list[dict]:
     for name in names:
         rows += batches[name] if not rows else batches[name][1:]
     return rows
+
+
+def table_differences(a, b) -> dict[str, float]:
+    """Largest relative difference of each array two sensitivity tables hold (bits, features, every loss both have)
+    that is not identical, by name; inf where the shapes differ. Empty: identical."""
+    found: dict[str, float] = {}
+    pairs = {"bits": (a.bits, b.bits), "features": (a.features, b.features)}
+    pairs |= {f"loss {name}": (a.losses[name], b.losses[name]) for name in b.losses if name in a.losses}
+    for name, (x, y) in pairs.items():
+        x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        if x.shape != y.shape:
+            found[name] = float("inf")
+        elif not np.array_equal(x, y, equal_nan=True):
+            found[name] = float(np.nanmax(np.abs(x - y) / np.maximum(np.abs(x), 1e-30)))
+    return found

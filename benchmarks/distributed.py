@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, provenance
+from _common import RESULTS, provenance, table_differences
 
 from allocator.measure.distributed import RaySettings
 from allocator.measure.fisher import fisher_diagonals
@@ -37,18 +37,10 @@ from allocator.model.tokens import calibration_samples
 from allocator.storage import write_json
 from allocator.table.losses import KL_MEASURED
 from allocator.table.options import parse_options
-from allocator.table.sensitivity import SensitivityTable
 
 OPTION_SPECS = ["main"]
 SAMPLES, SEQLEN = 64, 512
 KL_WINDOWS, KL_SEQLEN = 1, 128
-
-
-def differences(a: SensitivityTable, b: SensitivityTable) -> list[str]:
-    """What differs between two tables (empty: identical)."""
-    found = [] if np.array_equal(a.bits, b.bits) else ["bits"]
-    found += [f"loss {loss}" for loss in a.losses if not np.array_equal(a.losses[loss], b.losses.get(loss))]
-    return found + ([] if np.array_equal(a.features, b.features) else ["features"])
 
 
 def main() -> None:
@@ -79,7 +71,7 @@ def compare_profiles(model: str, cpus: int) -> dict:
     on_ray = profile_model(loaded, corpus, options, samples=SAMPLES, seqlen=SEQLEN, cache=False, ray=RaySettings(address="local", num_cpus=cpus))
     ray_seconds = time.perf_counter() - tick
     return {"stage": "profile", "model": model, "cpus": cpus, "layers": len(serial.names), "options": serial.labels,
-            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds, "differences": differences(serial, on_ray)}
+            "serial_seconds": serial_seconds, "ray_seconds": ray_seconds, "differences": sorted(table_differences(serial, on_ray))}
 
 
 def compare_kl(model: str, cpus: int) -> dict:

@@ -16,8 +16,7 @@ import datetime as dt
 import json
 import time
 
-import numpy as np
-from _common import RESULTS, chosen_models, provenance
+from _common import RESULTS, chosen_models, provenance, table_differences
 
 from allocator.jobs.run import RUN_OPTIONS
 from allocator.measure.profile import cached_table_path, profile_model
@@ -25,24 +24,9 @@ from allocator.model.corpus import load_corpus
 from allocator.model.loading import load_model
 from allocator.storage import write_json
 from allocator.table.options import parse_options
-from allocator.table.sensitivity import SensitivityTable
 
 MODELS = {"smollm2-135m": {}, "gemma3-270m": {}}
 SAMPLES, SEQLEN = 64, 512
-
-
-def differences(cached: SensitivityTable, fresh: SensitivityTable) -> dict[str, float]:
-    """Largest relative difference of each compared array that is not identical (empty: all identical)."""
-    found: dict[str, float] = {}
-    pairs = {"bits": (cached.bits, fresh.bits), "features": (cached.features, fresh.features)}
-    pairs |= {f"loss {name}": (cached.losses[name], fresh.losses[name]) for name in fresh.losses if name in cached.losses}
-    for name, (a, b) in pairs.items():
-        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-        if a.shape != b.shape:
-            found[name] = float("inf")
-        elif not np.array_equal(a, b, equal_nan=True):
-            found[name] = float(np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))
-    return found
 
 
 def compare(model: str) -> dict:
@@ -63,7 +47,7 @@ def compare(model: str) -> dict:
             "cached_written": dt.datetime.fromtimestamp(made, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "layers": len(fresh.names), "options": fresh.labels,
             "compared_losses": [name for name in fresh.losses if name in cached.losses], "seconds": time.perf_counter() - tick,
-            "differences": differences(cached, fresh)}
+            "differences": table_differences(cached, fresh)}
 
 
 def report(records: list[dict]) -> str:
