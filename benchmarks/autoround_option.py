@@ -6,8 +6,7 @@ this measures, on sampled real layers, the layer's output error ``tr((W - Q) H (
 calibration windows, on the float model, as the profile computes it) of:
 
 - ``gptq-wNg128-act-mse``: ``bitalloc run``'s GPTQ option (asymmetric, act order, mse-clipped grid);
-- ``autoround-wNg128-i200``: the autoround option at AutoRound's default 200 iterations (lr 1/200), and ``-i50`` at its
-  ``light`` recipe (50 iterations, lr 5e-3);
+- ``autoround-wNg128-i200``: the autoround option at AutoRound's default 200 iterations (lr 1/200);
 - ``rtn-wNg128-sym``: round to nearest on the same symmetric grid (where AutoRound starts from);
 
 with each one's honest bits per weight and wall seconds per layer. Lower error at no more bits wins.
@@ -38,7 +37,7 @@ SAMPLES, SEQLEN, BATCH = 64, 512, 8
 
 
 def option_specs(bits: int) -> list[str]:
-    return [f"gptq{bits}:clip=mse,act_order=true", f"rtn{bits}:symmetric=true", f"autoround{bits}", f"autoround{bits}:iters=50,lr=0.005"]
+    return [f"gptq{bits}:clip=mse,act_order=true", f"rtn{bits}:symmetric=true", f"autoround{bits}"]
 
 
 def hessians(model: str, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -91,7 +90,7 @@ def report(records: list[dict]) -> str:
                          f"{r['error'] / gptq[(r['layer'], r['bits'])]:.2f} | {r['seconds']:.1f} |")
         lines += ["", "Summary (geometric mean over the sampled layers of each option's error / GPTQ's; mean seconds per layer):", ""]
         for bits in BITS:
-            for kind in ("rtn", "autoround-w{b}g128-i200", "autoround-w{b}g128-i50"):
+            for kind in ("rtn", "autoround-w{b}g128-i200"):
                 label = kind.format(b=bits)
                 chosen = [r for r in rows if r["bits"] == bits and (r["option"] == label or (kind == "rtn" and r["option"].startswith("rtn")))]
                 if not chosen:
