@@ -18,6 +18,9 @@ calibration windows (bitalloc's seeded calibration samples).
   group 128, ``--autoround-recipe``: AutoRound's ``default`` 200 iterations, or its ``light`` 50 at lr 5e-3, as each
   row says) and AutoScheme's
   mixed W2/W3/W4 allocation at ``SCHEME_BUDGETS`` average bits, tuned by SignRound the same way.
+- **bitalloc map + AutoRound**: ``bitalloc run``'s ILP (its table and measured single-layer KL) over its GPTQ 2/3/4-bit
+  options alone, at ``--map-budgets`` bpw; AutoRound tunes the model with each layer at the map's bits (its
+  ``layer_config``, as AutoScheme hands it its own allocation), the same recipe as the AutoRound rows.
 - **llama.cpp**: its presets (with an importance matrix where they need one) and bitalloc's GGUF maps, as measured by
   ``benchmarks/gguf_presets.py`` into ``results/gguf/<model>.json`` (copied here only when they were measured on these
   same token ids: the reference perplexity must agree).
@@ -49,13 +52,14 @@ from _common import RESULTS, chosen_models, provenance
 from allocator.evaluate.perplexity import evaluate
 from allocator.jobs.compare import EvalSettings, evaluation_tokens, quantize_assignment
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
+from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
 from allocator.model.tokens import calibration_samples
-from allocator.solvers import Budget
+from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
 from allocator.table.assignment import Assignment
 from allocator.table.options import parse_options
@@ -161,6 +165,40 @@ def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, bit_
               "settings": {**settings, "avg_bits": avg_bits, "options": peer_autoround.SCHEME_OPTIONS, "layers_per_bits": counts}})
 
 
+def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, budgets: list[float], done: Mapping[str, Row],
+                                save: Callable[[Row], None]) -> None:
+    """bitalloc's allocation, AutoRound's rounding: ``bitalloc run``'s ILP over its GPTQ 2/3/4-bit options alone (on its
+    table: the profile and its measured single-layer KL), the bits of that map handed to AutoRound per layer, as
+    AutoScheme's allocation is (the next lever where AutoRound's block-wise tuning beats bitalloc's sequential GPTQ)."""
+    names = [f"bitalloc map @{b:g} + AutoRound ({recipe})" for b in budgets]
+    if all(name in done for name in names):
+        return
+    corpus = load_corpus("enwiki")
+    table = profile_model(loaded, corpus, parse_options(RUN_OPTIONS), samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN, progress=False)
+    table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
+    gptq = [j for j, option in enumerate(table.options) if option.settings["quantizer"] == "gptq"]
+    others = [j for j in range(len(table.options)) if j not in gptq]
+    floor = float(table.bpw[:, gptq].min())  # every GPTQ option stores at least this many bits per weight, the 1-bit family less
+    if others and float(table.bpw[:, others].max()) >= floor:
+        raise SystemExit("a 1-bit option stores as many bits as GPTQ 2-bit: min_bpw cannot keep the map to GPTQ")
+    calibration = calibration_windows(loaded)
+    for budget, name in zip(budgets, names):
+        if name in done:
+            continue
+        tick = time.perf_counter()
+        bitmap = solve(table, Budget.bpw(budget), Constraints(min_bpw=floor - 1e-9), solver="ilp")
+        allocation = time.perf_counter() - tick
+        chosen = {module: int(entry.settings["bits"]) for module, entry in bitmap.modules.items()}
+        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
+        overlay, bpw = honest_overlay(loaded, quantized)
+        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
+        counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
+        save({"tool": "bitalloc map + AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl,
+              "quantize_seconds": seconds, "allocation_seconds": allocation,
+              "settings": {"recipe": recipe, **peer_autoround.RECIPES[recipe], "group_size": 128, "sym": True, "budget": budget,
+                           "loss": table.default_loss, "options": [table.labels[j] for j in gptq], "layers_per_bits": counts}})
+
+
 # ----------------------------------------------------------------------------- bitalloc
 
 
@@ -247,7 +285,8 @@ def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], sa
 # ----------------------------------------------------------------------------- the record
 
 
-def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits: list[int], scheme_budgets: list[float]) -> None:
+def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits: list[int], scheme_budgets: list[float],
+              map_budgets: list[float]) -> None:
     path = RESULTS / "peers" / f"{model}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"model": model, "provenance": provenance(), "rows": {}}
     record.setdefault("resumed", []).append(provenance())
@@ -277,6 +316,7 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
         bitalloc_sequential_rows(loaded, windows, rows, save)
     if "autoround" in tools:
         autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
+        bitalloc_map_autoround_rows(loaded, windows, autoround_recipe, map_budgets, rows, save)
     write_json(path, record)
 
 
@@ -309,6 +349,7 @@ def report(records: list[dict]) -> str:
 
 
 PEER_TOOLS = ("HQQ", "AutoRound", "AutoScheme + AutoRound", "llama.cpp")
+"""Rows compared with bitalloc's curve (``bitalloc map + AutoRound`` is bitalloc's allocation with a peer's rounding)."""
 TARGET_RANGE = (2.5, 4.0)
 """Honest bpw where bitalloc's mixed curve should lie below every peer's (the issue's target)."""
 
@@ -407,6 +448,8 @@ def main() -> None:
                         help="AutoRound's recipe: default (200 iterations) or light (50 at lr 5e-3)")
     parser.add_argument("--autoround-bits", type=number_list(int), default=AUTOROUND_BITS, help="SignRound's uniform bit widths (comma-separated, in order)")
     parser.add_argument("--scheme-budgets", type=number_list(float), default=SCHEME_BUDGETS, help="AutoScheme's avg_bits ('' for none)")
+    parser.add_argument("--map-budgets", type=number_list(float), default=SCHEME_BUDGETS,
+                        help="bpw of bitalloc's GPTQ-only maps tuned by AutoRound ('' for none)")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -416,7 +459,7 @@ def main() -> None:
         parser.error(f"--tools: unknown {', '.join(sorted(tools - set(TOOLS)))}; choose from {', '.join(TOOLS)}")
     if not args.render:
         for model in models:
-            run_model(model, tools, args.autoround_recipe, args.autoround_bits, args.scheme_budgets)
+            run_model(model, tools, args.autoround_recipe, args.autoround_bits, args.scheme_budgets, args.map_budgets)
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
     (RESULTS / "peers.md").write_text(report(records))
     plot(records, RESULTS / "peers.png")
