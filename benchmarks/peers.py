@@ -178,8 +178,8 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
     table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
     gptq = [j for j, option in enumerate(table.options) if option.settings["quantizer"] == "gptq"]
     others = [j for j in range(len(table.options)) if j not in gptq]
-    floor = float(table.bpw[:, gptq].min())  # every GPTQ option stores at least this many bits per weight, the 1-bit family less
-    if others and float(table.bpw[:, others].max()) >= floor:
+    floor = float(np.nanmin(table.bpw[:, gptq]))  # every GPTQ option stores at least this many bits per weight, the 1-bit family less
+    if others and float(np.nanmax(table.bpw[:, others])) >= floor:
         raise SystemExit("a 1-bit option stores as many bits as GPTQ 2-bit: min_bpw cannot keep the map to GPTQ")
     calibration = calibration_windows(loaded)
     for budget, name in zip(budgets, names):
