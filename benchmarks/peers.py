@@ -397,8 +397,21 @@ def verdict(rows: list[Row]) -> list[str]:
                   "profile option):", ""]
         for peer, own in sorted(pairs, key=lambda pair: pair[0]["bpw"]):
             wins = own["perplexity"] < peer["perplexity"] and own["bpw"] <= peer["bpw"]
+            loses = own["perplexity"] > peer["perplexity"] and own["bpw"] >= peer["bpw"]
+            winner = "bitalloc" if wins else "the peer" if loses else "neither (fewer bits, higher ppl)"
             lines.append(f"- {peer['variant']} ({peer['bpw']:.3f} bpw, ppl {peer['perplexity']:.2f}) vs {own['variant']} "
-                         f"({own['bpw']:.3f} bpw, ppl {own['perplexity']:.2f}): {'bitalloc' if wins else 'the peer, or mixed'}")
+                         f"({own['bpw']:.3f} bpw, ppl {own['perplexity']:.2f}): {winner} (bitalloc {own['perplexity'] / peer['perplexity'] - 1:+.1%})")
+    combined = sorted((r for r in rows if r["tool"] == "bitalloc map + AutoRound"), key=lambda r: r["bpw"])
+    if combined:
+        lines += ["", "bitalloc's allocation with AutoRound's rounding, against bitalloc run's curve (its own GPTQ rounding) at the "
+                  "same bpw and AutoScheme's allocation at the same budget:", ""]
+        schemes = {r["settings"].get("avg_bits"): r for r in rows if r["tool"] == "AutoScheme + AutoRound"}
+        for row in combined:
+            mine = bitalloc_curve(rows, row["bpw"])
+            scheme = schemes.get(row["settings"]["budget"])
+            versus = "" if scheme is None else f"; AutoScheme @{scheme['settings']['avg_bits']:g}: {scheme['bpw']:.3f} bpw, ppl {scheme['perplexity']:.2f}"
+            curve = "not compared (below bitalloc run's narrowest budget)" if mine is None else f"{mine:.2f} ({row['perplexity'] / mine - 1:+.1%})"
+            lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc run's curve {curve}{versus}")
     return lines
 
 
