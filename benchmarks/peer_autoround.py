@@ -115,15 +115,16 @@ def _scheme_calibration(calibration: torch.Tensor) -> Iterator[str]:
                 os.environ["AR_AUTO_SCHEME_CACHE"] = saved[2]
 
 
-def scheme_bits(model: nn.Module, calibration: torch.Tensor, avg_bits: float) -> tuple[dict[str, int], float]:
-    """AutoScheme's per-layer bits at ``avg_bits`` (W2/W3/W4 options; no tuning) and the wall seconds."""
+def scheme_bits(model: nn.Module, calibration: torch.Tensor, avg_bits: float, recipe: str = "default") -> tuple[dict[str, int], float]:
+    """AutoScheme's per-layer bits at ``avg_bits`` (W2/W3/W4 options; no tuning: ``recipe`` only configures the AutoRound
+    object AutoScheme runs in) and the wall seconds."""
     from auto_round import AutoRound, AutoScheme
 
     work = copy.deepcopy(model)
     tick = time.perf_counter()
     with _scheme_calibration(calibration) as dataset:
         scheme = AutoScheme(avg_bits=avg_bits, options=SCHEME_OPTIONS, low_cpu_mem_usage=False)
-        rounder = AutoRound(work, scheme=scheme, dataset=dataset, **_common(0))
+        rounder = AutoRound(work, scheme=scheme, dataset=dataset, **_common(recipe))
         rounder.post_init()  # AutoScheme allocates here; quantize() would go on to tune
         chosen = {name: int(config["bits"]) for name, config in rounder.layer_config.items() if config.get("bits", 16) < 16}
     return chosen, time.perf_counter() - tick

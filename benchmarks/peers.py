@@ -37,6 +37,7 @@ Each row is saved to results/peers/<model>.json as it is measured; a rerun measu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -59,7 +60,7 @@ from allocator.model.corpus import load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
 from allocator.model.tokens import calibration_samples
-from allocator.solvers import Budget, Constraints, solve
+from allocator.solvers import Budget, solve
 from allocator.storage import write_json
 from allocator.table.assignment import Assignment
 from allocator.table.options import parse_options
@@ -155,7 +156,7 @@ def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, bit_
         name = f"AutoScheme @{avg_bits:g} ({recipe})"
         if name in done:
             continue
-        chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits)
+        chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits, recipe)
         quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
         overlay, bpw = honest_overlay(loaded, quantized)
         result = measure_overlays(loaded, windows, {"q": overlay})["q"]
@@ -177,16 +178,14 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
     table = profile_model(loaded, corpus, parse_options(RUN_OPTIONS), samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN, progress=False)
     table = add_kl_losses(loaded, table, cached_table_path(table), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
     gptq = [j for j, option in enumerate(table.options) if option.settings["quantizer"] == "gptq"]
-    others = [j for j in range(len(table.options)) if j not in gptq]
-    floor = float(np.nanmin(table.bpw[:, gptq]))  # every GPTQ option stores at least this many bits per weight, the 1-bit family less
-    if others and float(np.nanmax(table.bpw[:, others])) >= floor:
-        raise SystemExit("a 1-bit option stores as many bits as GPTQ 2-bit: min_bpw cannot keep the map to GPTQ")
+    table = dataclasses.replace(table, options=[table.options[j] for j in gptq], bits=table.bits[:, gptq],
+                                losses={name: loss[:, gptq] for name, loss in table.losses.items()})  # the GPTQ options alone
     calibration = calibration_windows(loaded)
     for budget, name in zip(budgets, names):
         if name in done:
             continue
         tick = time.perf_counter()
-        bitmap = solve(table, Budget.bpw(budget), Constraints(min_bpw=floor - 1e-9), solver="ilp")
+        bitmap = solve(table, Budget.bpw(budget), solver="ilp")
         allocation = time.perf_counter() - tick
         chosen = {module: int(entry.settings["bits"]) for module, entry in bitmap.modules.items()}
         quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
@@ -196,7 +195,7 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
         save({"tool": "bitalloc map + AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl,
               "quantize_seconds": seconds, "allocation_seconds": allocation,
               "settings": {"recipe": recipe, **peer_autoround.RECIPES[recipe], "group_size": 128, "sym": True, "budget": budget,
-                           "loss": table.default_loss, "options": [table.labels[j] for j in gptq], "layers_per_bits": counts}})
+                           "loss": table.default_loss, "options": table.labels, "layers_per_bits": counts}})
 
 
 # ----------------------------------------------------------------------------- bitalloc
