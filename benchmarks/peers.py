@@ -20,7 +20,8 @@ calibration windows (bitalloc's seeded calibration samples).
   mixed W2/W3/W4 allocation at ``SCHEME_BUDGETS`` average bits, tuned by SignRound the same way.
 - **bitalloc map + AutoRound**: ``bitalloc run``'s ILP (its table and measured single-layer KL) over its GPTQ 2/3/4-bit
   options alone, at ``--map-budgets`` bpw; AutoRound tunes the model with each layer at the map's bits (its
-  ``layer_config``, as AutoScheme hands it its own allocation), the same recipe as the AutoRound rows.
+  ``layer_config``, as AutoScheme hands it its own allocation), the same recipe as the AutoRound rows; beside it the
+  same map quantized by bitalloc's GPTQ as ``bitalloc run`` quantizes (``bitalloc map (GPTQ)``).
 - **llama.cpp**: its presets (with an importance matrix where they need one) and bitalloc's GGUF maps, as measured by
   ``benchmarks/gguf_presets.py`` into ``results/gguf/<model>.json`` (copied here only when they were measured on these
   same token ids: the reference perplexity must agree).
@@ -172,7 +173,8 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
     table: the profile and its measured single-layer KL), the bits of that map handed to AutoRound per layer, as
     AutoScheme's allocation is (the next lever where AutoRound's block-wise tuning beats bitalloc's sequential GPTQ)."""
     names = [f"bitalloc map @{b:g} + AutoRound ({recipe})" for b in budgets]
-    if all(name in done for name in names):
+    controls = [f"bitalloc map @{b:g} (GPTQ)" for b in budgets]
+    if all(name in done for name in names + controls):
         return
     corpus = load_corpus("enwiki")
     table = profile_model(loaded, corpus, parse_options(RUN_OPTIONS), samples=CALIBRATION_SAMPLES, seqlen=CALIBRATION_SEQLEN, progress=False)
@@ -181,12 +183,22 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
     table = dataclasses.replace(table, options=[table.options[j] for j in gptq], bits=table.bits[:, gptq],
                                 losses={name: loss[:, gptq] for name, loss in table.losses.items()})  # the GPTQ options alone
     calibration = calibration_windows(loaded)
-    for budget, name in zip(budgets, names):
-        if name in done:
-            continue
+    for budget, name, control in zip(budgets, names, controls):
         tick = time.perf_counter()
         bitmap = solve(table, Budget.bpw(budget), solver="ilp")
         allocation = time.perf_counter() - tick
+        if control not in done:  # the same map with bitalloc's own rounding, as bitalloc run quantizes
+            settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)
+            tick = time.perf_counter()
+            own = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress=False)
+            seconds = time.perf_counter() - tick
+            result = measure_overlays(loaded, windows, {"q": own.dequantized_weights()})["q"]
+            save({"tool": "bitalloc map (GPTQ)", "variant": control, "bpw": own.bits_per_weight, "perplexity": result.perplexity,
+                  "kl": result.kl, "quantize_seconds": seconds, "allocation_seconds": allocation,
+                  "settings": {"budget": budget, "loss": table.default_loss, "options": table.labels,
+                               "how": "bitalloc run's quantization of the GPTQ-only map"}})
+        if name in done:
+            continue
         chosen = {module: int(entry.settings["bits"]) for module, entry in bitmap.modules.items()}
         quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
         overlay, bpw = honest_overlay(loaded, quantized)
@@ -405,10 +417,15 @@ def verdict(rows: list[Row]) -> list[str]:
         lines += ["", "bitalloc's allocation with AutoRound's rounding, against bitalloc run's curve (its own GPTQ rounding) at the "
                   "same bpw and AutoScheme's allocation at the same budget:", ""]
         schemes = {r["settings"].get("avg_bits"): r for r in rows if r["tool"] == "AutoScheme + AutoRound"}
+        controls = {r["settings"].get("budget"): r for r in rows if r["tool"] == "bitalloc map (GPTQ)"}
         for row in combined:
             mine = bitalloc_curve(rows, row["bpw"])
             scheme = schemes.get(row["settings"]["budget"])
+            control = controls.get(row["settings"]["budget"])
             versus = "" if scheme is None else f"; AutoScheme @{scheme['settings']['avg_bits']:g}: {scheme['bpw']:.3f} bpw, ppl {scheme['perplexity']:.2f}"
+            if control is not None:
+                versus += (f"; the same map with bitalloc's GPTQ: {control['bpw']:.3f} bpw, ppl {control['perplexity']:.2f} "
+                           f"(AutoRound's rounding {row['perplexity'] / control['perplexity'] - 1:+.1%})")
             curve = "not compared (below bitalloc run's narrowest budget)" if mine is None else f"{mine:.2f} ({row['perplexity'] / mine - 1:+.1%})"
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc run's curve {curve}{versus}")
     return lines
