@@ -431,6 +431,10 @@ def verdict(rows: list[Row]) -> list[str]:
     return lines
 
 
+PLOT_TOP = 15
+"""The plot's top, in multiples of the reference perplexity."""
+
+
 def plot(records: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -445,12 +449,15 @@ def plot(records: list[dict], path: Path) -> None:
         for tool, rows in sorted(tools.items()):
             rows = sorted(rows, key=lambda r: r["bpw"])
             ax.plot([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=tool)
-        if "reference" in record:
-            ax.axhline(record["reference"]["perplexity"], color="gray", linestyle="--", linewidth=1, label="fp32 reference")
         ax.set_yscale("log")
+        if "reference" in record:
+            reference = record["reference"]["perplexity"]
+            ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="fp32 reference")
+            # the collapsed rows (HQQ at 2-3 bits: 1e2-1e8) would squeeze every usable row into the bottom tenth
+            ax.set_ylim(0.9 * reference, PLOT_TOP * reference)
         ax.set_xlabel("honest bits per weight (decoder linears)")
         ax.set_ylabel("perplexity (log)")
-        ax.set_title(record["model"])
+        ax.set_title(f"{record['model']} (rows above {PLOT_TOP:g}x the reference are off the chart)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
