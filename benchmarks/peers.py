@@ -369,8 +369,9 @@ def bitalloc_curve(rows: list[Row], bpw: float) -> float | None:
     """``bitalloc run``'s perplexity at ``bpw``: log-linear between its budgets, its widest budget's above them (it
     stores fewer bits there), None below its narrowest."""
     points = sorted((r["bpw"], r["perplexity"]) for r in rows if r["tool"] == "bitalloc")
-    if not points or bpw < points[0][0] - 1e-9:
+    if not points or bpw < points[0][0] - BPW_TOLERANCE:
         return None
+    bpw = max(bpw, points[0][0])
     if bpw >= points[-1][0]:
         return points[-1][1]
     for (b0, p0), (b1, p1) in zip(points, points[1:]):
@@ -431,6 +432,8 @@ def verdict(rows: list[Row]) -> list[str]:
     return lines
 
 
+BPW_TOLERANCE = 0.005
+"""A row this far below bitalloc's narrowest budget is still compared with it (a 2.499 bpw map against the 2.5 budget)."""
 PLOT_TOP = 15
 """The plot's top, in multiples of the reference perplexity."""
 
