@@ -57,7 +57,7 @@ from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS, run_job
 from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.option_weights import OptionWeights
 from allocator.measure.profile import cached_table_path, profile_model
-from allocator.model.corpus import load_corpus
+from allocator.model.corpus import Corpus, load_corpus
 from allocator.model.layers import quantizable_linears
 from allocator.model.loading import LoadedModel, load_model
 from allocator.model.tokens import calibration_samples
@@ -158,13 +158,32 @@ def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, bit_
         if name in done:
             continue
         chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits, recipe)
-        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
-        overlay, bpw = honest_overlay(loaded, quantized)
-        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
-        counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
-        save({"tool": "AutoScheme + AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl,
-              "quantize_seconds": seconds, "allocation_seconds": allocation,
+        row = autoround_by_layer_bits(loaded, windows, calibration, recipe, chosen)
+        counts = row.pop("layers_per_bits")
+        save({"tool": "AutoScheme + AutoRound", "variant": name, **row, "allocation_seconds": allocation,
               "settings": {**settings, "avg_bits": avg_bits, "options": peer_autoround.SCHEME_OPTIONS, "layers_per_bits": counts}})
+
+
+def autoround_by_layer_bits(loaded: LoadedModel, windows: torch.Tensor, calibration: torch.Tensor, recipe: str,
+                            chosen: Mapping[str, int]) -> Row:
+    """AutoRound tuning the model with each linear at ``chosen[name]`` bits (an allocation: AutoScheme's or bitalloc's),
+    measured: the row's bpw, perplexity, KL, quantize seconds and layers per bit width."""
+    quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
+    overlay, bpw = honest_overlay(loaded, quantized)
+    result = measure_overlays(loaded, windows, {"q": overlay})["q"]
+    return {"bpw": bpw, "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": seconds,
+            "layers_per_bits": {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}}
+
+
+def sequential_row(loaded: LoadedModel, windows: torch.Tensor, corpus: Corpus, assignment: Assignment) -> Row:
+    """``assignment`` quantized as ``bitalloc run`` quantizes a bit map (block by block on the quantized prefix, the
+    profile's calibration) and measured: the row's bpw, perplexity, KL and quantize seconds."""
+    settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)  # as bitalloc_rows' run_job
+    tick = time.perf_counter()
+    quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=False)
+    seconds = time.perf_counter() - tick
+    result = measure_overlays(loaded, windows, {"q": quantized.dequantized_weights()})["q"]
+    return {"bpw": quantized.bits_per_weight, "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": seconds}
 
 
 def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, budgets: list[float], done: Mapping[str, Row],
@@ -188,24 +207,15 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
         bitmap = solve(table, Budget.bpw(budget), solver="ilp")
         allocation = time.perf_counter() - tick
         if control not in done:  # the same map with bitalloc's own rounding, as bitalloc run quantizes
-            settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)
-            tick = time.perf_counter()
-            own = quantize_assignment(loaded, corpus, bitmap.assignment(), settings, progress=False)
-            seconds = time.perf_counter() - tick
-            result = measure_overlays(loaded, windows, {"q": own.dequantized_weights()})["q"]
-            save({"tool": "bitalloc map (GPTQ)", "variant": control, "bpw": own.bits_per_weight, "perplexity": result.perplexity,
-                  "kl": result.kl, "quantize_seconds": seconds, "allocation_seconds": allocation,
-                  "settings": {"budget": budget, "loss": table.default_loss, "options": table.labels,
-                               "how": "bitalloc run's quantization of the GPTQ-only map"}})
+            save({"tool": "bitalloc map (GPTQ)", "variant": control, **sequential_row(loaded, windows, corpus, bitmap.assignment()),
+                  "allocation_seconds": allocation, "settings": {"budget": budget, "loss": table.default_loss, "options": table.labels,
+                                                                 "how": "bitalloc run's quantization of the GPTQ-only map"}})
         if name in done:
             continue
         chosen = {module: int(entry.settings["bits"]) for module, entry in bitmap.modules.items()}
-        quantized, seconds = peer_autoround.quantize(loaded.model, calibration, recipe, layer_bits=chosen)
-        overlay, bpw = honest_overlay(loaded, quantized)
-        result = measure_overlays(loaded, windows, {"q": overlay})["q"]
-        counts = {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
-        save({"tool": "bitalloc map + AutoRound", "variant": name, "bpw": bpw, "perplexity": result.perplexity, "kl": result.kl,
-              "quantize_seconds": seconds, "allocation_seconds": allocation,
+        row = autoround_by_layer_bits(loaded, windows, calibration, recipe, chosen)
+        counts = row.pop("layers_per_bits")
+        save({"tool": "bitalloc map + AutoRound", "variant": name, **row, "allocation_seconds": allocation,
               "settings": {"recipe": recipe, **peer_autoround.RECIPES[recipe], "group_size": 128, "sym": True, "budget": budget,
                            "loss": table.default_loss, "options": table.labels, "layers_per_bits": counts}})
 
@@ -256,18 +266,12 @@ def bitalloc_sequential_rows(loaded: LoadedModel, windows: torch.Tensor, done: M
     block on the quantized prefix, the profile's calibration): bitalloc's quantizer beside AutoRound's, which also tunes
     each block on the quantized prefix's outputs."""
     corpus = load_corpus("enwiki")
-    settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)  # as bitalloc_rows' run_job
     linears = list(quantizable_linears(loaded.model))
     for option in parse_options(RUN_OPTIONS):
         name = f"bitalloc {option.label} uniform sequential"
         if option.settings["quantizer"] != "gptq" or name in done:
             continue
-        tick = time.perf_counter()
-        quantized = quantize_assignment(loaded, corpus, Assignment.uniform(linears, option.settings), settings, progress=False)
-        seconds = time.perf_counter() - tick
-        result = measure_overlays(loaded, windows, {"q": quantized.dequantized_weights()})["q"]
-        save({"tool": "bitalloc uniform sequential", "variant": name, "bpw": quantized.bits_per_weight, "perplexity": result.perplexity,
-              "kl": result.kl, "quantize_seconds": seconds,
+        save({"tool": "bitalloc uniform sequential", "variant": name, **sequential_row(loaded, windows, corpus, Assignment.uniform(linears, option.settings)),
               "settings": {**option.settings, "how": "bitalloc run's quantization: block by block on the quantized prefix"}})
 
 
