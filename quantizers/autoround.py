@@ -32,6 +32,7 @@ from torch import nn
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_count, checked_damping, checked_group_size
 from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
+from quantizers.gptq import damped_cholesky
 from quantizers.grid import GridSpec
 
 AUTOROUND_SAMPLES = 8
@@ -100,17 +101,8 @@ def _quiet() -> Iterator[None]:
 def hessian_inputs(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
     """Rows whose Gram matrix is ``H + damp_ratio * mean(diag H) * I`` (the transposed Cholesky factor), zero-padded to a
     multiple of :data:`AUTOROUND_SAMPLES` rows (a zero row adds nothing to the output error)."""
-    h = hessian.double()
-    columns = h.shape[0]
-    damp = damp_ratio * torch.diag(h).mean().clamp_min(1e-12)
-    for _ in range(8):  # as GPTQ does: raise the damping until the factorization exists
-        lower, info = torch.linalg.cholesky_ex(h + damp * torch.eye(columns, dtype=h.dtype))
-        if info.item() == 0:
-            break
-        damp = damp * 10
-    else:
-        raise ValueError("Hessian is not positive definite even with heavy damping")
-    rows = lower.T.float()
+    columns = hessian.shape[0]
+    rows = damped_cholesky(hessian, damp_ratio).T.float()  # damped as GPTQ damps
     padded = math.ceil(columns / AUTOROUND_SAMPLES) * AUTOROUND_SAMPLES
     return torch.cat([rows, rows.new_zeros(padded - columns, columns)]) if padded > columns else rows.contiguous()
 

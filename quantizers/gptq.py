@@ -19,8 +19,9 @@ from quantizers.formats import encode_uniform_grid, uniform_grid_storage_bits
 from quantizers.grid import CLIP_METHODS, GridSpec, fit_grid
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping if H is singular."""
+def damped_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """Lower Cholesky factor (float64) of H + damp * mean(diag H) * I, raising the damping tenfold (up to 8 times) while
+    H is singular."""
     h = hessian.double()
     mean_diag = torch.diag(h).mean().clamp_min(1e-12)
     damp = damp_ratio
@@ -32,12 +33,17 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info.item() == 0:
-            del h
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            return torch.linalg.cholesky(inverse, upper=True).float()
+            return lower
         damp *= 10
     raise ValueError("Hessian is not positive definite even with heavy damping")
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping if H is singular."""
+    lower = damped_cholesky(hessian, damp_ratio)
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    return torch.linalg.cholesky(inverse, upper=True).float()
 
 
 class GPTQQuantizer(Quantizer):
