@@ -72,7 +72,7 @@ HQQ_BITS = [2, 3, 4]
 HQQ_GROUPS = [64, 128]
 AUTOROUND_BITS = [2, 3, 4]
 SCHEME_BUDGETS = [2.5, 3.0, 3.5]
-TOOLS = ("llama.cpp", "hqq", "bitalloc", "autoround")
+TOOLS = ("llama.cpp", "hqq", "bitalloc", "autoround", "autoround-option")
 PEER_PACKAGES = ["hqq", "auto-round"]
 CALIBRATION_SAMPLES, CALIBRATION_SEQLEN = 64, 512
 """bitalloc's profile calibration (``bitalloc run``'s), handed to every peer that calibrates."""
@@ -240,6 +240,29 @@ def bitalloc_rows(loaded: LoadedModel, model: str, done: Mapping[str, Row], save
               "settings": {"options": RUN_OPTIONS, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss}})
 
 
+def bitalloc_autoround_option_rows(loaded: LoadedModel, model: str, recipe: str, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+    """``bitalloc run``'s job with the ``autoroundN`` options (issue 26 item 3: AutoRound's SignRound on one layer,
+    :mod:`quantizers.autoround`, at 2/3/4 bits and ``recipe``'s iterations) beside its ``main`` options: the profile,
+    the single-layer KL and the ILP may pick AutoRound for any layer; each row says how many layers it did."""
+    settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)
+    iters, lr = peer_autoround.RECIPES[recipe]["iters"], peer_autoround.RECIPES[recipe]["lr"]
+    specs = [*RUN_OPTIONS, *(f"autoround{bits}:iters={iters}" + ("" if lr is None else f",lr={lr}") for bits in AUTOROUND_BITS)]
+    corpus = load_corpus("enwiki")
+    for bpw in BITALLOC_BUDGETS:
+        name = f"bitalloc run + autoround option @{bpw:g} ({recipe})"
+        if name in done:
+            continue
+        result = run_job(loaded, corpus, parse_options(specs), Budget.bpw(bpw), "ilp", settings, None, kl_seqlen=RUN_KL_SEQLEN,
+                         progress=False, say=lambda _line: None)
+        row, table = result.rows[-1], result.table
+        allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
+        chosen = [entry.label for entry in result.bitmap.modules.values()]
+        save({"tool": "bitalloc + autoround option", "variant": name, "bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl,
+              "quantize_seconds": result.stage_seconds["quantize"], "allocation_seconds": allocation,
+              "settings": {"options": specs, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss,
+                           "layers_per_option": {label: chosen.count(label) for label in table.labels}}})
+
+
 def bitalloc_uniform_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
     """Each GPTQ option of ``bitalloc run`` on every linear, each layer quantized alone against the float model (the
     profile's kept weights, as HQQ's rows quantize each layer alone): bitalloc's quantizer beside a peer's at the
@@ -332,6 +355,8 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
     if "autoround" in tools:
         autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
         bitalloc_map_autoround_rows(loaded, windows, autoround_recipe, map_budgets, rows, save)
+    if "autoround-option" in tools:
+        bitalloc_autoround_option_rows(loaded, model, autoround_recipe, rows, save)
     write_json(path, record)
 
 
