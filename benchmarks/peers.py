@@ -458,6 +458,17 @@ def verdict(rows: list[Row]) -> list[str]:
                            f"(AutoRound's rounding {row['perplexity'] / control['perplexity'] - 1:+.1%})")
             curve = "not compared (below bitalloc run's narrowest budget)" if mine is None else f"{mine:.2f} ({row['perplexity'] / mine - 1:+.1%})"
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc run's curve {curve}{versus}")
+    with_option = sorted((r for r in rows if r["tool"] == "bitalloc + autoround option"), key=lambda r: r["bpw"])
+    if with_option:
+        lines += ["", "bitalloc run with AutoRound's per-layer quantizer as options beside its own (item 3: the allocation with it), "
+                  "against bitalloc run at the same budget:", ""]
+        runs = {round(r["bpw"], 2): r for r in rows if r["tool"] == "bitalloc"}
+        for row in with_option:
+            picked = {label: n for label, n in row["settings"]["layers_per_option"].items() if label.startswith("autoround") and n}
+            run = runs.get(round(row["bpw"], 2))
+            versus = "" if run is None else f"; bitalloc run {run['perplexity']:.2f} ({row['perplexity'] / run['perplexity'] - 1:+.1%})"
+            lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): AutoRound layers "
+                         f"{', '.join(f'{label} x {n}' for label, n in picked.items()) or 'none'}{versus}")
     return lines
 
 
