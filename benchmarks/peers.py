@@ -256,7 +256,7 @@ def bitalloc_autoround_option_rows(loaded: LoadedModel, model: str, recipe: str,
                          progress=False, say=lambda _line: None)
         row, table = result.rows[-1], result.table
         allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
-        chosen = [entry.label for entry in result.bitmap.modules.values()]
+        chosen = [entry.option for entry in result.bitmap.modules.values()]
         save({"tool": "bitalloc + autoround option", "variant": name, "bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl,
               "quantize_seconds": result.stage_seconds["quantize"], "allocation_seconds": allocation,
               "settings": {"options": specs, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss,
