@@ -178,10 +178,15 @@ def autoround_by_layer_bits(loaded: LoadedModel, windows: torch.Tensor, calibrat
             "layers_per_bits": {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}}
 
 
+def run_eval_settings(loaded: LoadedModel) -> EvalSettings:
+    """``bitalloc run``'s evaluation and quantization settings (block-wise, not true-sequential) on this model's tokens."""
+    return EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)
+
+
 def sequential_row(loaded: LoadedModel, windows: torch.Tensor, corpus: Corpus, assignment: Assignment) -> Row:
     """``assignment`` quantized as ``bitalloc run`` quantizes a bit map (block by block on the quantized prefix, the
     profile's calibration) and measured: the row's bpw, perplexity, KL and quantize seconds."""
-    settings = EvalSettings(tokens=SETTINGS[loaded.name]["tokens"], true_sequential=False)  # as bitalloc_rows' run_job
+    settings = run_eval_settings(loaded)
     tick = time.perf_counter()
     quantized = quantize_assignment(loaded, corpus, assignment, settings, progress=False)
     seconds = time.perf_counter() - tick
@@ -226,44 +231,41 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
 # ----------------------------------------------------------------------------- bitalloc
 
 
-def bitalloc_rows(loaded: LoadedModel, model: str, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+def bitalloc_rows(loaded: LoadedModel, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
     corpus = load_corpus("enwiki")
-    settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)
     for bpw in BITALLOC_BUDGETS:
         name = f"bitalloc run @{bpw:g}"
-        if name in done:
-            continue
-        result = run_job(loaded, corpus, parse_options(RUN_OPTIONS), Budget.bpw(bpw), "ilp", settings, None, kl_seqlen=RUN_KL_SEQLEN,
-                         progress=False, say=lambda _line: None)
-        row = result.rows[-1]
-        table = result.table
-        allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
-        save({"tool": "bitalloc", "variant": name, "bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl,
-              "quantize_seconds": result.stage_seconds["quantize"], "allocation_seconds": allocation,
-              "settings": {"options": RUN_OPTIONS, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss}})
+        if name not in done:
+            save({"tool": "bitalloc", "variant": name, **run_job_row(loaded, corpus, RUN_OPTIONS, bpw)})
 
 
-def bitalloc_autoround_option_rows(loaded: LoadedModel, model: str, recipe: str, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+def bitalloc_autoround_option_rows(loaded: LoadedModel, recipe: str, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
     """``bitalloc run``'s job with the ``autoroundN`` options (issue 26 item 3: AutoRound's SignRound on one layer,
     :mod:`quantizers.autoround`, at 2/3/4 bits and ``recipe``'s iterations) beside its ``main`` options: the profile,
     the single-layer KL and the ILP may pick AutoRound for any layer; each row says how many layers it did."""
-    settings = EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False)
     iters, lr = peer_autoround.RECIPES[recipe]["iters"], peer_autoround.RECIPES[recipe]["lr"]
     specs = [*RUN_OPTIONS, *(f"autoround{bits}:iters={iters}" + ("" if lr is None else f",lr={lr}") for bits in AUTOROUND_BITS)]
     corpus = load_corpus("enwiki")
     for bpw in BITALLOC_BUDGETS:
         name = f"bitalloc run + autoround option @{bpw:g} ({recipe})"
-        if name in done:
-            continue
-        result = run_job(loaded, corpus, parse_options(specs), Budget.bpw(bpw), "ilp", settings, None, kl_seqlen=RUN_KL_SEQLEN,
-                         progress=False, say=lambda _line: None)
-        row, table = result.rows[-1], result.table
-        allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
-        chosen = [entry.option for entry in result.bitmap.modules.values()]
-        save({"tool": "bitalloc + autoround option", "variant": name, "bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl,
-              "quantize_seconds": result.stage_seconds["quantize"], "allocation_seconds": allocation,
-              "settings": {"options": specs, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss,
-                           "layers_per_option": {label: chosen.count(label) for label in table.labels}}})
+        if name not in done:
+            save({"tool": "bitalloc + autoround option", "variant": name, **run_job_row(loaded, corpus, specs, bpw)})
+
+
+def run_job_row(loaded: LoadedModel, corpus: Corpus, specs: list[str], bpw: float) -> Row:
+    """``bitalloc run``'s job on ``specs`` at ``bpw`` (ILP, every option's single-layer KL, block-wise quantization) and
+    measured: the row's bpw, perplexity, KL, quantize and allocation seconds (profile + KL, from the cached table's
+    record), and its settings with the layers the map gave each option."""
+    settings = run_eval_settings(loaded)
+    result = run_job(loaded, corpus, parse_options(specs), Budget.bpw(bpw), "ilp", settings, None, kl_seqlen=RUN_KL_SEQLEN,
+                     progress=False, say=lambda _line: None)
+    row, table = result.rows[-1], result.table
+    allocation = float(table.metadata.get("seconds", 0.0)) + float(table.metadata.get("kl_measurement", {}).get("seconds", 0.0))
+    chosen = [entry.option for entry in result.bitmap.modules.values()]
+    return {"bpw": row.bpw, "perplexity": row.perplexity, "kl": row.kl, "quantize_seconds": result.stage_seconds["quantize"],
+            "allocation_seconds": allocation,
+            "settings": {"options": specs, "kl_seqlen": RUN_KL_SEQLEN, "solver": "ilp", "loss": table.default_loss,
+                         "layers_per_option": {label: chosen.count(label) for label in table.labels}}}
 
 
 def bitalloc_uniform_rows(loaded: LoadedModel, windows: torch.Tensor, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
@@ -352,14 +354,14 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
     if "hqq" in tools:
         hqq_rows(loaded, windows, rows, save)
     if "bitalloc" in tools:
-        bitalloc_rows(loaded, model, rows, save)
+        bitalloc_rows(loaded, rows, save)
         bitalloc_uniform_rows(loaded, windows, rows, save)
         bitalloc_sequential_rows(loaded, windows, rows, save)
     if "autoround" in tools:
         autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
         bitalloc_map_autoround_rows(loaded, windows, autoround_recipe, map_budgets, rows, save)
     if "autoround-option" in tools:
-        bitalloc_autoround_option_rows(loaded, model, autoround_recipe, rows, save)
+        bitalloc_autoround_option_rows(loaded, autoround_recipe, rows, save)
     write_json(path, record)
 
 
