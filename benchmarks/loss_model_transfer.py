@@ -14,10 +14,10 @@ weight chosen by leave-blocks-out cross-validation on the source alone) plus the
 the source's measured single-layer KL and applied to the target's features table. Two sets of inputs:
 
 - ``features``: the features pass's layer features (:mod:`allocator.measure.features`);
-- ``features + fisher``: those and ``log ½ Σ F ⊙ (W − Q)²`` of the anchor's calibration-free twin (RTN 3-bit), F the
-  diagonal Fisher of the mean per-token KL (:mod:`allocator.measure.fisher`, sampled labels) on
-  :data:`FISHER_WINDOWS` calibration windows: a gradient pass, no quantized forward. Its wall time is reported
-  beside the features pass's.
+- ``features + fisher W x T``: those and ``log ½ Σ F ⊙ (W − Q)²`` of the anchor's calibration-free twin (RTN 3-bit),
+  F the diagonal Fisher of the mean per-token KL (:mod:`allocator.measure.fisher`, sampled labels) on the first W
+  calibration windows cut to T tokens (:data:`FISHER_PASSES`): a gradient pass, no quantized forward. Its wall time is
+  reported beside the features pass's.
 
 Every allocation is the ILP (ties on, as everywhere) at each budget on the target's table carrying that loss,
 measured as policy_zeroshot.py's ``kept`` rows are (the profile's kept one-shot weights swapped into the float model,
@@ -59,7 +59,8 @@ from allocator.table.sensitivity import SensitivityTable
 
 OUT = RESULTS / "loss_model_transfer"
 ANCHOR = "gptq-w3g128-act-mse"
-FISHER_WINDOWS = 4
+FISHER_PASSES = ((4, 512), (4, 128))
+"""(windows, tokens per window) of each Fisher input tried."""
 RIDGE_WEIGHTS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 CV_FOLDS = 5
 RULES = ("flat", "ends_first", "module_kind")
@@ -73,15 +74,19 @@ def read(path: Path) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- inputs
 
 
-def fisher_anchor_error(loaded: LoadedModel, features: SensitivityTable, calibration_text: str) -> tuple[np.ndarray, float]:
+def fisher_path(model: str, windows: int, seqlen: int) -> Path:
+    return OUT / (f"fisher-{model}.json" if seqlen == FEATURE_PASS_SEQLEN else f"fisher-{model}-{windows}x{seqlen}.json")
+
+
+def fisher_anchor_error(loaded: LoadedModel, features: SensitivityTable, calibration_text: str, windows: int, seqlen: int) -> tuple[np.ndarray, float]:
     """Per layer ``½ Σ F ⊙ (W − Q)²`` of the anchor's twin (module doc), and the pass's wall seconds (cached)."""
-    path = OUT / f"fisher-{loaded.name}.json"
+    path = fisher_path(loaded.name, windows, seqlen)
     record = read(path)
-    if record and record.get("names") == features.names and record.get("windows") == FISHER_WINDOWS:
+    if record and record.get("names") == features.names and (record.get("windows"), record.get("seqlen")) == (windows, seqlen):
         return np.array(record["error"]), float(record["seconds"])
     start = time.perf_counter()
     key = features.key
-    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)[:FISHER_WINDOWS]
+    tokens = calibration_samples(loaded.tokenizer, calibration_text, key.samples, key.seqlen, loaded.add_bos, key.seed)[:windows, :seqlen]
     fisher = fisher_diagonals(loaded.model, tokens, [SAMPLED], progress=False)[SAMPLED]
     twin = quantizer_from_settings(cheap_twin_settings(features.options[features.option_index(ANCHOR)].settings))
     linears = quantizable_linears(loaded.model)
@@ -90,7 +95,7 @@ def fisher_anchor_error(loaded: LoadedModel, features: SensitivityTable, calibra
         weight = linears[name].weight.detach().float()
         error.append(0.5 * float((fisher.diagonal[name].float() * (weight - twin.quantize(weight, None).dequantized.float()).square()).sum()))
     seconds = time.perf_counter() - start
-    write_json(path, {"provenance": provenance(), "names": features.names, "windows": FISHER_WINDOWS, "seqlen": FEATURE_PASS_SEQLEN,
+    write_json(path, {"provenance": provenance(), "names": features.names, "windows": windows, "seqlen": seqlen,
                       "seconds": seconds, "error": error})
     return np.array(error), seconds
 
@@ -171,11 +176,11 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
     level_target = log_kl(source_measured)[:, source_measured.option_index(ANCHOR)]
     loss_tables: dict[str, SensitivityTable] = {}
     fits: dict[str, Any] = {"source": source, "offsets": dict(zip(measured.labels, map(float, offsets), strict=True))}
-    for name, use_fisher in (("features", False), ("features + fisher", True)):
-        x_source = level_inputs(source_features, fisher[source] if use_fisher else None)
+    for name, fisher_pass in (("features", None), *((f"features + fisher {w} x {t}", (w, t)) for w, t in FISHER_PASSES)):
+        x_source = level_inputs(source_features, fisher[source][fisher_pass] if fisher_pass else None)
         weight, cv_errors = choose_ridge_weight(x_source, level_target, blocks_of(source_features))
         model = Ridge.fit(x_source, level_target, weight)
-        predicted = model.predict(level_inputs(features, fisher[target] if use_fisher else None))
+        predicted = model.predict(level_inputs(features, fisher[target][fisher_pass] if fisher_pass else None))
         truth = log_kl(measured)[:, anchor]
         fits[name] = {"ridge_weight": weight, "cv_mse": cv_errors, "pearson_with_measured_level": float(np.corrcoef(predicted, truth)[0, 1])}
         loss_tables[f"loss model ({name}, from {source})"] = with_loss(features, predicted, offsets)
@@ -227,17 +232,20 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
               "| model | features pass | Fisher pass (anchor twin error) | full profile | + single-layer KL | (features + Fisher) / profile |",
               "|---|---|---|---|---|---|"]
     for model, cost in costs.items():
-        lines.append(f"| {model} | {cost['features']:.1f} s | {cost['fisher']:.1f} s ({FISHER_WINDOWS} windows) | {cost['profile']:.1f} s | "
-                     f"{cost['kl']:.1f} s | {(cost['features'] + cost['fisher']) / cost['profile']:.0%} |")
+        for (windows, seqlen), fisher_seconds in cost["fisher"].items():
+            lines.append(f"| {model} | {cost['features']:.1f} s | {fisher_seconds:.1f} s ({windows} x {seqlen} tokens) | {cost['profile']:.1f} s | "
+                         f"{cost['kl']:.1f} s | {(cost['features'] + fisher_seconds) / cost['profile']:.0%} |")
     lines += ["", "Features pass, profile and KL times from results/policy_zeroshot/tables.json (each measured alone on the machine); "
               "the Fisher pass from this run's record.", ""]
     for model, record in records.items():
         provenance_block = record["provenance"]
-        lines += [f"## {model}", "", provenance_block, "",
+        resumed = [f"- resumed: {p.split('commit: ')[1].splitlines()[0]}" for p in record.get("resumed", []) if "commit: " in p]
+        lines += [f"## {model}", "", provenance_block, *resumed, "",
                   f"Evaluation: {EVAL_TOKENS[model]} tokens, reference ppl {record.get('reference_perplexity', float('nan')):.3f}; "
                   f"loss models fitted on {record['fits']['source']}:", ""]
-        for name in ("features", "features + fisher"):
-            fit = record["fits"][name]
+        for name, fit in record["fits"].items():
+            if name in ("source", "offsets"):
+                continue
             lines.append(f"- {name}: ridge weight {fit['ridge_weight']:g} (chosen on the source by leave-blocks-out CV); "
                          f"Pearson of the predicted level with the target's measured log KL at {ANCHOR}: {fit['pearson_with_measured_level']:.3f}")
         lines += ["", "| budget | allocation | bpw | ppl | KL | ppl vs measured-KL ILP |", "|---|---|---|---|---|---|"]
@@ -306,24 +314,27 @@ def main() -> None:
             measured = add_kl_losses(loaded, measured, cached_table_path(measured), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
             features = features_table(loaded, corpus, measured.options, progress=False)
             tables[model] = (measured, features)
-            fisher[model], _ = fisher_anchor_error(loaded, features, corpus.calibration)
+            fisher[model] = {(w, t): fisher_anchor_error(loaded, features, corpus.calibration, w, t)[0] for w, t in FISHER_PASSES}
             del loaded
         for target in MODELS:
             path = OUT / f"{target}.json"
             rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle)
             record = read(path)
-            if not record or record.get("rows") != rows:
-                record = {"provenance": provenance(), "rows": rows, "fits": fits, "measured": (record or {}).get("measured", {})}
-                write_json(path, record)
+            if not record:
+                record = {"provenance": provenance(), "rows": rows, "fits": fits, "measured": {}}
+            elif record.get("rows") != rows:  # new rows: keep what was measured (keyed by allocation) and say when it changed
+                record.update(rows=rows, fits=fits, resumed=[*record.get("resumed", []), provenance()])
+            write_json(path, record)
             measure(target, tables[target][0], rows, record, path)
     for model in MODELS:
         record = read(OUT / f"{model}.json")
-        fisher_record = read(OUT / f"fisher-{model}.json")
-        if record is None or fisher_record is None:
+        fisher_records = {(w, t): read(fisher_path(model, w, t)) for w, t in FISHER_PASSES}
+        if record is None:
             continue
         records[model] = record
         entry = costs_record["models"].get(model, {})
-        costs[model] = {"features": entry.get("features_pass_seconds", float("nan")), "fisher": fisher_record["seconds"],
+        fisher_seconds = {k: float(v["seconds"]) for k, v in fisher_records.items() if v is not None}
+        costs[model] = {"features": entry.get("features_pass_seconds", float("nan")), "fisher": fisher_seconds,
                         "profile": entry.get("profile_seconds", float("nan")), "kl": entry.get("kl_seconds", float("nan"))}
     (RESULTS / "loss_model_transfer.md").write_text(report(records, costs))
     print(RESULTS / "loss_model_transfer.md")
