@@ -56,6 +56,10 @@ from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
 from allocator.table.options import parse_options, quantizer_from_settings
 from allocator.table.sensitivity import SensitivityTable
+from policies.apply import apply_policy
+from policies.artifact import load_policy
+from policies.best_checkpoint import BEST_FILE
+from policies.sac import POLICY_FILE, TrainConfig, train
 
 OUT = RESULTS / "loss_model_transfer"
 ANCHOR = "gptq-w3g128-act-mse"
@@ -63,6 +67,9 @@ FISHER_PASSES = ((4, 512), (4, 128))
 """(windows, tokens per window) of each Fisher input tried."""
 RIDGE_WEIGHTS = (0.1, 1.0, 10.0, 100.0, 1000.0)
 CV_FOLDS = 5
+POLICY_FISHER = (4, 128)
+POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
+"""The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
 LEARNED = "learned"
 
@@ -167,7 +174,47 @@ def blocks_of(features: SensitivityTable) -> np.ndarray:
 # ----------------------------------------------------------------------------- allocations and measurement
 
 
-def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable, inputs: np.ndarray) -> np.ndarray:
+    """A model's own levels, each block's predicted by the ridge fitted on the other folds' blocks (as a new model's
+    would be: never from its own measurement), the weight chosen as :func:`choose_ridge_weight` chooses it."""
+    level = log_kl(measured)[:, measured.option_index(ANCHOR)]
+    blocks = blocks_of(features)
+    weight, _ = choose_ridge_weight(inputs, level, blocks)
+    predicted = np.zeros_like(level)
+    for fold in range(CV_FOLDS):
+        held = blocks % CV_FOLDS == fold
+        predicted[held] = Ridge.fit(inputs[~held], level[~held], weight).predict(inputs[held])
+    return predicted
+
+
+def policy_dir(source: str, seed: int, timesteps: int) -> Path:
+    windows, seqlen = POLICY_FISHER
+    return OUT / "runs" / f"{source}-fisher{windows}x{seqlen}-seed{seed}-{timesteps}"
+
+
+def train_policies(tables: dict, fisher: dict, seeds: list[int], timesteps: int) -> dict[str, list[tuple[int, Path]]]:
+    """Per source model, SAC policies (one per seed) that observe and price on the learned loss: on the source's features
+    table carrying its cross-fitted levels (:func:`cross_fitted_level`) and its own option offsets, rewarded on its
+    measured KL (policy_zeroshot.py's recipe otherwise). Returns each run's best checkpoint."""
+    out: dict[str, list[tuple[int, Path]]] = {}
+    for source, (measured, features) in tables.items():
+        inputs = level_inputs(features, fisher[source][POLICY_FISHER])
+        observed = with_loss(features, cross_fitted_level(measured, features, inputs), option_offsets(measured))
+        out[source] = []
+        for seed in seeds:
+            directory = policy_dir(source, seed, timesteps)
+            if not ((directory / POLICY_FILE).is_file() and (directory / BEST_FILE).is_file()):
+                start = time.perf_counter()
+                config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=LEARNED))
+                train([observed], directory, config, resume=directory.exists(), progress=False, reward_tables=[measured], reward_loss="kl")
+                write_json(directory / "wall.json", {"seconds": time.perf_counter() - start, "provenance": provenance()})
+                print(f"trained on {source} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+            out[source].append((seed, directory / BEST_FILE))
+    return out
+
+
+def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: bool,
+         policies: dict[str, list[tuple[int, Path]]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     measured, features = tables[target]
     source = next(m for m in tables if m != target)
     source_measured, source_features = tables[source]
@@ -199,6 +246,10 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
             add(f"ilp {rule}", bpw, solve(features, budget, Constraints(loss=rule)).options())
         for kind, table in loss_tables.items():
             add(kind, bpw, solve(table, budget, Constraints(loss=LEARNED)).options())
+        for seed, path in policies.get(source, []):
+            table = loss_tables[f"loss model ({POLICY_INPUT}, from {source})"]
+            add(f"policy on the loss model ({POLICY_INPUT}, from {source}, seed {seed})", bpw,
+                apply_policy(load_policy(path), table, budget, Constraints(loss=LEARNED)).options())
     return rows, fits
 
 
@@ -290,6 +341,12 @@ def verdicts(record: dict[str, Any]) -> list[str]:
             if kind.startswith("loss model"):
                 beats = "beats" if m["perplexity"] < rules[best_rule] else "does not beat"
                 parts.append(f"{kind}: {m['perplexity'] / ilp - 1:+.1%} ({beats} the best rule, {best_rule} {rules[best_rule] / ilp - 1:+.1%})")
+        policy = sorted(m["perplexity"] for kind, m in rows.items() if kind.startswith("policy on the loss model"))
+        if policy:
+            median = policy[len(policy) // 2]
+            beats = "beats" if median < rules[best_rule] else "does not beat"
+            parts.append(f"policies on it (median of {len(policy)} seeds, range {policy[0]:.2f}-{policy[-1]:.2f}): {median / ilp - 1:+.1%} "
+                         f"({beats} the best rule)")
         out.append(f"- {budget:g} bpw: " + "; ".join(parts))
     return out
 
@@ -298,6 +355,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--budgets", default="2.5,3,3.5")
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle-level rows")
+    parser.add_argument("--policies", action="store_true", help="also train SAC policies on the loss model and apply them zero-shot")
+    parser.add_argument("--seeds", default="0,1,2", help="policy seeds (with --policies)")
+    parser.add_argument("--timesteps", type=int, default=20000, help="policy training steps (with --policies)")
     parser.add_argument("--report", action="store_true", help="only rewrite loss_model_transfer.md from the records")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -316,9 +376,11 @@ def main() -> None:
             tables[model] = (measured, features)
             fisher[model] = {(w, t): fisher_anchor_error(loaded, features, corpus.calibration, w, t)[0] for w, t in FISHER_PASSES}
             del loaded
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+        policies = train_policies(tables, fisher, seeds, args.timesteps) if args.policies else {}
         for target in MODELS:
             path = OUT / f"{target}.json"
-            rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle)
+            rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle, policies)
             record = read(path)
             if not record:
                 record = {"provenance": provenance(), "rows": rows, "fits": fits, "measured": {}}
