@@ -59,19 +59,29 @@ from allocator.table.sensitivity import SensitivityTable
 from policies.apply import apply_policy
 from policies.artifact import load_policy
 from policies.best_checkpoint import BEST_FILE
+from policies.loss_model import (
+    CV_FOLDS,
+    FISHER_INPUT,
+    FISHER_TWIN_LOSS,
+    LEARNED_LOSS,
+    Ridge,
+    anchor_level,
+    block_index,
+    fit_loss_model,
+    level_inputs,
+    option_offsets,
+    with_learned_loss,
+)
 from policies.sac import POLICY_FILE, TrainConfig, train
 
 OUT = RESULTS / "loss_model_transfer"
 ANCHOR = "gptq-w3g128-act-mse"
 FISHER_PASSES = ((4, 512), (4, 128))
 """(windows, tokens per window) of each Fisher input tried."""
-RIDGE_WEIGHTS = (0.1, 1.0, 10.0, 100.0, 1000.0)
-CV_FOLDS = 5
 POLICY_FISHER = (4, 128)
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
-LEARNED = "learned"
 
 
 def read(path: Path) -> dict[str, Any] | None:
@@ -107,84 +117,37 @@ def fisher_anchor_error(loaded: LoadedModel, features: SensitivityTable, calibra
     return np.array(error), seconds
 
 
-def level_inputs(features: SensitivityTable, fisher_error: np.ndarray | None) -> np.ndarray:
-    """L x K inputs of the level regression (the log Fisher error centered within the model, as the target is)."""
-    columns = [np.nan_to_num(np.asarray(features.features, dtype=np.float64))]
-    if fisher_error is not None:
-        logged = np.log(np.maximum(fisher_error, 1e-30))
-        columns.append((logged - logged.mean())[:, None])
-    return np.concatenate(columns, axis=1)
+def with_fisher(features: SensitivityTable, anchor_error: np.ndarray | None) -> SensitivityTable:
+    """``features`` carrying the anchor's Fisher twin error as the loss the loss model reads (NaN at the other options,
+    which this benchmark does not price)."""
+    if anchor_error is None:
+        return features
+    loss = np.full(features.bits.shape, np.nan)
+    loss[:, features.option_index(ANCHOR)] = anchor_error
+    return dataclasses.replace(features, losses={**features.losses, FISHER_TWIN_LOSS: loss})
 
 
-def log_kl(measured: SensitivityTable) -> np.ndarray:
-    return np.log(np.maximum(measured.losses["kl"], 1e-8))
+def priced(features: SensitivityTable, level: np.ndarray, offsets: np.ndarray) -> SensitivityTable:
+    """``features`` with ``exp(level + offset)`` as the learned loss (for the oracle and the cross-fitted levels)."""
+    loss = np.where(features.bits >= 0, np.exp(level[:, None] + offsets[None, :]), np.nan)
+    return dataclasses.replace(features, losses={LEARNED_LOSS: loss, **features.losses})
 
 
-# ----------------------------------------------------------------------------- the loss model
-
-
-@dataclasses.dataclass(frozen=True)
-class Ridge:
-    mean: np.ndarray
-    scale: np.ndarray
-    coef: np.ndarray
-    intercept: float
-
-    @classmethod
-    def fit(cls, inputs: np.ndarray, target: np.ndarray, weight: float) -> Ridge:
-        mean, scale = inputs.mean(axis=0), inputs.std(axis=0)
-        scale = np.where(scale > 1e-9, scale, 1.0)
-        z = (inputs - mean) / scale
-        coef = np.linalg.solve(z.T @ z + weight * np.eye(z.shape[1]), z.T @ (target - target.mean()))
-        return cls(mean, scale, coef, float(target.mean()))
-
-    def predict(self, inputs: np.ndarray) -> np.ndarray:
-        return ((inputs - self.mean) / self.scale) @ self.coef + self.intercept
-
-
-def choose_ridge_weight(inputs: np.ndarray, target: np.ndarray, blocks: np.ndarray) -> tuple[float, dict[str, float]]:
-    """The weight of :data:`RIDGE_WEIGHTS` with the least squared error when whole blocks are held out (source only)."""
-    errors = {}
-    for weight in RIDGE_WEIGHTS:
-        residual = np.zeros_like(target)
-        for fold in range(CV_FOLDS):
-            held = blocks % CV_FOLDS == fold
-            residual[held] = target[held] - Ridge.fit(inputs[~held], target[~held], weight).predict(inputs[held])
-        errors[str(weight)] = float(np.mean(residual**2))
-    return float(min(RIDGE_WEIGHTS, key=lambda w: errors[str(w)])), errors
-
-
-def option_offsets(measured: SensitivityTable) -> np.ndarray:
-    """Per option, the mean over layers of ``log kl[l, o] - log kl[l, anchor]`` (NaN where no layer has it)."""
-    logged = log_kl(measured)
-    return np.nanmean(logged - logged[:, [measured.option_index(ANCHOR)]], axis=0)
-
-
-def with_loss(features: SensitivityTable, level: np.ndarray, offsets: np.ndarray) -> SensitivityTable:
-    loss = np.exp(level[:, None] + offsets[None, :])
-    loss = np.where(features.bits >= 0, loss, np.nan)
-    return dataclasses.replace(features, losses={LEARNED: loss, **features.losses})
-
-
-def blocks_of(features: SensitivityTable) -> np.ndarray:
-    depth = features.features[:, features.feature_names.index("relative_depth")]
-    return np.unique(np.round(depth, 6), return_inverse=True)[1]
+def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable) -> np.ndarray:
+    """A model's own levels, each block's predicted by the ridge fitted on the other folds' blocks (as a new model's
+    would be: never from its own measurement), with the weight :func:`fit_loss_model` would choose on it."""
+    inputs = level_inputs(features, (*features.feature_names, FISHER_INPUT), ANCHOR)
+    level = anchor_level(measured, ANCHOR)
+    weight = fit_loss_model([(measured, features)], use_fisher=True, anchor=ANCHOR).ridge_weight
+    fold_of = np.unique(block_index(features.names), return_inverse=True)[1] % CV_FOLDS
+    predicted = np.zeros_like(level)
+    for fold in np.unique(fold_of):
+        held = fold_of == fold
+        predicted[held] = Ridge.fit(inputs[~held], level[~held], weight).predict(inputs[held])
+    return predicted
 
 
 # ----------------------------------------------------------------------------- allocations and measurement
-
-
-def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable, inputs: np.ndarray) -> np.ndarray:
-    """A model's own levels, each block's predicted by the ridge fitted on the other folds' blocks (as a new model's
-    would be: never from its own measurement), the weight chosen as :func:`choose_ridge_weight` chooses it."""
-    level = log_kl(measured)[:, measured.option_index(ANCHOR)]
-    blocks = blocks_of(features)
-    weight, _ = choose_ridge_weight(inputs, level, blocks)
-    predicted = np.zeros_like(level)
-    for fold in range(CV_FOLDS):
-        held = blocks % CV_FOLDS == fold
-        predicted[held] = Ridge.fit(inputs[~held], level[~held], weight).predict(inputs[held])
-    return predicted
 
 
 def policy_dir(source: str, seed: int, timesteps: int) -> Path:
@@ -198,14 +161,14 @@ def train_policies(tables: dict, fisher: dict, seeds: list[int], timesteps: int)
     measured KL (policy_zeroshot.py's recipe otherwise). Returns each run's best checkpoint."""
     out: dict[str, list[tuple[int, Path]]] = {}
     for source, (measured, features) in tables.items():
-        inputs = level_inputs(features, fisher[source][POLICY_FISHER])
-        observed = with_loss(features, cross_fitted_level(measured, features, inputs), option_offsets(measured))
+        with_input = with_fisher(features, fisher[source][POLICY_FISHER])
+        observed = priced(features, cross_fitted_level(measured, with_input), option_offsets(measured, ANCHOR))
         out[source] = []
         for seed in seeds:
             directory = policy_dir(source, seed, timesteps)
             if not ((directory / POLICY_FILE).is_file() and (directory / BEST_FILE).is_file()):
                 start = time.perf_counter()
-                config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=LEARNED))
+                config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=LEARNED_LOSS))
                 train([observed], directory, config, resume=directory.exists(), progress=False, reward_tables=[measured], reward_loss="kl")
                 write_json(directory / "wall.json", {"seconds": time.perf_counter() - start, "provenance": provenance()})
                 print(f"trained on {source} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -219,20 +182,20 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
     source = next(m for m in tables if m != target)
     source_measured, source_features = tables[source]
     anchor = measured.option_index(ANCHOR)
-    offsets = option_offsets(source_measured)
-    level_target = log_kl(source_measured)[:, source_measured.option_index(ANCHOR)]
+    offsets = option_offsets(source_measured, ANCHOR)
+    truth = anchor_level(measured, ANCHOR)
     loss_tables: dict[str, SensitivityTable] = {}
     fits: dict[str, Any] = {"source": source, "offsets": dict(zip(measured.labels, map(float, offsets), strict=True))}
     for name, fisher_pass in (("features", None), *((f"features + fisher {w} x {t}", (w, t)) for w, t in FISHER_PASSES)):
-        x_source = level_inputs(source_features, fisher[source][fisher_pass] if fisher_pass else None)
-        weight, cv_errors = choose_ridge_weight(x_source, level_target, blocks_of(source_features))
-        model = Ridge.fit(x_source, level_target, weight)
-        predicted = model.predict(level_inputs(features, fisher[target][fisher_pass] if fisher_pass else None))
-        truth = log_kl(measured)[:, anchor]
-        fits[name] = {"ridge_weight": weight, "cv_mse": cv_errors, "pearson_with_measured_level": float(np.corrcoef(predicted, truth)[0, 1])}
-        loss_tables[f"loss model ({name}, from {source})"] = with_loss(features, predicted, offsets)
+        model = fit_loss_model([(source_measured, with_fisher(source_features, fisher[source][fisher_pass] if fisher_pass else None))],
+                               use_fisher=fisher_pass is not None, anchor=ANCHOR)
+        table = with_learned_loss(with_fisher(features, fisher[target][fisher_pass] if fisher_pass else None), model)
+        predicted = np.log(table.losses[LEARNED_LOSS][:, anchor])
+        fits[name] = {"ridge_weight": model.ridge_weight, "cv_mse": dict(model.cv_errors),
+                      "pearson_with_measured_level": float(np.corrcoef(predicted, truth)[0, 1])}
+        loss_tables[f"loss model ({name}, from {source})"] = table
     if oracle:
-        loss_tables[f"oracle level + offsets from {source}"] = with_loss(features, log_kl(measured)[:, anchor], offsets)
+        loss_tables[f"oracle level + offsets from {source}"] = priced(features, truth, offsets)
     rows = []
 
     def add(kind: str, bpw: float, options: dict[str, str]) -> None:
@@ -245,11 +208,11 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
         for rule in RULES:
             add(f"ilp {rule}", bpw, solve(features, budget, Constraints(loss=rule)).options())
         for kind, table in loss_tables.items():
-            add(kind, bpw, solve(table, budget, Constraints(loss=LEARNED)).options())
+            add(kind, bpw, solve(table, budget, Constraints(loss=LEARNED_LOSS)).options())
         for seed, path in policies.get(source, []):
             table = loss_tables[f"loss model ({POLICY_INPUT}, from {source})"]
             add(f"policy on the loss model ({POLICY_INPUT}, from {source}, seed {seed})", bpw,
-                apply_policy(load_policy(path), table, budget, Constraints(loss=LEARNED)).options())
+                apply_policy(load_policy(path), table, budget, Constraints(loss=LEARNED_LOSS)).options())
     return rows, fits
 
 
