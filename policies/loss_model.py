@@ -34,13 +34,13 @@ import numpy as np
 
 from allocator.errors import BitallocError
 from allocator.storage import read_json, write_json
-from allocator.table.losses import KL
+from allocator.table.losses import FISHER_TWIN, KL
 from allocator.table.sensitivity import SensitivityTable
 
 LOSS_MODEL_VERSION = "bitalloc-loss-model-v1"
 LEARNED_LOSS = "learned_kl"
 """The loss :func:`with_learned_loss` adds: predicted single-layer KL."""
-FISHER_TWIN_LOSS = "fisher_twin"
+FISHER_TWIN_LOSS = FISHER_TWIN
 """The features-table loss the Fisher input is read from (at the anchor option)."""
 FISHER_INPUT = "log_fisher_anchor_error"
 DEFAULT_ANCHOR = "gptq-w3g128-act-mse"

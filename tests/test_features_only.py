@@ -147,3 +147,31 @@ def test_cli_features_then_solve_with_a_features_only_policy(tiny_model_dir, tex
     code, _, err = run(capsys, "run", "--policy", str(out / "policy.zip"), "--model", str(tiny_model_dir), "--bpw", "3", "--kl-seqlen", "16",
                        "--ray", *profile, *common)
     assert_one_line_error(code, err, "is a features-only policy: it reads the features pass alone (no profile, no KL), so --ray, --kl-seqlen")
+
+
+def test_features_pass_with_a_fisher_input_prices_every_twin(loaded, corpus, features) -> None:
+    from allocator.table.losses import FISHER_TWIN
+
+    with_fisher = features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False,
+                                 fisher_windows=2, fisher_seqlen=16)
+    fisher = with_fisher.losses[FISHER_TWIN]
+    assert fisher.shape == features.losses[CHEAP_LOSS].shape and np.isfinite(fisher).all() and (fisher >= 0).all()
+    two, four = with_fisher.option_index("gptq-w2g16"), with_fisher.option_index("gptq-w4g16")
+    assert (fisher[:, four] <= fisher[:, two]).all() and (fisher[:, two] > 0).any()
+    assert with_fisher.metadata[FEATURES_PASS_KEY]["fisher"]["windows"] == 2
+    assert np.array_equal(with_fisher.features, features.features)  # the input adds a loss, never changes a feature
+    assert with_fisher.key.code_version != features.key.code_version  # a cache of its own
+    with pytest.raises(BitallocError, match="Fisher input"):
+        features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False, fisher_windows=3)
+
+
+def test_loss_model_fitted_on_a_features_table_with_fisher_prices_it(loaded, corpus) -> None:
+    from policies.loss_model import LEARNED_LOSS, fit_loss_model, with_learned_loss
+
+    table = features_table(loaded, corpus, parse_options(OPTIONS), samples=2, seqlen=32, cache=False, progress=False,
+                           fisher_windows=2, fisher_seqlen=16)
+    model = fit_loss_model([(measured_twin(table), table)], use_fisher=True, anchor="gptq-w2g16")
+    priced = with_learned_loss(table, model)
+    assert priced.default_loss == LEARNED_LOSS and np.isfinite(priced.losses[LEARNED_LOSS]).all()
+    bitmap = solve(priced, Budget.bpw(2.5), Constraints(loss=LEARNED_LOSS))
+    assert bitmap.total_bits <= Budget.bpw(2.5).max_bits(priced.total_numel)

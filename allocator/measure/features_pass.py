@@ -13,6 +13,10 @@ quantized layer:
   the layer would make if its input channels were uncorrelated (a diagonal-Hessian error, one pass over the weight:
   the full ``tr(E H E^T)`` costs a matrix product per option), and ``weight_err`` = ``||W - Q||_F^2``;
 - the prior losses (:mod:`allocator.table.prior_losses`), which need nothing measured;
+- with ``fisher_windows > 0``, :data:`~allocator.table.losses.FISHER_TWIN`: ``½ Σ F ⊙ (W − Q)²`` of each twin, F the
+  diagonal Fisher of the mean per-token KL (:mod:`allocator.measure.fisher`, labels sampled from the model) on the
+  first ``fisher_windows`` calibration windows cut to ``fisher_seqlen`` tokens: one forward and backward per window
+  of the whole model, still no quantized forward (what a loss model reads, :mod:`policies.loss_model`);
 - each option's exact stored bits (each twin stores exactly what its option stores, which is checked).
 
 The result is a :class:`SensitivityTable` marked ``features_only`` (its metadata holds ``features_pass``: the
@@ -37,6 +41,8 @@ from transformers import PreTrainedModel
 from allocator.errors import BitallocError
 from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
 from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
+from allocator.measure.fisher import fisher_diagonals
+from allocator.measure.fisher_gradients import SAMPLED
 from allocator.measure.profile import CODE_VERSION, cached_table, collect_and_run, layer_inputs, model_fingerprint, profile_cache_id
 from allocator.model.arch import tie_groups
 from allocator.model.calibration import capture_block_inputs
@@ -46,7 +52,7 @@ from allocator.model.loading import LoadedModel
 from allocator.model.placement import CPU, working_block
 from allocator.model.tokens import calibration_samples
 from allocator.storage import cache_dir
-from allocator.table.losses import WEIGHT_ERR
+from allocator.table.losses import FISHER_TWIN, WEIGHT_ERR
 from allocator.table.options import Option, quantizer_from_settings
 from allocator.table.prior_losses import prior_losses
 from allocator.table.sensitivity import FEATURES_PASS_KEY, SensitivityTable, TableKey
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 FEATURE_PASS_SAMPLES = 8
 """Calibration windows of the features pass (the full profile takes 64)."""
 FEATURE_PASS_SEQLEN = 512
+FISHER_TWIN_SEQLEN = 128
+"""Tokens per window of the Fisher input (4 x 128 predicts layer levels as well as 4 x 512 at a fraction of the
+cost on both real models: results/loss_model_transfer.md)."""
 FEATURES_PASS_VERSION = "features-pass-v1"
 """Enters the table key's code version; bump it when the pass computes anything differently."""
 TWIN_EM_ITERATIONS = 4
@@ -94,9 +103,12 @@ def features_table(
     cache: bool = True,
     progress: bool = True,
     device: torch.device = CPU,
+    fisher_windows: int = 0,
+    fisher_seqlen: int = FISHER_TWIN_SEQLEN,
 ) -> SensitivityTable:
     """The features table of ``loaded`` for ``options`` (module doc), from the cache when it was made before with
-    the same settings; ``metadata["features_pass"]["seconds"]`` is the pass's wall time when it was computed."""
+    the same settings; ``metadata["features_pass"]["seconds"]`` is the pass's wall time when it was computed (the
+    Fisher input's share under ``["fisher"]["seconds"]``)."""
     start = time.perf_counter()
     options = list(options)
     if not options:
@@ -105,8 +117,11 @@ def features_table(
     names = list(quantizable_linears(model))
     if not names:
         raise BitallocError(f"{loaded.name} has no linear layers in its decoder blocks")
-    key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=f"{CODE_VERSION}+{FEATURES_PASS_VERSION}",
-                   seed=seed)
+    if not 0 <= fisher_windows <= samples or (fisher_windows and not 2 <= fisher_seqlen <= seqlen):
+        raise BitallocError(f"the Fisher input takes 0 to {samples} of the pass's windows of 2 to {seqlen} tokens, "
+                            f"got {fisher_windows} x {fisher_seqlen}")
+    version = f"{CODE_VERSION}+{FEATURES_PASS_VERSION}" + (f"+fisher{fisher_windows}x{fisher_seqlen}" if fisher_windows else "")
+    key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=version, seed=seed)
     fingerprint = model_fingerprint(model)
     cache_id = profile_cache_id(key, options, fingerprint, False, 0)
     path = _cache_path(loaded.name, cache_id)
@@ -117,7 +132,12 @@ def features_table(
         return with_rules(cached)
     tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
     twins = [(quantizer_from_settings(o.settings), quantizer_from_settings(cheap_twin_settings(o.settings))) for o in options]
-    rows = _measure_layers(model, tokens, twins, progress, device)
+    fisher, fisher_seconds = None, 0.0
+    if fisher_windows:
+        fisher_start = time.perf_counter()
+        fisher = fisher_diagonals(model, tokens[:fisher_windows, :fisher_seqlen], [SAMPLED], seed, progress=progress)[SAMPLED].diagonal
+        fisher_seconds = time.perf_counter() - fisher_start
+    rows = _measure_layers(model, tokens, twins, progress, device, fisher)
     total_numel = sum(rows[n][0].numel for n in names)
     seconds = time.perf_counter() - start
     metadata = {
@@ -129,7 +149,8 @@ def features_table(
         "losses": dict(LOSS_DESCRIPTIONS),
         "seconds": seconds,
         FEATURES_PASS_KEY: {"version": FEATURES_PASS_VERSION, "samples": samples, "seqlen": seqlen, "seconds": seconds,
-                            "twins": [cheap_twin_settings(o.settings) for o in options]},
+                            "twins": [cheap_twin_settings(o.settings) for o in options],
+                            **({"fisher": {"windows": fisher_windows, "seqlen": fisher_seqlen, "seconds": fisher_seconds}} if fisher_windows else {})},
     }
     measurements = [rows[n][0] for n in names]
     table = SensitivityTable(
@@ -138,7 +159,8 @@ def features_table(
         tie_group=tie_groups(names),
         options=options,
         bits=np.array([rows[n][1] for n in names], dtype=np.int64),
-        losses={CHEAP_LOSS: np.array([rows[n][2] for n in names]), WEIGHT_ERR: np.array([rows[n][3] for n in names])},
+        losses={CHEAP_LOSS: np.array([rows[n][2] for n in names]), WEIGHT_ERR: np.array([rows[n][3] for n in names]),
+                **({FISHER_TWIN: np.array([rows[n][4] for n in names])} if fisher is not None else {})},
         key=key,
         features=feature_matrix(measurements),
         feature_names=list(FEATURE_NAMES),
@@ -170,13 +192,14 @@ def features_table_path(table: SensitivityTable) -> Path:
     return _cache_path(table.key.model, str(table.metadata["cache_id"]))
 
 
-Row = tuple[LayerMeasurements, list[int], list[float], list[float]]
-"""A layer's measurements, and per option: stored bits, the cheap loss and the weight error."""
+Row = tuple[LayerMeasurements, list[int], list[float], list[float], list[float]]
+"""A layer's measurements, and per option: stored bits, the cheap loss, the weight error and the Fisher twin error
+(empty without a Fisher input)."""
 
 
 @torch.inference_mode()
 def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequence[tuple[Quantizer, Quantizer]], progress: bool,
-                    device: torch.device) -> dict[str, Row]:
+                    device: torch.device, fisher: Mapping[str, torch.Tensor] | None = None) -> dict[str, Row]:
     """Every layer's row: the option's own stored bits (known from the shape), its twin's errors."""
     inputs = capture_block_inputs(model, tokens, device=device)
     hidden = inputs.hidden_states
@@ -195,14 +218,16 @@ def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequenc
             w, hessian = layer_inputs(weight, stats[local])
             measurements = measure_layer(name, w, hessian, stats[local].absmax.cpu(), index, len(layers))
             h_diag = torch.diagonal(hessian).clamp_min(0)
-            bits, cheap, plain = [], [], []
+            bits, cheap, plain, fisher_err = [], [], [], []
             for option, twin in twins:
                 quantized = twin.quantize(w, hessian if twin.uses_hessian else None)
                 squared = (w - quantized.dequantized.float()).square()
                 bits.append(int(option.storage_bits(*w.shape)))
                 cheap.append(float(squared.sum(dim=0) @ h_diag))
                 plain.append(float(squared.sum()))
-            rows[name] = (measurements, bits, cheap, plain)
+                if fisher is not None:
+                    fisher_err.append(0.5 * float((fisher[name].float().cpu() * squared).sum()))
+            rows[name] = (measurements, bits, cheap, plain, fisher_err)
         del stats
     return rows
 

@@ -3,7 +3,7 @@
 Each loss is an L x O matrix of predicted damage per (layer, option); solvers minimize its sum.
 Who makes each: :mod:`allocator.measure.profile` (``hessian_err``, ``weight_err``, ``kl``),
 :mod:`allocator.measure.layer_kl` (``kl_est``, ``kl_local``) and :mod:`allocator.measure.fisher_losses` (``fisher``,
-``fisher_emp``).
+``fisher_emp``) and :mod:`allocator.measure.features_pass` (``fisher_twin``, with ``weight_err`` and its own).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ FISHER = "fisher"
 from the reference): the second-order estimate of ``kl`` from one gradient pass."""
 FISHER_EMPIRICAL = "fisher_emp"
 """As ``fisher`` with the empirical Fisher (squared gradient of the text's NLL)."""
+FISHER_TWIN = "fisher_twin"
+"""½ Σ F ⊙ (W − Q)² of each option's calibration-free twin (the features pass with a Fisher input): what a loss
+model (policies/loss_model.py) reads of a new model, with no quantized forward."""
 
 PREFERRED_LOSSES = (KL, KL_CALIBRATED)
 """Measured single-layer KL first (allocator/measure/layer_kl.py): it predicts measured quality of whole
