@@ -138,7 +138,7 @@ def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable) -
     would be: never from its own measurement), with the weight :func:`fit_loss_model` would choose on it."""
     inputs = level_inputs(features, (*features.feature_names, FISHER_INPUT), ANCHOR)
     level = anchor_level(measured, ANCHOR)
-    weight = fit_loss_model([(measured, features)], use_fisher=True, anchor=ANCHOR).ridge_weight
+    weight = fit_loss_model([(measured, features)], use_fisher=True, anchor=ANCHOR, fisher_pass=POLICY_FISHER).ridge_weight
     fold_of = np.unique(block_index(features.names), return_inverse=True)[1] % CV_FOLDS
     predicted = np.zeros_like(level)
     for fold in np.unique(fold_of):
@@ -188,7 +188,7 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
     fits: dict[str, Any] = {"source": source, "offsets": dict(zip(measured.labels, map(float, offsets), strict=True))}
     for name, fisher_pass in (("features", None), *((f"features + fisher {w} x {t}", (w, t)) for w, t in FISHER_PASSES)):
         model = fit_loss_model([(source_measured, with_fisher(source_features, fisher[source][fisher_pass] if fisher_pass else None))],
-                               use_fisher=fisher_pass is not None, anchor=ANCHOR)
+                               use_fisher=fisher_pass is not None, anchor=ANCHOR, fisher_pass=fisher_pass)
         table = with_learned_loss(with_fisher(features, fisher[target][fisher_pass] if fisher_pass else None), model)
         predicted = np.log(table.losses[LEARNED_LOSS][:, anchor])
         fits[name] = {"ridge_weight": model.ridge_weight, "cv_mse": dict(model.cv_errors),

@@ -23,6 +23,7 @@ nothing is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 from allocator.errors import BitallocError
 from allocator.storage import read_json, write_json
 from allocator.table.losses import FISHER_TWIN, KL
-from allocator.table.sensitivity import SensitivityTable
+from allocator.table.sensitivity import FEATURES_PASS_KEY, Option, SensitivityTable
 
 LOSS_MODEL_VERSION = "bitalloc-loss-model-v1"
 LEARNED_LOSS = "learned_kl"
@@ -143,6 +144,12 @@ class LossModel:
     ridge_weight: float
     trained_on: tuple[str, ...]
     cv_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    fisher_windows: int = 0
+    fisher_seqlen: int = 0
+    options: tuple[Option, ...] = ()
+    """The training tables' options (labels and quantizer settings): what a new model's features pass prices."""
+    """The features pass's Fisher input the model was fitted on (windows x tokens; 0 without one): a new model's
+    features table is made with the same (:func:`allocator.measure.features_pass.features_table`)."""
 
     @property
     def uses_fisher(self) -> bool:
@@ -170,7 +177,8 @@ class LossModel:
                 "anchor": self.anchor, "offsets": {k: float(v) for k, v in self.offsets.items()},
                 "mean": self.ridge.mean.tolist(), "scale": self.ridge.scale.tolist(), "coef": self.ridge.coef.tolist(),
                 "intercept": self.ridge.intercept, "ridge_weight": self.ridge_weight, "trained_on": list(self.trained_on),
-                "cv_errors": dict(self.cv_errors)}
+                "cv_errors": dict(self.cv_errors), "fisher_windows": self.fisher_windows, "fisher_seqlen": self.fisher_seqlen,
+                "options": [option.as_dict() for option in self.options]}
 
     @classmethod
     def from_dict(cls, data: Any) -> LossModel:
@@ -192,11 +200,18 @@ class LossModel:
                 ridge_weight=_float(data["ridge_weight"], "ridge_weight"),
                 trained_on=tuple(_strings(data["trained_on"], "trained_on")),
                 cv_errors={_string(k, "cv label"): _float(v, "cv error") for k, v in dict(data.get("cv_errors", {})).items()},
+                fisher_windows=_count(data.get("fisher_windows", 0), "fisher_windows"),
+                fisher_seqlen=_count(data.get("fisher_seqlen", 0), "fisher_seqlen"),
+                options=tuple(_option(v) for v in _list(data.get("options", []), "options")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BitallocError(f"bad loss model: {type(exc).__name__} {exc}") from None
         if not inputs or min(model.ridge.scale) <= 0 or model.anchor not in model.offsets:
             raise BitallocError("bad loss model: it needs inputs, positive scales and an offset for its anchor")
+        if sorted(o.label for o in model.options) != sorted(model.offsets):
+            raise BitallocError("bad loss model: its options and its offsets must name the same labels")
+        if model.uses_fisher != (model.fisher_windows > 0 and model.fisher_seqlen > 1):
+            raise BitallocError("bad loss model: a Fisher input needs its windows and tokens (and only a Fisher input has them)")
         return model
 
     def save(self, path: Path | str) -> Path:
@@ -226,6 +241,27 @@ def _float(value: Any, name: str, allow_nan: bool = False) -> float:
     return float(value)
 
 
+def _list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) > 1000:
+        raise BitallocError(f"bad loss model: {name} must be a list")
+    return value
+
+
+def _option(value: Any) -> Option:
+    if not isinstance(value, Mapping) or not isinstance(value.get("settings", {}), Mapping):
+        raise BitallocError("bad loss model: an option is a label with its settings")
+    settings = value.get("settings", {})
+    if not all(isinstance(k, str) and (v is None or isinstance(v, (str, int, float, bool))) for k, v in settings.items()):
+        raise BitallocError("bad loss model: option settings hold only names, numbers, booleans and null")
+    return Option(_string(value.get("label"), "option label"), dict(settings))
+
+
+def _count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise BitallocError(f"bad loss model: {name} must be a whole number from 0")
+    return value
+
+
 def _floats(value: Any, name: str, length: int) -> np.ndarray:
     if not isinstance(value, list) or len(value) != length:
         raise BitallocError(f"bad loss model: {name} must list {length} numbers, one per input")
@@ -238,13 +274,21 @@ def fit_loss_model(
     anchor: str = DEFAULT_ANCHOR,
     loss: str = KL,
     weights: Sequence[float] = RIDGE_WEIGHTS,
+    fisher_pass: tuple[int, int] | None = None,
 ) -> LossModel:
     """Fit a loss model on ``pairs`` of (measured table, features table) of the same models: the level's target is each
     measured table's ``loss`` at ``anchor``, centered per model (a new model's overall level does not matter to its
-    allocation, only the levels' differences between its layers); the offsets are averaged over all layers."""
+    allocation, only the levels' differences between its layers); the offsets are averaged over all layers. With
+    ``use_fisher`` the Fisher input's windows and tokens are read from the features tables' pass (or ``fisher_pass``,
+    for tables that were given the loss another way), and must agree."""
     if not pairs:
         raise BitallocError("fitting a loss model needs at least one (measured, features) pair of tables")
     first_features = pairs[0][1]
+    if use_fisher and fisher_pass is None:
+        passes = {_fisher_pass(features) for _, features in pairs}
+        if len(passes) != 1 or None in passes:
+            raise BitallocError("the features tables of a loss model with a Fisher input must all come from one Fisher pass setting")
+        fisher_pass = passes.pop()
     inputs = (*first_features.feature_names, *((FISHER_INPUT,) if use_fisher else ()))
     rows, targets, groups, offsets = [], [], [], []
     for index, (measured, features) in enumerate(pairs):
@@ -275,7 +319,44 @@ def fit_loss_model(
         ridge_weight=weight,
         trained_on=tuple(m.key.model for m, _ in pairs),
         cv_errors={f"{w:g}": e for w, e in errors.items()},
+        fisher_windows=fisher_pass[0] if use_fisher and fisher_pass else 0,
+        fisher_seqlen=fisher_pass[1] if use_fisher and fisher_pass else 0,
+        options=tuple(pairs[0][0].options),
     )
+
+
+def _fisher_pass(features: SensitivityTable) -> tuple[int, int] | None:
+    fisher = features.metadata.get(FEATURES_PASS_KEY, {}).get("fisher")
+    return (int(fisher["windows"]), int(fisher["seqlen"])) if isinstance(fisher, Mapping) else None
+
+
+def load_loss_model(path_or_name: str | Path) -> LossModel:
+    """A loss model from a .json path, or the name of one shipped in :mod:`policies.pretrained` (``<name>.json``)."""
+    import policies.pretrained as pretrained
+
+    path = Path(path_or_name)
+    if path.suffix == ".json" or path.exists():
+        return LossModel.load(path)
+    name = str(path_or_name)
+    shipped = Path(pretrained.PRETRAINED_DIR) / f"{name}.json"
+    if Path(name).name != name or not shipped.is_file():
+        raise BitallocError(f"no loss model at {name!r} (a .json file, or a shipped name: "
+                            f"{', '.join(shipped_loss_models()) or 'none shipped'})")
+    return LossModel.load(shipped)
+
+
+def shipped_loss_models() -> list[str]:
+    """Names of the loss models in :mod:`policies.pretrained`."""
+    import policies.pretrained as pretrained
+
+    names = []
+    for path in sorted(Path(pretrained.PRETRAINED_DIR).glob("*.json")):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("version") == LOSS_MODEL_VERSION:
+                names.append(path.stem)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return names
 
 
 def with_learned_loss(table: SensitivityTable, model: LossModel) -> SensitivityTable:
@@ -283,4 +364,5 @@ def with_learned_loss(table: SensitivityTable, model: LossModel) -> SensitivityT
     return dataclasses.replace(table, losses={LEARNED_LOSS: model.predict(table), **table.losses})
 
 
-__all__ = ["FISHER_INPUT", "FISHER_TWIN_LOSS", "LEARNED_LOSS", "LossModel", "Ridge", "fit_loss_model", "with_learned_loss"]
+__all__ = ["FISHER_INPUT", "FISHER_TWIN_LOSS", "LEARNED_LOSS", "LossModel", "Ridge", "fit_loss_model", "load_loss_model", "shipped_loss_models",
+           "with_learned_loss"]

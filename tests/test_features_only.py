@@ -175,3 +175,28 @@ def test_loss_model_fitted_on_a_features_table_with_fisher_prices_it(loaded, cor
     assert priced.default_loss == LEARNED_LOSS and np.isfinite(priced.losses[LEARNED_LOSS]).all()
     bitmap = solve(priced, Budget.bpw(2.5), Constraints(loss=LEARNED_LOSS))
     assert bitmap.total_bits <= Budget.bpw(2.5).max_bits(priced.total_numel)
+
+
+def test_cli_solve_with_a_loss_model_runs_only_the_features_pass(loaded, corpus, tiny_model_dir, text_file, tmp_path, isolated_cache,
+                                                                  capsys) -> None:
+    from policies.loss_model import fit_loss_model
+
+    common = ["--corpus", str(text_file), "--no-progress"]
+    code, stdout, err = run(capsys, "features", "--model", str(tiny_model_dir), "--fisher-windows", "2", "--fisher-seqlen", "16",
+                            "--samples", "2", "--seqlen", "32", "--options", *OPTIONS, *common)
+    assert code == 0, err
+    table = SensitivityTable.load(stdout.strip().splitlines()[-1])
+    assert "fisher_twin" in table.losses
+    model = fit_loss_model([(measured_twin(table), table)], anchor="gptq-w2g16").save(tmp_path / "loss.json")
+    code, _, err = run(capsys, "solve", "--loss-model", str(model), "--model", str(tiny_model_dir), "--bpw", "3",
+                       "--out", str(tmp_path / "b.json"), *common)
+    assert code == 0, err
+    bitmap = BitMap.load(tmp_path / "b.json")
+    assert bitmap.predicted_bpw <= 3 and bitmap.loss_name == "learned_kl"
+    assert not list((isolated_cache / "profiles").glob("*.npz"))  # priced from the features pass alone
+    code, _, err = run(capsys, "solve", "--loss-model", str(model), "--loss", "kl", "--model", str(tiny_model_dir), "--bpw", "3", *common)
+    assert_one_line_error(code, err, "--loss-model sets the loss")
+    code, _, err = run(capsys, "solve", "--loss-model", "no-such-model", "--model", str(tiny_model_dir), "--bpw", "3", *common)
+    assert_one_line_error(code, err, "no loss model at 'no-such-model'")
+    code, _, err = run(capsys, "features", "--model", str(tiny_model_dir), "--fisher-windows", "9", "--samples", "2", "--seqlen", "32", *common)
+    assert_one_line_error(code, err, "--fisher-windows takes 0 to --samples")

@@ -16,6 +16,7 @@ from policies.loss_model import FISHER_INPUT, FISHER_TWIN_LOSS, LEARNED_LOSS, Lo
 ANCHOR = "gptq-w3g128"
 BETA = np.array([0.8, -0.5, 0.3, 0.0, 0.2, -0.1])
 OFFSETS = np.array([3.0, 1.5, 0.0, -1.4, -4.0])
+PASS = (4, 128)
 
 
 def pair(seed: int, noise: float = 0.0) -> tuple[SensitivityTable, SensitivityTable]:
@@ -33,7 +34,7 @@ def pair(seed: int, noise: float = 0.0) -> tuple[SensitivityTable, SensitivityTa
 
 
 def test_recovers_levels_and_offsets_on_a_new_model() -> None:
-    model = fit_loss_model([pair(0), pair(1)], use_fisher=True, anchor=ANCHOR)
+    model = fit_loss_model([pair(0), pair(1)], use_fisher=True, anchor=ANCHOR, fisher_pass=PASS)
     measured, features = pair(7)
     predicted = model.predict(features)
     truth = measured.losses["kl"]
@@ -41,10 +42,11 @@ def test_recovers_levels_and_offsets_on_a_new_model() -> None:
     assert model.offsets[ANCHOR] == 0.0
     np.testing.assert_allclose([model.offsets[label] for label in measured.labels], OFFSETS, atol=1e-9)
     assert model.uses_fisher and model.inputs[-1] == FISHER_INPUT and len(model.trained_on) == 2
+    assert (model.fisher_windows, model.fisher_seqlen) == PASS
 
 
 def test_without_fisher_the_hidden_part_is_missed() -> None:
-    with_fisher = fit_loss_model([pair(0), pair(1)], use_fisher=True, anchor=ANCHOR)
+    with_fisher = fit_loss_model([pair(0), pair(1)], use_fisher=True, anchor=ANCHOR, fisher_pass=PASS)
     without = fit_loss_model([pair(0), pair(1)], use_fisher=False, anchor=ANCHOR)
     measured, features = pair(7)
     truth = np.log(measured.losses["kl"][:, 2])
@@ -56,7 +58,7 @@ def test_without_fisher_the_hidden_part_is_missed() -> None:
 
 
 def test_learned_loss_is_the_default_and_solves_within_budget() -> None:
-    model = fit_loss_model([pair(0, noise=0.2)], anchor=ANCHOR)
+    model = fit_loss_model([pair(0, noise=0.2)], anchor=ANCHOR, fisher_pass=PASS)
     _, features = pair(3)
     table = with_learned_loss(features, model)
     assert table.loss_names[0] == LEARNED_LOSS
@@ -65,14 +67,16 @@ def test_learned_loss_is_the_default_and_solves_within_budget() -> None:
 
 
 def test_save_load_round_trip_and_refusals(tmp_path) -> None:
-    model = fit_loss_model([pair(0), pair(1)], anchor=ANCHOR)
+    model = fit_loss_model([pair(0), pair(1)], anchor=ANCHOR, fisher_pass=PASS)
     path = model.save(tmp_path / "loss.json")
     again = LossModel.load(path)
     _, features = pair(5)
     np.testing.assert_array_equal(again.predict(features), model.predict(features))
     data = json.loads(path.read_text())
     for change in ({"version": "other"}, {"coef": data["coef"][:-1]}, {"mean": [float("nan")] * len(data["mean"])},
-                   {"scale": [0.0] * len(data["scale"])}, {"inputs": "f0"}, {"offsets": {}}, {"intercept": True}):
+                   {"scale": [0.0] * len(data["scale"])}, {"inputs": "f0"}, {"offsets": {}}, {"intercept": True},
+                   {"fisher_windows": 0}, {"fisher_seqlen": -1}, {"options": data["options"][:-1]},
+                   {"options": [{**data["options"][0], "settings": {"bits": [3]}}, *data["options"][1:]]}):
         bad = tmp_path / "bad.json"
         bad.write_text(json.dumps({**data, **change}))
         with pytest.raises(BitallocError) as info:
@@ -83,7 +87,7 @@ def test_save_load_round_trip_and_refusals(tmp_path) -> None:
 
 
 def test_refuses_tables_it_cannot_price() -> None:
-    model = fit_loss_model([pair(0), pair(1)], anchor=ANCHOR)
+    model = fit_loss_model([pair(0), pair(1)], anchor=ANCHOR, fisher_pass=PASS)
     _, features = pair(2)
     with pytest.raises(BitallocError, match="feature schema"):
         model.predict(dataclasses.replace(features, feature_schema="other"))
@@ -94,3 +98,5 @@ def test_refuses_tables_it_cannot_price() -> None:
         model.predict(renamed)
     with pytest.raises(BitallocError, match="at least one"):
         fit_loss_model([])
+    with pytest.raises(BitallocError, match="one Fisher pass"):
+        fit_loss_model([pair(0)], use_fisher=True, anchor=ANCHOR)  # tables without a Fisher pass recorded

@@ -68,13 +68,16 @@ def profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:
     return profile_model(loaded, load_corpus(args.corpus), samples=args.samples, seqlen=args.seqlen, progress=not args.no_progress)
 
 
-def features_for(model: str, args: argparse.Namespace, options: Sequence[Option]) -> SensitivityTable:
-    """The features table of ``model`` for ``options`` (cached by bitalloc features): all a features-only policy reads."""
+def features_for(model: str, args: argparse.Namespace, options: Sequence[Option], fisher_windows: int = 0,
+                 fisher_seqlen: int = 128) -> SensitivityTable:
+    """The features table of ``model`` for ``options`` (cached by bitalloc features): all a features-only policy or a loss
+    model reads (with the Fisher input a loss model was fitted on)."""
     from allocator.measure.features_pass import features_table
     from allocator.model.corpus import load_corpus
     from allocator.model.loading import load_model
 
-    return features_table(load_model(model), load_corpus(args.corpus), options, progress=not args.no_progress)
+    return features_table(load_model(model), load_corpus(args.corpus), options, progress=not args.no_progress,
+                          fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen)
 
 
 def other_bytes(table: SensitivityTable) -> int:

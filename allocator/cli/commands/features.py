@@ -14,7 +14,7 @@ HELP = "the cheap features pass a features-only policy allocates from (no per-la
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN
+    from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN, FISHER_TWIN_SEQLEN
     from allocator.model.corpus import DEFAULT_CORPUS
     from allocator.model.loading import DEFAULT_MODEL
 
@@ -26,12 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--options", nargs="+", default=["main"], metavar="SPEC",
                         help="candidate options, as for bitalloc profile (default: main, bitalloc run's)")
+    parser.add_argument("--fisher-windows", type=int, default=0, metavar="N",
+                        help="also price every option's twin by the diagonal Fisher of N of the windows (the loss fisher_twin, "
+                             "which a loss model reads; default 0: none)")
+    parser.add_argument("--fisher-seqlen", type=positive_int, default=FISHER_TWIN_SEQLEN, help="tokens of each Fisher window")
     parser.add_argument("--out", type=Path, help="also write the table here (it is always cached; its path is printed)")
     add_placement_flags(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
+    from allocator.errors import BitallocError
     from allocator.measure.features_pass import features_table, features_table_path
     from allocator.measure.profile import save_table
     from allocator.model.corpus import check_corpus, load_corpus
@@ -40,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from allocator.table.options import parse_options
 
     options = parse_options(args.options)  # bad specs fail before the model loads
+    if not 0 <= args.fisher_windows <= args.samples or (args.fisher_windows and not 2 <= args.fisher_seqlen <= args.seqlen):
+        raise BitallocError(f"--fisher-windows takes 0 to --samples ({args.samples}) windows and --fisher-seqlen 2 to --seqlen "
+                            f"({args.seqlen}) tokens")
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     output_file(args.out, "--out")
     check_corpus(args.corpus)
@@ -47,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, dtype)
     loaded.check_window(args.seqlen)
     table = features_table(loaded, load_corpus(args.corpus), options, samples=args.samples, seqlen=args.seqlen, seed=args.seed,
-                           progress=not args.no_progress, device=device)
+                           progress=not args.no_progress, device=device, fisher_windows=args.fisher_windows,
+                           fisher_seqlen=args.fisher_seqlen)
     path = features_table_path(table)
     if args.out is not None:
         path = save_table(table, args.out)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--policy", help="allocate with this trained policy instead of a solver: a policy.zip (from bitalloc train), "
                         "its run directory, or the name of a shipped policy (policies/pretrained/, e.g. smollm2-135m-sac); with --model, a "
                         "features-only policy runs only the features pass (bitalloc features), not the profile")
+    parser.add_argument("--loss-model", help="price the layers with this loss model instead of a measured profile: a .json from "
+                        "policies/loss_model.py or the name of a shipped one (policies/pretrained/); with --model it runs only the "
+                        "features pass (with the Fisher input the loss model reads), then the solver on the predicted KL")
     parser.add_argument("--loss", help="loss to minimize: kl, else kl_est (with --measure-kl), else hessian_err by default; or weight_err")
     parser.add_argument("--no-tie", action="store_true", help="let q/k/v and gate/up take different options")
     parser.add_argument("--out", type=Path, help="write the result here (default: print it)")
@@ -56,6 +59,15 @@ def run(args: argparse.Namespace) -> int:
         check_corpus(args.corpus)  # it profiles the model on it
     solver: str | Solver = args.solver or DEFAULT_SOLVER
     features_options = None
+    loss_model = None
+    if args.loss_model is not None:
+        from allocator.errors import BitallocError
+        from policies.loss_model import load_loss_model
+
+        if args.policy is not None or args.loss is not None:
+            raise BitallocError("--loss-model sets the loss the solver minimizes: it takes no --policy or --loss")
+        loss_model = load_loss_model(args.loss_model)  # before any model loads
+        features_options = list(loss_model.options)
     if args.policy is not None:
         from allocator.table.options import parse_options
         from policies.solver import PolicySolver
@@ -67,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None:
         table = SensitivityTable.load(args.profile)
     elif features_options is not None:
-        table = features_for(args.model, args, features_options)
+        fisher = (loss_model.fisher_windows, loss_model.fisher_seqlen) if loss_model is not None and loss_model.uses_fisher else (0, 128)
+        table = features_for(args.model, args, features_options, *fisher)
     else:
         table = profile_for(args.model, args)
     if args.bpw is not None:
@@ -76,8 +89,13 @@ def run(args: argparse.Namespace) -> int:
         budget = Budget.bytes(args.bytes)
     else:
         budget = Budget.bytes(args.model_bytes, other_bytes=other_bytes(table))
-    constraints = Constraints(loss=args.loss, tie=not args.no_tie)
-    table.loss(args.loss)  # an unknown loss name fails here, in one line
+    loss = args.loss
+    if loss_model is not None:
+        from policies.loss_model import LEARNED_LOSS, with_learned_loss
+
+        table, loss = with_learned_loss(table, loss_model), LEARNED_LOSS
+    constraints = Constraints(loss=loss, tie=not args.no_tie)
+    table.loss(loss)  # an unknown loss name fails here, in one line
     warn_if_above_widest(table, budget)
     bitmap = solve(table, budget, constraints, solver=solver)
     if args.format == "json":
