@@ -39,6 +39,7 @@ import numpy as np
 from _common import RESULTS, provenance
 from policy_zeroshot import EVAL_TOKENS, MODELS
 
+import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
 from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS
@@ -79,6 +80,8 @@ ANCHOR = "gptq-w3g128-act-mse"
 FISHER_PASSES = ((4, 512), (4, 128))
 """(windows, tokens per window) of each Fisher input tried."""
 POLICY_FISHER = (4, 128)
+SHIPPED = "features-fisher-kl"
+"""Name of the shipped loss model (``bitalloc solve --loss-model features-fisher-kl``)."""
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
@@ -314,6 +317,29 @@ def verdicts(record: dict[str, Any]) -> list[str]:
     return out
 
 
+def ship() -> Path:
+    """Fit the loss model on every model's measured KL and its features table made by the product's features pass with
+    the Fisher input (what ``bitalloc solve --loss-model`` computes on a new model), check it prices each table as the
+    benchmark's own Fisher pass does, and write it to policies/pretrained/."""
+    corpus = load_corpus("enwiki")
+    pairs = []
+    for model in MODELS:
+        loaded = load_model(model)
+        measured = profile_model(loaded, corpus, parse_options(RUN_OPTIONS), progress=False)
+        measured = add_kl_losses(loaded, measured, cached_table_path(measured), corpus.calibration, None, seqlen=RUN_KL_SEQLEN, progress=False)
+        features = features_table(loaded, corpus, measured.options, progress=False, fisher_windows=POLICY_FISHER[0], fisher_seqlen=POLICY_FISHER[1])
+        own = read(fisher_path(model, *POLICY_FISHER))
+        if own is not None:
+            product = features.losses[FISHER_TWIN_LOSS][:, features.option_index(ANCHOR)]
+            print(f"{model}: features pass Fisher input vs this benchmark's: max relative difference "
+                  f"{float(np.max(np.abs(product / np.array(own['error']) - 1))):.2e}")
+        pairs.append((measured, features))
+    target = Path(pretrained.PRETRAINED_DIR) / f"{SHIPPED}.json"
+    fit_loss_model(pairs, use_fisher=True, anchor=ANCHOR).save(target)
+    print(f"shipped {target}")
+    return target
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--budgets", default="2.5,3,3.5")
@@ -321,6 +347,9 @@ def main() -> None:
     parser.add_argument("--policies", action="store_true", help="also train SAC policies on the loss model and apply them zero-shot")
     parser.add_argument("--seeds", default="0,1,2", help="policy seeds (with --policies)")
     parser.add_argument("--timesteps", type=int, default=20000, help="policy training steps (with --policies)")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"fit the loss model on every model (features pass with the {POLICY_FISHER[0]} x {POLICY_FISHER[1]} Fisher input) "
+                             f"and ship it as policies/pretrained/{SHIPPED}.json")
     parser.add_argument("--report", action="store_true", help="only rewrite loss_model_transfer.md from the records")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -351,6 +380,8 @@ def main() -> None:
                 record.update(rows=rows, fits=fits, resumed=[*record.get("resumed", []), provenance()])
             write_json(path, record)
             measure(target, tables[target][0], rows, record, path)
+    if args.ship:
+        ship()
     for model in MODELS:
         record = read(OUT / f"{model}.json")
         fisher_records = {(w, t): read(fisher_path(model, w, t)) for w, t in FISHER_PASSES}
