@@ -100,3 +100,18 @@ def test_refuses_tables_it_cannot_price() -> None:
         fit_loss_model([])
     with pytest.raises(BitallocError, match="one Fisher pass"):
         fit_loss_model([pair(0)], use_fisher=True, anchor=ANCHOR)  # tables without a Fisher pass recorded
+
+
+def test_a_shipped_loss_model_loads_by_name(tmp_path, monkeypatch) -> None:
+    import policies.pretrained as pretrained
+    from policies.loss_model import load_loss_model, shipped_loss_models
+
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
+    model = fit_loss_model([pair(0), pair(1)], anchor=ANCHOR, fisher_pass=PASS)
+    model.save(tmp_path / "mine.json")
+    (tmp_path / "policy.json").write_text('{"schema_version": 1}')  # a policy sidecar is not a loss model
+    assert shipped_loss_models() == ["mine"]
+    _, features = pair(4)
+    np.testing.assert_array_equal(load_loss_model("mine").predict(features), model.predict(features))
+    with pytest.raises(BitallocError, match="shipped name: mine"):
+        load_loss_model("other")
