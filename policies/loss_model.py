@@ -146,10 +146,10 @@ class LossModel:
     cv_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)
     fisher_windows: int = 0
     fisher_seqlen: int = 0
-    options: tuple[Option, ...] = ()
-    """The training tables' options (labels and quantizer settings): what a new model's features pass prices."""
     """The features pass's Fisher input the model was fitted on (windows x tokens; 0 without one): a new model's
     features table is made with the same (:func:`allocator.measure.features_pass.features_table`)."""
+    options: tuple[Option, ...] = ()
+    """The training tables' options (labels and quantizer settings): what a new model's features pass prices."""
 
     @property
     def uses_fisher(self) -> bool:
@@ -174,7 +174,7 @@ class LossModel:
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": LOSS_MODEL_VERSION, "feature_schema": self.feature_schema, "inputs": list(self.inputs),
-                "anchor": self.anchor, "offsets": {k: float(v) for k, v in self.offsets.items()},
+                "anchor": self.anchor, "offsets": {k: float(v) if math.isfinite(v) else None for k, v in self.offsets.items()},
                 "mean": self.ridge.mean.tolist(), "scale": self.ridge.scale.tolist(), "coef": self.ridge.coef.tolist(),
                 "intercept": self.ridge.intercept, "ridge_weight": self.ridge_weight, "trained_on": list(self.trained_on),
                 "cv_errors": dict(self.cv_errors), "fisher_windows": self.fisher_windows, "fisher_seqlen": self.fisher_seqlen,
@@ -195,7 +195,7 @@ class LossModel:
                 feature_schema=_string(data["feature_schema"], "feature_schema"),
                 inputs=inputs,
                 anchor=_string(data["anchor"], "anchor"),
-                offsets={_string(k, "offset label"): _float(v, "offset", allow_nan=True) for k, v in offsets.items()},
+                offsets={_string(k, "offset label"): math.nan if v is None else _float(v, "offset") for k, v in offsets.items()},
                 ridge=Ridge(vectors[0], vectors[1], vectors[2], _float(data["intercept"], "intercept")),
                 ridge_weight=_float(data["ridge_weight"], "ridge_weight"),
                 trained_on=tuple(_strings(data["trained_on"], "trained_on")),
@@ -235,8 +235,8 @@ def _strings(value: Any, name: str) -> list[str]:
     return [_string(v, name) for v in value]
 
 
-def _float(value: Any, name: str, allow_nan: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) or (allow_nan and math.isnan(value))):
+def _float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise BitallocError(f"bad loss model: {name} must be a finite number")
     return float(value)
 
