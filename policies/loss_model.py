@@ -290,13 +290,14 @@ def fit_loss_model(
             raise BitallocError("the features tables of a loss model with a Fisher input must all come from one Fisher pass setting")
         fisher_pass = passes.pop()
     inputs = (*first_features.feature_names, *((FISHER_INPUT,) if use_fisher else ()))
-    rows, targets, groups, offsets = [], [], [], []
+    rows, targets, groups, offsets, levels = [], [], [], [], []
     for index, (measured, features) in enumerate(pairs):
         if measured.names != features.names or measured.labels != features.labels:
             raise BitallocError(f"the measured and features tables of {measured.key.model} must list the same layers and options")
         if features.feature_schema != first_features.feature_schema or features.feature_names != first_features.feature_names:
             raise BitallocError("the features tables of a loss model must share their feature schema")
         level = anchor_level(measured, anchor, loss)
+        levels.append(level)
         rows.append(level_inputs(features, inputs, anchor))
         targets.append(level - level.mean())
         groups.append(index * 100_000 + block_index(features.names))
@@ -315,7 +316,9 @@ def fit_loss_model(
         inputs=tuple(inputs),
         anchor=anchor,
         offsets=dict(zip(labels, map(float, mean_offsets), strict=True)),
-        ridge=Ridge.fit(x, y, weight),
+        # slopes fitted within models; the intercept puts predictions at the training models' mean level, so the loss
+        # reads as KL (an overall level shift does not change an allocation)
+        ridge=dataclasses.replace(Ridge.fit(x, y, weight), intercept=float(np.mean([level.mean() for level in levels]))),
         ridge_weight=weight,
         trained_on=tuple(m.key.model for m, _ in pairs),
         cv_errors={f"{w:g}": e for w, e in errors.items()},
