@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from _common import RESULTS, provenance
-from policy_zeroshot import EVAL_TOKENS, MODELS
+from policy_zeroshot import EVAL_TOKENS, MODELS, read
 
 import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -66,6 +65,7 @@ from policies.loss_model import (
     FISHER_TWIN_LOSS,
     LEARNED_LOSS,
     Ridge,
+    additive_loss,
     anchor_level,
     block_index,
     fit_loss_model,
@@ -85,10 +85,6 @@ SHIPPED = "features-fisher-kl"
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
-
-
-def read(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -132,8 +128,7 @@ def with_fisher(features: SensitivityTable, anchor_error: np.ndarray | None) -> 
 
 def priced(features: SensitivityTable, level: np.ndarray, offsets: np.ndarray) -> SensitivityTable:
     """``features`` with ``exp(level + offset)`` as the learned loss (for the oracle and the cross-fitted levels)."""
-    loss = np.where(features.bits >= 0, np.exp(level[:, None] + offsets[None, :]), np.nan)
-    return dataclasses.replace(features, losses={LEARNED_LOSS: loss, **features.losses})
+    return dataclasses.replace(features, losses={LEARNED_LOSS: additive_loss(features, level, offsets), **features.losses})
 
 
 def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable) -> np.ndarray:

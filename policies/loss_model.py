@@ -84,6 +84,11 @@ def anchor_level(measured: SensitivityTable, anchor: str, loss: str = KL) -> np.
     return np.log(np.maximum(np.asarray(measured.loss(loss)[:, measured.option_index(anchor)], dtype=np.float64), _LOG_FLOOR))
 
 
+def additive_loss(table: SensitivityTable, level: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``exp(level[l] + offset[o])`` over ``table``'s layers and options, NaN where an option does not apply."""
+    return np.where(table.bits >= 0, np.exp(level[:, None] + offsets[None, :]), np.nan)
+
+
 def option_offsets(measured: SensitivityTable, anchor: str, loss: str = KL) -> np.ndarray:
     """Per option, the mean over layers of ``log kl[l, o] − log kl[l, anchor]`` (NaN where no layer has the option)."""
     logged = np.log(np.maximum(np.asarray(measured.loss(loss), dtype=np.float64), _LOG_FLOOR))
@@ -169,8 +174,7 @@ class LossModel:
         """The L x O predicted single-layer KL of ``table``'s layers (NaN where an option does not apply)."""
         self.check(table)
         level = self.ridge.predict(level_inputs(table, self.inputs, self.anchor))
-        offsets = np.array([self.offsets[label] for label in table.labels])
-        return np.where(table.bits >= 0, np.exp(level[:, None] + offsets[None, :]), np.nan)
+        return additive_loss(table, level, np.array([self.offsets[label] for label in table.labels]))
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": LOSS_MODEL_VERSION, "feature_schema": self.feature_schema, "inputs": list(self.inputs),

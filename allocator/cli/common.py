@@ -69,7 +69,7 @@ def profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:
 
 
 def features_for(model: str, args: argparse.Namespace, options: Sequence[Option], fisher_windows: int = 0,
-                 fisher_seqlen: int = 128) -> SensitivityTable:
+                 fisher_seqlen: int = 0) -> SensitivityTable:
     """The features table of ``model`` for ``options`` (cached by bitalloc features): all a features-only policy or a loss
     model reads (with the Fisher input a loss model was fitted on)."""
     from allocator.measure.features_pass import features_table

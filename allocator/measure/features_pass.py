@@ -219,14 +219,15 @@ def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequenc
             measurements = measure_layer(name, w, hessian, stats[local].absmax.cpu(), index, len(layers))
             h_diag = torch.diagonal(hessian).clamp_min(0)
             bits, cheap, plain, fisher_err = [], [], [], []
+            layer_fisher = fisher[name].float().cpu() if fisher is not None else None
             for option, twin in twins:
                 quantized = twin.quantize(w, hessian if twin.uses_hessian else None)
                 squared = (w - quantized.dequantized.float()).square()
                 bits.append(int(option.storage_bits(*w.shape)))
                 cheap.append(float(squared.sum(dim=0) @ h_diag))
                 plain.append(float(squared.sum()))
-                if fisher is not None:
-                    fisher_err.append(0.5 * float((fisher[name].float().cpu() * squared).sum()))
+                if layer_fisher is not None:
+                    fisher_err.append(0.5 * float((layer_fisher * squared).sum()))
             rows[name] = (measurements, bits, cheap, plain, fisher_err)
         del stats
     return rows

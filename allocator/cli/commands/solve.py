@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None:
         table = SensitivityTable.load(args.profile)
     elif features_options is not None:
-        fisher = (loss_model.fisher_windows, loss_model.fisher_seqlen) if loss_model is not None and loss_model.uses_fisher else (0, 128)
+        fisher = (loss_model.fisher_windows, loss_model.fisher_seqlen) if loss_model is not None else ()
         table = features_for(args.model, args, features_options, *fisher)
     else:
         table = profile_for(args.model, args)
