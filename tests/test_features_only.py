@@ -200,3 +200,32 @@ def test_cli_solve_with_a_loss_model_runs_only_the_features_pass(loaded, corpus,
     assert_one_line_error(code, err, "no loss model at 'no-such-model'")
     code, _, err = run(capsys, "features", "--model", str(tiny_model_dir), "--fisher-windows", "9", "--samples", "2", "--seqlen", "32", *common)
     assert_one_line_error(code, err, "--fisher-windows takes 0 to --samples")
+
+
+def test_cli_run_with_a_loss_model_runs_the_features_pass_instead_of_profile_and_kl(tiny_model_dir, text_file, tmp_path, isolated_cache,
+                                                                                     capsys) -> None:
+    from policies.loss_model import fit_loss_model
+
+    common, calibration = ["--corpus", str(text_file), "--no-progress"], ["--samples", "2", "--seqlen", "32"]
+    code, stdout, err = run(capsys, "features", "--model", str(tiny_model_dir), "--fisher-windows", "2", "--fisher-seqlen", "16",
+                            *calibration, "--options", *OPTIONS, *common)
+    assert code == 0, err
+    table = SensitivityTable.load(stdout.strip().splitlines()[-1])
+    model = fit_loss_model([(measured_twin(table), table)], anchor="gptq-w2g16").save(tmp_path / "loss.json")
+    out = tmp_path / "job"
+    code, stdout, err = run(capsys, "run", "--loss-model", str(model), "--model", str(tiny_model_dir), "--bpw", "3", "--tokens", "128",
+                            *calibration, "--out", str(out), *common)
+    assert code == 0, err
+    assert "Fisher input on 2 x 16" in stdout and "minimizing learned_kl" in stdout
+    stages = next(line for line in stdout.splitlines() if line.startswith("stages: "))
+    assert "features " in stages and "profile " not in stages and "kl " not in stages
+    bitmap = BitMap.load(out / "bitmap.json")
+    assert bitmap.loss_name == "learned_kl" and bitmap.predicted_bpw <= 3
+    assert {e.option for e in bitmap.modules.values()} <= set(table.labels)  # the loss model's own options
+    assert not list((isolated_cache / "profiles").glob("*.npz"))  # no profile, no KL
+    for flags, message in ((["--kl-anchors", "gptq-w2g16"], "it takes no --kl-anchors"), (["--options", "gptq3"], "it takes no --options"),
+                           (["--samples", "1"], "--samples and --seqlen must be at least that")):
+        code, _, err = run(capsys, "run", "--loss-model", str(model), "--model", str(tiny_model_dir), "--bpw", "3", *flags, *common)
+        assert_one_line_error(code, err, message)
+    code, _, err = run(capsys, "run", "--loss-model", "no-such-model", "--model", str(tiny_model_dir), "--bpw", "3", *common)
+    assert_one_line_error(code, err, "no loss model at 'no-such-model'")

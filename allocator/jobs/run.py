@@ -15,7 +15,7 @@ from allocator.evaluate.report import print_rows, rows_to_json
 from allocator.evaluate.rows import VariantRow
 from allocator.jobs.compare import EvalSettings, compare_quantized, evaluation_tokens, quantize_assignment
 from allocator.measure.distributed import RaySettings
-from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN, features_table
+from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN, FISHER_TWIN_SEQLEN, features_table
 from allocator.measure.layer_kl import add_kl_losses
 from allocator.measure.profile import cached_table_path, profile_model
 from allocator.model.corpus import Corpus
@@ -70,6 +70,9 @@ def run_job(
     device: torch.device = CPU,
     ray: RaySettings | None = None,
     features_only: bool = False,
+    fisher_windows: int = 0,
+    fisher_seqlen: int = FISHER_TWIN_SEQLEN,
+    price: Callable[[SensitivityTable], SensitivityTable] | None = None,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
@@ -78,17 +81,22 @@ def run_job(
     evaluate against the reference. ``say`` reports each stage. The blocks of the profile, the quantization and the
     evaluation run on ``device`` (:mod:`allocator.model.placement`); with ``ray`` the profile's options are quantized, and
     the single-layer KLs measured, on that Ray cluster (:mod:`allocator.measure.distributed`,
-    :mod:`allocator.measure.distributed_kl`)."""
+    :mod:`allocator.measure.distributed_kl`). With ``features_only`` the features pass (its Fisher input on
+    ``fisher_windows`` x ``fisher_seqlen`` tokens when ``fisher_windows`` > 0) replaces the profile and the KL, and
+    ``price`` (e.g. a loss model's prediction, added as the table's default loss) turns its table into the one solved."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
     if features_only:  # a features-only policy reads the features pass alone: no profile, no KL
         samples, seqlen = min(FEATURE_PASS_SAMPLES, settings.samples), min(FEATURE_PASS_SEQLEN, settings.seqlen)
+        fisher = f", the Fisher input on {fisher_windows} x {fisher_seqlen} of them" if fisher_windows else ""
         say(f"[1/4] features pass: {len(options)} options per layer priced by calibration-free twins on {samples} x {seqlen} calibration "
-            "tokens (cached)")
+            f"tokens{fisher} (cached)")
         tick = time.perf_counter()
         table = features_table(loaded, corpus, list(options), samples=samples, seqlen=seqlen, seed=settings.seed, progress=progress,
-                               device=device)
+                               device=device, fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen)
+        if price is not None:
+            table = price(table)
         stages["features"] = time.perf_counter() - tick
         return _finish_job(loaded, corpus, table, budget, solver, settings, progress, say, device, windows, stages, start)
     say(f"[1/4] profile: {len(options)} options per layer on {settings.samples} x {settings.seqlen} calibration tokens (cached, resumable)")

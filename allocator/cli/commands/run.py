@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from allocator.cli.common import kl_anchors
 from allocator.cli.outputs import output_dir, packed_output
 from allocator.cli.parser import CORPUS_HELP, add_placement_flags, add_ray_flags, model_help, positive_int, ray_settings
+
+if TYPE_CHECKING:
+    from allocator.table.sensitivity import Option, SensitivityTable
 
 NAME = "run"
 HELP = "the main job: profile -> solve -> quantize -> eval for one budget, printing a table"
@@ -28,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--policy", help="allocate with this trained policy instead of a solver (as for solve: a policy.zip, its run "
                                          "directory, or a shipped policy's name); a features-only policy runs the features pass instead of the profile "
                                          "and the single-layer KL")
+    parser.add_argument("--loss-model", help="price every layer with this loss model (policies/loss_model.py: a .json, or a shipped one's "
+                                              "name such as features-fisher-kl) on the features pass instead of the profile and the "
+                                              "single-layer KL: minutes less per model, a worse allocation (results/loss_model_transfer.md)")
     parser.add_argument("--options", nargs="+", default=RUN_OPTIONS, metavar="SPEC",
                         help="candidate options (as for profile; default main: xnor, w1p1, GPTQ 2/3/4-bit with act order and mse clipping)")
     parser.add_argument("--corpus", default=DEFAULT_CORPUS, help=CORPUS_HELP)
@@ -61,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     from allocator.table.options import parse_options
 
     options = parse_options(args.options)  # bad input fails before the model loads
+    learned: dict[str, Any] = {}  # run_job's features-pass arguments for a loss model
+    if args.loss_model is not None:
+        options, learned = loss_model_arguments(args)
     budget = Budget.bpw(args.bpw)
     anchors = None if args.no_kl else kl_anchors(args.kl_anchors, options)
     kl_seqlen = min(RUN_KL_SEQLEN, args.seqlen) if args.kl_seqlen is None else args.kl_seqlen
@@ -68,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise BitallocError(f"--kl-seqlen must be 2 to {args.seqlen} tokens (--seqlen), got {kl_seqlen}")
     device, dtype = resolve_device(args.device), storage_dtype(args.dtype)
     solver: str | Solver = args.solver or "ilp"
-    features_only = False
+    features_only = args.loss_model is not None  # a loss model prices the features pass
     if args.policy is not None:
         from policies.solver import PolicySolver
 
@@ -92,9 +102,34 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     settings = EvalSettings(seqlen=args.seqlen, tokens=args.tokens, samples=args.samples, seed=args.seed, true_sequential=args.true_sequential)
     result = run_job(loaded, corpus, options, budget, solver, settings, anchors, measure_kl=not args.no_kl, progress=not args.no_progress,
-                     kl_seqlen=kl_seqlen, device=device, ray=ray, features_only=features_only)
+                     kl_seqlen=kl_seqlen, device=device, ray=ray, features_only=features_only, **learned)
     print_run(result, args.model, budget, load_seconds)
     if args.out is not None:
         save_run(args.out, result, loaded, args.model, args.corpus, settings, load_seconds)
         print(args.out)
     return 0
+
+
+def loss_model_arguments(args: argparse.Namespace) -> tuple[list[Option], dict[str, Any]]:
+    """``--loss-model``: its options and :func:`~allocator.jobs.run.run_job`'s features-pass arguments (its Fisher input
+    and the pricing), every conflict refused in one line before the model loads."""
+    from allocator.errors import BitallocError
+    from allocator.jobs.run import RUN_OPTIONS
+    from allocator.measure.features_pass import FEATURE_PASS_SAMPLES, FEATURE_PASS_SEQLEN
+    from policies.loss_model import load_loss_model, with_learned_loss
+
+    unused = [flag for flag, given in (("--policy", args.policy is not None), ("--options", args.options != RUN_OPTIONS),
+                                       ("--ray", args.ray is not None), ("--kl-anchors", args.kl_anchors is not None),
+                                       ("--kl-seqlen", args.kl_seqlen is not None), ("--no-kl", args.no_kl)) if given]
+    if unused:
+        raise BitallocError(f"--loss-model prices its own options on the features pass (no profile, no KL): it takes no {', '.join(unused)}")
+    loss_model = load_loss_model(args.loss_model)  # a bad file (or unknown name) fails before the model loads
+    if loss_model.fisher_windows > min(FEATURE_PASS_SAMPLES, args.samples) or loss_model.fisher_seqlen > min(FEATURE_PASS_SEQLEN, args.seqlen):
+        raise BitallocError(f"{args.loss_model} reads a Fisher input on {loss_model.fisher_windows} calibration windows of "
+                            f"{loss_model.fisher_seqlen} tokens: --samples and --seqlen must be at least that")
+
+    def price(table: SensitivityTable) -> SensitivityTable:
+        return with_learned_loss(table, loss_model)
+
+    fisher = {"fisher_windows": loss_model.fisher_windows, "fisher_seqlen": loss_model.fisher_seqlen} if loss_model.uses_fisher else {}
+    return list(loss_model.options), {"price": price, **fisher}
