@@ -61,7 +61,6 @@ from policies.artifact import load_policy
 from policies.best_checkpoint import BEST_FILE
 from policies.loss_model import (
     CV_FOLDS,
-    FISHER_INPUT,
     FISHER_TWIN_LOSS,
     LEARNED_LOSS,
     Ridge,
@@ -133,10 +132,10 @@ def priced(features: SensitivityTable, level: np.ndarray, offsets: np.ndarray) -
 
 def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable) -> np.ndarray:
     """A model's own levels, each block's predicted by the ridge fitted on the other folds' blocks (as a new model's
-    would be: never from its own measurement), with the weight :func:`fit_loss_model` would choose on it."""
-    inputs = level_inputs(features, (*features.feature_names, FISHER_INPUT), ANCHOR)
+    would be: never from its own measurement), with the inputs and weight :func:`fit_loss_model` would choose on it."""
+    model = fit_loss_model([(measured, features)], use_fisher=True, anchor=ANCHOR, fisher_pass=POLICY_FISHER)
+    inputs, weight = level_inputs(features, model.inputs, ANCHOR), model.ridge_weight
     level = anchor_level(measured, ANCHOR)
-    weight = fit_loss_model([(measured, features)], use_fisher=True, anchor=ANCHOR, fisher_pass=POLICY_FISHER).ridge_weight
     fold_of = np.unique(block_index(features.names), return_inverse=True)[1] % CV_FOLDS
     predicted = np.zeros_like(level)
     for fold in np.unique(fold_of):
@@ -189,7 +188,7 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
                                use_fisher=fisher_pass is not None, anchor=ANCHOR, fisher_pass=fisher_pass)
         table = with_learned_loss(with_fisher(features, fisher[target][fisher_pass] if fisher_pass else None), model)
         predicted = np.log(table.losses[LEARNED_LOSS][:, anchor])
-        fits[name] = {"ridge_weight": model.ridge_weight, "cv_mse": dict(model.cv_errors),
+        fits[name] = {"inputs": list(model.inputs), "ridge_weight": model.ridge_weight, "cv_mse": dict(model.cv_errors),
                       "pearson_with_measured_level": float(np.corrcoef(predicted, truth)[0, 1])}
         loss_tables[f"loss model ({name}, from {source})"] = table
     if oracle:
@@ -258,7 +257,9 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
         for name, fit in record["fits"].items():
             if name in ("source", "offsets"):
                 continue
-            lines.append(f"- {name}: ridge weight {fit['ridge_weight']:g} (chosen on the source by leave-blocks-out CV); "
+            inputs = fit.get("inputs")
+            chosen = "every feature" if inputs is None or len(inputs) > 12 else ", ".join(inputs)
+            lines.append(f"- {name}: level inputs {chosen}, ridge weight {fit['ridge_weight']:g} (both chosen on the source by leave-blocks-out CV); "
                          f"Pearson of the predicted level with the target's measured log KL at {ANCHOR}: {fit['pearson_with_measured_level']:.3f}")
         lines += ["", "| budget | allocation | bpw | ppl | KL | ppl vs measured-KL ILP |", "|---|---|---|---|---|---|"]
         measured = record["measured"]

@@ -11,8 +11,10 @@ offsets taken from another model the ILP lands within -11% to +16% of the measur
 of ``log kl[l, anchor]`` on the layer's inputs ``x_l``: its features (:mod:`allocator.measure.features`) and, where the
 features table carries the loss ``fisher_twin`` (``½ Σ F ⊙ (W − Q)²`` of each option's calibration-free twin, F the
 diagonal Fisher: a gradient pass, no quantized forward), the log of that loss at the anchor option, centered within
-the model. Inputs are standardized on the training layers; the ridge weight is chosen by cross-validation that
-holds out whole decoder blocks. Fitted on measured tables (their ``kl``) with the features tables of the same models;
+the model. Inputs are standardized on the training layers; which inputs (every feature, or only the module kind and
+depth, or only the kind: :data:`INPUT_SETS`, each with the Fisher input where there is one) and the ridge weight are
+chosen together by cross-validation that holds out whole decoder blocks (fewer inputs transfer better between models
+where the Fisher input carries the level: results/loss_model_transfer.md). Fitted on measured tables (their ``kl``) with the features tables of the same models;
 :func:`with_learned_loss` adds its prediction to a new model's features table as the loss :data:`LEARNED_LOSS`,
 which the solvers (and a policy trained on it) use like any other loss.
 
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from allocator.errors import BitallocError
+from allocator.measure.features import MODULE_KINDS
 from allocator.storage import read_json, write_json
 from allocator.table.losses import FISHER_TWIN, KL
 from allocator.table.sensitivity import FEATURES_PASS_KEY, Option, SensitivityTable
@@ -46,6 +49,13 @@ FISHER_TWIN_LOSS = FISHER_TWIN
 FISHER_INPUT = "log_fisher_anchor_error"
 DEFAULT_ANCHOR = "gptq-w3g128-act-mse"
 RIDGE_WEIGHTS = (0.1, 1.0, 10.0, 100.0, 1000.0)
+INPUT_SETS: Mapping[str, tuple[str, ...] | None] = {
+    "every feature": None,
+    "kind + depth": (*(f"kind_{kind}" for kind in MODULE_KINDS), "relative_depth"),
+    "kind": tuple(f"kind_{kind}" for kind in MODULE_KINDS),
+}
+"""The level's candidate inputs (None: every feature of the table), each with :data:`FISHER_INPUT` added when the loss
+model reads it; :func:`fit_loss_model` keeps the set and ridge weight of least held-out error."""
 CV_FOLDS = 5
 _LOG_FLOOR = 1e-8
 _BLOCK = re.compile(r"\.(\d+)\.")
@@ -279,10 +289,13 @@ def fit_loss_model(
     loss: str = KL,
     weights: Sequence[float] = RIDGE_WEIGHTS,
     fisher_pass: tuple[int, int] | None = None,
+    input_sets: Mapping[str, tuple[str, ...] | None] | None = None,
 ) -> LossModel:
     """Fit a loss model on ``pairs`` of (measured table, features table) of the same models: the level's target is each
     measured table's ``loss`` at ``anchor``, centered per model (a new model's overall level does not matter to its
-    allocation, only the levels' differences between its layers); the offsets are averaged over all layers. With
+    allocation, only the levels' differences between its layers); the offsets are averaged over all layers; the level's
+    inputs are the set of ``input_sets`` (default :data:`INPUT_SETS`) and the ridge weight of ``weights`` with the least
+    block-held-out error. With
     ``use_fisher`` the Fisher input's windows and tokens are read from the features tables' pass (or ``fisher_pass``,
     for tables that were given the loss another way), and must agree."""
     if not pairs:
@@ -293,7 +306,8 @@ def fit_loss_model(
         if len(passes) != 1 or None in passes:
             raise BitallocError("the features tables of a loss model with a Fisher input must all come from one Fisher pass setting")
         fisher_pass = passes.pop()
-    inputs = (*first_features.feature_names, *((FISHER_INPUT,) if use_fisher else ()))
+    candidates = candidate_inputs(first_features.feature_names, use_fisher, INPUT_SETS if input_sets is None else input_sets)
+    every = tuple(dict.fromkeys(name for names in candidates.values() for name in names))
     rows, targets, groups, offsets, levels = [], [], [], [], []
     for index, (measured, features) in enumerate(pairs):
         if measured.names != features.names or measured.labels != features.labels:
@@ -302,16 +316,21 @@ def fit_loss_model(
             raise BitallocError("the features tables of a loss model must share their feature schema")
         level = anchor_level(measured, anchor, loss)
         levels.append(level)
-        rows.append(level_inputs(features, inputs, anchor))
+        rows.append(level_inputs(features, every, anchor))
         targets.append(level - level.mean())
         groups.append(index * 100_000 + block_index(features.names))
         offsets.append(option_offsets(measured, anchor, loss))
     labels = pairs[0][0].labels
     if any(m.labels != labels for m, _ in pairs):
         raise BitallocError("the tables of a loss model must share their options")
-    x, y, g = np.concatenate(rows), np.concatenate(targets), np.concatenate(groups)
-    errors = held_out_errors(x, y, g, weights)
-    weight = min(errors, key=errors.__getitem__)
+    x_every, y, g = np.concatenate(rows), np.concatenate(targets), np.concatenate(groups)
+    errors: dict[tuple[str, float], float] = {}
+    for set_name, names in candidates.items():
+        columns = [every.index(name) for name in names]
+        errors.update({(set_name, w): e for w, e in held_out_errors(x_every[:, columns], y, g, weights).items()})
+    set_name, weight = min(errors, key=errors.__getitem__)
+    inputs = candidates[set_name]
+    x = x_every[:, [every.index(name) for name in inputs]]
     stacked = np.stack(offsets)
     counts = np.isfinite(stacked).sum(axis=0)
     mean_offsets = np.where(counts > 0, np.where(np.isfinite(stacked), stacked, 0.0).sum(axis=0) / np.maximum(counts, 1), np.nan)
@@ -325,11 +344,24 @@ def fit_loss_model(
         ridge=dataclasses.replace(Ridge.fit(x, y, weight), intercept=float(np.mean([level.mean() for level in levels]))),
         ridge_weight=weight,
         trained_on=tuple(m.key.model for m, _ in pairs),
-        cv_errors={f"{w:g}": e for w, e in errors.items()},
+        cv_errors={f"{name}, {w:g}": e for (name, w), e in errors.items()},
         fisher_windows=fisher_pass[0] if use_fisher and fisher_pass else 0,
         fisher_seqlen=fisher_pass[1] if use_fisher and fisher_pass else 0,
         options=tuple(pairs[0][0].options),
     )
+
+
+def candidate_inputs(feature_names: Sequence[str], use_fisher: bool, input_sets: Mapping[str, tuple[str, ...] | None]) -> dict[str, tuple[str, ...]]:
+    """Each candidate set's inputs: its features the table has (None: all of them), then the Fisher input if used; a set
+    left empty, or equal to an earlier one, is dropped."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, wanted in input_sets.items():
+        names = (*(n for n in feature_names if wanted is None or n in wanted), *((FISHER_INPUT,) if use_fisher else ()))
+        if names and names not in out.values():
+            out[name] = names
+    if not out:
+        raise BitallocError("none of the loss model's candidate input sets has an input in these tables")
+    return out
 
 
 def _fisher_pass(features: SensitivityTable) -> tuple[int, int] | None:

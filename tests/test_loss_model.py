@@ -57,6 +57,22 @@ def test_without_fisher_the_hidden_part_is_missed() -> None:
     assert corr(without) < corr(with_fisher) - 0.2
 
 
+def test_inputs_are_chosen_by_held_out_error() -> None:
+    from policies.loss_model import candidate_inputs
+
+    noisy = [pair(seed) for seed in (0, 1)]
+    noisy = [(dataclasses.replace(m, losses={"kl": m.losses["kl"] / np.exp(m.features.astype(np.float64) @ BETA)[:, None]}), f)
+             for m, f in noisy]  # the level is the Fisher part alone: the features only add variance
+    assert fit_loss_model(noisy, anchor=ANCHOR, fisher_pass=PASS).inputs == (FISHER_INPUT,)
+    assert fit_loss_model([pair(0), pair(1)], anchor=ANCHOR, fisher_pass=PASS).inputs[:-1] == tuple(pair(0)[1].feature_names)
+    names = ["relative_depth", "kind_q", "other"]
+    sets = {"all": None, "depth": ("relative_depth",), "absent": ("kind_up",), "again": ("relative_depth",)}
+    assert candidate_inputs(names, False, sets) == {"all": tuple(names), "depth": ("relative_depth",)}  # empty and repeated sets dropped
+    assert candidate_inputs(names, True, {"absent": ("kind_up",)}) == {"absent": (FISHER_INPUT,)}
+    with pytest.raises(BitallocError, match="candidate input sets"):
+        candidate_inputs(names, False, {"absent": ("kind_up",)})
+
+
 def test_learned_loss_is_the_default_and_solves_within_budget() -> None:
     model = fit_loss_model([pair(0, noise=0.2)], anchor=ANCHOR, fisher_pass=PASS)
     _, features = pair(3)
