@@ -9,15 +9,19 @@ target, so they are not features-only, only a bound):
   layers (one offset per option, :data:`ANCHOR` = GPTQ 3-bit);
 - each layer's level ``log kl[l, anchor]``: taken from the target's measured KL (the oracle), or predicted.
 
-A loss model here is the level predicted by a ridge regression (inputs standardized on the source model, the ridge
-weight chosen by leave-blocks-out cross-validation on the source alone) plus the source's option offsets, fitted on
-the source's measured single-layer KL and applied to the target's features table. Two sets of inputs:
+A loss model here is the level predicted by a ridge regression (inputs standardized on the source model; which
+inputs, of :data:`policies.loss_model.INPUT_SETS`, and the ridge weight chosen by leave-blocks-out cross-validation on
+the source alone) plus the source's option offsets, fitted on the source's measured single-layer KL and applied to the
+target's features table. Inputs:
 
-- ``features``: the features pass's layer features (:mod:`allocator.measure.features`);
+- ``features``: the features pass's layer features (:mod:`allocator.measure.features`): every one, or the module kind
+  and depth, or the kind alone;
 - ``features + fisher W x T``: those and ``log ½ Σ F ⊙ (W − Q)²`` of the anchor's calibration-free twin (RTN 3-bit),
   F the diagonal Fisher of the mean per-token KL (:mod:`allocator.measure.fisher`, sampled labels) on the first W
   calibration windows cut to T tokens (:data:`FISHER_PASSES`): a gradient pass, no quantized forward. Its wall time is
-  reported beside the features pass's.
+  reported beside the features pass's;
+- ``..., every feature``: every feature and the Fisher input, no choice of inputs (how the loss model was fitted
+  before the choice: what the choice changes).
 
 Every allocation is the ILP (ties on, as everywhere) at each budget on the target's table carrying that loss,
 measured as policy_zeroshot.py's ``kept`` rows are (the profile's kept one-shot weights swapped into the float model,
@@ -84,6 +88,9 @@ SHIPPED = "features-fisher-kl"
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
+EVERY_FEATURE = {"every feature": None}
+"""The level's inputs before they were chosen by CV (every feature + the Fisher input): the row that shows what the
+choice changes."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -183,9 +190,11 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
     truth = anchor_level(measured, ANCHOR)
     loss_tables: dict[str, SensitivityTable] = {}
     fits: dict[str, Any] = {"source": source, "offsets": dict(zip(measured.labels, map(float, offsets), strict=True))}
-    for name, fisher_pass in (("features", None), *((f"features + fisher {w} x {t}", (w, t)) for w, t in FISHER_PASSES)):
+    fitted = [("features", None, None), *((f"features + fisher {w} x {t}", (w, t), None) for w, t in FISHER_PASSES),
+              (f"{POLICY_INPUT}, every feature", POLICY_FISHER, EVERY_FEATURE)]
+    for name, fisher_pass, input_sets in fitted:
         model = fit_loss_model([(source_measured, with_fisher(source_features, fisher[source][fisher_pass] if fisher_pass else None))],
-                               use_fisher=fisher_pass is not None, anchor=ANCHOR, fisher_pass=fisher_pass)
+                               use_fisher=fisher_pass is not None, anchor=ANCHOR, fisher_pass=fisher_pass, input_sets=input_sets)
         table = with_learned_loss(with_fisher(features, fisher[target][fisher_pass] if fisher_pass else None), model)
         predicted = np.log(table.losses[LEARNED_LOSS][:, anchor])
         fits[name] = {"inputs": list(model.inputs), "ridge_weight": model.ridge_weight, "cv_mse": dict(model.cv_errors),
