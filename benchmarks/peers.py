@@ -5,7 +5,8 @@ perplexity and mean per-token KL against the same fp32 reference; a method that 
 calibration windows (bitalloc's seeded calibration samples).
 
 - **bitalloc**: ``bitalloc run``'s job (the ``main`` options, every option's single-layer KL on 128 tokens, ILP, GPTQ
-  block by block on the quantized prefix) at ``BITALLOC_BUDGETS``; its time is the allocation (profile + KL, once per
+  block by block on the quantized prefix) at ``BITALLOC_BUDGETS`` and any ``--bitalloc-budgets`` (a peer row's own
+  bpw, so that the comparison there is measured, not interpolated); its time is the allocation (profile + KL, once per
   model, from the profile cache's record) plus each budget's quantization.
 - **bitalloc uniform**: each of those GPTQ options on every linear, each layer quantized alone against the float
   model (the profile's kept weights; no sequential quantization), as HQQ quantizes: bitalloc's quantizer beside a
@@ -231,9 +232,9 @@ def bitalloc_map_autoround_rows(loaded: LoadedModel, windows: torch.Tensor, reci
 # ----------------------------------------------------------------------------- bitalloc
 
 
-def bitalloc_rows(loaded: LoadedModel, done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
+def bitalloc_rows(loaded: LoadedModel, budgets: list[float], done: Mapping[str, Row], save: Callable[[Row], None]) -> None:
     corpus = load_corpus("enwiki")
-    for bpw in BITALLOC_BUDGETS:
+    for bpw in budgets:
         name = f"bitalloc run @{bpw:g}"
         if name not in done:
             save({"tool": "bitalloc", "variant": name, **run_job_row(loaded, corpus, RUN_OPTIONS, bpw)})
@@ -329,7 +330,7 @@ def llama_cpp_rows(model: str, reference_ppl: float, done: Mapping[str, Row], sa
 
 
 def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits: list[int], scheme_budgets: list[float],
-              map_budgets: list[float]) -> None:
+              map_budgets: list[float], bitalloc_budgets: list[float]) -> None:
     path = RESULTS / "peers" / f"{model}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"model": model, "provenance": provenance(), "rows": {}}
     record.setdefault("resumed", []).append(provenance())
@@ -354,7 +355,7 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
     if "hqq" in tools:
         hqq_rows(loaded, windows, rows, save)
     if "bitalloc" in tools:
-        bitalloc_rows(loaded, rows, save)
+        bitalloc_rows(loaded, bitalloc_budgets, rows, save)
         bitalloc_uniform_rows(loaded, windows, rows, save)
         bitalloc_sequential_rows(loaded, windows, rows, save)
     if "autoround" in tools:
@@ -534,6 +535,8 @@ def main() -> None:
     parser.add_argument("--scheme-budgets", type=number_list(float), default=SCHEME_BUDGETS, help="AutoScheme's avg_bits ('' for none)")
     parser.add_argument("--map-budgets", type=number_list(float), default=SCHEME_BUDGETS,
                         help="bpw of bitalloc's GPTQ-only maps tuned by AutoRound ('' for none)")
+    parser.add_argument("--bitalloc-budgets", type=number_list(float), default=BITALLOC_BUDGETS,
+                        help="bpw of the bitalloc run rows (add a peer's own bpw to compare there without interpolating)")
     parser.add_argument("--render", action="store_true", help="only rewrite peers.md and peers.png from the saved records")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -543,7 +546,8 @@ def main() -> None:
         parser.error(f"--tools: unknown {', '.join(sorted(tools - set(TOOLS)))}; choose from {', '.join(TOOLS)}")
     if not args.render:
         for model in models:
-            run_model(model, tools, args.autoround_recipe, args.autoround_bits, args.scheme_budgets, args.map_budgets)
+            run_model(model, tools, args.autoround_recipe, args.autoround_bits, args.scheme_budgets, args.map_budgets,
+                      args.bitalloc_budgets)
     records = [json.loads(p.read_text()) for p in sorted((RESULTS / "peers").glob("*.json"))]
     (RESULTS / "peers.md").write_text(report(records))
     plot(records, RESULTS / "peers.png")
