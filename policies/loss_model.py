@@ -13,8 +13,9 @@ features table carries the loss ``fisher_twin`` (``½ Σ F ⊙ (W − Q)²`` of 
 diagonal Fisher: a gradient pass, no quantized forward), the log of that loss at the anchor option, centered within
 the model. Inputs are standardized on the training layers; which inputs (every feature, or only the module kind and
 depth, or only the kind: :data:`INPUT_SETS`, each with the Fisher input where there is one) and the ridge weight are
-chosen together by cross-validation that holds out whole decoder blocks (fewer inputs transfer better between models
-where the Fisher input carries the level: results/loss_model_transfer.md). Fitted on measured tables (their ``kl``) with the features tables of the same models;
+chosen together by cross-validation that holds out one training model at a time (several models: the zero-shot
+setting), or whole decoder blocks (one model); fewer inputs transfer better between models where the Fisher input
+carries the level (results/loss_model_transfer.md). Fitted on measured tables (their ``kl``) with the features tables of the same models;
 :func:`with_learned_loss` adds its prediction to a new model's features table as the loss :data:`LEARNED_LOSS`,
 which the solvers (and a policy trained on it) use like any other loss.
 
@@ -131,8 +132,10 @@ class Ridge:
 
 
 def held_out_errors(inputs: np.ndarray, target: np.ndarray, groups: np.ndarray, weights: Sequence[float] = RIDGE_WEIGHTS,
-                    folds: int = CV_FOLDS) -> dict[float, float]:
-    """Mean squared error of each ridge weight when the layers of one fold of ``groups`` (blocks) are held out in turn."""
+                    folds: int = CV_FOLDS, centered: bool = False) -> dict[float, float]:
+    """Mean squared error of each ridge weight when the layers of one fold of ``groups`` (blocks, or whole models) are
+    held out in turn; ``centered`` takes each held-out fold's mean error out first (a whole model's overall level does
+    not change its allocation)."""
     fold_of = np.unique(groups, return_inverse=True)[1] % folds
     if len(np.unique(fold_of)) < 2:
         raise BitallocError("fitting a loss model needs layers from at least two decoder blocks")
@@ -142,6 +145,8 @@ def held_out_errors(inputs: np.ndarray, target: np.ndarray, groups: np.ndarray, 
         for fold in np.unique(fold_of):
             held = fold_of == fold
             residual[held] = target[held] - Ridge.fit(inputs[~held], target[~held], weight).predict(inputs[held])
+            if centered:
+                residual[held] -= residual[held].mean()
         errors[float(weight)] = float(np.mean(residual**2))
     return errors
 
@@ -295,7 +300,8 @@ def fit_loss_model(
     measured table's ``loss`` at ``anchor``, centered per model (a new model's overall level does not matter to its
     allocation, only the levels' differences between its layers); the offsets are averaged over all layers; the level's
     inputs are the set of ``input_sets`` (default :data:`INPUT_SETS`) and the ridge weight of ``weights`` with the least
-    block-held-out error. With
+    held-out error: one training model held out at a time where there are several (the zero-shot setting; each model's
+    overall level taken out), else its decoder blocks. With
     ``use_fisher`` the Fisher input's windows and tokens are read from the features tables' pass (or ``fisher_pass``,
     for tables that were given the loss another way), and must agree."""
     if not pairs:
@@ -324,10 +330,14 @@ def fit_loss_model(
     if any(m.labels != labels for m, _ in pairs):
         raise BitallocError("the tables of a loss model must share their options")
     x_every, y, g = np.concatenate(rows), np.concatenate(targets), np.concatenate(groups)
+    # several training models: hold out one model at a time (what a new model is); one: hold out its blocks
+    several = len(pairs) > 1
+    held_groups, folds = (g // 100_000, len(pairs)) if several else (g, CV_FOLDS)
     errors: dict[tuple[str, float], float] = {}
     for set_name, names in candidates.items():
         columns = [every.index(name) for name in names]
-        errors.update({(set_name, w): e for w, e in held_out_errors(x_every[:, columns], y, g, weights).items()})
+        held = held_out_errors(x_every[:, columns], y, held_groups, weights, folds=folds, centered=several)
+        errors.update({(set_name, w): e for w, e in held.items()})
     set_name, weight = min(errors, key=errors.__getitem__)
     inputs = candidates[set_name]
     x = x_every[:, [every.index(name) for name in inputs]]
