@@ -61,6 +61,12 @@ def provenance() -> str:
     return f"- command: `{command}`\n- date: {today}\n- commit: {_COMMIT_AT_START}\n- machine: {machine()}\n"
 
 
+def resumed_lines(record: dict) -> list[str]:
+    """``- resumed: <commit> (<date>)`` for every run after a record's first (its ``resumed`` provenance blocks)."""
+    return [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
+            for run in record.get("resumed", [])[1:]]
+
+
 def evaluation_protocol(settings, reference: str = "", calibration: str = "calibration") -> str:
     """The sentence every results file starts with: evaluation windows and calibration samples."""
     return (

@@ -28,7 +28,7 @@ import json
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, chosen_models, provenance
+from _common import RESULTS, chosen_models, provenance, resumed_lines
 from peers import SETTINGS, sequential_row
 
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -43,6 +43,7 @@ from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
 from allocator.table.options import parse_options
 from allocator.table.sensitivity import SensitivityTable
+from policies.loss_model import anchor_level, option_offsets
 
 OUT = RESULTS / "kl_smoothing"
 BUDGETS = [2.5, 3.0, 3.5, 4.0]
@@ -80,10 +81,9 @@ def smoothed_losses(table: SensitivityTable) -> dict[str, np.ndarray]:
     logged = np.where(applies, np.log(np.maximum(kl, _FLOOR)), np.nan)
     single = np.zeros(len(table.names), dtype=int)
     fit = rank_one(logged, single)
-    anchor = table.option_index(ANCHOR)
-    offsets = np.nanmean(logged - logged[:, [anchor]], axis=0)
+    anchored = anchor_level(table, ANCHOR)[:, None] + option_offsets(table, ANCHOR)[None, :]
     variants = {"raw": logged, "rank one": fit, "rank one by kind": rank_one(logged, module_kinds(table.names)),
-                "anchored": logged[:, [anchor]] + offsets[None, :], "half": 0.5 * (logged + fit)}
+                "anchored": anchored, "half": 0.5 * (logged + fit)}
     return {name: np.where(applies, np.exp(value), np.nan) for name, value in variants.items()}
 
 
@@ -118,10 +118,11 @@ def run_model(model: str, budgets: list[float], sequential: list[str], variants:
     listed = {(r["variant"], r["budget"]) for r in rows}
     record["rows"] = [*(r for r in record.get("rows", []) if (r["variant"], r["budget"]) not in listed),
                       *({k: v for k, v in r.items() if k != "bitmap"} for r in rows)]  # rows of an earlier, wider run kept
-    write_json(path, record)
 
     def save() -> None:
         write_json(path, record)
+
+    save()
 
     windows = evaluation_tokens(loaded, corpus, EvalSettings(tokens=SETTINGS[model]["tokens"], true_sequential=False))
     kept = {k: Measured(**v) for k, v in record["kept"].items()}
@@ -148,8 +149,7 @@ def report(records: list[dict[str, Any]]) -> str:
     lines = ["# bitalloc run's KL table, raw or smoothed", "", (__doc__ or "").split("\n\n", 1)[1].strip(), ""]
     for record in records:
         lines += [f"## {record['model']}", "", record["provenance"].rstrip(),
-                  *(f"- resumed: {resumed.splitlines()[2].removeprefix('- commit: ')} ({resumed.splitlines()[1].removeprefix('- date: ')})"
-                    for resumed in record.get("resumed", [])[1:]),
+                  *resumed_lines(record),
                   f"- reference (fp32) perplexity {record.get('reference_perplexity', float('nan')):.3f}", "",
                   "| variant | budget | layers unlike raw | raw KL sum | ppl (kept) | vs raw | KL (kept) | ppl (sequential) | KL (sequential) |",
                   "|---|---|---|---|---|---|---|---|---|"]

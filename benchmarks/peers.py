@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import peer_autoround
 import torch
-from _common import RESULTS, chosen_models, provenance
+from _common import RESULTS, chosen_models, provenance, resumed_lines
 
 from allocator.evaluate.perplexity import evaluate
 from allocator.jobs.compare import EvalSettings, evaluation_tokens, quantize_assignment
@@ -379,8 +379,7 @@ def report(records: list[dict]) -> str:
     for record in records:
         reference = record.get("reference", {})
         lines += [f"## {record['model']}", "", record["provenance"]]
-        lines += [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
-                  for run in record.get("resumed", [])[1:]]
+        lines += resumed_lines(record)
         lines += [f"- peer versions: {', '.join(f'{k} {v}' for k, v in record.get('versions', {}).items())}",
                   f"- reference (fp32) perplexity {reference.get('perplexity', float('nan')):.3f} on {reference.get('tokens')} evaluation tokens"]
         lines += [f"- {note}" for note in record.get("notes", {}).values()] + [""]

@@ -314,7 +314,7 @@ def fit_loss_model(
         fisher_pass = passes.pop()
     candidates = candidate_inputs(first_features.feature_names, use_fisher, INPUT_SETS if input_sets is None else input_sets)
     every = tuple(dict.fromkeys(name for names in candidates.values() for name in names))
-    rows, targets, groups, offsets, levels = [], [], [], [], []
+    rows, targets, groups, model_of, offsets, levels = [], [], [], [], [], []
     for index, (measured, features) in enumerate(pairs):
         if measured.names != features.names or measured.labels != features.labels:
             raise BitallocError(f"the measured and features tables of {measured.key.model} must list the same layers and options")
@@ -325,6 +325,7 @@ def fit_loss_model(
         rows.append(level_inputs(features, every, anchor))
         targets.append(level - level.mean())
         groups.append(index * 100_000 + block_index(features.names))
+        model_of.append(np.full(len(features.names), index))
         offsets.append(option_offsets(measured, anchor, loss))
     labels = pairs[0][0].labels
     if any(m.labels != labels for m, _ in pairs):
@@ -332,7 +333,7 @@ def fit_loss_model(
     x_every, y, g = np.concatenate(rows), np.concatenate(targets), np.concatenate(groups)
     # several training models: hold out one model at a time (what a new model is); one: hold out its blocks
     several = len(pairs) > 1
-    held_groups, folds = (g // 100_000, len(pairs)) if several else (g, CV_FOLDS)
+    held_groups, folds = (np.concatenate(model_of), len(pairs)) if several else (g, CV_FOLDS)
     errors: dict[tuple[str, float], float] = {}
     for set_name, names in candidates.items():
         columns = [every.index(name) for name in names]
