@@ -162,6 +162,9 @@ def unit_observations(problem: Problem, normalization: FeatureNormalization, opt
     ``options`` holds per unit the option indices its actions map to, lightest first.
     """
     table = problem.table
+    if missing := [name for j, name in enumerate(table.feature_names) if np.isnan(np.asarray(table.features[:, j], dtype=np.float64)).all()]:
+        raise BitallocError(f"the table of {table.key.model} lacks {', '.join(missing)} (made without activation statistics); "
+                            "a policy observes every feature")
     normalized = normalization.apply(table.features)
     count = problem.num_units
     rows = np.zeros((count, normalized.shape[1] + len(UNIT_FEATURES)), dtype=np.float64)

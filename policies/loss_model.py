@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from allocator.errors import BitallocError
-from allocator.measure.features import MODULE_KINDS
+from allocator.measure.features import ACTIVATION_FEATURES, MODULE_KINDS
+from allocator.measure.features_pass import twins_needing_hessian
 from allocator.storage import read_json, write_json
 from allocator.table.losses import FISHER_TWIN, KL
 from allocator.table.sensitivity import FEATURES_PASS_KEY, Option, SensitivityTable
@@ -84,7 +85,11 @@ def level_inputs(table: SensitivityTable, inputs: Sequence[str], anchor: str) ->
         if name == FISHER_INPUT:
             columns.append(_log_fisher(table, anchor))
         elif name in table.feature_names:
-            columns.append(np.nan_to_num(np.asarray(table.features[:, table.feature_names.index(name)], dtype=np.float64)))
+            column = np.asarray(table.features[:, table.feature_names.index(name)], dtype=np.float64)
+            if np.isnan(column).all():
+                raise BitallocError(f"the features table of {table.key.model} lacks {name!r}, which this loss model reads "
+                                    "(make it with activation statistics)")
+            columns.append(np.nan_to_num(column))
         else:
             raise BitallocError(f"the table of {table.key.model} has no feature {name!r}, which this loss model reads")
     return np.stack(columns, axis=1)
@@ -174,6 +179,12 @@ class LossModel:
     @property
     def uses_fisher(self) -> bool:
         return FISHER_INPUT in self.inputs
+
+    @property
+    def needs_activation_statistics(self) -> bool:
+        """Whether a new model's features pass needs its calibration forward for this model's inputs (without it: the
+        weights and the Fisher pass alone, :func:`allocator.measure.features_pass.features_table`)."""
+        return any(name in ACTIVATION_FEATURES for name in self.inputs) or bool(twins_needing_hessian(self.options))
 
     def check(self, table: SensitivityTable) -> None:
         """Raise a one-line :class:`BitallocError` unless ``table`` has this model's feature schema and every option priced."""

@@ -115,9 +115,9 @@ class Quantizer(abc.ABC):
 
     name: ClassVar[str]
     uses_hessian: ClassVar[bool] = False
+    """True when :meth:`quantize` takes the layer's input Hessian (see :meth:`needs_hessian`)."""
     one_bit: ClassVar[bool] = False
     """Whether this is a 1-bit format (its ``bits`` setting, if any, is not a uniform grid width)."""
-    """True when :meth:`quantize` needs the layer's input Hessian."""
 
     @abc.abstractmethod
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
@@ -134,6 +134,11 @@ class Quantizer(abc.ABC):
     def label(self) -> str:
         """Short human-readable name, e.g. ``gptq-w3g128``."""
         return self.name
+
+    def needs_hessian(self) -> bool:
+        """Whether :meth:`quantize` with these settings fails without the input Hessian (some quantizers that take one
+        can do without it in some settings)."""
+        return self.uses_hessian
 
 
 @contextlib.contextmanager

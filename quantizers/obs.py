@@ -34,14 +34,20 @@ def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor, damp_ratio: flo
     Inputs that never fire (``H_jj == 0``) cannot affect the output: their weights are set to zero
     and their diagonal to one, as in GPTQ.
     """
-    w = weight.detach().float().clone()
+    w = without_dead_inputs(weight, hessian)
     h = hessian.detach().float().clone()
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"Hessian of shape {tuple(h.shape)} does not match {w.shape[1]} input features")
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     return w, inverse_hessian_cholesky(h, damp_ratio)
+
+
+def without_dead_inputs(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """float32 copy of ``weight`` with the inputs that never fire (``H_jj == 0``) zeroed."""
+    w = weight.detach().float().clone()
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"Hessian of shape {tuple(hessian.shape)} does not match {w.shape[1]} input features")
+    w[:, torch.diag(hessian.detach().float()) == 0] = 0
+    return w
 
 
 def obs_saliency(weight: torch.Tensor, hinv_cholesky: torch.Tensor) -> torch.Tensor:

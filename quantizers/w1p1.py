@@ -30,7 +30,7 @@ import torch
 
 from quantizers.base import GroupLayout, QuantizedTensor, Quantizer, checked_count, checked_damping, checked_flag, checked_group_size
 from quantizers.binary_formats import W1P1, decode_w1p1, encode_w1p1, sign_bits, signs_from_bits, to_scale, w1p1_storage_bits
-from quantizers.obs import prepare_hessian, quantize_with_error_feedback
+from quantizers.obs import prepare_hessian, quantize_with_error_feedback, without_dead_inputs
 
 WEIGHTINGS = ("hessian", "plain")
 
@@ -108,13 +108,13 @@ class W1P1Quantizer(Quantizer):
         self.block_size = checked_count(block_size, "block_size")
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantizedTensor:
-        needs_hessian = self.error_feedback or self.weighting == "hessian"
-        if needs_hessian and hessian is None:
+        if self.needs_hessian() and hessian is None:
             raise ValueError("W(1+1) with error feedback or Hessian weighting needs the layer's input Hessian")
         rows, cols = weight.shape
         layout = GroupLayout(cols, self.group_size)
         if hessian is not None:
-            w, hinv_cholesky = prepare_hessian(weight, hessian, self.damp_ratio)
+            # the inverse Hessian only feeds the error feedback (a Cholesky per layer: most of a plain twin's time)
+            w, hinv_cholesky = prepare_hessian(weight, hessian, self.damp_ratio) if self.error_feedback else (without_dead_inputs(weight, hessian), None)
             h_diag = torch.diag(hessian.detach().float()).clamp_min(0)
             h_diag = torch.where(h_diag > 0, h_diag, torch.ones_like(h_diag))
         else:
@@ -170,6 +170,9 @@ class W1P1Quantizer(Quantizer):
         qt = QuantizedTensor(W1P1, (rows, cols), stored, meta, dequantized=torch.empty(0))
         qt.dequantized = decode_w1p1(qt.stored, qt.meta, qt.shape)
         return qt
+
+    def needs_hessian(self) -> bool:
+        return self.error_feedback or self.weighting == "hessian"
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         return w1p1_storage_bits((out_features, in_features), GroupLayout(in_features, self.group_size))

@@ -229,3 +229,64 @@ def test_cli_run_with_a_loss_model_runs_the_features_pass_instead_of_profile_and
         assert_one_line_error(code, err, message)
     code, _, err = run(capsys, "run", "--loss-model", "no-such-model", "--model", str(tiny_model_dir), "--bpw", "3", *common)
     assert_one_line_error(code, err, "no loss model at 'no-such-model'")
+
+
+def test_features_pass_without_activation_statistics_reads_weights_and_the_fisher_pass_alone(loaded, corpus, monkeypatch) -> None:
+    from allocator.measure.features import ACTIVATION_FEATURES
+    from allocator.table.losses import FISHER_TWIN, WEIGHT_ERR
+    from policies.loss_model import INPUT_SETS, LEARNED_LOSS, fit_loss_model, with_learned_loss
+
+    settings = {"samples": 2, "seqlen": 32, "cache": False, "progress": False, "fisher_windows": 2, "fisher_seqlen": 16}
+    full = features_table(loaded, corpus, parse_options(OPTIONS), **settings)
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("the calibration forward ran")
+
+    monkeypatch.setattr(features_pass, "_measure_layers", no_forward)
+    lean = features_table(loaded, corpus, parse_options(OPTIONS), activation_statistics=False, **settings)
+    measured = [j for j, name in enumerate(lean.feature_names) if name not in ACTIVATION_FEATURES]
+    assert len(measured) == len(lean.feature_names) - len(ACTIVATION_FEATURES)
+    assert np.isnan(np.delete(lean.features, measured, axis=1)).all()  # the activation features are not made up
+    assert np.array_equal(lean.features[:, measured], full.features[:, measured])  # the weight and structure ones are the same
+    assert np.array_equal(lean.bits, full.bits) and CHEAP_LOSS not in lean.losses
+    assert np.allclose(lean.losses[WEIGHT_ERR], full.losses[WEIGHT_ERR]) and np.allclose(lean.losses[FISHER_TWIN], full.losses[FISHER_TWIN])
+    assert lean.metadata[FEATURES_PASS_KEY]["activation_statistics"] is False and lean.key.code_version != full.key.code_version
+    shape, weight_err = lean.losses[SHAPE_LOSS], lean.losses[WEIGHT_ERR]
+    assert np.allclose(shape / shape[:, :1], weight_err / weight_err[:, :1])  # the default loss's shape from the weight error
+    # a loss model reading structure and the Fisher input prices both tables alike; one reading activations refuses the lean one
+    structural = fit_loss_model([(measured_twin(full), full)], anchor="gptq-w2g16", input_sets={"kind + depth": INPUT_SETS["kind + depth"]})
+    assert not structural.needs_activation_statistics
+    assert np.allclose(with_learned_loss(lean, structural).losses[LEARNED_LOSS], with_learned_loss(full, structural).losses[LEARNED_LOSS])
+    every = fit_loss_model([(measured_twin(full), full)], anchor="gptq-w2g16", input_sets={"every feature": None})
+    assert every.needs_activation_statistics
+    with pytest.raises(BitallocError, match="lacks 'act_log_rms', which this loss model reads"):
+        with_learned_loss(lean, every)
+    with pytest.raises(BitallocError, match="made without activation statistics"):  # nor does a policy observe it
+        BitAllocEnv(lean, constraints=Constraints(loss=WEIGHT_ERR))
+    with pytest.raises(BitallocError, match="the twins of billm-.* need the input Hessian"):
+        features_table(loaded, corpus, parse_options(["billm"]), activation_statistics=False, **settings)
+
+
+def test_cli_run_with_a_structural_loss_model_skips_the_calibration_forward(tiny_model_dir, text_file, tmp_path, isolated_cache,
+                                                                          capsys) -> None:
+    from policies.loss_model import INPUT_SETS, fit_loss_model
+
+    common, calibration = ["--corpus", str(text_file), "--no-progress"], ["--samples", "2", "--seqlen", "32"]
+    fisher = ["--fisher-windows", "2", "--fisher-seqlen", "16"]
+    code, stdout, err = run(capsys, "features", "--model", str(tiny_model_dir), *fisher, *calibration, "--options", *OPTIONS, *common)
+    assert code == 0, err
+    table = SensitivityTable.load(stdout.strip().splitlines()[-1])
+    model = fit_loss_model([(measured_twin(table), table)], anchor="gptq-w2g16",
+                           input_sets={"kind + depth": INPUT_SETS["kind + depth"]}).save(tmp_path / "loss.json")
+    code, stdout, err = run(capsys, "run", "--loss-model", str(model), "--model", str(tiny_model_dir), "--bpw", "3", "--tokens", "128",
+                            *calibration, *common)
+    assert code == 0, err
+    assert "features pass (weights and the Fisher input on 2 x 16 calibration tokens)" in stdout
+    lean = [SensitivityTable.load(p) for p in (isolated_cache / "features").glob("*.npz")]  # inside the cache, not beside the model
+    assert sorted(t.metadata[FEATURES_PASS_KEY]["activation_statistics"] for t in lean) == [False, True]
+    code, stdout, err = run(capsys, "features", "--model", str(tiny_model_dir), "--no-activation-statistics", *fisher, *calibration,
+                            "--options", *OPTIONS, *common)
+    assert code == 0, err
+    assert "without activation statistics, Fisher on 2 x 16 tokens" in stdout
+    code, _, err = run(capsys, "features", "--model", str(tiny_model_dir), "--no-activation-statistics", "--options", "billm", *common)
+    assert_one_line_error(code, err, "--no-activation-statistics: the twins of billm")

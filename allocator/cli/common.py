@@ -69,15 +69,16 @@ def profile_for(model: str, args: argparse.Namespace) -> SensitivityTable:
 
 
 def features_for(model: str, args: argparse.Namespace, options: Sequence[Option], fisher_windows: int = 0,
-                 fisher_seqlen: int = 0) -> SensitivityTable:
+                 fisher_seqlen: int = 0, activation_statistics: bool = True) -> SensitivityTable:
     """The features table of ``model`` for ``options`` (cached by bitalloc features): all a features-only policy or a loss
-    model reads (with the Fisher input a loss model was fitted on)."""
+    model reads (with the Fisher input a loss model was fitted on; without the calibration forward when
+    ``activation_statistics`` is off)."""
     from allocator.measure.features_pass import features_table
     from allocator.model.corpus import load_corpus
     from allocator.model.loading import load_model
 
     return features_table(load_model(model), load_corpus(args.corpus), options, progress=not args.no_progress,
-                          fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen)
+                          fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen, activation_statistics=activation_statistics)
 
 
 def other_bytes(table: SensitivityTable) -> int:

@@ -73,6 +73,7 @@ def run_job(
     fisher_windows: int = 0,
     fisher_seqlen: int = FISHER_TWIN_SEQLEN,
     price: Callable[[SensitivityTable], SensitivityTable] | None = None,
+    activation_statistics: bool = True,
 ) -> RunResult:
     """Profile ``loaded`` under ``options`` (cached, resumable), add the single-layer KL of
     ``kl_anchors`` (None: every option; on one window of ``kl_seqlen`` calibration tokens, default 256) unless
@@ -82,19 +83,25 @@ def run_job(
     evaluation run on ``device`` (:mod:`allocator.model.placement`); with ``ray`` the profile's options are quantized, and
     the single-layer KLs measured, on that Ray cluster (:mod:`allocator.measure.distributed`,
     :mod:`allocator.measure.distributed_kl`). With ``features_only`` the features pass (its Fisher input on
-    ``fisher_windows`` x ``fisher_seqlen`` tokens when ``fisher_windows`` > 0) replaces the profile and the KL, and
-    ``price`` (e.g. a loss model's prediction, added as the table's default loss) turns its table into the one solved."""
+    ``fisher_windows`` x ``fisher_seqlen`` tokens when ``fisher_windows`` > 0; without its calibration forward unless
+    ``activation_statistics``) replaces the profile and the KL, and ``price`` (e.g. a loss model's prediction, added as
+    the table's default loss) turns its table into the one solved."""
     start = time.perf_counter()
     stages: dict[str, float] = {}
     windows = evaluation_tokens(loaded, corpus, settings)  # bad settings fail before any work
     if features_only:  # a features-only policy reads the features pass alone: no profile, no KL
         samples, seqlen = min(FEATURE_PASS_SAMPLES, settings.samples), min(FEATURE_PASS_SEQLEN, settings.seqlen)
-        fisher = f", the Fisher input on {fisher_windows} x {fisher_seqlen} of them" if fisher_windows else ""
-        say(f"[1/4] features pass: {len(options)} options per layer priced by calibration-free twins on {samples} x {seqlen} calibration "
-            f"tokens{fisher} (cached)")
+        fisher = f"the Fisher input on {fisher_windows} x {fisher_seqlen} calibration tokens" if fisher_windows else ""
+        if activation_statistics:
+            say(f"[1/4] features pass: {len(options)} options per layer priced by calibration-free twins on {samples} x {seqlen} calibration "
+                f"tokens{', ' + fisher if fisher else ''} (cached)")
+        else:
+            say(f"[1/4] features pass (weights{' and ' + fisher if fisher else ' only'}): {len(options)} options per layer priced by "
+                "calibration-free twins (cached)")
         tick = time.perf_counter()
         table = features_table(loaded, corpus, list(options), samples=samples, seqlen=seqlen, seed=settings.seed, progress=progress,
-                               device=device, fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen)
+                               device=device, fisher_windows=fisher_windows, fisher_seqlen=fisher_seqlen,
+                               activation_statistics=activation_statistics)
         if price is not None:
             table = price(table)
         stages["features"] = time.perf_counter() - tick

@@ -29,6 +29,9 @@ Features (:data:`FEATURE_NAMES`, in order; ``log`` is the natural log, ``eps = 1
 - ``rtn_w2_output_error``: ``tr(E H E^T) / tr(W H W^T)`` with ``E = W - Q`` of RTN 2-bit: the relative
   output error of the layer on its calibration inputs.
 
+:func:`measure_weight` measures a layer from its weight alone (no calibration forward): the
+:data:`ACTIVATION_FEATURES` (the activation statistics, the Hessian trace share and the output error) are then NaN.
+
 Bump :data:`FEATURE_SCHEMA` whenever a feature or its normalization changes: a policy file records
 the schema it was trained on and refuses a mismatched one.
 """
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -68,12 +71,21 @@ FEATURE_NAMES: tuple[str, ...] = (
 """Column names of :func:`feature_matrix` (documented one per line in the module docstring)."""
 
 
+ACTIVATION_FEATURES: tuple[str, ...] = (
+    "act_log_rms",
+    "act_log_outlier_ratio",
+    "act_log_channel_spread",
+    "log_hessian_trace_share",
+    "rtn_w2_output_error",
+)
+"""The features that need the layer's calibration inputs (:func:`measure_layer`); :func:`measure_weight` leaves them NaN."""
+
 RTN_GROUP_SIZE = 128
 EPS = 1e-12
 
 
 def _log(value: float) -> float:
-    return math.log(max(value, EPS))
+    return math.nan if math.isnan(value) else math.log(max(value, EPS))
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,30 @@ def measure_layer(
 ) -> LayerMeasurements:
     """Measure one linear layer: ``weight`` (out x in), its input ``hessian`` (``2 X^T X / n``) and the
     per-channel max ``|x|`` of its calibration inputs."""
+    rtn2_weight = RTNQuantizer(2, RTN_GROUP_SIZE).quantize(weight).dequantized
+    channel_ms = torch.diag(hessian.double()).clamp_min(0) / 2  # mean x_j^2 per input channel
+    act_rms = math.sqrt(float(channel_ms.mean()))
+    channel_rms = channel_ms.sqrt()
+    median = float(channel_rms.median())
+    return replace(
+        _weight_measurements(name, weight, rtn2_weight, block, num_blocks),
+        act_rms=act_rms,
+        act_outlier_ratio=float(act_absmax.max()) / act_rms if act_rms > 0 else 0.0,
+        act_channel_spread=float(channel_rms.max()) / median if median > 0 else 0.0,
+        hessian_trace=float(torch.diag(hessian.double()).sum()),
+        rtn2_output_error=_relative_output_error(weight, rtn2_weight, hessian),
+    )
+
+
+@torch.inference_mode()
+def measure_weight(name: str, weight: torch.Tensor, block: int, num_blocks: int) -> LayerMeasurements:
+    """What :func:`measure_layer` measures of ``weight`` alone, without calibration inputs: the measurements behind
+    :data:`ACTIVATION_FEATURES` are NaN (and so are those features in :func:`feature_matrix`)."""
+    return _weight_measurements(name, weight, RTNQuantizer(2, RTN_GROUP_SIZE).quantize(weight).dequantized, block, num_blocks)
+
+
+def _weight_measurements(name: str, weight: torch.Tensor, rtn2_weight: torch.Tensor, block: int, num_blocks: int) -> LayerMeasurements:
+    """The weight's own measurements; the activation ones NaN."""
     w = weight.detach().double()
     out_features, in_features = w.shape
     centered = w - w.mean()
@@ -144,17 +180,6 @@ def measure_layer(
     std = math.sqrt(variance)
     kurtosis = float((centered**4).mean()) / max(variance**2, EPS**2) if variance > 0 else 0.0
     max_over_std = float(centered.abs().max()) / std if std > 0 else 0.0
-
-    channel_ms = torch.diag(hessian.double()).clamp_min(0) / 2  # mean x_j^2 per input channel
-    act_rms = math.sqrt(float(channel_ms.mean()))
-    channel_rms = channel_ms.sqrt()
-    median = float(channel_rms.median())
-    spread = float(channel_rms.max()) / median if median > 0 else 0.0
-    outlier = float(act_absmax.max()) / act_rms if act_rms > 0 else 0.0
-
-    rtn2_weight = RTNQuantizer(2, RTN_GROUP_SIZE).quantize(weight).dequantized
-    rtn2, rtn2_output = _relative_error(weight, rtn2_weight), _relative_output_error(weight, rtn2_weight, hessian)
-    rtn4 = _relative_error(weight, RTNQuantizer(4, RTN_GROUP_SIZE).quantize(weight).dequantized)
     return LayerMeasurements(
         name=name,
         block=block,
@@ -163,13 +188,13 @@ def measure_layer(
         in_features=in_features,
         weight_kurtosis=kurtosis,
         weight_max_over_std=max_over_std,
-        act_rms=act_rms,
-        act_outlier_ratio=outlier,
-        act_channel_spread=spread,
-        hessian_trace=float(torch.diag(hessian.double()).sum()),
-        rtn2_error=rtn2,
-        rtn4_error=rtn4,
-        rtn2_output_error=rtn2_output,
+        act_rms=math.nan,
+        act_outlier_ratio=math.nan,
+        act_channel_spread=math.nan,
+        hessian_trace=math.nan,
+        rtn2_error=_relative_error(weight, rtn2_weight),
+        rtn4_error=_relative_error(weight, RTNQuantizer(4, RTN_GROUP_SIZE).quantize(weight).dequantized),
+        rtn2_output_error=math.nan,
     )
 
 
@@ -196,7 +221,7 @@ def feature_matrix(measurements: Sequence[LayerMeasurements]) -> np.ndarray:
                 layer_log_rms - mean_log_rms,
                 _log(m.act_outlier_ratio),
                 _log(m.act_channel_spread),
-                _log(count * m.hessian_trace / total_trace) if total_trace > 0 else 0.0,
+                _log(count * m.hessian_trace / total_trace) if total_trace > 0 or math.isnan(total_trace) else 0.0,
                 m.rtn2_error,
                 m.rtn4_error,
                 m.rtn2_output_error,

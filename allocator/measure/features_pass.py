@@ -19,6 +19,12 @@ quantized layer:
   of the whole model, still no quantized forward (what a loss model reads, :mod:`policies.loss_model`);
 - each option's exact stored bits (each twin stores exactly what its option stores, which is checked).
 
+Without activation statistics (``activation_statistics=False``, ``bitalloc features --no-activation-statistics``; what
+``bitalloc run --loss-model`` runs when its loss model reads only structure and the Fisher input) the calibration
+forward is left out: the layers are measured from their weights alone (:func:`allocator.measure.features.measure_weight`:
+the activation features are NaN), the twins are priced without a Hessian (so :data:`CHEAP_LOSS` is absent, and a twin
+that needs one is refused), and the Fisher pass is the only forward: seconds on a 135M model instead of half a minute.
+
 The result is a :class:`SensitivityTable` marked ``features_only`` (its metadata holds ``features_pass``: the
 settings and the wall time), so the solvers run on it as on any table, and a features-only policy observes it and
 nothing else (:mod:`envs.observation`). It is cached under ``$BITALLOC_CACHE/features``.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,10 +47,10 @@ from transformers import PreTrainedModel
 
 from allocator.errors import BitallocError
 from allocator.evaluate.accounting import OTHER_TENSOR_BITS, model_size_bytes
-from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer
+from allocator.measure.features import FEATURE_NAMES, FEATURE_SCHEMA, LayerMeasurements, feature_matrix, measure_layer, measure_weight
 from allocator.measure.fisher import fisher_diagonals
 from allocator.measure.fisher_gradients import SAMPLED
-from allocator.measure.profile import CODE_VERSION, cached_table, collect_and_run, layer_inputs, model_fingerprint, profile_cache_id
+from allocator.measure.profile import CODE_VERSION, cached_table, collect_and_run, layer_inputs, model_fingerprint, model_slug, profile_cache_id
 from allocator.model.arch import tie_groups
 from allocator.model.calibration import capture_block_inputs
 from allocator.model.corpus import Corpus
@@ -68,6 +75,8 @@ FISHER_TWIN_SEQLEN = 128
 cost on both real models: results/loss_model_transfer.md)."""
 FEATURES_PASS_VERSION = "features-pass-v1"
 """Enters the table key's code version; bump it when the pass computes anything differently."""
+WEIGHTS_ONLY = "weights-only"
+"""Enters the table key's code version of a pass without activation statistics."""
 TWIN_EM_ITERATIONS = 4
 """EM rounds of the W(1+1) twin (the option itself runs up to 30)."""
 CHEAP_LOSS = "hdiag_err"
@@ -93,6 +102,12 @@ def cheap_twin_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings)
 
 
+def twins_needing_hessian(options: Sequence[Option]) -> list[str]:
+    """Labels of the options whose calibration-free twin needs the input Hessian: a pass without activation
+    statistics cannot price them."""
+    return [o.label for o in options if quantizer_from_settings(cheap_twin_settings(o.settings)).needs_hessian()]
+
+
 def features_table(
     loaded: LoadedModel,
     corpus: Corpus,
@@ -105,10 +120,12 @@ def features_table(
     device: torch.device = CPU,
     fisher_windows: int = 0,
     fisher_seqlen: int = FISHER_TWIN_SEQLEN,
+    activation_statistics: bool = True,
 ) -> SensitivityTable:
     """The features table of ``loaded`` for ``options`` (module doc), from the cache when it was made before with
     the same settings; ``metadata["features_pass"]["seconds"]`` is the pass's wall time when it was computed (the
-    Fisher input's share under ``["fisher"]["seconds"]``)."""
+    Fisher input's share under ``["fisher"]["seconds"]``). Without ``activation_statistics`` the calibration forward
+    is left out (module doc: what a loss model reading only structure and the Fisher input needs)."""
     start = time.perf_counter()
     options = list(options)
     if not options:
@@ -120,7 +137,11 @@ def features_table(
     if not 0 <= fisher_windows <= samples or (fisher_windows and not 2 <= fisher_seqlen <= seqlen):
         raise BitallocError(f"the Fisher input takes 0 to {samples} of the pass's windows of 2 to {seqlen} tokens, "
                             f"got {fisher_windows} x {fisher_seqlen}")
-    version = f"{CODE_VERSION}+{FEATURES_PASS_VERSION}" + (f"+fisher{fisher_windows}x{fisher_seqlen}" if fisher_windows else "")
+    if not activation_statistics and (needing := twins_needing_hessian(options)):
+        raise BitallocError(f"the twins of {', '.join(needing)} need the input Hessian: price them with activation statistics")
+    twins = [(quantizer_from_settings(o.settings), quantizer_from_settings(cheap_twin_settings(o.settings))) for o in options]
+    version = (f"{CODE_VERSION}+{FEATURES_PASS_VERSION}" + (f"+fisher{fisher_windows}x{fisher_seqlen}" if fisher_windows else "")
+               + ("" if activation_statistics else f"+{WEIGHTS_ONLY}"))
     key = TableKey(model=loaded.name, corpus=corpus.name, samples=samples, seqlen=seqlen, code_version=version, seed=seed)
     fingerprint = model_fingerprint(model)
     cache_id = profile_cache_id(key, options, fingerprint, False, 0)
@@ -131,24 +152,27 @@ def features_table(
         log.info("using the cached features table %s", path)
         return with_rules(cached)
     tokens = calibration_samples(loaded.tokenizer, corpus.calibration, samples, seqlen, loaded.add_bos, seed)
-    twins = [(quantizer_from_settings(o.settings), quantizer_from_settings(cheap_twin_settings(o.settings))) for o in options]
     fisher, fisher_seconds = None, 0.0
     if fisher_windows:
         fisher_start = time.perf_counter()
         fisher = fisher_diagonals(model, tokens[:fisher_windows, :fisher_seqlen], [SAMPLED], seed, progress=progress)[SAMPLED].diagonal
         fisher_seconds = time.perf_counter() - fisher_start
-    rows = _measure_layers(model, tokens, twins, progress, device, fisher)
+    if activation_statistics:
+        rows = _measure_layers(model, tokens, twins, progress, device, fisher)
+    else:
+        rows = _measure_weights(model, twins, progress, fisher)
     total_numel = sum(rows[n][0].numel for n in names)
     seconds = time.perf_counter() - start
     metadata = {
         "cache_id": cache_id,
         "model_fingerprint": fingerprint,
-        "calibration_tokens": samples * seqlen,
+        "calibration_tokens": samples * seqlen if activation_statistics else fisher_windows * fisher_seqlen,
         "add_bos": loaded.add_bos,
         "other_bytes": model_size_bytes(model) - total_numel * OTHER_TENSOR_BITS // 8,
-        "losses": dict(LOSS_DESCRIPTIONS),
+        "losses": {k: v for k, v in LOSS_DESCRIPTIONS.items() if activation_statistics or k != CHEAP_LOSS},
         "seconds": seconds,
         FEATURES_PASS_KEY: {"version": FEATURES_PASS_VERSION, "samples": samples, "seqlen": seqlen, "seconds": seconds,
+                            "activation_statistics": activation_statistics,
                             "twins": [cheap_twin_settings(o.settings) for o in options],
                             **({"fisher": {"windows": fisher_windows, "seqlen": fisher_seqlen, "seconds": fisher_seconds}} if fisher_windows else {})},
     }
@@ -159,7 +183,8 @@ def features_table(
         tie_group=tie_groups(names),
         options=options,
         bits=np.array([rows[n][1] for n in names], dtype=np.int64),
-        losses={CHEAP_LOSS: np.array([rows[n][2] for n in names]), WEIGHT_ERR: np.array([rows[n][3] for n in names]),
+        losses={**({CHEAP_LOSS: np.array([rows[n][2] for n in names])} if activation_statistics else {}),
+                WEIGHT_ERR: np.array([rows[n][3] for n in names]),
                 **({FISHER_TWIN: np.array([rows[n][4] for n in names])} if fisher is not None else {})},
         key=key,
         features=feature_matrix(measurements),
@@ -173,9 +198,10 @@ def features_table(
 
 
 def with_rules(table: SensitivityTable) -> SensitivityTable:
-    """``table`` (the twins' measurements) with :data:`SHAPE_LOSS` first (the default loss) and the prior rules added."""
+    """``table`` (the twins' measurements) with :data:`SHAPE_LOSS` first (the default loss) and the prior rules added;
+    without activation statistics the shape is read from the twins' weight error instead of :data:`CHEAP_LOSS`."""
     priors = prior_losses(table)
-    cheap = table.losses[CHEAP_LOSS]
+    cheap = table.losses[CHEAP_LOSS] if CHEAP_LOSS in table.losses else table.losses[WEIGHT_ERR]
     bits = np.where(np.isfinite(cheap), table.bits, -1)
     widest = bits.argmax(axis=1)
     rows = np.arange(table.num_layers)
@@ -184,7 +210,7 @@ def with_rules(table: SensitivityTable) -> SensitivityTable:
 
 
 def _cache_path(model: str, cache_id: str) -> Path:
-    return cache_dir("features") / f"{model}-{cache_id}.npz"
+    return cache_dir("features") / f"{model_slug(model)}-{cache_id}.npz"  # a model given as a path stays out of its folder
 
 
 def features_table_path(table: SensitivityTable) -> Path:
@@ -193,14 +219,15 @@ def features_table_path(table: SensitivityTable) -> Path:
 
 
 Row = tuple[LayerMeasurements, list[int], list[float], list[float], list[float]]
-"""A layer's measurements, and per option: stored bits, the cheap loss, the weight error and the Fisher twin error
-(empty without a Fisher input)."""
+"""A layer's measurements, and per option: stored bits, the cheap loss (NaN without activation statistics), the weight
+error and the Fisher twin error (empty without a Fisher input)."""
 
 
 @torch.inference_mode()
 def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequence[tuple[Quantizer, Quantizer]], progress: bool,
                     device: torch.device, fisher: Mapping[str, torch.Tensor] | None = None) -> dict[str, Row]:
-    """Every layer's row: the option's own stored bits (known from the shape), its twin's errors."""
+    """Every layer's row from the calibration forward: the option's own stored bits (known from the shape), its
+    twin's errors."""
     inputs = capture_block_inputs(model, tokens, device=device)
     hidden = inputs.hidden_states
     prefix = decoder_prefix(model)
@@ -217,21 +244,43 @@ def _measure_layers(model: PreTrainedModel, tokens: torch.Tensor, twins: Sequenc
                 raise BitallocError(f"{name} saw no calibration input in the features pass")
             w, hessian = layer_inputs(weight, stats[local])
             measurements = measure_layer(name, w, hessian, stats[local].absmax.cpu(), index, len(layers))
-            h_diag = torch.diagonal(hessian).clamp_min(0)
-            bits, cheap, plain, fisher_err = [], [], [], []
-            layer_fisher = fisher[name].float().cpu() if fisher is not None else None
-            for option, twin in twins:
-                quantized = twin.quantize(w, hessian if twin.uses_hessian else None)
-                squared = (w - quantized.dequantized.float()).square()
-                bits.append(int(option.storage_bits(*w.shape)))
-                cheap.append(float(squared.sum(dim=0) @ h_diag))
-                plain.append(float(squared.sum()))
-                if layer_fisher is not None:
-                    fisher_err.append(0.5 * float((layer_fisher * squared).sum()))
-            rows[name] = (measurements, bits, cheap, plain, fisher_err)
+            rows[name] = (measurements, *_price_twins(w, hessian, twins, fisher[name] if fisher is not None else None))
         del stats
     return rows
 
 
+@torch.inference_mode()
+def _measure_weights(model: PreTrainedModel, twins: Sequence[tuple[Quantizer, Quantizer]], progress: bool,
+                     fisher: Mapping[str, torch.Tensor] | None = None) -> dict[str, Row]:
+    """Every layer's row from its weight alone (no calibration forward)."""
+    prefix = decoder_prefix(model)
+    layers = decoder_layers(model)
+    rows: dict[str, Row] = {}
+    for index in tqdm(range(len(layers)), desc="features pass (weights)", disable=not progress):
+        for local, module in layer_linears(layers[index]).items():
+            name = f"{prefix}.{index}.{local}"
+            w = module.weight.detach().float().cpu()
+            rows[name] = (measure_weight(name, w, index, len(layers)), *_price_twins(w, None, twins, fisher[name] if fisher is not None else None))
+    return rows
+
+
+def _price_twins(w: torch.Tensor, hessian: torch.Tensor | None, twins: Sequence[tuple[Quantizer, Quantizer]],
+                 layer_fisher: torch.Tensor | None) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per (option's quantizer, its twin): the option's stored bits, the twin's diagonal-Hessian error (NaN without ``hessian``), weight error and Fisher
+    twin error (none without ``layer_fisher``)."""
+    h_diag = torch.diagonal(hessian).clamp_min(0) if hessian is not None else None
+    fisher = layer_fisher.float().cpu() if layer_fisher is not None else None
+    bits, cheap, plain, fisher_err = [], [], [], []
+    for option, twin in twins:
+        quantized = twin.quantize(w, hessian if twin.uses_hessian else None)
+        squared = (w - quantized.dequantized.float()).square()
+        bits.append(int(option.storage_bits(*w.shape)))
+        cheap.append(float(squared.sum(dim=0) @ h_diag) if h_diag is not None else math.nan)
+        plain.append(float(squared.sum()))
+        if fisher is not None:
+            fisher_err.append(0.5 * float((fisher * squared).sum()))
+    return bits, cheap, plain, fisher_err
+
+
 __all__ = ["CHEAP_LOSS", "FEATURE_PASS_SAMPLES", "FEATURE_PASS_SEQLEN", "SHAPE_LOSS", "cheap_twin_settings", "features_table",
-           "features_table_path", "with_rules"]
+           "features_table_path", "twins_needing_hessian", "with_rules"]

@@ -301,8 +301,12 @@ def profile_cache_id(key: TableKey, options: Sequence[Option], fingerprint: str,
 
 def profile_cache_path(model: str, cache_id: str) -> Path:
     """``$BITALLOC_CACHE/profiles/<model>-<cache id>.npz``."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name or model).strip("._")[:48] or "model"
-    return cache_dir(PROFILE_CACHE) / f"{slug}-{cache_id}.npz"
+    return cache_dir(PROFILE_CACHE) / f"{model_slug(model)}-{cache_id}.npz"
+
+
+def model_slug(model: str) -> str:
+    """A file-name-safe short form of a model spec (a path's last part): cache files stay inside the cache."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name or model).strip("._")[:48] or "model"
 
 
 def cached_table(path: Path, key: TableKey, labels: Sequence[str], names: Sequence[str]) -> SensitivityTable | None:

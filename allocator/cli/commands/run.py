@@ -132,4 +132,4 @@ def loss_model_arguments(args: argparse.Namespace) -> tuple[list[Option], dict[s
         return with_learned_loss(table, loss_model)
 
     fisher = {"fisher_windows": loss_model.fisher_windows, "fisher_seqlen": loss_model.fisher_seqlen} if loss_model.uses_fisher else {}
-    return list(loss_model.options), {"price": price, **fisher}
+    return list(loss_model.options), {"price": price, "activation_statistics": loss_model.needs_activation_statistics, **fisher}

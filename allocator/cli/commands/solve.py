@@ -79,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None:
         table = SensitivityTable.load(args.profile)
     elif features_options is not None:
-        fisher = (loss_model.fisher_windows, loss_model.fisher_seqlen) if loss_model is not None else ()
-        table = features_for(args.model, args, features_options, *fisher)
+        if loss_model is not None:  # the pass its inputs need (without the calibration forward where they allow)
+            table = features_for(args.model, args, features_options, loss_model.fisher_windows, loss_model.fisher_seqlen,
+                                 loss_model.needs_activation_statistics)
+        else:
+            table = features_for(args.model, args, features_options)
     else:
         table = profile_for(args.model, args)
     if args.bpw is not None:
