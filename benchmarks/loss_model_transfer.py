@@ -59,7 +59,7 @@ from allocator.model.tokens import calibration_samples
 from allocator.solvers import Budget, Constraints, solve
 from allocator.storage import write_json
 from allocator.table.options import parse_options, quantizer_from_settings
-from allocator.table.sensitivity import SensitivityTable
+from allocator.table.sensitivity import FEATURES_PASS_KEY, SensitivityTable
 from policies.apply import apply_policy
 from policies.artifact import load_policy
 from policies.best_checkpoint import BEST_FILE
@@ -73,6 +73,7 @@ from policies.loss_model import (
     block_index,
     fit_loss_model,
     level_inputs,
+    load_loss_model,
     option_offsets,
     with_learned_loss,
 )
@@ -257,6 +258,24 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
                          f"{cost['kl']:.1f} s | {(cost['features'] + fisher_seconds) / cost['profile']:.0%} |")
     lines += ["", "Features pass, profile and KL times from results/policy_zeroshot/tables.json (each measured alone on the machine); "
               "the Fisher pass from this run's record.", ""]
+    lean = {model: cost["weights_only"] for model, cost in costs.items() if cost.get("weights_only")}
+    if lean:
+        lines += ["### Without activation statistics", "",
+                  f"A loss model whose inputs are module kind, depth and the Fisher input (what CV chose for the `features + fisher "
+                  f"{POLICY_FISHER[0]} x {POLICY_FISHER[1]}` rows, and the shipped `{SHIPPED}`) needs no calibration forward: "
+                  "`bitalloc run --loss-model` / `solve --loss-model` then run the features pass on the weights and the Fisher "
+                  "pass alone (`features_table(activation_statistics=False)`). Timed uncached "
+                  "(`python benchmarks/loss_model_transfer.py --weights-only`), and checked to give the same allocations as the full pass:", "",
+                  "| model | weights + Fisher pass | of which Fisher | / full profile | same allocation at every budget "
+                  "| max rel. difference of the learned loss |",
+                  "|---|---|---|---|---|---|"]
+        for model, entry in lean.items():
+            for name, check in entry["checks"].items():
+                same = all(check["same_allocation"].values())
+                lines.append(f"| {model} ({name}) | {entry['seconds']:.1f} s | {entry['fisher_seconds']:.1f} s | "
+                             f"{entry['seconds'] / costs[model]['profile']:.1%} | {'yes' if same else 'no: ' + str(check['same_allocation'])} | "
+                             f"{check['max_relative_difference']:.1e} |")
+        lines += ["", *(entry["provenance"].rstrip() for entry in lean.values()), ""]
     for model, record in records.items():
         provenance_block = record["provenance"]
         resumed = [f"- resumed: {p.split('commit: ')[1].splitlines()[0]}" for p in record.get("resumed", []) if "commit: " in p]
@@ -322,6 +341,43 @@ def verdicts(record: dict[str, Any]) -> list[str]:
     return out
 
 
+def weights_only_path(model: str) -> Path:
+    return OUT / f"weights-only-{model}.json"
+
+
+def weights_only_check(tables: dict, fisher: dict, budgets: list[float]) -> None:
+    """The features pass ``bitalloc run --loss-model`` runs for a loss model reading structure and the Fisher input alone
+    (no calibration forward): timed on each model (uncached), and checked to price the layers as the full pass does (the
+    same allocation at every budget, for the loss model fitted on the other model and for the shipped one)."""
+    corpus = load_corpus("enwiki")
+    shipped = load_loss_model(SHIPPED)
+    for target in MODELS:
+        measured, features = tables[target]
+        source = next(m for m in tables if m != target)
+        source_measured, source_features = tables[source]
+        fitted = fit_loss_model([(source_measured, with_fisher(source_features, fisher[source][POLICY_FISHER]))], use_fisher=True,
+                                anchor=ANCHOR, fisher_pass=POLICY_FISHER)
+        loaded = load_model(target)
+        settings = {"fisher_windows": POLICY_FISHER[0], "fisher_seqlen": POLICY_FISHER[1], "progress": False}
+        tick = time.perf_counter()
+        lean = features_table(loaded, corpus, measured.options, activation_statistics=False, cache=False, **settings)
+        seconds = time.perf_counter() - tick
+        product = features_table(loaded, corpus, measured.options, **settings)  # the full pass with the same Fisher input (cached)
+        checks = {}
+        for name, model, full in ((f"fitted on {source}", fitted, with_fisher(features, fisher[target][POLICY_FISHER])),
+                                  (f"shipped {SHIPPED}", shipped, product)):
+            on_lean, on_full = with_learned_loss(lean, model), with_learned_loss(full, model)
+            same = [allocation_hash(solve(on_lean, Budget.bpw(b), Constraints(loss=LEARNED_LOSS)).options())
+                    == allocation_hash(solve(on_full, Budget.bpw(b), Constraints(loss=LEARNED_LOSS)).options()) for b in budgets]
+            checks[name] = {"inputs": list(model.inputs), "needs_activation_statistics": model.needs_activation_statistics,
+                            "max_relative_difference": float(np.nanmax(np.abs(on_lean.losses[LEARNED_LOSS] / on_full.losses[LEARNED_LOSS] - 1))),
+                            "same_allocation": dict(zip(map(str, budgets), same, strict=True))}
+        write_json(weights_only_path(target), {"provenance": provenance(), "seconds": seconds,
+                                               "fisher_seconds": lean.metadata[FEATURES_PASS_KEY]["fisher"]["seconds"], "checks": checks})
+        print(f"{target}: features pass without activation statistics {seconds:.1f} s; {checks}", flush=True)
+        del loaded
+
+
 def ship() -> Path:
     """Fit the loss model on every model's measured KL and its features table made by the product's features pass with
     the Fisher input (what ``bitalloc solve --loss-model`` computes on a new model), check it prices each table as the
@@ -355,6 +411,9 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true",
                         help=f"fit the loss model on every model (features pass with the {POLICY_FISHER[0]} x {POLICY_FISHER[1]} Fisher input) "
                              f"and ship it as policies/pretrained/{SHIPPED}.json")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="only time the features pass without activation statistics (what bitalloc run --loss-model runs "
+                             "for a loss model reading structure and the Fisher input) and check its allocations")
     parser.add_argument("--report", action="store_true", help="only rewrite loss_model_transfer.md from the records")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
@@ -373,6 +432,9 @@ def main() -> None:
             tables[model] = (measured, features)
             fisher[model] = {(w, t): fisher_anchor_error(loaded, features, corpus.calibration, w, t)[0] for w, t in FISHER_PASSES}
             del loaded
+    if args.weights_only:
+        weights_only_check(tables, fisher, budgets)
+    elif not args.report:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
         policies = train_policies(tables, fisher, seeds, args.timesteps) if args.policies else {}
         for target in MODELS:
@@ -396,7 +458,8 @@ def main() -> None:
         entry = costs_record["models"].get(model, {})
         fisher_seconds = {k: float(v["seconds"]) for k, v in fisher_records.items() if v is not None}
         costs[model] = {"features": entry.get("features_pass_seconds", float("nan")), "fisher": fisher_seconds,
-                        "profile": entry.get("profile_seconds", float("nan")), "kl": entry.get("kl_seconds", float("nan"))}
+                        "profile": entry.get("profile_seconds", float("nan")), "kl": entry.get("kl_seconds", float("nan")),
+                        "weights_only": read(weights_only_path(model))}
     (RESULTS / "loss_model_transfer.md").write_text(report(records, costs))
     print(RESULTS / "loss_model_transfer.md")
 

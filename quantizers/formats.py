@@ -57,9 +57,10 @@ def encode_uniform_grid(
     if not spec.symmetric:
         stored["zeros"] = pack_codes(zeros, spec.bits)
     meta = {"bits": spec.bits, "symmetric": spec.symmetric, "group_size": layout.group_size}
-    qt = QuantizedTensor(UNIFORM_GRID, (rows, cols), stored, meta, dequantized=torch.empty(0))
-    qt.dequantized = decode_uniform_grid(qt.stored, qt.meta, qt.shape)
-    return qt
+    # what decode_uniform_grid reads back, without unpacking: pack_codes checked the codes' range and stores them as uint8
+    stored_zeros = zeros.to(torch.uint8) if not spec.symmetric else None
+    dequantized = _dequantize(codes.to(torch.uint8), stored["scales"].float(), stored_zeros, spec, layout)
+    return QuantizedTensor(UNIFORM_GRID, (rows, cols), stored, meta, dequantized=dequantized)
 
 
 def decode_uniform_grid(stored: dict[str, torch.Tensor], meta: dict[str, Any], shape: tuple[int, int]) -> torch.Tensor:
@@ -67,15 +68,18 @@ def decode_uniform_grid(stored: dict[str, torch.Tensor], meta: dict[str, Any], s
     spec = GridSpec(meta["bits"], meta["symmetric"])
     layout = GroupLayout(cols, meta["group_size"])
     codes = unpack_codes(stored["codes"], spec.bits, rows * cols).reshape(rows, cols)
-    scales = stored["scales"].float()
-    if spec.symmetric:
-        zeros = torch.full_like(scales, spec.symmetric_zero())
-    else:
-        zeros = unpack_codes(stored["zeros"], spec.bits, rows * layout.count).reshape(rows, layout.count).float()
+    zeros = None if spec.symmetric else unpack_codes(stored["zeros"], spec.bits, rows * layout.count).reshape(rows, layout.count)
+    return _dequantize(codes, stored["scales"].float(), zeros, spec, layout)
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: GridSpec, layout: GroupLayout) -> torch.Tensor:
+    """``(code - zero) * scale`` of uint8 ``codes`` (rows x cols), per-(row, group) float ``scales`` and uint8 ``zeros``
+    (None: the symmetric grid's zero)."""
+    zero = torch.full_like(scales, spec.symmetric_zero()) if zeros is None else zeros.float()
     # Expand per-group params to per-column and dequantize the whole matrix at once. Groups are contiguous column runs
     # (the last may be shorter), so repeat_interleave expands them: 10x faster on CPU than gathering by column index.
     sizes = torch.tensor([stop - start for start, stop in map(layout.bounds, range(layout.count))])
-    return (codes.float() - zeros.repeat_interleave(sizes, dim=1)) * scales.repeat_interleave(sizes, dim=1)
+    return (codes.float() - zero.repeat_interleave(sizes, dim=1)) * scales.repeat_interleave(sizes, dim=1)
 
 
 DECODERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any], tuple[int, int]], torch.Tensor]] = {

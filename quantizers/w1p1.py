@@ -43,15 +43,21 @@ def fit_two_scales(
     A row whose magnitudes all fall in one cluster gets that cluster's scale twice.
     """
     a = magnitudes.double()
+    unweighted = bool((column_weights == 1).all())  # then every c * x below is x: the same sums without the products
     c = column_weights.double().expand_as(a)
-    row_mean = (c * a).sum(1, keepdim=True) / c.sum(1, keepdim=True).clamp_min(1e-300)
+    row_mean = (a if unweighted else c * a).sum(1, keepdim=True) / c.sum(1, keepdim=True).clamp_min(1e-300)
     member = a > row_mean
 
     def refit(member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weight_hi = (c * member).sum(1)
-        weight_lo = (c * ~member).sum(1)
-        hi = (c * a * member).sum(1) / weight_hi.clamp_min(1e-300)
-        lo = (c * a * ~member).sum(1) / weight_lo.clamp_min(1e-300)
+        if unweighted:
+            weight_hi, weight_lo = member.sum(1).double(), (~member).sum(1).double()
+            hi = (a * member).sum(1) / weight_hi.clamp_min(1e-300)
+            lo = (a * ~member).sum(1) / weight_lo.clamp_min(1e-300)
+        else:
+            weight_hi = (c * member).sum(1)
+            weight_lo = (c * ~member).sum(1)
+            hi = (c * a * member).sum(1) / weight_hi.clamp_min(1e-300)
+            lo = (c * a * ~member).sum(1) / weight_lo.clamp_min(1e-300)
         hi = torch.where(weight_hi > 0, hi, lo)
         lo = torch.where(weight_lo > 0, lo, hi)
         return lo, hi
