@@ -23,7 +23,8 @@ Without activation statistics (``activation_statistics=False``, ``bitalloc featu
 ``bitalloc run --loss-model`` runs when its loss model reads only structure and the Fisher input) the calibration
 forward is left out: the layers are measured from their weights alone (:func:`allocator.measure.features.measure_weight`:
 the activation features are NaN), the twins are priced without a Hessian (so :data:`CHEAP_LOSS` is absent, and a twin
-that needs one is refused), and the Fisher pass is the only forward: seconds on a 135M model instead of half a minute.
+that needs one is refused), and the Fisher pass is the only forward: 17.5 s instead of 36 s on SmolLM2-135M, 8% of
+its profile (results/loss_model_transfer.md).
 
 The result is a :class:`SensitivityTable` marked ``features_only`` (its metadata holds ``features_pass``: the
 settings and the wall time), so the solvers run on it as on any table, and a features-only policy observes it and
