@@ -33,6 +33,7 @@ what is missing.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import time
 from pathlib import Path
@@ -155,34 +156,49 @@ def cross_fitted_level(measured: SensitivityTable, features: SensitivityTable) -
 # ----------------------------------------------------------------------------- allocations and measurement
 
 
-def policy_dir(source: str, seed: int, timesteps: int) -> Path:
+SWEEP: dict[str, dict[str, Any]] = {
+    "lr 1e-4": {"learning_rate": 1e-4},
+    "2 gradient steps": {"gradient_steps": 2},
+    "target entropy -3": {"target_entropy": -3.0},
+}
+"""SAC settings tried for steadier training (``--sweep``; the issue's note: SAC wanders after its best checkpoint), each
+against the default (SB3's: learning rate 3e-4, 1 gradient step per environment step, target entropy -1)."""
+SWEEP_PREFIX = "sweep"
+TIMESTEPS = 20_000
+"""Training steps of every policy here (``--timesteps``)."""
+
+
+def policy_dir(source: str, seed: int, timesteps: int, variant: str = "") -> Path:
     windows, seqlen = POLICY_FISHER
-    return OUT / "runs" / f"{source}-fisher{windows}x{seqlen}-seed{seed}-{timesteps}"
+    suffix = f"-{variant.replace(' ', '_')}" if variant else ""
+    return OUT / "runs" / f"{source}-fisher{windows}x{seqlen}-seed{seed}-{timesteps}{suffix}"
 
 
-def train_policies(tables: dict, fisher: dict, seeds: list[int], timesteps: int) -> dict[str, list[tuple[int, Path]]]:
+def train_policies(tables: dict, fisher: dict, seeds: list[int], timesteps: int, variant: str = "") -> dict[str, list[tuple[int, Path]]]:
     """Per source model, SAC policies (one per seed) that observe and price on the learned loss: on the source's features
     table carrying its cross-fitted levels (:func:`cross_fitted_level`) and its own option offsets, rewarded on its
-    measured KL (policy_zeroshot.py's recipe otherwise). Returns each run's best checkpoint."""
+    measured KL (policy_zeroshot.py's recipe otherwise; ``variant``: a :data:`SWEEP` entry's settings). Returns each
+    run's best checkpoint."""
     out: dict[str, list[tuple[int, Path]]] = {}
     for source, (measured, features) in tables.items():
         with_input = with_fisher(features, fisher[source][POLICY_FISHER])
         observed = priced(features, cross_fitted_level(measured, with_input), option_offsets(measured, ANCHOR))
         out[source] = []
         for seed in seeds:
-            directory = policy_dir(source, seed, timesteps)
+            directory = policy_dir(source, seed, timesteps, variant)
             if not ((directory / POLICY_FILE).is_file() and (directory / BEST_FILE).is_file()):
                 start = time.perf_counter()
-                config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=LEARNED_LOSS))
+                config = TrainConfig(timesteps=timesteps, seed=seed, checkpoint_every=2500, constraints=Constraints(loss=LEARNED_LOSS),
+                                     **SWEEP.get(variant, {}))
                 train([observed], directory, config, resume=directory.exists(), progress=False, reward_tables=[measured], reward_loss="kl")
                 write_json(directory / "wall.json", {"seconds": time.perf_counter() - start, "provenance": provenance()})
-                print(f"trained on {source} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+                print(f"trained on {source} seed {seed}{' (' + variant + ')' if variant else ''}: {time.perf_counter() - start:.0f} s", flush=True)
             out[source].append((seed, directory / BEST_FILE))
     return out
 
 
-def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: bool,
-         policies: dict[str, list[tuple[int, Path]]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: bool, policies: dict[str, list[tuple[int, Path]]],
+         sweep: dict[str, dict[str, list[tuple[int, Path]]]] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     measured, features = tables[target]
     source = next(m for m in tables if m != target)
     source_measured, source_features = tables[source]
@@ -224,6 +240,11 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
             table = loss_tables[f"loss model ({POLICY_INPUT}, from {source})"]
             add(f"policy on the loss model ({POLICY_INPUT}, from {source}, seed {seed})", bpw,
                 apply_policy(load_policy(path), table, budget, Constraints(loss=LEARNED_LOSS)).options())
+        for variant, trained in (sweep or {}).items():
+            for seed, path in trained.get(source, []):
+                table = loss_tables[f"loss model ({POLICY_INPUT}, from {source})"]
+                add(f"{SWEEP_PREFIX} {variant}: policy on the loss model (from {source}, seed {seed})", bpw,
+                    apply_policy(load_policy(path), table, budget, Constraints(loss=LEARNED_LOSS)).options())
     return rows, fits
 
 
@@ -312,6 +333,7 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
                 versus = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
                 lines.append(f"| {budget:g} | {row['kind']} | {row['bpw']:.3f} | {m['perplexity']:.2f} | {m['kl']:.4f} | {versus} |")
         lines += ["", *verdicts(record), ""]
+    lines += steadiness(records, [float(b) for b in sorted({r["budget"] for rec in records.values() for r in rec["rows"]})])
     lines += ["## Reading it", "",
               "- The oracle rows keep the features-only option offsets and take only each layer's level from the target's own "
               "measured KL: where they sit near the measured-KL ILP, the level is what the features must predict, and the "
@@ -328,6 +350,50 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
               "machine) gives an allocation 3 layers away from policy_zeroshot.md's (ppl 26.84 here, 26.47 there), a 1.4% "
               "spread that bounds how finely any row here can be read.", ""]
     return "\n".join(lines) + "\n"
+
+
+def checkpoint_scores(directory: Path) -> list[tuple[int, float]]:
+    """(step, score) of each scored checkpoint of a run (its SB3 log; the score: mean ln(loss / LP bound) of its
+    deterministic allocations of the training table, lower is better)."""
+    path = directory / "logs" / "progress.csv"
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [(int(r["time/total_timesteps"]), float(r["eval/score"])) for r in csv.DictReader(handle) if r.get("eval/score")]
+
+
+def steadiness(records: dict[str, dict[str, Any]], budgets: list[float]) -> list[str]:
+    """The ``--sweep`` section: per SAC setting and run, how its checkpoint scores wander and what its best checkpoint
+    measures on the target."""
+    runs = sorted({(variant, source, seed) for variant in ("default", *SWEEP) for source in MODELS for seed in range(10)
+                   if policy_dir(source, seed, TIMESTEPS, "" if variant == "default" else variant).is_dir()})
+    if not any(variant != "default" for variant, _, _ in runs):
+        return []
+    lines = ["## Steadier SAC training? (what was tried)", "",
+             "Each run's checkpoint score every 2500 steps (mean ln(loss / LP bound) of its allocations of its training model's measured "
+             "KL at 2/2.5/3/3.5 bpw: lower is better, `policies.sac.policy_score`): the best, the last, and the wander (last - best; "
+             "how far the run drifted after its best checkpoint), then the best checkpoint applied zero-shot to the other model "
+             "(ppl vs that model's measured-KL ILP). Default: SB3's SAC (learning rate 3e-4, 1 gradient step, target entropy -1); "
+             f"the others change one setting each (`--sweep`, {', '.join(f'{k}: {v}' for k, v in SWEEP.items())}).", "",
+             "| setting | trained on | seed | best score (step) | last score | wander | " + " | ".join(f"{b:g} bpw on the other" for b in budgets) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(budgets)]
+    for variant, source, seed in runs:
+        scores = checkpoint_scores(policy_dir(source, seed, TIMESTEPS, "" if variant == "default" else variant))
+        if not scores:
+            continue
+        best_step, best = min(scores, key=lambda item: item[1])
+        target = next(m for m in MODELS if m != source)
+        record = records.get(target, {})
+        cells = []
+        for budget in budgets:
+            kinds = ({f"policy on the loss model ({POLICY_INPUT}, from {source}, seed {seed})"} if variant == "default"
+                     else {f"{SWEEP_PREFIX} {variant}: policy on the loss model (from {source}, seed {seed})"})
+            rows = {r["kind"]: record.get("measured", {}).get(r["allocation"]) for r in record.get("rows", []) if r["budget"] == budget}
+            ilp, mine = rows.get("ilp (measured kl)"), next((rows[k] for k in kinds if rows.get(k)), None)
+            cells.append(f"{mine['perplexity'] / ilp['perplexity'] - 1:+.1%}" if mine and ilp else "-")
+        lines.append(f"| {variant} | {source} | {seed} | {best:.3f} ({best_step}) | {scores[-1][1]:.3f} | {scores[-1][1] - best:+.3f} | "
+                     + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def verdicts(record: dict[str, Any]) -> list[str]:
@@ -421,10 +487,13 @@ def main() -> None:
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle-level rows")
     parser.add_argument("--policies", action="store_true", help="also train SAC policies on the loss model and apply them zero-shot")
     parser.add_argument("--seeds", default="0,1,2", help="policy seeds (with --policies)")
-    parser.add_argument("--timesteps", type=int, default=20000, help="policy training steps (with --policies)")
+    parser.add_argument("--timesteps", type=int, default=TIMESTEPS, help="policy training steps (with --policies)")
     parser.add_argument("--ship", action="store_true",
                         help=f"fit the loss model on every model (features pass with the {POLICY_FISHER[0]} x {POLICY_FISHER[1]} Fisher input) "
                              f"and ship it as policies/pretrained/{SHIPPED}.json")
+    parser.add_argument("--sweep", action="store_true", help="also train the policies with each SAC setting of SWEEP (with --policies: "
+                                                                 "keep the default policies' rows too)")
+    parser.add_argument("--sweep-seeds", default="0", help="seeds of the --sweep policies")
     parser.add_argument("--weights-only", action="store_true",
                         help="only time the features pass without activation statistics (what bitalloc run --loss-model runs "
                              "for a loss model reading structure and the Fisher input) and check its allocations")
@@ -451,9 +520,11 @@ def main() -> None:
     elif not args.report:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
         policies = train_policies(tables, fisher, seeds, args.timesteps) if args.policies else {}
+        sweep_seeds = [int(seed) for seed in args.sweep_seeds.split(",") if seed]
+        sweep = {variant: train_policies(tables, fisher, sweep_seeds, args.timesteps, variant) for variant in SWEEP} if args.sweep else {}
         for target in MODELS:
             path = OUT / f"{target}.json"
-            rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle, policies)
+            rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle, policies, sweep)
             record = read(path)
             if not record:
                 record = {"provenance": provenance(), "rows": rows, "fits": fits, "measured": {}}

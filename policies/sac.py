@@ -85,6 +85,10 @@ CHECKPOINT_PREFIX = "sac"
 _CHECKPOINT = re.compile(rf"^{CHECKPOINT_PREFIX}_(\d+)_steps\.zip$")
 
 
+MAX_GRADIENT_STEPS = 64
+"""Most gradient updates per environment step a run may ask for."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one training run (the SAC hyperparameters are stable-baselines3's)."""
@@ -101,6 +105,11 @@ class TrainConfig:
     """Random-action steps before the first update (capped at half of ``timesteps``)."""
     batch_size: int = 128
     gamma: float = 0.99
+    gradient_steps: int = 1
+    """Gradient updates per environment step (SB3's ``gradient_steps``)."""
+    target_entropy: float | None = None
+    """The entropy SAC's temperature steers the policy to (None: SB3's ``-(action dimensions)``, here -1); lower
+    explores less."""
     checkpoint_every: int = 5_000
     device: str = "cpu"
     action_mapping: str = "price"
@@ -111,6 +120,12 @@ class TrainConfig:
             raise BitallocError("timesteps, checkpoint_every, batch_size and buffer_size must be at least 1")
         if self.buffer_size > MAX_BUFFER_SIZE or not 0 <= self.seed < 2**32:
             raise BitallocError(f"the buffer size must be at most {MAX_BUFFER_SIZE} and the seed in 0..2**32-1")
+        if not 1 <= self.gradient_steps <= MAX_GRADIENT_STEPS:
+            raise BitallocError(f"gradient steps must be 1 to {MAX_GRADIENT_STEPS}, got {self.gradient_steps}")
+        if self.target_entropy is not None and not math.isfinite(self.target_entropy):
+            raise BitallocError(f"the target entropy must be a finite number, got {self.target_entropy}")
+        if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1):
+            raise BitallocError(f"the learning rate must be in (0, 1], got {self.learning_rate}")
         check_policy_kwargs({"net_arch": list(self.net_arch)}, "TrainConfig")  # what a sidecar may hold, so the policy loads again
         if not (all(math.isfinite(b) for b in self.bpw_range) and 0 < self.bpw_range[0] <= self.bpw_range[1] <= MAX_BPW):
             raise BitallocError(f"the bpw range must be finite with 0 < low <= high <= {MAX_BPW:g}, got {tuple(self.bpw_range)}")
@@ -121,6 +136,9 @@ class TrainConfig:
         data = asdict(self)
         for key in ("timesteps", "checkpoint_every", "device"):  # free to change between sessions
             data.pop(key)
+        for key, default in (("gradient_steps", 1), ("target_entropy", None)):  # runs from before these settings keep their record
+            if data[key] == default:
+                data.pop(key)
         data["constraints"] = self.constraints.as_dict()
         data["bpw_range"] = list(self.bpw_range)
         data["net_arch"] = list(self.net_arch)
@@ -252,8 +270,13 @@ def _resume(latest: tuple[Path, Path], card: PolicyCard, config: TrainConfig, en
         raise BitallocError(f"{zip_path}: a checkpoint of another run (its {differs} differs); move it away or choose another --out")
     if state.buffer_size > config.buffer_size or state.learning_starts > config.learning_starts:
         raise BitallocError(f"{zip_path}: buffer size {state.buffer_size} / learning starts {state.learning_starts} exceed the run's settings")
-    return load_checkpoint(zip_path, env, buffer, device=config.device, learning_rate=config.learning_rate, batch_size=config.batch_size,
-                           gamma=config.gamma)
+    return load_checkpoint(zip_path, env, buffer, device=config.device, **sac_settings(config))
+
+
+def sac_settings(config: TrainConfig) -> dict[str, Any]:
+    """The SAC hyperparameters of ``config`` a fresh or a resumed model is built with."""
+    return {"learning_rate": config.learning_rate, "batch_size": config.batch_size, "gamma": config.gamma,
+            "gradient_steps": config.gradient_steps, "target_entropy": "auto" if config.target_entropy is None else config.target_entropy}
 
 
 def _run_record(tables: Sequence[SensitivityTable], config: TrainConfig, reward_tables: Sequence[SensitivityTable] | None = None,
@@ -335,11 +358,9 @@ def train(
         model = SAC(
             "MlpPolicy",
             env,
-            learning_rate=config.learning_rate,
             buffer_size=min(config.buffer_size, config.timesteps),
             learning_starts=min(config.learning_starts, config.timesteps // 2),
-            batch_size=config.batch_size,
-            gamma=config.gamma,
+            **sac_settings(config),
             policy_kwargs=network_kwargs(policy_kwargs),  # a fresh dict: SAC adds its own keys to the one it is given
             seed=config.seed,
             device=config.device,

@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--action-mapping", choices=TRAIN_ACTION_MAPPINGS, default="price",
                         help="how an action picks a unit's option: price (default; scales the price that paces the budget) or index "
                         "(envs/FEATURES.md)")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="SAC's learning rate (default 3e-4, SB3's)")
+    parser.add_argument("--gradient-steps", type=positive_int, default=1, help="gradient updates per environment step (default 1, SB3's)")
+    parser.add_argument("--target-entropy", type=float, help="SAC's entropy target (default: SB3's -1 for the one action; lower explores less)")
     parser.add_argument("--loss", help="table loss to train on (default: kl, else kl_est if profiled with --measure-kl, else hessian_err)")
     parser.add_argument("--features-only", action="store_true",
                         help="train a features-only policy (zero-shot on a new model from its features pass alone): it observes the "
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                                 "profile with bitalloc profile --measure-kl (or add the loss) and pass the table with --profile")
     config = TrainConfig(timesteps=args.timesteps, seed=args.seed, bpw_range=(args.bpw_range[0], args.bpw_range[1]),
                          constraints=Constraints(loss=args.loss), checkpoint_every=args.checkpoint_every,
-                         action_mapping=args.action_mapping)
+                         action_mapping=args.action_mapping, learning_rate=args.learning_rate, gradient_steps=args.gradient_steps,
+                         target_entropy=args.target_entropy)
     tables = [SensitivityTable.load(path) for path in args.profile]  # bad files fail before any profiling
     tables += [profile_for(model, args) for model in models]
     reward_tables = None
