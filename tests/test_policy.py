@@ -311,3 +311,30 @@ def test_cli_profiles_models_for_train_and_solve(tiny_model_dir, text_file, tmp_
                           "--out", str(tmp_path / "b.json"), *profile)
     assert code == 0 and BitMap.load(tmp_path / "b.json").predicted_bpw <= 3
     assert len(list((isolated_cache / "profiles").glob("*.npz"))) == 1  # the same cached profile
+
+
+def test_sac_settings_for_steadier_training_reach_the_model_and_survive_a_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from policies.artifact import load_checkpoint
+    from policies.sac import sac_settings
+
+    table = synthetic(1)
+    default = TrainConfig(timesteps=200, seed=0, checkpoint_every=100, **SMALL)
+    assert "gradient_steps" not in default.run_settings() and "target_entropy" not in default.run_settings()  # older runs' records hold
+    config = dataclasses.replace(default, gradient_steps=2, target_entropy=-3.0, learning_rate=1e-4)
+    assert config.run_settings()["gradient_steps"] == 2 and config.run_settings()["target_entropy"] == -3.0
+    assert sac_settings(config)["target_entropy"] == -3.0 and sac_settings(default)["target_entropy"] == "auto"
+    train([table], tmp_path, config, progress=False)
+    with pytest.raises(BitallocError, match="other tables or settings"):  # a resume must keep them
+        train([table], tmp_path, dataclasses.replace(config, target_entropy=-1.0, timesteps=300), resume=True, progress=False)
+    path = train([table], tmp_path, dataclasses.replace(config, timesteps=300), resume=True, progress=False)
+    assert read_card(path).timesteps == 300
+    from envs.bitalloc_env import BitAllocEnv
+
+    model = load_checkpoint(tmp_path / "checkpoints" / "sac_300_steps.zip", BitAllocEnv([table]), **sac_settings(config))
+    assert model.gradient_steps == 2 and model.target_entropy == -3.0 and model.learning_rate == 1e-4
+    for bad, message in (({"gradient_steps": 0}, "gradient steps must be 1 to 64"), ({"target_entropy": float("nan")}, "target entropy"),
+                         ({"learning_rate": 0.0}, "learning rate must be in")):
+        with pytest.raises(BitallocError, match=message):
+            dataclasses.replace(default, **bad)
+    code, _, err = run(capsys, "train", "--profile", str(tmp_path / "t.npz"), "--out", str(tmp_path / "x"), "--gradient-steps", "65")
+    assert_one_line_error(code, err, "gradient steps must be 1 to 64")
