@@ -374,8 +374,9 @@ def steadiness(records: dict[str, dict[str, Any]], budgets: list[float]) -> list
              "KL at 2/2.5/3/3.5 bpw: lower is better, `policies.sac.policy_score`): the best, the last, and the wander (last - best; "
              "how far the run drifted after its best checkpoint), then the best checkpoint applied zero-shot to the other model "
              "(ppl vs that model's measured-KL ILP). Default: SB3's SAC (learning rate 3e-4, 1 gradient step, target entropy -1); "
-             f"the others change one setting each (`--sweep`, {', '.join(f'{k}: {v}' for k, v in SWEEP.items())}).", "",
-             "| setting | trained on | seed | best score (step) | last score | wander | " + " | ".join(f"{b:g} bpw on the other" for b in budgets) + " |",
+             f"the others change one setting each (`--sweep`, {', '.join(f'{k}: {v}' for k, v in SWEEP.items())}), one seed each "
+             "(the default has three).", "",
+             "| setting | trained on | seed | best score (logged at) | last score | wander | " + " | ".join(f"{b:g} bpw on the other" for b in budgets) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(budgets)]
     for variant, source, seed in runs:
         scores = checkpoint_scores(policy_dir(source, seed, TIMESTEPS, "" if variant == "default" else variant))
