@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS, provenance
-from policy_zeroshot import EVAL_TOKENS, MODELS, read
+from policy_zeroshot import EVAL_TOKENS, MODELS, read, stage_measure
 
 import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -333,6 +333,9 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
                 versus = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
                 lines.append(f"| {budget:g} | {row['kind']} | {row['bpw']:.3f} | {m['perplexity']:.2f} | {m['kl']:.4f} | {versus} |")
         lines += ["", *verdicts(record), ""]
+        sequential = read(OUT / f"measured-{model}-sequential.json")
+        if sequential and sequential.get("measured"):
+            lines += sequential_rows(record, sequential)
     lines += steadiness(records, [float(b) for b in sorted({r["budget"] for rec in records.values() for r in rec["rows"]})])
     lines += ["## Reading it", "",
               "- The oracle rows keep the features-only option offsets and take only each layer's level from the target's own "
@@ -350,6 +353,23 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
               "machine) gives an allocation 3 layers away from policy_zeroshot.md's (ppl 26.84 here, 26.47 there), a 1.4% "
               "spread that bounds how finely any row here can be read.", ""]
     return "\n".join(lines) + "\n"
+
+
+def sequential_rows(record: dict[str, Any], sequential: dict[str, Any]) -> list[str]:
+    """The rows measured also as ``bitalloc run`` quantizes (``--sequential``): ppl and KL beside the kept-weights ones."""
+    lines = ["Quantized as `bitalloc run` quantizes (GPTQ-family layers in order on the quantized prefix; `--sequential`), "
+             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), "",
+             "| budget | allocation | ppl (sequential) | KL | vs measured-KL ILP (sequential) | ppl (kept weights) |", "|---|---|---|---|---|---|"]
+    measured, kept = sequential["measured"], record["measured"]
+    for budget in sorted({r["budget"] for r in record["rows"]}):
+        rows = [r for r in record["rows"] if r["budget"] == budget and r["allocation"] in measured]
+        ilp = measured.get(next((r["allocation"] for r in record["rows"] if r["budget"] == budget and r["kind"] == "ilp (measured kl)"), ""))
+        for row in rows:
+            m = measured[row["allocation"]]
+            versus = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
+            one_shot = f"{kept[row['allocation']]['perplexity']:.2f}" if row["allocation"] in kept else "-"
+            lines.append(f"| {budget:g} | {row['kind']} | {m['perplexity']:.2f} | {m['kl']:.4f} | {versus} | {one_shot} |")
+    return [*lines, ""]
 
 
 def checkpoint_scores(directory: Path) -> list[tuple[int, float]]:
@@ -492,6 +512,10 @@ def main() -> None:
     parser.add_argument("--ship", action="store_true",
                         help=f"fit the loss model on every model (features pass with the {POLICY_FISHER[0]} x {POLICY_FISHER[1]} Fisher input) "
                              f"and ship it as policies/pretrained/{SHIPPED}.json")
+    parser.add_argument("--sequential", default="",
+                        help="comma-separated row kinds (prefixes) to measure also quantized as bitalloc run quantizes (sequential GPTQ on "
+                             "the quantized prefix) instead of with the kept one-shot weights, e.g. 'ilp (measured kl),loss model (features "
+                             "+ fisher 4 x 128'")
     parser.add_argument("--sweep", action="store_true", help="also train the policies with each SAC setting of SWEEP (with --policies: "
                                                                  "keep the default policies' rows too)")
     parser.add_argument("--sweep-seeds", default="0", help="seeds of the --sweep policies")
@@ -535,6 +559,8 @@ def main() -> None:
                 record["fits"] = fits  # the same allocations; the fits' record may say more
             write_json(path, record)
             measure(target, tables[target][0], rows, record, path)
+            if args.sequential:
+                stage_measure(target, tables, rows, "sequential", {k.strip() for k in args.sequential.split(",") if k.strip()}, out=OUT)
     if args.ship:
         ship()
     for model in MODELS:

@@ -163,8 +163,11 @@ def plan(target: str, tables: dict, policies: dict[str, Path], budgets: list[flo
 # ----------------------------------------------------------------------------- measuring
 
 
-def stage_measure(target: str, tables: dict, rows: list[dict[str, Any]], how: str, kinds: set[str] | None) -> dict[str, Any]:
-    path = OUT / f"measured-{target}-{how}.json"
+def stage_measure(target: str, tables: dict, rows: list[dict[str, Any]], how: str, kinds: set[str] | None, out: Path = OUT) -> dict[str, Any]:
+    """Measure ``rows``' allocations of ``target`` (those of ``kinds``, or every one) with the profile's kept weights
+    (``how="kept"``) or quantized as ``bitalloc run`` does (``"sequential"``), saved after each into
+    ``out/measured-<target>-<how>.json`` (resumed from it)."""
+    path = out / f"measured-{target}-{how}.json"
     measured_table = tables[target][0]
     key = {"target": target, "table": measured_table.key.digest(), "tokens": EVAL_TOKENS[target], "how": how}
     record = read(path)
