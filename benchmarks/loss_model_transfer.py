@@ -513,9 +513,9 @@ def main() -> None:
                         help=f"fit the loss model on every model (features pass with the {POLICY_FISHER[0]} x {POLICY_FISHER[1]} Fisher input) "
                              f"and ship it as policies/pretrained/{SHIPPED}.json")
     parser.add_argument("--sequential", default="",
-                        help="comma-separated row kinds (prefixes) to measure also quantized as bitalloc run quantizes (sequential GPTQ on "
-                             "the quantized prefix) instead of with the kept one-shot weights, e.g. 'ilp (measured kl),loss model (features "
-                             "+ fisher 4 x 128'")
+                        help="semicolon-separated row kinds (or their beginnings) to measure also quantized as bitalloc run quantizes "
+                             "(sequential GPTQ on the quantized prefix) instead of with the kept one-shot weights, e.g. 'ilp (measured kl);"
+                             "loss model (features + fisher 4 x 128, from'")
     parser.add_argument("--sweep", action="store_true", help="also train the policies with each SAC setting of SWEEP (with --policies: "
                                                                  "keep the default policies' rows too)")
     parser.add_argument("--sweep-seeds", default="0", help="seeds of the --sweep policies")
@@ -560,7 +560,7 @@ def main() -> None:
             write_json(path, record)
             measure(target, tables[target][0], rows, record, path)
             if args.sequential:
-                stage_measure(target, tables, rows, "sequential", {k.strip() for k in args.sequential.split(",") if k.strip()}, out=OUT)
+                stage_measure(target, tables, rows, "sequential", {k.strip() for k in args.sequential.split(";") if k.strip()}, out=OUT)
     if args.ship:
         ship()
     for model in MODELS:
