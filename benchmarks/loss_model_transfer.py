@@ -369,7 +369,7 @@ def sequential_rows(record: dict[str, Any], sequential: dict[str, Any]) -> list[
             versus = f"{m['perplexity'] / ilp['perplexity'] - 1:+.1%}" if ilp else "-"
             one_shot = f"{kept[row['allocation']]['perplexity']:.2f}" if row["allocation"] in kept else "-"
             lines.append(f"| {budget:g} | {row['kind']} | {m['perplexity']:.2f} | {m['kl']:.4f} | {versus} | {one_shot} |")
-    return [*lines, ""]
+    return [*lines, "", *verdicts(record, measured), ""]
 
 
 def checkpoint_scores(directory: Path) -> list[tuple[int, float]]:
@@ -394,10 +394,11 @@ def steadiness(records: dict[str, dict[str, Any]], budgets: list[float]) -> list
              "KL at 2/2.5/3/3.5 bpw: lower is better, `policies.sac.policy_score`): the best, the last, and the wander (last - best; "
              "how far the run drifted after its best checkpoint), then the best checkpoint applied zero-shot to the other model "
              "(ppl vs that model's measured-KL ILP). Default: SB3's SAC (learning rate 3e-4, 1 gradient step, target entropy -1); "
-             f"the others change one setting each (`--sweep`, {', '.join(f'{k}: {v}' for k, v in SWEEP.items())}), one seed each "
-             "(the default has three).", "",
+             f"the others change one setting each (`--sweep`, {', '.join(f'{k}: {v}' for k, v in SWEEP.items())}); "
+             + ", ".join(f"{variant}: {n} seed{'s' if n > 1 else ''}" for variant, n in seeds_per_setting(runs).items()) + ".", "",
              "| setting | trained on | seed | best score (logged at) | last score | wander | " + " | ".join(f"{b:g} bpw on the other" for b in budgets) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(budgets)]
+    wanders: dict[tuple[str, str], list[float]] = {}
     for variant, source, seed in runs:
         scores = checkpoint_scores(policy_dir(source, seed, TIMESTEPS, "" if variant == "default" else variant))
         if not scores:
@@ -414,16 +415,38 @@ def steadiness(records: dict[str, dict[str, Any]], budgets: list[float]) -> list
             cells.append(f"{mine['perplexity'] / ilp['perplexity'] - 1:+.1%}" if mine and ilp else "-")
         lines.append(f"| {variant} | {source} | {seed} | {best:.3f} ({best_step}) | {scores[-1][1]:.3f} | {scores[-1][1] - best:+.3f} | "
                      + " | ".join(cells) + " |")
+        wanders.setdefault((variant, source), []).append(scores[-1][1] - best)
+    lines += ["", "Median wander per setting and training model (over its seeds):", ""]
+    lines += [f"- {variant}, trained on {source}: {float(np.median(values)):+.3f} ({len(values)} seed{'s' if len(values) > 1 else ''}, "
+              f"range {min(values):+.3f} to {max(values):+.3f})" for (variant, source), values in sorted(wanders.items())]
     return [*lines, ""]
 
 
-def verdicts(record: dict[str, Any]) -> list[str]:
+def seeds_per_setting(runs: list[tuple[str, str, int]]) -> dict[str, int]:
+    """How many seeds each SAC setting was trained with (the most over its training models)."""
+    counts: dict[str, int] = {}
+    for variant, source, _ in runs:
+        counts[variant] = max(counts.get(variant, 0), sum(1 for v, s, _ in runs if v == variant and s == source))
+    return counts
+
+
+RULES = ("ilp flat", "ilp ends_first", "ilp module_kind")
+
+
+def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> list[str]:
+    """Per budget: each loss model and the policies' median against the measured-KL ILP and the best rule. With the
+    record's own (kept-weights) measurements only where every row is measured; with ``measured`` (the sequential ones)
+    over the rows measured there, where the ILP and every rule are."""
     out = []
-    measured = record["measured"]
+    complete = measured is None
+    measured = record["measured"] if measured is None else measured
     for budget in sorted({r["budget"] for r in record["rows"]}):
         rows = {r["kind"]: measured.get(r["allocation"]) for r in record["rows"] if r["budget"] == budget}
-        if any(v is None for v in rows.values()):
+        if complete and any(v is None for v in rows.values()):
             continue
+        if any(rows.get(kind) is None for kind in ("ilp (measured kl)", *RULES)):
+            continue
+        rows = {k: v for k, v in rows.items() if v is not None}
         ilp = rows["ilp (measured kl)"]["perplexity"]
         rules = {k: v["perplexity"] for k, v in rows.items() if k.startswith("ilp ") and k != "ilp (measured kl)"}
         best_rule = min(rules, key=rules.__getitem__)
@@ -431,15 +454,21 @@ def verdicts(record: dict[str, Any]) -> list[str]:
         for kind, m in rows.items():
             if kind.startswith("loss model"):
                 beats = "beats" if m["perplexity"] < rules[best_rule] else "does not beat"
-                parts.append(f"{kind}: {m['perplexity'] / ilp - 1:+.1%} ({beats} the best rule, {best_rule} {rules[best_rule] / ilp - 1:+.1%})")
+                parts.append(f"{kind}: {m['perplexity'] / ilp - 1:+.1%} ({beats} the best rule, {best_rule} {rules[best_rule] / ilp - 1:+.1%}; "
+                             f"{within(m['perplexity'], ilp)})")
         policy = sorted(m["perplexity"] for kind, m in rows.items() if kind.startswith("policy on the loss model"))
         if policy:
             median = policy[len(policy) // 2]
             beats = "beats" if median < rules[best_rule] else "does not beat"
             parts.append(f"policies on it (median of {len(policy)} seeds, range {policy[0]:.2f}-{policy[-1]:.2f}): {median / ilp - 1:+.1%} "
-                         f"({beats} the best rule)")
+                         f"({beats} the best rule; {within(median, ilp)})")
         out.append(f"- {budget:g} bpw: " + "; ".join(parts))
     return out
+
+
+def within(perplexity: float, ilp: float, target: float = 0.03) -> str:
+    """The issue's target, said for one row: within 3% ppl of the measured-KL ILP."""
+    return f"{'within' if perplexity <= ilp * (1 + target) else 'not within'} {target:.0%} of the ILP"
 
 
 def weights_only_path(model: str) -> Path:
@@ -502,6 +531,17 @@ def ship() -> Path:
     return target
 
 
+def sweep_seeds_for(settings: list[str]) -> dict[str, list[int]]:
+    """``--sweep-seeds-for`` values (``SETTING=SEEDS``) as {setting: seeds}; ValueError for an unknown setting or a bad seed list."""
+    out: dict[str, list[int]] = {}
+    for setting in settings:
+        variant, _, seeds = setting.rpartition("=")
+        if variant not in SWEEP or not all(seed.strip().isdigit() for seed in seeds.split(",")):
+            raise ValueError(f"--sweep-seeds-for {setting!r}: want SETTING=SEEDS with SETTING one of {sorted(SWEEP)}")
+        out[variant] = [int(seed) for seed in seeds.split(",")]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--budgets", default="2.5,3,3.5")
@@ -519,11 +559,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also train the policies with each SAC setting of SWEEP (with --policies: "
                                                                  "keep the default policies' rows too)")
     parser.add_argument("--sweep-seeds", default="0", help="seeds of the --sweep policies")
+    parser.add_argument("--sweep-seeds-for", action="append", default=[], metavar="SETTING=SEEDS",
+                        help="seeds of one --sweep setting instead (e.g. 'target entropy -3=0,1,2'); repeatable")
     parser.add_argument("--weights-only", action="store_true",
                         help="only time the features pass without activation statistics (what bitalloc run --loss-model runs "
                              "for a loss model reading structure and the Fisher input) and check its allocations")
     parser.add_argument("--report", action="store_true", help="only rewrite loss_model_transfer.md from the records")
     args = parser.parse_args()
+    try:
+        more_sweep_seeds = sweep_seeds_for(args.sweep_seeds_for)  # before any work
+    except ValueError as error:
+        parser.error(str(error))
     budgets = [float(b) for b in args.budgets.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     costs_record = read(RESULTS / "policy_zeroshot" / "tables.json") or {"models": {}}
@@ -545,8 +591,9 @@ def main() -> None:
     elif not args.report:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
         policies = train_policies(tables, fisher, seeds, args.timesteps) if args.policies else {}
-        sweep_seeds = [int(seed) for seed in args.sweep_seeds.split(",") if seed]
-        sweep = {variant: train_policies(tables, fisher, sweep_seeds, args.timesteps, variant) for variant in SWEEP} if args.sweep else {}
+        sweep_seeds = {variant: [int(seed) for seed in args.sweep_seeds.split(",") if seed] for variant in SWEEP}
+        sweep_seeds.update(more_sweep_seeds)
+        sweep = {variant: train_policies(tables, fisher, sweep_seeds[variant], args.timesteps, variant) for variant in SWEEP} if args.sweep else {}
         for target in MODELS:
             path = OUT / f"{target}.json"
             rows, fits = plan(target, tables, fisher, budgets, not args.no_oracle, policies, sweep)
