@@ -357,8 +357,10 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
 
 def sequential_rows(record: dict[str, Any], sequential: dict[str, Any]) -> list[str]:
     """The rows measured also as ``bitalloc run`` quantizes (``--sequential``): ppl and KL beside the kept-weights ones."""
+    resumed = [f"- resumed: {p.split('commit: ')[1].splitlines()[0]}, {p.split('date: ')[1].splitlines()[0]}"
+               for p in sequential.get("resumed", []) if "commit: " in p and "date: " in p]
     lines = ["Quantized as `bitalloc run` quantizes (GPTQ-family layers in order on the quantized prefix; `--sequential`), "
-             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), "",
+             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), *resumed, "",
              "| budget | allocation | ppl (sequential) | KL | vs measured-KL ILP (sequential) | ppl (kept weights) |", "|---|---|---|---|---|---|"]
     measured, kept = sequential["measured"], record["measured"]
     for budget in sorted({r["budget"] for r in record["rows"]}):

@@ -178,6 +178,8 @@ def stage_measure(target: str, tables: dict, rows: list[dict[str, Any]], how: st
     todo = {k: v for k, v in wanted.items() if k not in done}
     print(f"[{target} {how}] {len(wanted)} allocations, {len(todo)} to measure")
     if todo:
+        if record["measured"]:  # a later run adds to the record: say which
+            record["resumed"] = [*record.get("resumed", []), provenance()]
         corpus = load_corpus("enwiki")
         loaded = load_model(target)
         settings = EvalSettings(tokens=EVAL_TOKENS[target], true_sequential=False)
