@@ -432,7 +432,8 @@ def seeds_per_setting(runs: list[tuple[str, str, int]]) -> dict[str, int]:
     return counts
 
 
-RULES = ("ilp flat", "ilp ends_first", "ilp module_kind")
+RULE_ROWS = tuple(f"ilp {rule}" for rule in RULES)
+"""The rule baselines' row kinds."""
 
 
 def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> list[str]:
@@ -446,7 +447,7 @@ def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> 
         rows = {r["kind"]: measured.get(r["allocation"]) for r in record["rows"] if r["budget"] == budget}
         if complete and any(v is None for v in rows.values()):
             continue
-        if any(rows.get(kind) is None for kind in ("ilp (measured kl)", *RULES)):
+        if any(rows.get(kind) is None for kind in ("ilp (measured kl)", *RULE_ROWS)):
             continue
         rows = {k: v for k, v in rows.items() if v is not None}
         ilp = rows["ilp (measured kl)"]["perplexity"]
