@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS, provenance
-from policy_zeroshot import EVAL_TOKENS, MODELS, read, stage_measure
+from policy_zeroshot import EVAL_TOKENS, MODELS, read, stage_measure, uniform_choice
 
 import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -90,6 +90,10 @@ SHIPPED = "features-fisher-kl"
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind")
+RULE_ROWS = tuple(f"ilp {rule}" for rule in RULES)
+"""The rule baselines' row kinds (with :data:`UNIFORM`, every baseline that needs nothing measured)."""
+UNIFORM = "uniform"
+"""The widest option every layer can take within the budget (policy_zeroshot.py's ``uniform``)."""
 EVERY_FEATURE = {"every feature": None}
 """The level's inputs before they were chosen by CV (every feature + the Fisher input): the row that shows what the
 choice changes."""
@@ -234,6 +238,9 @@ def plan(target: str, tables: dict, fisher: dict, budgets: list[float], oracle: 
         add("ilp (measured kl)", bpw, solve(measured, budget, Constraints(loss="kl")).options())
         for rule in RULES:
             add(f"ilp {rule}", bpw, solve(features, budget, Constraints(loss=rule)).options())
+        uniform = uniform_choice(features, budget)
+        if uniform is not None:
+            add(UNIFORM, bpw, uniform)
         for kind, table in loss_tables.items():
             add(kind, bpw, solve(table, budget, Constraints(loss=LEARNED_LOSS)).options())
         for seed, path in policies.get(source, []):
@@ -432,8 +439,6 @@ def seeds_per_setting(runs: list[tuple[str, str, int]]) -> dict[str, int]:
     return counts
 
 
-RULE_ROWS = tuple(f"ilp {rule}" for rule in RULES)
-"""The rule baselines' row kinds."""
 
 
 def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> list[str]:
@@ -451,7 +456,7 @@ def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> 
             continue
         rows = {k: v for k, v in rows.items() if v is not None}
         ilp = rows["ilp (measured kl)"]["perplexity"]
-        rules = {k: v["perplexity"] for k, v in rows.items() if k.startswith("ilp ") and k != "ilp (measured kl)"}
+        rules = {k: v["perplexity"] for k, v in rows.items() if k in (*RULE_ROWS, UNIFORM)}
         best_rule = min(rules, key=rules.__getitem__)
         parts = []
         for kind, m in rows.items():

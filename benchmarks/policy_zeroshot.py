@@ -221,6 +221,7 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
              "from its module kind and a 4 x 128-token Fisher pass, then the ILP, or a SAC policy on it): results/loss_model_transfer.md, "
              "on the same windows, kept weights and tables, with 3 seeds of that policy and its cost (7.6% / 9.1% of the profile).", ""]
     lines += [tables_record.get("provenance", ""), ""]
+    lines += protocol_summary(models, tables_record)
     lines += ["## Cost of what each path measures on the target", "",
               "| model | features pass | full profile | + single-layer KL | features / profile | features / (profile + KL) |",
               "|---|---|---|---|---|---|"]
@@ -273,6 +274,51 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
         lines += ["", "The price mapping paces the budget by the LP relaxation of the loss the policy observes; on `hdiag_err` that "
                   "relaxation is 3-10x off in predicted KL and the policies stayed next to it.", ""]
     return "\n".join(lines) + "\n"
+
+
+TRANSFER = RESULTS / "loss_model_transfer"
+"""loss_model_transfer.py's records: the loss model, the SAC policies on it and the rules, measured sequentially."""
+
+
+def protocol_summary(models: list[str], tables_record: dict) -> list[str]:
+    """The issue's protocol in one table per transfer direction: each features-only path quantized as ``bitalloc run``
+    quantizes (loss_model_transfer.py ``--sequential``), against the target's measured-KL ILP, with its cost."""
+    lines = ["## Summary: every features-only path, quantized as `bitalloc run` quantizes", "",
+             "From results/loss_model_transfer.md (`--sequential`; its commands, commits and machine there): each source model's "
+             "loss model (module kind + depth + a 4 x 128-token Fisher input, fitted on the source's measured KL), the ILP on it, "
+             "the SAC policies trained on the source observing it (3 seeds), and the rules that need nothing measured, each allocation "
+             "quantized block by block on the quantized prefix as `bitalloc run` does and evaluated on the same tokens. Cost: the "
+             "pass the loss model needs (weights + Fisher, no calibration forward) against the full profile.", "",
+             "| target (from) | budget | measured-KL ILP ppl (KL) | loss model + ILP | SAC on it: median (range) | best rule | "
+             "loss model within 3% / beats every rule | cost / profile |", "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for target in models:
+        record, sequential = read(TRANSFER / f"{target}.json"), read(TRANSFER / f"measured-{target}-sequential.json")
+        lean = read(TRANSFER / f"weights-only-{target}.json")
+        if not record or not sequential:
+            continue
+        measured = sequential["measured"]
+        profile = (tables_record["models"].get(target) or {}).get("profile_seconds")
+        cost = f"{lean['seconds']:.1f} s / {profile:.0f} s = {lean['seconds'] / profile:.1%}" if lean and profile else "-"
+        source = record["fits"]["source"]
+        for budget in sorted({r["budget"] for r in record["rows"]}):
+            at = {r["kind"]: measured.get(r["allocation"]) for r in record["rows"] if r["budget"] == budget}
+            ilp = at.get("ilp (measured kl)")
+            learned = next((m for k, m in at.items() if k.startswith("loss model (features + fisher 4 x 128, from")), None)
+            rules = {k: m["perplexity"] for k, m in at.items() if (k.startswith("ilp ") and k != "ilp (measured kl)" or k == "uniform") and m}
+            policy = sorted(m["perplexity"] for k, m in at.items() if k.startswith("policy on the loss model") and m)
+            if not ilp or not learned or len(rules) < 3:
+                continue
+            found = True
+            gap = lambda ppl: f"{ppl / ilp['perplexity'] - 1:+.1%}"  # noqa: E731
+            best = min(rules, key=rules.__getitem__)
+            runs = (f"{statistics.median(policy):.2f} ({policy[0]:.2f}-{policy[-1]:.2f}), {gap(statistics.median(policy))}"
+                    if len(policy) == 3 else f"{len(policy)} of 3 seeds measured")
+            lines.append(f"| {target} ({source}) | {budget:g} | {ilp['perplexity']:.2f} ({ilp['kl']:.3f}) | {learned['perplexity']:.2f} "
+                         f"({learned['kl']:.3f}), {gap(learned['perplexity'])} | {runs} | {best.removeprefix('ilp ')} {rules[best]:.2f}, "
+                         f"{gap(rules[best])} | {'yes' if learned['perplexity'] <= 1.03 * ilp['perplexity'] else 'no'} / "
+                         f"{'yes' if learned['perplexity'] < rules[best] else 'no'} | {cost} |")
+    return [*lines, ""] if found else []
 
 
 def verdict(rows: list[dict[str, Any]], record: dict[str, Any], budgets: list[float], seeds: list[int]) -> list[str]:
