@@ -286,11 +286,12 @@ def protocol_summary(models: list[str], tables_record: dict) -> list[str]:
     lines = ["## Summary: every features-only path, quantized as `bitalloc run` quantizes", "",
              "From results/loss_model_transfer.md (`--sequential`; its commands, commits and machine there): each source model's "
              "loss model (module kind + depth + a 4 x 128-token Fisher input, fitted on the source's measured KL), the ILP on it, "
-             "the SAC policies trained on the source observing it (3 seeds), and the rules that need nothing measured, each allocation "
+             "the SAC policies trained on the source observing it (3 seeds), and the baselines that need nothing measured (uniform and the "
+             "rules flat, ends_first, module_kind), each allocation "
              "quantized block by block on the quantized prefix as `bitalloc run` does and evaluated on the same tokens. Cost: the "
              "pass the loss model needs (weights + Fisher, no calibration forward) against the full profile.", "",
-             "| target (from) | budget | measured-KL ILP ppl (KL) | loss model + ILP | SAC on it: median (range) | best rule | "
-             "loss model within 3% / beats every rule | cost / profile |", "|---|---|---|---|---|---|---|---|"]
+             "| target (from) | budget | measured-KL ILP ppl (KL) | loss model + ILP | SAC on it: median (range) | best no-measurement baseline | "
+             "loss model within 3% / beats every baseline | cost / profile |", "|---|---|---|---|---|---|---|---|"]
     found = False
     for target in models:
         record, sequential = read(TRANSFER / f"{target}.json"), read(TRANSFER / f"measured-{target}-sequential.json")
