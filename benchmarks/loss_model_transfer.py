@@ -47,7 +47,7 @@ import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
 from allocator.jobs.pareto import Measured, allocation_hash, measure_allocations
 from allocator.jobs.run import RUN_KL_SEQLEN, RUN_OPTIONS
-from allocator.measure.features_pass import FEATURE_PASS_SEQLEN, cheap_twin_settings, features_table
+from allocator.measure.features_pass import FEATURE_PASS_SEQLEN, SHAPE_LOSS, cheap_twin_settings, features_table
 from allocator.measure.fisher import fisher_diagonals
 from allocator.measure.fisher_gradients import SAMPLED
 from allocator.measure.layer_kl import add_kl_losses
@@ -89,7 +89,9 @@ SHIPPED = "features-fisher-kl"
 """Name of the shipped loss model (``bitalloc solve --loss-model features-fisher-kl``)."""
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
-RULES = ("flat", "ends_first", "module_kind")
+RULES = ("flat", "ends_first", "module_kind", SHAPE_LOSS)
+"""The no-measurement rules (allocator.table.prior_losses) and the cheap-feature loss (each twin's error shape x the
+layer's Hessian-trace share; policy_zeroshot.py's ``ilp twin_shape``), each solved by the ILP on the features table."""
 RULE_ROWS = tuple(f"ilp {rule}" for rule in RULES)
 """The rule baselines' row kinds (with :data:`UNIFORM`, every baseline that needs nothing measured)."""
 UNIFORM = "uniform"
