@@ -90,8 +90,8 @@ SHIPPED = "features-fisher-kl"
 POLICY_INPUT = f"features + fisher {POLICY_FISHER[0]} x {POLICY_FISHER[1]}"
 """The loss model the policies observe (``--policies``)."""
 RULES = ("flat", "ends_first", "module_kind", SHAPE_LOSS)
-"""The no-measurement rules (allocator.table.prior_losses) and the cheap-feature loss (each twin's error shape x the
-layer's Hessian-trace share; policy_zeroshot.py's ``ilp twin_shape``), each solved by the ILP on the features table."""
+"""The no-measurement rules (allocator.table.prior_losses) and the cheap-feature loss (``twin_shape``: the flat rule's
+value spread over each layer's options by their twins' diagonal-Hessian error), each solved by the ILP on the features table."""
 RULE_ROWS = tuple(f"ilp {rule}" for rule in RULES)
 """The rule baselines' row kinds (with :data:`UNIFORM`, every baseline that needs nothing measured)."""
 UNIFORM = "uniform"
@@ -454,7 +454,7 @@ def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> 
         rows = {r["kind"]: measured.get(r["allocation"]) for r in record["rows"] if r["budget"] == budget}
         if complete and any(v is None for v in rows.values()):
             continue
-        if any(rows.get(kind) is None for kind in ("ilp (measured kl)", *RULE_ROWS)):
+        if rows.get("ilp (measured kl)") is None or not any(rows.get(kind) for kind in RULE_ROWS):
             continue
         rows = {k: v for k, v in rows.items() if v is not None}
         ilp = rows["ilp (measured kl)"]["perplexity"]
