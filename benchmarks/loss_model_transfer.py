@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS, provenance
-from policy_zeroshot import EVAL_TOKENS, MODELS, read, stage_measure, uniform_choice
+from policy_zeroshot import EVAL_TOKENS, MODELS, TARGET_GAP, read, stage_measure, uniform_choice
 
 import policies.pretrained as pretrained
 from allocator.jobs.compare import EvalSettings, evaluation_tokens
@@ -312,8 +312,7 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
         lines += ["", *(entry["provenance"].rstrip() for entry in lean.values()), ""]
     for model, record in records.items():
         provenance_block = record["provenance"]
-        resumed = [f"- resumed: {p.split('commit: ')[1].splitlines()[0]}" for p in record.get("resumed", []) if "commit: " in p]
-        lines += [f"## {model}", "", provenance_block, *resumed, "",
+        lines += [f"## {model}", "", provenance_block, *resumed_lines(record), "",
                   f"Evaluation: {EVAL_TOKENS[model]} tokens, reference ppl {record.get('reference_perplexity', float('nan')):.3f}; "
                   f"loss models fitted on {record['fits']['source']}:", ""]
         fits = record["fits"]
@@ -364,12 +363,19 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resumed_lines(record: dict[str, Any]) -> list[str]:
+    """One line per later run that added to a record (its ``resumed`` provenances): commit, and date where recorded."""
+    def field(block: str, name: str) -> str:
+        return block.split(f"{name}: ")[1].splitlines()[0] if f"{name}: " in block else ""
+
+    return [f"- resumed: {field(p, 'commit')}" + (f", {field(p, 'date')}" if field(p, "date") else "")
+            for p in record.get("resumed", []) if field(p, "commit")]
+
+
 def sequential_rows(record: dict[str, Any], sequential: dict[str, Any]) -> list[str]:
     """The rows measured also as ``bitalloc run`` quantizes (``--sequential``): ppl and KL beside the kept-weights ones."""
-    resumed = [f"- resumed: {p.split('commit: ')[1].splitlines()[0]}, {p.split('date: ')[1].splitlines()[0]}"
-               for p in sequential.get("resumed", []) if "commit: " in p and "date: " in p]
     lines = ["Quantized as `bitalloc run` quantizes (GPTQ-family layers in order on the quantized prefix; `--sequential`), "
-             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), *resumed, "",
+             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), *resumed_lines(sequential), "",
              "| budget | allocation | ppl (sequential) | KL | vs measured-KL ILP (sequential) | ppl (kept weights) |", "|---|---|---|---|---|---|"]
     measured, kept = sequential["measured"], record["measured"]
     for budget in sorted({r["budget"] for r in record["rows"]}):
@@ -441,8 +447,6 @@ def seeds_per_setting(runs: list[tuple[str, str, int]]) -> dict[str, int]:
     return counts
 
 
-
-
 def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> list[str]:
     """Per budget: each loss model and the policies' median against the measured-KL ILP and the best rule. With the
     record's own (kept-weights) measurements only where every row is measured; with ``measured`` (the sequential ones)
@@ -476,9 +480,9 @@ def verdicts(record: dict[str, Any], measured: dict[str, Any] | None = None) -> 
     return out
 
 
-def within(perplexity: float, ilp: float, target: float = 0.03) -> str:
-    """The issue's target, said for one row: within 3% ppl of the measured-KL ILP."""
-    return f"{'within' if perplexity <= ilp * (1 + target) else 'not within'} {target:.0%} of the ILP"
+def within(perplexity: float, ilp: float) -> str:
+    """The issue's target, said for one row: within :data:`TARGET_GAP` ppl of the measured-KL ILP."""
+    return f"{'within' if perplexity <= ilp * (1 + TARGET_GAP) else 'not within'} {TARGET_GAP:.0%} of the ILP"
 
 
 def weights_only_path(model: str) -> Path:

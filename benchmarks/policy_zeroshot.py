@@ -276,6 +276,8 @@ def report(models: list[str], tables_record: dict, results: dict[str, dict[str, 
     return "\n".join(lines) + "\n"
 
 
+TARGET_GAP = 0.03
+"""The issue's target: a features-only path within 3% ppl of the target's measured-KL ILP."""
 TRANSFER = RESULTS / "loss_model_transfer"
 """loss_model_transfer.py's records: the loss model, the SAC policies on it and the rules, measured sequentially."""
 
@@ -286,8 +288,8 @@ def protocol_summary(models: list[str], tables_record: dict) -> list[str]:
     lines = ["## Summary: every features-only path, quantized as `bitalloc run` quantizes", "",
              "From results/loss_model_transfer.md (`--sequential`; its commands, commits and machine there): each source model's "
              "loss model (module kind + depth + a 4 x 128-token Fisher input, fitted on the source's measured KL), the ILP on it, "
-             "the SAC policies trained on the source observing it (3 seeds), and the baselines that need nothing measured (uniform and the "
-             "rules flat, ends_first, module_kind), each allocation "
+             "the SAC policies trained on the source observing it (3 seeds), and the baselines that need nothing measured (uniform, the "
+             "rules flat, ends_first, module_kind, and the ILP on the cheap-feature loss twin_shape), each allocation "
              "quantized block by block on the quantized prefix as `bitalloc run` does and evaluated on the same tokens. Cost: the "
              "pass the loss model needs (weights + Fisher, no calibration forward) against the full profile.", "",
              "| target (from) | budget | measured-KL ILP ppl (KL) | loss model + ILP | SAC on it: median (range) | best no-measurement baseline | "
@@ -317,7 +319,7 @@ def protocol_summary(models: list[str], tables_record: dict) -> list[str]:
                     if len(policy) == 3 else f"{len(policy)} of 3 seeds measured")
             lines.append(f"| {target} ({source}) | {budget:g} | {ilp['perplexity']:.2f} ({ilp['kl']:.3f}) | {learned['perplexity']:.2f} "
                          f"({learned['kl']:.3f}), {gap(learned['perplexity'])} | {runs} | {best.removeprefix('ilp ')} {rules[best]:.2f}, "
-                         f"{gap(rules[best])} | {'yes' if learned['perplexity'] <= 1.03 * ilp['perplexity'] else 'no'} / "
+                         f"{gap(rules[best])} | {'yes' if learned['perplexity'] <= (1 + TARGET_GAP) * ilp['perplexity'] else 'no'} / "
                          f"{'yes' if learned['perplexity'] < rules[best] else 'no'} | {cost} |")
     return [*lines, ""] if found else []
 
@@ -338,7 +340,7 @@ def verdict(rows: list[dict[str, Any]], record: dict[str, Any], budgets: list[fl
                    f"{median / ilp['perplexity'] - 1:+.1%} vs the measured-KL ILP ({ilp['perplexity']:.2f}); best features-only baseline "
                    f"{best_name} {baselines[best_name]:.2f} ({baselines[best_name] / ilp['perplexity'] - 1:+.1%}); "
                    f"policy {'beats' if median < baselines[best_name] else 'does not beat'} it; "
-                   f"target (within 3% of the ILP) {'met' if median <= 1.03 * ilp['perplexity'] else 'not met'}.")
+                   f"target (within 3% of the ILP) {'met' if median <= (1 + TARGET_GAP) * ilp['perplexity'] else 'not met'}.")
     return out
 
 
