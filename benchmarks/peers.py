@@ -168,6 +168,35 @@ def autoround_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, bit_
               "settings": {**settings, "avg_bits": avg_bits, "options": peer_autoround.SCHEME_OPTIONS, "layers_per_bits": counts}})
 
 
+def layers_per_bits(chosen: Mapping[str, int]) -> dict[int, int]:
+    """How many linears an allocation (module -> bits) puts at each bit width."""
+    return {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}
+
+
+def autoscheme_gptq_rows(loaded: LoadedModel, windows: torch.Tensor, recipe: str, scheme_budgets: list[float], done: Mapping[str, Row],
+                         save: Callable[[Row], None]) -> None:
+    """AutoScheme's allocation, bitalloc's rounding: AutoScheme's per-layer bits at each budget (the allocation its
+    tuned row got), each layer at bitalloc run's GPTQ option of those bits, quantized as ``bitalloc run`` quantizes; with
+    ``bitalloc map + AutoRound`` the other cross, so allocation and rounding are compared one at a time."""
+    gptq = {int(o.settings["bits"]): o.settings for o in parse_options(RUN_OPTIONS) if o.settings["quantizer"] == "gptq"}
+    linears = list(quantizable_linears(loaded.model))
+    calibration = calibration_windows(loaded)
+    corpus = load_corpus("enwiki")
+    for avg_bits in scheme_budgets:
+        name = f"AutoScheme map @{avg_bits:g} (GPTQ)"
+        if name in done:
+            continue
+        chosen, allocation = peer_autoround.scheme_bits(loaded.model, calibration, avg_bits, recipe)
+        if sorted(chosen) != sorted(linears):
+            raise RuntimeError(f"AutoScheme @{avg_bits:g} chose bits for {len(chosen)} linears, the model has {len(linears)}")
+        assignment = Assignment({module: gptq[bits] for module, bits in chosen.items()})
+        save({"tool": "AutoScheme map (GPTQ)", "variant": name, **sequential_row(loaded, windows, corpus, assignment),
+              "allocation_seconds": allocation,
+              "settings": {"avg_bits": avg_bits, "options": peer_autoround.SCHEME_OPTIONS, "recipe": recipe,
+                           "layers_per_bits": layers_per_bits(chosen),
+                           "bits": chosen, "how": "AutoScheme's allocation, bitalloc run's quantization (its GPTQ options)"}})
+
+
 def autoround_by_layer_bits(loaded: LoadedModel, windows: torch.Tensor, calibration: torch.Tensor, recipe: str,
                             chosen: Mapping[str, int]) -> Row:
     """AutoRound tuning the model with each linear at ``chosen[name]`` bits (an allocation: AutoScheme's or bitalloc's),
@@ -176,7 +205,7 @@ def autoround_by_layer_bits(loaded: LoadedModel, windows: torch.Tensor, calibrat
     overlay, bpw = honest_overlay(loaded, quantized)
     result = measure_overlays(loaded, windows, {"q": overlay})["q"]
     return {"bpw": bpw, "perplexity": result.perplexity, "kl": result.kl, "quantize_seconds": seconds,
-            "layers_per_bits": {b: sum(1 for v in chosen.values() if v == b) for b in sorted(set(chosen.values()))}}
+            "layers_per_bits": layers_per_bits(chosen)}
 
 
 def run_eval_settings(loaded: LoadedModel) -> EvalSettings:
@@ -361,6 +390,7 @@ def run_model(model: str, tools: set[str], autoround_recipe: str, autoround_bits
     if "autoround" in tools:
         autoround_rows(loaded, windows, autoround_recipe, autoround_bits, scheme_budgets, rows, save)
         bitalloc_map_autoround_rows(loaded, windows, autoround_recipe, map_budgets, rows, save)
+        autoscheme_gptq_rows(loaded, windows, autoround_recipe, scheme_budgets, rows, save)
     if "autoround-option" in tools:
         bitalloc_autoround_option_rows(loaded, autoround_recipe, rows, save)
     write_json(path, record)
@@ -463,6 +493,7 @@ def verdict(rows: list[Row]) -> list[str]:
                            f"(AutoRound's rounding {row['perplexity'] / control['perplexity'] - 1:+.1%})")
             curve = "not compared (below bitalloc run's narrowest budget)" if mine is None else f"{mine:.2f} ({row['perplexity'] / mine - 1:+.1%})"
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc run's curve {curve}{versus}")
+    lines += allocation_by_rounding(rows)
     with_option = sorted((r for r in rows if r["tool"] == "bitalloc + autoround option"), key=lambda r: r["bpw"])
     if with_option:
         lines += ["", "bitalloc run with AutoRound's per-layer quantizer as options beside its own (item 3: the allocation with it), "
@@ -474,6 +505,37 @@ def verdict(rows: list[Row]) -> list[str]:
             versus = "" if run is None else f"; bitalloc run {run['perplexity']:.2f} ({row['perplexity'] / run['perplexity'] - 1:+.1%})"
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): AutoRound layers "
                          f"{', '.join(f'{label} x {n}' for label, n in picked.items()) or 'none'}{versus}")
+    return lines
+
+
+CROSS_CELLS = (("bitalloc map (GPTQ)", "budget"), ("bitalloc map + AutoRound", "budget"), ("AutoScheme map (GPTQ)", "avg_bits"),
+               ("AutoScheme + AutoRound", "avg_bits"))
+"""The 2 x 2 of allocation (bitalloc's GPTQ-only ILP map, AutoScheme's) by rounding (bitalloc's GPTQ, AutoRound): each
+cell's tool and the settings key that holds its budget."""
+
+
+def allocation_by_rounding(rows: list[Row]) -> list[str]:
+    """The table that separates allocation from rounding: per budget, each allocation under each rounding (empty where
+    the AutoScheme-under-GPTQ cross was not measured)."""
+    cells: dict[tuple[float, str], list[Row]] = {}
+    for row in rows:
+        for tool, key in CROSS_CELLS:
+            if row["tool"] == tool:
+                cells.setdefault((round(row["settings"][key], 3), tool), []).append(row)
+    budgets = sorted({budget for budget, tool in cells if tool == "AutoScheme map (GPTQ)"})
+    if not budgets:
+        return []
+    lines = ["", "Allocation by rounding at the same budget (ppl; the AutoRound recipe in brackets): columns 1 and 3 (and 2 "
+             "and 4) differ only in the allocation, columns 1 and 2 (and 3 and 4) only in the rounding:", "",
+             "| budget | bitalloc's map, bitalloc's GPTQ | bitalloc's map, AutoRound | AutoScheme's map, bitalloc's GPTQ | "
+             "AutoScheme's map, AutoRound |", "|---|---|---|---|---|"]
+    for budget in budgets:
+        texts = []
+        for tool, _ in CROSS_CELLS:
+            found = sorted(cells.get((budget, tool), []), key=lambda r: r["variant"])
+            texts.append(", ".join(f"{r['perplexity']:.2f}" + (f" ({r['settings']['recipe']})" if "AutoRound" in tool else "")
+                                   for r in found) or "-")
+        lines.append(f"| {budget:g} | " + " | ".join(texts) + " |")
     return lines
 
 
