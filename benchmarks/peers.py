@@ -454,7 +454,8 @@ def verdict(rows: list[Row]) -> list[str]:
         if mine is None:
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): below bitalloc's narrowest budget, not compared")
             continue
-        word = "below" if mine < row["perplexity"] else "ABOVE" if row["bpw"] <= TARGET_RANGE[1] + 0.01 else "above, outside the target range"
+        inside = TARGET_RANGE[0] - BPW_TOLERANCE <= row["bpw"] <= TARGET_RANGE[1] + 0.01
+        word = "below" if mine < row["perplexity"] else "ABOVE" if inside else "above, outside the target range"
         lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
                      f"({mine / row['perplexity'] - 1:+.1%})")
     code_bits = {id(r): r["settings"].get("nbits") or r["settings"].get("bits") for r in rows}  # HQQ's rows say nbits
