@@ -447,8 +447,9 @@ def bitalloc_curve(rows: list[Row], bpw: float) -> float | None:
 def verdict(rows: list[Row]) -> list[str]:
     """Target check: is ``bitalloc run``'s curve below every peer row it can be compared with (2.5 bpw and up), and
     is bitalloc's own quantizer (its uniform rows) below each peer quantizer at the same code bits."""
-    lines = ["Against the target (bitalloc's mixed curve below every peer at 2.5-4.0 honest bpw; a peer row above 4.0 bpw "
-             "is compared with bitalloc's 4.0 budget, which stores fewer bits):", ""]
+    lines = ["Against the target (bitalloc's mixed curve below every peer at 2.5-4.0 honest bpw; a peer row above bitalloc's "
+             "widest budget is compared with that budget, which stores fewer bits; rows outside 2.5-4.0 are shown, not "
+             "counted):", ""]
     for row in sorted((r for r in rows if r["tool"] in PEER_TOOLS), key=lambda r: r["bpw"]):
         mine = bitalloc_curve(rows, row["bpw"])
         if mine is None:
