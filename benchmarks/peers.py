@@ -23,6 +23,9 @@ calibration windows (bitalloc's seeded calibration samples).
   options alone, at ``--map-budgets`` bpw; AutoRound tunes the model with each layer at the map's bits (its
   ``layer_config``, as AutoScheme hands it its own allocation), the same recipe as the AutoRound rows; beside it the
   same map quantized by bitalloc's GPTQ as ``bitalloc run`` quantizes (``bitalloc map (GPTQ)``).
+- **AutoScheme map (GPTQ)**: the other cross, AutoScheme's allocation at each ``--scheme-budgets`` quantized by
+  bitalloc's GPTQ as ``bitalloc run`` quantizes; with the three rows above it, allocation and rounding compared one at
+  a time (the table "Allocation by rounding").
 - **bitalloc + autoround option**: ``bitalloc run``'s job with AutoRound's SignRound per layer (``autoround2/3/4`` at
   the same recipe, :mod:`quantizers.autoround`) as options beside its ``main`` ones (``--tools autoround-option``):
   the allocation with the peer's quantizer (issue 26 item 3); each row records how many layers each option got.
