@@ -531,15 +531,18 @@ def allocation_by_rounding(rows: list[Row]) -> list[str]:
     if not budgets:
         return []
     lines = ["", "Allocation by rounding at the same budget (ppl; the AutoRound recipe in brackets): columns 1 and 3 (and 2 "
-             "and 4) differ only in the allocation, columns 1 and 2 (and 3 and 4) only in the rounding:", "",
+             "and 4) differ only in the allocation, columns 1 and 2 (and 3 and 4) only in the rounding; the last is bitalloc's "
+             "product path at that budget:", "",
              "| budget | bitalloc's map, bitalloc's GPTQ | bitalloc's map, AutoRound | AutoScheme's map, bitalloc's GPTQ | "
-             "AutoScheme's map, AutoRound |", "|---|---|---|---|---|"]
+             "AutoScheme's map, AutoRound | bitalloc run (its main options, its GPTQ) |", "|---|---|---|---|---|---|"]
     for budget in budgets:
         texts = []
         for tool, _ in CROSS_CELLS:
             found = sorted(cells.get((budget, tool), []), key=lambda r: r["variant"])
             texts.append(", ".join(f"{r['perplexity']:.2f}" + (f" ({r['settings']['recipe']})" if "AutoRound" in tool else "")
                                    for r in found) or "-")
+        run = bitalloc_curve(rows, budget)
+        texts.append("-" if run is None else f"{run:.2f}")
         lines.append(f"| {budget:g} | " + " | ".join(texts) + " |")
     return lines
 
