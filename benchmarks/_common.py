@@ -61,10 +61,16 @@ def provenance() -> str:
     return f"- command: `{command}`\n- date: {today}\n- commit: {_COMMIT_AT_START}\n- machine: {machine()}\n"
 
 
-def resumed_lines(record: dict) -> list[str]:
-    """``- resumed: <commit> (<date>)`` for every run after a record's first (its ``resumed`` provenance blocks)."""
-    return [f"- resumed: {run.split('- commit: ')[1].splitlines()[0]} ({run.split('- date: ')[1].splitlines()[0]})"
-            for run in record.get("resumed", [])[1:]]
+def resumed_lines(record: dict, lists_first_run: bool = True) -> list[str]:
+    """``- resumed: <commit> (<date>)`` for every run after a record's first (its ``resumed`` provenance blocks; a
+    record whose ``resumed`` starts with the first run's own block skips it, ``lists_first_run=False`` for records
+    that keep only the later runs there); a block without a date gives its commit alone."""
+    def field(block: str, name: str) -> str:
+        return block.split(f"- {name}: ")[1].splitlines()[0] if f"- {name}: " in block else ""
+
+    runs = record.get("resumed", [])[1 if lists_first_run else 0:]
+    return [f"- resumed: {field(run, 'commit')}" + (f" ({field(run, 'date')})" if field(run, "date") else "")
+            for run in runs if field(run, "commit")]
 
 
 def evaluation_protocol(settings, reference: str = "", calibration: str = "calibration") -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import RESULTS, provenance
+from _common import RESULTS, provenance, resumed_lines
 from policy_zeroshot import EVAL_TOKENS, MODELS, TARGET_GAP, read, stage_measure, uniform_choice
 
 import policies.pretrained as pretrained
@@ -312,7 +312,7 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
         lines += ["", *(entry["provenance"].rstrip() for entry in lean.values()), ""]
     for model, record in records.items():
         provenance_block = record["provenance"]
-        lines += [f"## {model}", "", provenance_block, *resumed_lines(record), "",
+        lines += [f"## {model}", "", provenance_block, *resumed_lines(record, lists_first_run=False), "",
                   f"Evaluation: {EVAL_TOKENS[model]} tokens, reference ppl {record.get('reference_perplexity', float('nan')):.3f}; "
                   f"loss models fitted on {record['fits']['source']}:", ""]
         fits = record["fits"]
@@ -363,19 +363,10 @@ def report(records: dict[str, dict[str, Any]], costs: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resumed_lines(record: dict[str, Any]) -> list[str]:
-    """One line per later run that added to a record (its ``resumed`` provenances): commit, and date where recorded."""
-    def field(block: str, name: str) -> str:
-        return block.split(f"{name}: ")[1].splitlines()[0] if f"{name}: " in block else ""
-
-    return [f"- resumed: {field(p, 'commit')}" + (f", {field(p, 'date')}" if field(p, "date") else "")
-            for p in record.get("resumed", []) if field(p, "commit")]
-
-
 def sequential_rows(record: dict[str, Any], sequential: dict[str, Any]) -> list[str]:
     """The rows measured also as ``bitalloc run`` quantizes (``--sequential``): ppl and KL beside the kept-weights ones."""
     lines = ["Quantized as `bitalloc run` quantizes (GPTQ-family layers in order on the quantized prefix; `--sequential`), "
-             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), *resumed_lines(sequential), "",
+             "beside the kept one-shot weights above:", "", sequential["provenance"].rstrip(), *resumed_lines(sequential, lists_first_run=False), "",
              "| budget | allocation | ppl (sequential) | KL | vs measured-KL ILP (sequential) | ppl (kept weights) |", "|---|---|---|---|---|---|"]
     measured, kept = sequential["measured"], record["measured"]
     for budget in sorted({r["budget"] for r in record["rows"]}):
