@@ -432,6 +432,24 @@ TARGET_RANGE = (2.5, 4.0)
 """Honest bpw where bitalloc's mixed curve should lie below every peer's (the issue's target)."""
 
 
+def line_of(row: Row) -> str:
+    """The plotted line a row belongs to: its tool, with HQQ's group size and AutoRound's recipe (a tool's rows at
+    the same bpw with another group size or recipe are another method, not a point of the same curve)."""
+    settings = row.get("settings", {})
+    group = f" g{settings['group_size']}" if row["tool"] == "HQQ" else ""
+    recipe = f" ({settings['recipe']})" if "recipe" in settings else ""
+    return f"{row['tool']}{group}{recipe}"
+
+
+def log_linear(points: list[tuple[float, float]], bpw: float) -> float | None:
+    """Perplexity at ``bpw`` on the line through ``points`` (bpw, ppl), log-linear between them; None outside."""
+    points = sorted(points)
+    for (b0, p0), (b1, p1) in zip(points, points[1:]):
+        if b0 <= bpw <= b1:
+            return float(np.exp(np.interp(bpw, [b0, b1], [np.log(p0), np.log(p1)])))
+    return None
+
+
 def bitalloc_curve(rows: list[Row], bpw: float) -> float | None:
     """``bitalloc run``'s perplexity at ``bpw``: log-linear between its budgets, its widest budget's above them (it
     stores fewer bits there), None below its narrowest."""
@@ -441,10 +459,33 @@ def bitalloc_curve(rows: list[Row], bpw: float) -> float | None:
     bpw = max(bpw, points[0][0])
     if bpw >= points[-1][0]:
         return points[-1][1]
-    for (b0, p0), (b1, p1) in zip(points, points[1:]):
-        if b0 <= bpw <= b1:
-            return float(np.exp(np.interp(bpw, [b0, b1], [np.log(p0), np.log(p1)])))
-    return None
+    return log_linear(points, bpw)
+
+
+def peer_lines_at_budgets(rows: list[Row]) -> list[str]:
+    """The target read curve against curve: each peer line (``line_of``) interpolated at every ``bitalloc run`` row in
+    2.5-4.0 bpw that it has rows on both sides of, against that measured row (a uniform peer's rows are 1 bit apart,
+    so the row-by-row check sees at most one of its points inside the range)."""
+    peer_lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row["tool"] in PEER_TOOLS:
+            peer_lines.setdefault(line_of(row), []).append((row["bpw"], row["perplexity"]))
+    runs = sorted((r["bpw"], r["perplexity"]) for r in rows if r["tool"] == "bitalloc"
+                  and TARGET_RANGE[0] - BPW_TOLERANCE <= r["bpw"] <= TARGET_RANGE[1] + BPW_TOLERANCE)
+    found = []
+    for name, points in sorted(peer_lines.items()):
+        compared = [(bpw, mine, theirs) for bpw, mine in runs if (theirs := log_linear(points, bpw)) is not None]
+        if not compared:
+            continue
+        above = sum(mine >= theirs for _, mine, theirs in compared)
+        word = f"ABOVE it at {above} of {len(compared)}" if above else f"below it at all {len(compared)}"
+        cells = "; ".join(f"{bpw:.3f}: {mine:.2f} vs {theirs:.2f} ({mine / theirs - 1:+.1%})" for bpw, mine, theirs in compared)
+        found.append(f"- {name}: bitalloc run {word} (bpw: bitalloc run vs the line there) {cells}")
+    if not found:
+        return []
+    return ["", "Curve against curve: each peer line interpolated (log-linear) at bitalloc run's rows in 2.5-4.0 bpw that it "
+            "has rows on both sides of (a line spanning none of them is left out). Between two uniform rows the line is the "
+            "plot's, not a measured point: a user gets bpw between W2 and W3 only by mixing widths, as AutoScheme does:", ""] + found
 
 
 def verdict(rows: list[Row]) -> list[str]:
@@ -462,6 +503,7 @@ def verdict(rows: list[Row]) -> list[str]:
         word = "below" if mine < row["perplexity"] else "ABOVE" if inside else "above, outside the target range"
         lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
                      f"({mine / row['perplexity'] - 1:+.1%})")
+    lines += peer_lines_at_budgets(rows)
     code_bits = {id(r): r["settings"].get("nbits") or r["settings"].get("bits") for r in rows}  # HQQ's rows say nbits
     own_rows = {tool: {code_bits[id(r)]: r for r in rows if r["tool"] == tool} for tool in ("bitalloc uniform", "bitalloc uniform sequential")}
     # HQQ quantizes each layer alone, as the profile's kept weights are; AutoRound tunes block by block on the quantized
@@ -561,12 +603,14 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(records), figsize=(6.5 * len(records), 4.8), squeeze=False)
     for ax, record in zip(axes[0], records):
-        tools: dict[str, list[Row]] = {}
+        lines: dict[str, list[Row]] = {}
         for row in record["rows"].values():
-            tools.setdefault(row["tool"], []).append(row)
-        for tool, rows in sorted(tools.items()):
+            lines.setdefault(line_of(row), []).append(row)
+        ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more lines than the default cycle's 10 colours
+        for name, rows in sorted(lines.items()):
             rows = sorted(rows, key=lambda r: r["bpw"])
-            ax.plot([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=tool)
+            ax.plot([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=name,
+                    linewidth=2.5 if name == "bitalloc" else 1.2)
         ax.set_yscale("log")
         if "reference" in record:
             reference = record["reference"]["perplexity"]
