@@ -48,7 +48,7 @@ import argparse
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -441,6 +441,19 @@ def line_of(row: Row) -> str:
     return f"{row['tool']}{group}{recipe}"
 
 
+def rows_by_line(rows: Iterable[Row]) -> dict[str, list[Row]]:
+    """``rows`` grouped by ``line_of``, each line's rows in bpw order."""
+    lines: dict[str, list[Row]] = {}
+    for row in sorted(rows, key=lambda r: r["bpw"]):
+        lines.setdefault(line_of(row), []).append(row)
+    return lines
+
+
+def in_target_range(bpw: float) -> bool:
+    """``bpw`` inside ``TARGET_RANGE``, with the slack of a budget's rounding (a 4.0 budget stores up to 4.01 bpw)."""
+    return TARGET_RANGE[0] - BPW_TOLERANCE <= bpw <= TARGET_RANGE[1] + 0.01
+
+
 def log_linear(points: list[tuple[float, float]], bpw: float) -> float | None:
     """Perplexity at ``bpw`` on the line through ``points`` (bpw, ppl), log-linear between them; None outside."""
     points = sorted(points)
@@ -466,14 +479,10 @@ def peer_lines_at_budgets(rows: list[Row]) -> list[str]:
     """The target read curve against curve: each peer line (``line_of``) interpolated at every ``bitalloc run`` row in
     2.5-4.0 bpw that it has rows on both sides of, against that measured row (a uniform peer's rows are 1 bit apart,
     so the row-by-row check sees at most one of its points inside the range)."""
-    peer_lines: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        if row["tool"] in PEER_TOOLS:
-            peer_lines.setdefault(line_of(row), []).append((row["bpw"], row["perplexity"]))
-    runs = sorted((r["bpw"], r["perplexity"]) for r in rows if r["tool"] == "bitalloc"
-                  and TARGET_RANGE[0] - BPW_TOLERANCE <= r["bpw"] <= TARGET_RANGE[1] + BPW_TOLERANCE)
+    runs = sorted((r["bpw"], r["perplexity"]) for r in rows if r["tool"] == "bitalloc" and in_target_range(r["bpw"]))
     found = []
-    for name, points in sorted(peer_lines.items()):
+    for name, line in sorted(rows_by_line(r for r in rows if r["tool"] in PEER_TOOLS).items()):
+        points = [(r["bpw"], r["perplexity"]) for r in line]
         compared = [(bpw, mine, theirs) for bpw, mine in runs if (theirs := log_linear(points, bpw)) is not None]
         if not compared:
             continue
@@ -499,7 +508,7 @@ def verdict(rows: list[Row]) -> list[str]:
         if mine is None:
             lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): below bitalloc's narrowest budget, not compared")
             continue
-        inside = TARGET_RANGE[0] - BPW_TOLERANCE <= row["bpw"] <= TARGET_RANGE[1] + 0.01
+        inside = in_target_range(row["bpw"])
         word = "below" if mine < row["perplexity"] else "ABOVE" if inside else "above, outside the target range"
         lines.append(f"- {row['variant']} ({row['bpw']:.3f} bpw, ppl {row['perplexity']:.2f}): bitalloc {mine:.2f}, {word} "
                      f"({mine / row['perplexity'] - 1:+.1%})")
@@ -603,12 +612,8 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(records), figsize=(6.5 * len(records), 4.8), squeeze=False)
     for ax, record in zip(axes[0], records):
-        lines: dict[str, list[Row]] = {}
-        for row in record["rows"].values():
-            lines.setdefault(line_of(row), []).append(row)
         ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)  # more lines than the default cycle's 10 colours
-        for name, rows in sorted(lines.items()):
-            rows = sorted(rows, key=lambda r: r["bpw"])
+        for name, rows in sorted(rows_by_line(record["rows"].values()).items()):
             ax.plot([r["bpw"] for r in rows], [r["perplexity"] for r in rows], marker="o", label=name,
                     linewidth=2.5 if name == "bitalloc" else 1.2)
         ax.set_yscale("log")
